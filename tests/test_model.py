@@ -1,0 +1,196 @@
+"""templates/model.py is LLaMA 3: its size and FLOPs are the compiler's, its outputs are transformers'.
+
+The compiler's arch module (parameter count, exact FLOPs per token) and Hugging Face's
+LlamaForCausalLM are the two independent oracles; model.py must agree with both.
+"""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from _repo_files import load_arch, load_template_module
+
+model_py = load_template_module("model")
+arch = load_arch()
+torch.set_num_threads(1)
+
+
+def tiny_args(n_head, n_kv_head, tie, ffn_rule, head_dim=16, n_embd=None, n_layer=2, vocab=256,
+              block_size=64):
+    n_embd = n_embd or n_head * head_dim
+    rule, (knob, multiple_of) = ffn_rule
+    if rule == "llama3":
+        ffn_hidden = arch.ffn_hidden_llama3(n_embd, knob, multiple_of)
+    else:
+        ffn_hidden = arch.ffn_hidden_ratio(n_embd, knob, multiple_of)
+    return model_py.ModelArgs(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+                              head_dim=head_dim, ffn_hidden=ffn_hidden, vocab_size=vocab,
+                              block_size=block_size, rope_theta=500000.0, norm_eps=1e-5,
+                              tie_embeddings=tie, init_std=0.02)
+
+
+def arch_param_count(a):
+    return arch.param_count(a.n_layer, a.n_embd, a.n_head, a.n_kv_head, a.head_dim, a.ffn_hidden,
+                            a.vocab_size, a.tie_embeddings)
+
+
+# (n_head, n_kv_head, tie, ffn rule, head_dim, n_embd): GQA ratios 1, 2, 4; tied and untied; both
+# FFN rules of arch; the last one has n_embd != n_head · head_dim, which HF's head_dim allows.
+SHAPES = [
+    (4, 4, False, ("llama3", (1.3, 32)), 16, None),
+    (4, 2, True, ("ratio", (3.5, 32)), 16, None),
+    (8, 2, False, ("ratio", (3.5, 64)), 16, None),
+    (8, 2, True, ("llama3", (1.0, 16)), 8, 96),
+]
+SHAPE_IDS = ["gqa1-untied-llama3ffn", "gqa2-tied-ratioffn", "gqa4-untied-ratioffn",
+             "gqa4-tied-llama3ffn-narrowheads"]
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,tie,ffn_rule,head_dim,n_embd", SHAPES, ids=SHAPE_IDS)
+def test_param_count_matches_arch_on_meta_device(n_head, n_kv_head, tie, ffn_rule, head_dim, n_embd):
+    args = tiny_args(n_head, n_kv_head, tie, ffn_rule, head_dim=head_dim, n_embd=n_embd, n_layer=3,
+                     vocab=512)
+    with torch.device("meta"):
+        model = model_py.Llama(args)
+    assert sum(p.numel() for p in model.parameters()) == arch_param_count(args)
+    assert model.num_params() == arch_param_count(args)
+    # Tied means one tensor, not two equal ones: the count above relies on that.
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+
+
+def test_llama3_8b_has_its_published_parameter_count():
+    args = model_py.ModelArgs(n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, head_dim=128,
+                              ffn_hidden=arch.ffn_hidden_llama3(4096, 1.3, 1024), vocab_size=128256,
+                              block_size=8192, rope_theta=500000.0, tie_embeddings=False)
+    assert args.ffn_hidden == 14336
+    with torch.device("meta"):
+        model = model_py.Llama(args)
+    assert model.num_params() == 8_030_261_248
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,tie,ffn_rule,head_dim,n_embd", SHAPES[:3], ids=SHAPE_IDS[:3])
+def test_training_step_flops_match_arch_exact(n_head, n_kv_head, tie, ffn_rule, head_dim, n_embd):
+    # seq_len 64 with d_model 64-128 makes attention a large share, so leaving it out would fail.
+    batch, seq_len = 2, 64
+    args = tiny_args(n_head, n_kv_head, tie, ffn_rule, head_dim=head_dim, n_embd=n_embd,
+                     block_size=seq_len)
+    model = model_py.Llama(args)
+    idx = torch.randint(0, args.vocab_size, (batch, seq_len))
+    # PyTorch's CPU flash kernel is missing from FlopCounterMode's table; the math backend runs
+    # the same attention as plain matmuls (the full T×T square, as arch counts it).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    expected_per_token = arch.flops_per_token_exact(args.n_layer, args.n_embd, args.n_head,
+                                                    args.n_kv_head, args.head_dim, args.ffn_hidden,
+                                                    args.vocab_size, seq_len)
+    attention_per_token = 12 * args.n_layer * seq_len * args.n_head * args.head_dim
+    assert attention_per_token > 0.05 * expected_per_token  # far above the 1% tolerance
+    measured = counter.get_total_flops()
+    assert measured == pytest.approx(expected_per_token * batch * seq_len, rel=0.01)
+
+
+def hf_twin(args, model):
+    """transformers' LlamaForCausalLM with args' shape, fp32, eager attention, model's weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.n_embd,
+                         num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
+                         num_key_value_heads=args.n_kv_head, head_dim=args.head_dim,
+                         intermediate_size=args.ffn_hidden, rope_theta=args.rope_theta,
+                         rms_norm_eps=args.norm_eps, max_position_embeddings=args.block_size,
+                         tie_word_embeddings=args.tie_embeddings, hidden_act="silu",
+                         attention_bias=False, mlp_bias=False, attn_implementation="eager")
+    hf = LlamaForCausalLM(config).float().eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    return hf
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,tie", [(4, 4, False), (4, 4, True), (8, 2, False), (8, 2, True)],
+                         ids=["gqa1-untied", "gqa1-tied", "gqa4-untied", "gqa4-tied"])
+def test_logits_equal_transformers_llama(n_head, n_kv_head, tie):
+    torch.manual_seed(0)
+    args = tiny_args(n_head, n_kv_head, tie, ("llama3", (1.3, 32)))
+    # A small theta makes every RoPE frequency turn within 64 positions, so a wrong layout shows.
+    args = replace(args, rope_theta=100.0)
+    model = model_py.Llama(args).eval()
+    # Random norm weights too: all-ones would hide a norm applied in the wrong place.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.uniform_(0.5, 1.5)
+    hf = hf_twin(args, model)
+    idx = torch.randint(0, args.vocab_size, (3, args.block_size))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert ours.std() > 0.1  # the comparison is not between two near-zero tensors
+
+
+def test_sdpa_without_enable_gqa_gives_the_same_output(monkeypatch):
+    torch.manual_seed(0)
+    model = model_py.Llama(tiny_args(8, 2, False, ("ratio", (3.5, 32)))).eval()
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        native, _ = model(idx)
+        monkeypatch.setattr(model_py, "_SDPA_HAS_GQA", False)
+        repeated, _ = model(idx)
+    torch.testing.assert_close(native, repeated, rtol=0, atol=1e-6)
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = model_py.Llama(tiny_args(4, 2, False, ("ratio", (3.5, 32)))).eval()
+    idx = torch.randint(0, 256, (1, 32))
+    changed = idx.clone()
+    changed[0, 20:] = (changed[0, 20:] + 1) % 256
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_init_and_meta_materialisation():
+    torch.manual_seed(0)
+    args = replace(tiny_args(4, 2, False, ("ratio", (3.5, 32)), n_layer=8), vocab_size=4096)
+    direct = model_py.Llama(args)
+    with torch.device("meta"):
+        late = model_py.Llama(args)
+    late.to_empty(device="cpu")
+    late.init_weights()
+    # The RoPE table is rebuilt, not left as whatever memory to_empty() handed out.
+    torch.testing.assert_close(late.model.rope_cos, direct.model.rope_cos, rtol=0, atol=0)
+    torch.testing.assert_close(late.model.rope_sin, direct.model.rope_sin, rtol=0, atol=0)
+    assert "model.rope_cos" not in late.state_dict()
+    std = args.init_std
+    residual_std = std / math.sqrt(2 * args.n_layer)
+    embed = late.model.embed_tokens.weight
+    assert embed.std().item() == pytest.approx(std, rel=0.05)
+    down = torch.cat([layer.mlp.down_proj.weight.flatten() for layer in late.model.layers])
+    assert down.std().item() == pytest.approx(residual_std, rel=0.05)
+    up = torch.cat([layer.mlp.up_proj.weight.flatten() for layer in late.model.layers])
+    assert up.std().item() == pytest.approx(std, rel=0.05)
+    assert all(torch.equal(layer.input_layernorm.weight, torch.ones(args.n_embd))
+               for layer in late.model.layers)
+
+
+def test_loss_is_cross_entropy_and_ignores_minus_one():
+    torch.manual_seed(0)
+    model = model_py.Llama(tiny_args(4, 2, False, ("ratio", (3.5, 32)))).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    targets = torch.randint(0, 256, (2, 16))
+    targets[:, :5] = -1
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    keep = targets != -1
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+    # Random init: the loss starts near ln(vocab), the entropy of a uniform guess.
+    assert loss.item() == pytest.approx(math.log(256), rel=0.05)
