@@ -1,0 +1,217 @@
+"""The Plan: everything the compiler decided, with where each number came from.
+
+It is the one input of rendering and is written into the generated repo as llama3gen.lock.json.
+Plain data only (pydantic models of ints, floats, strings): no behaviour lives here.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class PlanModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Shape(PlanModel):
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    vocab_size: int
+    seq_len: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+class Candidate(PlanModel):
+    rank: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ffn_hidden: int
+    n_params: int
+    tokens: float
+    tokens_per_param: float
+    loss: float
+    days: float
+    selected: bool
+
+
+class SearchStats(PlanModel):
+    enumerated: int  # layers × hidden combinations
+    valid_shapes: int  # head_dim divides d, kv heads divide heads, aspect within bounds
+    feasible: int  # also satisfying the variant's constraints
+    near_optimal: int  # within the near-optimal loss band of the best
+    removed_by: dict[str, int]  # constraint → shapes it removed (among valid shapes)
+    evaluated_per_second: float | None = None
+
+
+class Choice(PlanModel):
+    shape: Shape
+    n_params: int
+    n_params_embedding: int
+    tokens: float  # D, exactly budget / FLOPs-per-token
+    tokens_per_param: float
+    loss: float
+    objective: float
+    flops_per_token_6n: int
+    flops_per_token_exact: int
+    flops_6n: float  # 6·N·D
+    flops_exact: float  # exact training FLOPs per token · D
+
+
+class Memory(PlanModel):
+    """Predicted peak memory per device, bytes, by component (compiler/memory.py)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    other: float
+    total: float
+    capacity: float
+    fits: bool
+
+
+class Training(PlanModel):
+    parallelism: str  # "fsdp", "hsdp" or "ddp"
+    world_size: int
+    global_batch_size: int  # sequences per optimizer step
+    global_batch_tokens: int
+    micro_batch_size: int  # sequences per rank per forward/backward
+    grad_accum: int
+    max_iters: int
+    tokens_trained: float  # max_iters · global_batch_tokens (≥ D)
+    learning_rate: float
+    min_lr: float
+    lr_schedule: str
+    warmup_iters: int
+    decay_frac: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    activation_checkpointing: bool
+    compile: bool
+    dtype: str
+    device: str
+    eval_interval: int
+    eval_iters: int
+    log_interval: int
+    ckpt_interval: int
+    keep_last_ckpts: int
+    seed: int
+    init_std: float
+
+
+class Timing(PlanModel):
+    tokens_per_second: float  # whole job
+    hardware_flops: float  # FLOPs the GPUs execute, recomputation included
+    days: float
+    gpu_hours: float
+    cost_usd: float | None
+
+
+class Variant(PlanModel):
+    name: str
+    description: str
+    constraints: dict[str, float]
+    choice: Choice
+    top: list[Candidate]
+    stats: SearchStats
+    tie_break: str
+    training: Training
+    memory: Memory
+    timing: Timing
+    layout_reasons: list[str]
+    provenance: dict[str, str]
+
+
+class Law(PlanModel):
+    name: str
+    formula: str
+    citation: str
+    E: float | None
+    A: float | None
+    B: float | None
+    alpha: float | None
+    beta: float | None
+
+
+class Budget(PlanModel):
+    flops: float  # in `convention`
+    convention: str  # "6N" or "exact"
+    source: str  # how it was derived from the spec
+
+
+class Hardware(PlanModel):
+    gpu: str
+    peak_tflops: float
+    memory_gb: float
+    gpus_per_node: int
+    nodes: int
+    world_size: int
+    mfu: float
+    usd_per_gpu_hour: float | None
+    source: str
+
+
+class Optimum(PlanModel):
+    n_params: float
+    tokens: float
+    tokens_per_param: float
+    loss: float
+    note: str
+
+
+class Sensitivity(PlanModel):
+    law: str
+    n_params: float
+    tokens: float
+    tokens_per_param: float
+    loss: float
+
+
+class FrontierPoint(PlanModel):
+    n_params: float
+    loss: float
+
+
+class Job(PlanModel):
+    name: str
+    partition: str | None
+    account: str | None
+    qos: str | None
+    time_limit: str
+    nodes: int
+    gpus_per_node: int  # 0 on the cpu pseudo-device
+    tasks_per_node: int
+    cpus_per_task: int
+    mem_per_node_gb: int | None
+    signal_before_s: int
+    requeue: bool
+    variants: list[str]
+    default_variant: str
+
+
+class Plan(PlanModel):
+    llama3gen_version: str
+    name: str
+    spec: dict
+    law: Law
+    budget: Budget
+    hardware: Hardware
+    closed_form: Optimum
+    sensitivity: list[Sensitivity]
+    frontier: list[FrontierPoint]
+    variants: list[Variant]
+    job: Job

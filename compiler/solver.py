@@ -1,0 +1,226 @@
+"""The solver: every valid LLaMA-3 shape, its tokens for the budget, its loss, the picks.
+
+Pure functions over numpy arrays. D is exactly budget / FLOPs-per-token (no token grid), the loss
+comes from the spec's scaling law, and each variant's constraints remove candidates before ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import arch, laws
+from .errors import UserError
+from .spec import Spec, Variant
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class BudgetFlops:
+    flops: float
+    convention: str  # what `flops` counts: "6N" or "exact"
+    source: str
+
+
+def budget_flops(spec: Spec) -> BudgetFlops:
+    """The budget in FLOPs, and which convention it counts in.
+
+    A FLOPs budget counts in the spec's convention. A time budget (GPU-hours or days) is what the
+    hardware can execute, so it counts hardware FLOPs: the `exact` convention, whatever the spec's.
+    """
+    hw = spec.hardware
+    gpu = hw.device()
+    if spec.budget.flops is not None:
+        return BudgetFlops(spec.budget.flops, spec.search.flops, "spec: budget.flops")
+    if spec.budget.gpu_hours is not None:
+        gpu_hours, how = spec.budget.gpu_hours, f"budget.gpu_hours {spec.budget.gpu_hours:g}"
+    else:
+        gpu_hours = spec.budget.days * 24 * hw.world_size
+        how = f"budget.days {spec.budget.days:g} × 24 h × {hw.world_size} GPUs"
+    flops = gpu_hours * 3600 * gpu.peak_flops * hw.effective_mfu
+    source = (f"{how} × 3600 s × {gpu.bf16_tflops:g} TFLOP/s ({gpu.name} peak) × MFU "
+              f"{hw.effective_mfu:g}; hardware FLOPs, so counted with the exact convention")
+    return BudgetFlops(flops, "exact", source)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Every valid shape and its evaluation, as parallel arrays."""
+
+    n_layers: np.ndarray
+    d_model: np.ndarray
+    n_heads: np.ndarray
+    ffn_hidden: np.ndarray
+    n_params: np.ndarray
+    fpt_6n: np.ndarray
+    fpt_exact: np.ndarray
+    tokens: np.ndarray
+    loss: np.ndarray
+    objective: np.ndarray  # what ranking minimises: the loss, or a rule's distance
+    seconds: np.ndarray  # predicted wall-clock training time on the spec's hardware
+    enumerated: int
+
+    def __len__(self) -> int:
+        return int(self.n_layers.size)
+
+    def take(self, idx) -> "Candidates":
+        fields = {k: getattr(self, k)[idx] for k in self.__dataclass_fields__ if k != "enumerated"}
+        return Candidates(enumerated=self.enumerated, **fields)
+
+
+def ffn_hidden(spec: Spec, d_model):
+    ffn = spec.model.ffn
+    if hasattr(ffn, "llama3_multiplier"):
+        return arch.ffn_hidden_llama3(d_model, ffn.llama3_multiplier, ffn.multiple_of)
+    return arch.ffn_hidden_ratio(d_model, ffn.ratio, ffn.multiple_of)
+
+
+def enumerate_candidates(spec: Spec, budget: BudgetFlops) -> Candidates:
+    m, s = spec.model, spec.search
+    layers = np.asarray(s.layer_values(), dtype=np.int64)
+    hidden = np.asarray(s.hidden_values(), dtype=np.int64)
+    L, d = (a.ravel() for a in np.meshgrid(layers, hidden, indexing="ij"))
+    enumerated = int(L.size)
+
+    heads = d // m.head_dim
+    aspect = d / L
+    valid = (d % m.head_dim == 0) & (heads % m.kv_heads == 0) & (heads > 0)
+    if s.aspect.min is not None:
+        valid &= aspect >= s.aspect.min
+    if s.aspect.max is not None:
+        valid &= aspect <= s.aspect.max
+    L, d, heads = L[valid], d[valid], heads[valid]
+    f = ffn_hidden(spec, d)
+    valid_ffn = f > 0
+    L, d, heads, f = L[valid_ffn], d[valid_ffn], heads[valid_ffn], f[valid_ffn]
+
+    n = arch.param_count(L, d, heads, m.kv_heads, m.head_dim, f, m.vocab_size, m.tie_embeddings)
+    fpt_6n = arch.flops_per_token_6n(n)
+    fpt_exact = arch.flops_per_token_exact(L, d, heads, m.kv_heads, m.head_dim, f, m.vocab_size,
+                                           m.seq_len)
+    fpt_budget = fpt_6n if budget.convention == "6N" else fpt_exact
+    tokens = budget.flops / fpt_budget.astype(np.float64)
+
+    law = s.law()
+    if isinstance(law, laws.TokensPerParamRule):
+        loss = law.loss_law.loss(n, tokens)
+        objective = law.objective(n, tokens)
+    else:
+        loss = law.loss(n, tokens)
+        objective = loss
+    hw = spec.hardware
+    job_flops_per_s = hw.world_size * hw.device().peak_flops * hw.effective_mfu
+    seconds = fpt_exact * tokens / job_flops_per_s
+    return Candidates(L, d, heads, f, n, fpt_6n, fpt_exact, tokens, np.asarray(loss),
+                      np.asarray(objective), seconds, enumerated)
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    variant: Variant
+    feasible: Candidates  # satisfying the constraints, ranked best first
+    pick: int  # index into `feasible`
+    near_optimal: int
+    removed_by: dict[str, int]
+    tie_break: str
+
+
+TIE_BREAK = ("among shapes within {band:.2%} of the best predicted loss, the one with the shortest "
+             "predicted training time (fewest hardware FLOPs for the same tokens: fewer layers, "
+             "larger matmuls), then fewer layers")
+
+
+def constraint_masks(variant: Variant, c: Candidates) -> dict[str, np.ndarray]:
+    """One boolean mask per constraint the variant sets (True = allowed)."""
+    masks: dict[str, np.ndarray] = {}
+    tpp = c.tokens / c.n_params
+    if variant.tokens_per_param is not None:
+        b = variant.tokens_per_param
+        if b.min is not None:
+            masks["tokens_per_param.min"] = tpp >= b.min
+        if b.max is not None:
+            masks["tokens_per_param.max"] = tpp <= b.max
+    if variant.params is not None:
+        if variant.params.min is not None:
+            masks["params.min"] = c.n_params >= variant.params.min
+        if variant.params.max is not None:
+            masks["params.max"] = c.n_params <= variant.params.max
+    if variant.max_days is not None:
+        masks["max_days"] = c.seconds <= variant.max_days * SECONDS_PER_DAY
+    return masks
+
+
+def solve_variant(spec: Spec, variant: Variant, c: Candidates,
+                  extra_masks: dict[str, np.ndarray] | None = None) -> VariantResult:
+    masks = constraint_masks(variant, c)
+    masks.update(extra_masks or {})
+    keep = np.ones(len(c), dtype=bool)
+    for mask in masks.values():
+        keep &= mask
+    removed_by = {name: int((~mask).sum()) for name, mask in sorted(masks.items())}
+    if not keep.any():
+        raise infeasible(spec, variant, c, masks)
+    feasible = c.take(np.flatnonzero(keep))
+    order = np.lexsort((feasible.d_model, feasible.n_layers, feasible.seconds, feasible.objective))
+    feasible = feasible.take(order)
+
+    band = spec.search.near_optimal
+    best = feasible.objective[0]
+    scale = abs(feasible.loss[0]) if not isinstance(spec.search.law(), laws.TokensPerParamRule) else 1.0
+    in_band = np.flatnonzero(feasible.objective <= best + band * scale)
+    # Within the band: fastest, then fewer layers, then narrower.
+    sub = feasible.take(in_band)
+    pick = int(in_band[np.lexsort((sub.d_model, sub.n_layers, sub.seconds))[0]])
+    return VariantResult(variant, feasible, pick, int(in_band.size), removed_by,
+                         TIE_BREAK.format(band=band))
+
+
+def infeasible(spec: Spec, variant: Variant, c: Candidates, masks: dict[str, np.ndarray]) -> UserError:
+    """Explain why no shape is left, and what would work."""
+    where = f"variants[{variant.name}]"
+    if len(c) == 0:
+        return UserError(
+            "no valid shape in the search space: d_model must be a multiple of head_dim "
+            f"({spec.model.head_dim}) with heads divisible by kv_heads ({spec.model.kv_heads}), "
+            f"and d_model/n_layers within search.aspect", field="search",
+            fix=f"widen search.hidden to include multiples of "
+                f"{spec.model.head_dim * spec.model.kv_heads}, or relax search.aspect")
+    hints = []
+    tpp = c.tokens / c.n_params
+    for name, mask in masks.items():
+        if not mask.any():
+            if name.startswith("tokens_per_param"):
+                hints.append(f"{name}: candidates span {tpp.min():.3g}–{tpp.max():.3g} tokens per "
+                             "parameter for this budget; widen the band, change search.layers/hidden "
+                             "or the budget")
+            elif name.startswith("params"):
+                hints.append(f"{name}: candidates span {c.n_params.min():.3g}–{c.n_params.max():.3g} "
+                             "parameters")
+            elif name == "max_days":
+                fastest = c.seconds.min() / SECONDS_PER_DAY
+                hints.append(f"max_days: the fastest shape needs {fastest:.3g} days on this hardware; "
+                             "raise max_days, add GPUs or lower the budget")
+            else:
+                hints.append(f"{name}: no shape passes it")
+    if not hints:
+        hints.append("each constraint alone leaves shapes, but together none: relax one of "
+                     + ", ".join(masks))
+    return UserError(f"no shape satisfies the constraints of variant {variant.name!r} "
+                     f"({len(c):,} valid shapes)", field=where, fix="; ".join(hints))
+
+
+def frontier(c: Candidates, bins: int = 96) -> list[tuple[float, float]]:
+    """The lowest loss per logarithmic N bin: the isoFLOP curve the candidates trace."""
+    if len(c) == 0:
+        return []
+    logn = np.log10(c.n_params.astype(np.float64))
+    lo, hi = logn.min(), logn.max()
+    idx = np.zeros_like(logn, dtype=np.int64) if hi == lo else \
+        np.minimum(((logn - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
+    order = np.lexsort((c.loss, idx))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = idx[order][1:] != idx[order][:-1]
+    chosen = order[first]
+    return [(float(c.n_params[i]), float(c.loss[i])) for i in chosen]
