@@ -51,7 +51,6 @@ class SearchStats(PlanModel):
     feasible: int  # also satisfying the variant's constraints
     near_optimal: int  # within the near-optimal loss band of the best
     removed_by: dict[str, int]  # constraint → shapes it removed (among valid shapes)
-    evaluated_per_second: float | None = None
 
 
 class Choice(PlanModel):

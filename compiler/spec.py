@@ -6,7 +6,6 @@ into a UserError naming file:line:column, the field path, what was wrong and wha
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -436,6 +435,3 @@ def json_schema() -> dict:
     schema["title"] = "llama3gen spec"
     return schema
 
-
-def is_finite_positive(x: float) -> bool:
-    return math.isfinite(x) and x > 0

@@ -1,0 +1,169 @@
+"""The `llama3gen` command line.
+
+Exit status: 0 success; 1 `check` found a stale or edited repo, or an internal error (a bug: the
+message asks for a report); 2 a user error (bad spec, infeasible budget, unwritable output, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+
+def _plan_for(spec_path: str):
+    from .planner import build_plan
+    from .spec import load_spec
+    spec, text = load_spec(spec_path)
+    return build_plan(spec), text
+
+
+def cmd_solve(args) -> int:
+    plan, _ = _plan_for(args.spec)
+    if args.top is not None:
+        plan = plan.model_copy(update={"variants": [
+            v.model_copy(update={"top": [r for r in v.top if r.rank <= args.top or r.selected]})
+            for v in plan.variants]})
+    if args.json:
+        print(json.dumps(plan.model_dump(mode="json"), sort_keys=True, indent=2))
+    else:
+        from .report import solve_report
+        sys.stdout.write(solve_report(plan))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .render import render_files
+    from .writer import write_repo
+    plan, text = _plan_for(args.spec)
+    out = Path(args.output) if args.output else Path(plan.name)
+    files = render_files(plan, text)
+    print(write_repo(out, files, force=args.force))
+    for v in plan.variants:
+        c, t = v.choice, v.timing
+        print(f"  {v.name}: {c.shape.n_layers}L × {c.shape.d_model}, N {c.n_params / 1e9:.3f}B, "
+              f"D {c.tokens / 1e9:.3f}B, loss {c.loss:.4f}, {t.days:.2f} days -> config/{v.name}.py")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .render import read_lock, render_files
+    from .spec import load_spec, parse_spec_text
+    from .planner import build_plan
+    from .writer import compare, diff
+    repo = Path(args.repo)
+    lock = read_lock(repo)
+    if args.spec:
+        spec, text = load_spec(args.spec)
+    else:
+        text = lock.get("spec_text", "")
+        spec = parse_spec_text(text, f"{repo}/llama3gen.lock.json#spec_text")
+    files = render_files(build_plan(spec), text)
+    state = compare(repo, files)
+    if state.clean:
+        print(f"{repo}: up to date ({len(files)} generated files)")
+        return 0
+    for label, paths in (("edited by hand", state.edited), ("stale", state.stale),
+                         ("missing", state.missing), ("user file where a generated file goes",
+                                                      state.collisions),
+                         ("no longer generated", state.obsolete)):
+        for p in paths:
+            print(f"{label}: {p}")
+    sys.stdout.write(diff(repo, files, state.edited + state.stale + state.collisions))
+    print(f"{repo}: not up to date; run `llama3gen compile SPEC -o {repo}` to regenerate")
+    return 1
+
+
+def cmd_schema(args) -> int:
+    from .spec import json_schema
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_gpus(args) -> int:
+    from .hardware import CATALOG
+    print(f"{'name':<12} {'bf16 TFLOP/s':>13} {'memory GB':>10} {'default MFU':>12}  source")
+    for key, g in CATALOG.items():
+        print(f"{key:<12} {g.bf16_tflops:>13g} {g.memory_gb:>10g} {g.default_mfu:>12g}  {g.source}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+    return submit(Path(args.repo), variant=args.variant, dry_run=args.dry_run,
+                  use_sbatch=args.sbatch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama3gen", description="Compile a pre-training budget into a LLaMA-3 training repo.")
+    parser.add_argument("--version", action="version", version=f"llama3gen {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("solve", help="solve a spec and print the decision")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true", help="print the Plan as JSON")
+    p.add_argument("--top", type=int, metavar="K", help="show the K best candidates")
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("compile", help="render the training repo for a spec")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", help="output directory (default: ./<name>)")
+    p.add_argument("--force", action="store_true", help="overwrite hand-edited generated files")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="exit 1 with a diff if a generated repo is stale or edited")
+    p.add_argument("repo")
+    p.add_argument("--spec", help="compare against this spec (default: the one in the lock file)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("schema", help="print the spec's JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("gpus", help="list the GPU catalog")
+    p.set_defaults(func=cmd_gpus)
+
+    p = sub.add_parser("submit", help="submit a generated repo's job to SLURM")
+    p.add_argument("repo")
+    p.add_argument("--variant", help="variant to train (default: the first)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+    p.add_argument("--sbatch", action="store_true", help="use scripts/train.sbatch, not submitit")
+    p.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(exc.render(), file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: say so, and how to report it
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc}\n"
+              "  this is a bug in llama3gen; please report it with the spec and `--debug` output",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

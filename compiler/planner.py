@@ -1,0 +1,129 @@
+"""Spec → Plan: run the solver for every variant and plan each pick on the hardware."""
+
+from __future__ import annotations
+
+from . import __version__, arch, laws, layout, solver
+from . import plan as P
+from .spec import Spec
+from .trainplan import plan_training
+
+
+def _shape(spec: Spec, c: solver.Candidates, i: int) -> P.Shape:
+    m = spec.model
+    return P.Shape(n_layers=int(c.n_layers[i]), d_model=int(c.d_model[i]), n_heads=int(c.n_heads[i]),
+                   n_kv_heads=m.kv_heads, head_dim=m.head_dim, ffn_hidden=int(c.ffn_hidden[i]),
+                   vocab_size=m.vocab_size, seq_len=m.seq_len, rope_theta=m.rope_theta,
+                   norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings)
+
+
+def _choice(spec: Spec, c: solver.Candidates, i: int) -> P.Choice:
+    shape = _shape(spec, c, i)
+    n, tokens = int(c.n_params[i]), float(c.tokens[i])
+    return P.Choice(
+        shape=shape, n_params=n,
+        n_params_embedding=arch.embedding_params(shape.d_model, shape.vocab_size, shape.tie_embeddings),
+        tokens=tokens, tokens_per_param=tokens / n, loss=float(c.loss[i]),
+        objective=float(c.objective[i]), flops_per_token_6n=int(c.fpt_6n[i]),
+        flops_per_token_exact=int(c.fpt_exact[i]), flops_6n=6.0 * n * tokens,
+        flops_exact=float(c.fpt_exact[i]) * tokens)
+
+
+def _top(c: solver.Candidates, pick: int, k: int) -> list[P.Candidate]:
+    rows = list(range(min(k, len(c))))
+    if pick not in rows:
+        rows.append(pick)
+    return [P.Candidate(rank=i + 1, n_layers=int(c.n_layers[i]), d_model=int(c.d_model[i]),
+                        n_heads=int(c.n_heads[i]), ffn_hidden=int(c.ffn_hidden[i]),
+                        n_params=int(c.n_params[i]), tokens=float(c.tokens[i]),
+                        tokens_per_param=float(c.tokens[i] / c.n_params[i]), loss=float(c.loss[i]),
+                        days=float(c.seconds[i] / solver.SECONDS_PER_DAY), selected=(i == pick))
+            for i in rows]
+
+
+def _law(spec: Spec) -> P.Law:
+    law = spec.search.law()
+    if isinstance(law, laws.TokensPerParamRule):
+        return P.Law(name=law.name, citation=f"rule: D = {law.tokens_per_param:g}·N; loss shown by "
+                     f"{law.loss_law.name} ({law.loss_law.citation})",
+                     formula=f"minimise |ln(D / ({law.tokens_per_param:g}·N))|",
+                     E=None, A=None, B=None, alpha=None, beta=None)
+    return P.Law(name=law.name, formula=law.formula(), citation=law.citation, E=law.E, A=law.A,
+                 B=law.B, alpha=law.alpha, beta=law.beta)
+
+
+def _constraints(v) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in ("tokens_per_param", "params"):
+        bounds = getattr(v, key)
+        if bounds is not None:
+            for side in ("min", "max"):
+                if getattr(bounds, side) is not None:
+                    out[f"{key}.{side}"] = float(getattr(bounds, side))
+    if v.max_days is not None:
+        out["max_days"] = float(v.max_days)
+    return out
+
+
+def build_plan(spec: Spec) -> P.Plan:
+    budget = solver.budget_flops(spec)
+    cands = solver.enumerate_candidates(spec, budget)
+    memory_masks = layout.memory_masks(spec, cands)
+
+    hw, gpu = spec.hardware, spec.hardware.device()
+    variants = []
+    for v in spec.variants:
+        result = solver.solve_variant(spec, v, cands, memory_masks)
+        f, i = result.feasible, result.pick
+        choice = _choice(spec, f, i)
+        training, memory, timing, reasons, provenance = plan_training(spec, choice)
+        provenance.update({
+            "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / "
+                      f"{(choice.flops_per_token_6n if budget.convention == '6N' else choice.flops_per_token_exact):,}",
+            "loss": _law(spec).formula,
+            "n_params": "compiler/arch.py param_count (embeddings included)",
+        })
+        variants.append(P.Variant(
+            name=v.name, description=v.description or "", constraints=_constraints(v), choice=choice,
+            top=_top(f, i, spec.search.top_k),
+            stats=P.SearchStats(enumerated=cands.enumerated, valid_shapes=len(cands),
+                                feasible=len(f), near_optimal=result.near_optimal,
+                                removed_by=result.removed_by),
+            tie_break=result.tie_break, training=training, memory=memory, timing=timing,
+            layout_reasons=reasons, provenance=provenance))
+
+    law = spec.search.law()
+    closed_c = budget.flops
+    opt = law.optimum_6nd(closed_c)
+    note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
+            "the limit the discrete search approaches")
+    if budget.convention != "6N":
+        note += "; the budget counts exact FLOPs here, so this is an approximation"
+    sensitivity = []
+    for other in laws.CATALOG.values():
+        o = other.optimum_6nd(closed_c)
+        sensitivity.append(P.Sensitivity(law=other.name, n_params=o.n_params, tokens=o.tokens,
+                                          tokens_per_param=o.tokens_per_param, loss=o.loss))
+    front = [P.FrontierPoint(n_params=n, loss=l) for n, l in solver.frontier(cands)]
+
+    job = P.Job(
+        name=spec.name, partition=spec.cluster.partition, account=spec.cluster.account,
+        qos=spec.cluster.qos, time_limit=spec.cluster.time_limit, nodes=hw.nodes,
+        gpus_per_node=0 if gpu.name == "cpu" else hw.gpus_per_node,
+        tasks_per_node=hw.gpus_per_node, cpus_per_task=hw.cpus_per_gpu,
+        mem_per_node_gb=spec.cluster.mem_per_node_gb, signal_before_s=spec.cluster.signal_before_s,
+        requeue=True, variants=[v.name for v in spec.variants], default_variant=spec.variants[0].name)
+
+    return P.Plan(
+        llama3gen_version=__version__, name=spec.name,
+        spec=spec.model_dump(mode="json"), law=_law(spec),
+        budget=P.Budget(flops=budget.flops, convention=budget.convention, source=budget.source),
+        hardware=P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
+                            gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                            world_size=hw.world_size, mfu=hw.effective_mfu,
+                            usd_per_gpu_hour=hw.usd_per_gpu_hour,
+                            source=gpu.source + ("" if hw.mfu is None else "; MFU from the spec")
+                            + ("; catalog default MFU" if hw.mfu is None else "")),
+        closed_form=P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
+                              tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
+        sensitivity=sensitivity, frontier=front, variants=variants, job=job)
+

@@ -1,0 +1,145 @@
+"""Plan → files. Deterministic rendering and an all-or-nothing write.
+
+templates/ mirrors the generated tree. Files ending in `.j2` are Jinja2 templates (StrictUndefined:
+a missing Plan field is an error, never an empty string); everything else is copied verbatim.
+`config/__variant__.py.j2` is rendered once per variant as `config/<variant>.py`.
+
+We use plain Jinja2 rather than cookiecutter: cookiecutter's value is prompting for a context and
+hooks, and here the context is the Plan and rendering must be a pure function of it (byte-identical
+output, no timestamps, no prompts, no user config files read from $HOME).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path, PurePosixPath
+
+import jinja2
+
+from . import __version__, figure
+from .errors import UserError
+from .plan import Plan
+
+LOCK_NAME = "llama3gen.lock.json"
+VARIANT_TEMPLATE = "__variant__"
+EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
+IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
+
+
+def templates_dir() -> Path:
+    """templates/ ships inside the wheel as llama3gen/templates; in a checkout it sits beside compiler/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError("llama3gen's templates/ directory is missing from the installation")
+
+
+# --- Jinja filters: formatting only, no decisions -------------------------------------------
+
+def _shquote(value) -> str:
+    return shlex.quote(str(value))
+
+
+def _sci(value, digits: int = 3) -> str:
+    return f"{float(value):.{digits}e}"
+
+
+def _si(value, digits: int = 3) -> str:
+    """1.545e9 → '1.545B'; tokens and parameters."""
+    v = float(value)
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(v) >= scale:
+            return f"{v / scale:.{digits}f}{unit}"
+    return f"{v:.{digits}g}"
+
+
+def _gib(value) -> str:
+    return f"{float(value) / 2**30:.1f} GiB"
+
+
+def _fixed(value, digits: int = 4) -> str:
+    return f"{float(value):.{digits}f}"
+
+
+def _commas(value) -> str:
+    return f"{int(value):,}"
+
+
+def _pyrepr(value) -> str:
+    # Python literals for config files: repr of str/int/float/bool/None is valid Python.
+    if not isinstance(value, (str, int, float, bool, type(None))):
+        raise TypeError(f"pyrepr of {type(value).__name__}")
+    return repr(value)
+
+
+def _environment(root: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters.update(shquote=_shquote, pyrepr=_pyrepr, sci=_sci, si=_si, gib=_gib, fixed=_fixed,
+                       commas=_commas, tojson=lambda v: json.dumps(v, sort_keys=True))
+    return env
+
+
+def lock_text(plan: Plan, spec_text: str, manifest: dict[str, str]) -> str:
+    doc = {"llama3gen_version": __version__, "plan": plan.model_dump(mode="json"),
+           "spec_text": spec_text, "files": manifest}
+    return json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
+    """Every generated file, path (POSIX, relative) → bytes. Pure: same Plan, same bytes."""
+    root = templates_dir()
+    env = _environment(root)
+    context = {"plan": plan, "job": plan.job, "variants": plan.variants,
+               "version": __version__, "lock_name": LOCK_NAME}
+    files: dict[str, bytes] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        if IGNORED_PARTS & set(rel.parts) or rel.suffix == ".pyc" or rel.name == "__init__.py" and rel.parent == PurePosixPath("."):
+            continue
+        if rel.suffix != ".j2":
+            files[str(rel)] = _normalise(path.read_bytes())
+            continue
+        template = env.get_template(str(rel))
+        target = rel.with_suffix("")
+        if VARIANT_TEMPLATE in target.name:
+            for v in plan.variants:
+                name = target.name.replace(VARIANT_TEMPLATE, v.name)
+                files[str(target.with_name(name))] = _normalise(
+                    template.render(context, variant=v).encode("utf-8"))
+        else:
+            files[str(target)] = _normalise(template.render(context).encode("utf-8"))
+    files["docs/isoflop.svg"] = figure.isoflop_svg(plan).encode("utf-8")
+    manifest = {path: sha256(data) for path, data in sorted(files.items())}
+    files[LOCK_NAME] = lock_text(plan, spec_text, manifest).encode("utf-8")
+    return files
+
+
+def _normalise(data: bytes) -> bytes:
+    """LF line endings and exactly one trailing newline for text."""
+    text = data.replace(b"\r\n", b"\n")
+    return text.rstrip(b"\n") + b"\n" if text.strip() else text
+
+
+def file_mode(path: str) -> int:
+    return 0o755 if path.endswith(EXECUTABLE_SUFFIXES) else 0o644
+
+
+def read_lock(repo: Path) -> dict:
+    path = repo / LOCK_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"not a generated repo: {LOCK_NAME} is missing", where=str(repo),
+                        fix="pass the directory `llama3gen compile` wrote") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {LOCK_NAME}: {exc}", where=str(path),
+                        fix="restore it from git, or re-compile with --force") from None

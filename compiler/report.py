@@ -1,0 +1,91 @@
+"""`llama3gen solve`'s readable report: one block per variant, every number labelled."""
+
+from __future__ import annotations
+
+from .plan import Plan, Variant
+
+RULE = "=" * 88
+
+
+def _b(x: float) -> str:
+    return f"{x / 1e9:.3f}B"
+
+
+def variant_block(plan: Plan, v: Variant) -> str:
+    c, s, t, tm, mem = v.choice, v.choice.shape, v.training, v.timing, v.memory
+    conv = plan.budget.convention
+    constraints = ", ".join(f"{k} {val:g}" for k, val in v.constraints.items()) or "none"
+    lines = [
+        RULE,
+        f"VARIANT {v.name}: {v.description}".rstrip(": "),
+        f"N-D GRID SEARCH for C = {plan.budget.flops:.3e} FLOPs ({conv} convention; {plan.budget.source})",
+        f"law: {plan.law.name}: {plan.law.formula}",
+        f"constraints: {constraints}",
+        RULE,
+        "PICK:",
+        f"  predicted loss     {c.loss:.6f}   ({plan.law.name})",
+        f"  N (parameters)     {_b(c.n_params)}   ({c.n_params:,}; embeddings {c.n_params_embedding:,})",
+        f"  D (tokens)         {_b(c.tokens)}   (= C / FLOPs per token, exactly)",
+        f"  D/N                {c.tokens_per_param:.1f} tokens per parameter",
+        f"  C, 6N convention   {c.flops_6n:.4e}   (6·N·D, {c.flops_per_token_6n:,} FLOPs/token)",
+        f"  C, exact           {c.flops_exact:.4e}   (every matmul + attention, {c.flops_per_token_exact:,} FLOPs/token)",
+        f"  shape              {s.n_layers}L × d {s.d_model} × {s.n_heads} heads (head_dim {s.head_dim})",
+        f"  FFN                {s.ffn_hidden} ({s.ffn_hidden / s.d_model:.2f}× d, SwiGLU)",
+        f"  GQA                {s.n_kv_heads} KV heads ({s.n_heads // s.n_kv_heads}:1 Q:KV)",
+        f"  vocab, seq         {s.vocab_size:,}, {s.seq_len:,} (RoPE θ {s.rope_theta:g}, "
+        f"{'tied' if s.tie_embeddings else 'untied'} embeddings)",
+        f"  tie-break          {v.tie_break}",
+        "",
+        "TRAINING PLAN:",
+        f"  layout             {t.parallelism} over {t.world_size} devices, micro-batch {t.micro_batch_size} × "
+        f"accum {t.grad_accum}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}",
+        f"  global batch       {t.global_batch_size} × {s.seq_len} = {t.global_batch_tokens:,} tokens "
+        f"({v.provenance.get('global_batch_size', '')})",
+        f"  learning rate      {t.learning_rate:.3e} peak, {t.lr_schedule}, warmup {t.warmup_iters}, "
+        f"{t.max_iters:,} steps ({v.provenance.get('learning_rate', '')})",
+        f"  memory / device    {mem.total / 2**30:.1f} GiB of {mem.capacity / 2**30:.1f} GiB "
+        f"(params {mem.parameters / 2**30:.1f}, grads {mem.gradients / 2**30:.1f}, "
+        f"AdamW {mem.optimizer / 2**30:.1f}, activations {mem.activations / 2**30:.1f}, "
+        f"logits {mem.logits / 2**30:.1f}, other {mem.other / 2**30:.1f})",
+        f"  throughput         {tm.tokens_per_second:,.0f} tokens/s at MFU {plan.hardware.mfu:g}",
+        f"  time               {tm.days:.2f} days, {tm.gpu_hours:,.0f} GPU-hours"
+        + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else ""),
+        "",
+        f"TOP {len([r for r in v.top if r.rank <= len(v.top)])} CANDIDATES (ranked by loss, then time):",
+        f"  {'rank':>4} {'loss':>9} {'N(B)':>8} {'D(B)':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",
+    ]
+    for r in v.top:
+        mark = "  <- SELECTED" if r.selected else ""
+        lines.append(f"  {r.rank:>4} {r.loss:>9.6f} {r.n_params / 1e9:>8.3f} {r.tokens / 1e9:>9.3f} "
+                     f"{r.tokens_per_param:>7.1f} {r.n_layers:>4} {r.d_model:>6} {r.n_heads:>5} "
+                     f"{r.ffn_hidden:>6} {r.days:>7.2f}{mark}")
+    st = v.stats
+    removed = ", ".join(f"{k}: {n:,}" for k, n in st.removed_by.items()) or "none"
+    lines += [
+        "",
+        "SEARCH STATISTICS:",
+        f"  shapes enumerated (layers × hidden)  {st.enumerated:,}",
+        f"  valid LLaMA-3 shapes                 {st.valid_shapes:,}",
+        f"  removed by constraint                {removed}",
+        f"  feasible                             {st.feasible:,}",
+        f"  within the near-optimal band         {st.near_optimal:,}",
+    ]
+    return "\n".join(lines)
+
+
+def solve_report(plan: Plan) -> str:
+    co = plan.closed_form
+    blocks = [variant_block(plan, v) for v in plan.variants]
+    sens = [f"  {s.law:<24} N* {_b(s.n_params):>9}  D* {_b(s.tokens):>10}  D/N {s.tokens_per_param:>6.1f}  "
+            f"loss {s.loss:.4f}" for s in plan.sensitivity]
+    tail = [
+        RULE,
+        "CLOSED-FORM OPTIMUM (the limit the grid approaches):",
+        f"  N* {_b(co.n_params)}, D* {_b(co.tokens)}, D/N {co.tokens_per_param:.1f}, loss {co.loss:.6f}",
+        f"  {co.note}",
+        "",
+        "SENSITIVITY (closed-form optimum of the same budget under each catalog law):",
+        *sens,
+        RULE,
+    ]
+    return "\n\n".join(blocks) + "\n\n" + "\n".join(tail) + "\n"
