@@ -1,0 +1,141 @@
+"""A runnable training repo and real data for the training tests (issues #3 and #7).
+
+make_repo() is the one place that builds the repo under test. Until the compiler renders
+config/<variant>.py it copies the plain templates and writes a small config by hand with every
+key of docs/CONTRACT.md; later it becomes `llama3gen compile specs/tiny-cpu.yaml -o <dir>`.
+
+The data is a real corpus nobody here wrote: the Python standard library's own .py sources (the
+first files in sorted order, about 2 MB), tokenized as raw bytes by the repo's data/prepare.py.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from _repo_files import TEMPLATES_DIR, load_arch
+
+REPO_FILES = ["train.py", "model.py", "configurator.py", "checkpoint.py", "export_hf.py",
+              "data/prepare.py"]
+CORPUS_BYTES = 2_000_000
+VOCAB = 257  # raw bytes (0-255) plus the end-of-document id 256
+
+# Every key of docs/CONTRACT.md, for a model that trains in seconds on one CPU core.
+TINY_CONFIG = {
+    "n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "head_dim": 16, "ffn_hidden": 192,
+    "vocab_size": VOCAB, "block_size": 32, "rope_theta": 10000.0, "norm_eps": 1e-5,
+    "tie_embeddings": False, "init_std": 0.02,
+    "data_dir": "data/stdlib", "out_dir": "out",
+    "global_batch_size": 8, "micro_batch_size": 4,
+    "learning_rate": 3e-3, "min_lr": 3e-4, "lr_schedule": "cosine", "warmup_iters": 5,
+    "decay_frac": 0.2, "max_iters": 40,
+    "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0,
+    "eval_interval": 20, "eval_iters": 2, "log_interval": 1,
+    "ckpt_interval": 10, "keep_last_ckpts": 10,
+    "device": "cpu", "dtype": "float32", "parallelism": "fsdp",
+    "activation_checkpointing": False, "compile": False, "seed": 1337,
+    "flops_per_token": 0, "peak_flops": 1e11, "planned_mfu": 0.3, "init_from_hf": "",
+}
+
+
+def _tiny_flops_per_token():
+    arch = load_arch()
+    c = TINY_CONFIG
+    return int(arch.flops_per_token_exact(c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"],
+                                          c["head_dim"], c["ffn_hidden"], c["vocab_size"],
+                                          c["block_size"]))
+
+
+def write_config(repo, name="tiny", **overrides):
+    """config/<name>.py with every key, one assignment per line (as the compiler renders it)."""
+    values = dict(TINY_CONFIG, flops_per_token=_tiny_flops_per_token())
+    unknown = set(overrides) - set(values)
+    assert not unknown, f"not contract keys: {unknown}"
+    values.update(overrides)
+    lines = [f"{k} = {v!r}  # tests/_train_fixtures.py" for k, v in values.items()]
+    path = Path(repo) / "config" / f"{name}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return f"config/{name}.py"
+
+
+def make_repo(dest):
+    """A generated training repo in `dest` with config/tiny.py; returns its path."""
+    dest = Path(dest)
+    for name in REPO_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(TEMPLATES_DIR / name, dest / name)
+    write_config(dest)
+    return dest
+
+
+def stdlib_corpus_files(max_bytes=CORPUS_BYTES):
+    """The standard library's top-level .py files in sorted order, up to max_bytes."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        if total >= max_bytes:
+            break
+        files.append(str(path))
+        total += path.stat().st_size
+    assert total >= max_bytes // 2, f"too little stdlib source in {stdlib}"
+    return files
+
+
+_prepared = {}
+
+
+def prepare_data(repo, data_dir="data/stdlib"):
+    """Run the repo's data/prepare.py on the stdlib corpus (once per process, then copied)."""
+    target = Path(repo) / data_dir
+    if "stdlib" not in _prepared:
+        first = Path(repo) / ".prepared-stdlib"
+        subprocess.run([sys.executable, "data/prepare.py", "--input", *stdlib_corpus_files(),
+                        "--out_dir", str(first), "--val_fraction", "0.1",
+                        "--chunk_tokens", "16384"], cwd=repo, check=True, capture_output=True)
+        _prepared["stdlib"] = first
+    if target != _prepared["stdlib"]:
+        shutil.copytree(_prepared["stdlib"], target, dirs_exist_ok=True)
+    return target
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)  # never inherit a torchrun environment
+    return env
+
+
+def train_command(config, *overrides, nproc=1, wrapper=None):
+    """The command line: python train.py ... or torchrun --nproc_per_node=N train.py ..."""
+    entry = ["train.py", config, *overrides]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", *entry]
+    return [sys.executable, *([wrapper] if wrapper else []), *entry]
+
+
+def run_train(repo, config, *overrides, nproc=1, timeout=240, check=True):
+    """Run train.py to completion; returns the CompletedProcess (stdout and stderr merged)."""
+    proc = subprocess.run(train_command(config, *overrides, nproc=nproc), cwd=repo,
+                          env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def read_metrics(out_dir):
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    """{step: training loss}; a step logged twice (re-run after a resume) keeps its last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def val_losses(out_dir):
+    return {r["step"]: r["val_loss"] for r in read_metrics(out_dir) if "val_loss" in r}
