@@ -11,6 +11,15 @@ def _b(x: float) -> str:
     return f"{x / 1e9:.3f}B"
 
 
+def duration(days: float) -> str:
+    """Days for real runs, hours or minutes for small ones."""
+    if days >= 1:
+        return f"{days:.2f} days"
+    if days * 24 >= 1:
+        return f"{days * 24:.1f} hours"
+    return f"{days * 24 * 60:.1f} minutes"
+
+
 def variant_block(plan: Plan, v: Variant) -> str:
     c, s, t, tm, mem = v.choice, v.choice.shape, v.training, v.timing, v.memory
     conv = plan.budget.convention
@@ -48,7 +57,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"AdamW {mem.optimizer / 2**30:.1f}, activations {mem.activations / 2**30:.1f}, "
         f"logits {mem.logits / 2**30:.1f}, other {mem.other / 2**30:.1f})",
         f"  throughput         {tm.tokens_per_second:,.0f} tokens/s at MFU {plan.hardware.mfu:g}",
-        f"  time               {tm.days:.2f} days, {tm.gpu_hours:,.0f} GPU-hours"
+        f"  time               {duration(tm.days)}, {tm.gpu_hours:,.1f} GPU-hours"
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else ""),
         "",
         f"TOP {len([r for r in v.top if r.rank <= len(v.top)])} CANDIDATES (ranked by loss, then time):",

@@ -171,13 +171,16 @@ class TokensPerParamLaw(StrictModel):
 class Search(StrictModel):
     layers: Union[IntRange, IntChoices] = IntRange(min=4, max=64)
     hidden: Union[IntRange, IntChoices] = IntRange(min=256, max=8192, step=128)
-    aspect: Bounds = Bounds(min=32, max=256)  # d_model / n_layers
+    # d_model / n_layers. Kaplan et al. 2020 (Fig. 5): loss is within a few percent over aspect
+    # ratios of about 20-200; the LLaMA-3 family sits at 100-128. The laws do not see shape, so the
+    # bounds keep the search where they were fitted.
+    aspect: Bounds = Bounds(min=32, max=192)
     scaling_law: Union[str, CustomLaw, TokensPerParamLaw] = laws.DEFAULT_LAW
     flops: Literal["6N", "exact"] = "6N"
     top_k: Annotated[int, Field(ge=1, le=1000)] = 10
     # Shapes whose loss is within this fraction of the best are treated as equally good; among
     # them the one that trains fastest (and fits) wins. Kaplan 2020: loss is flat in shape.
-    near_optimal: Annotated[float, Field(ge=0, le=0.1, allow_inf_nan=False)] = 0.0005
+    near_optimal: Annotated[float, Field(ge=0, le=0.1, allow_inf_nan=False)] = 0.0001
 
     @field_validator("scaling_law")
     @classmethod
@@ -304,14 +307,17 @@ class _Loader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _position(root: yaml.Node | None, loc: tuple) -> yaml.Mark | None:
-    """Walk the composed YAML tree along a pydantic error location; return the deepest mark."""
+def _position(root: yaml.Node | None, loc: tuple, at_key: bool = False) -> yaml.Mark | None:
+    """Walk the composed YAML tree along a pydantic error location; return the deepest mark.
+
+    `at_key` points at the last key itself rather than its value (for unknown keys)."""
     node, mark = root, root.start_mark if root is not None else None
-    for key in loc:
+    for depth, key in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 if k.value == key:
-                    node, mark = v, v.start_mark
+                    last = depth == len(loc) - 1
+                    node, mark = v, (k.start_mark if at_key and last else v.start_mark)
                     break
             else:
                 return mark
@@ -376,7 +382,8 @@ def _first_error(exc: ValidationError, root, path: str) -> UserError:
     more = len({_field_path(e["loc"]) for e in errors}) - 1
     if more > 0:
         message += f" ({more} more problem{'s' if more > 1 else ''} after this one)"
-    return UserError(message, where=_where(path, _position(root, loc)), field=field,
+    at_key = error["type"] == "extra_forbidden"
+    return UserError(message, where=_where(path, _position(root, loc, at_key)), field=field,
                      fix=_fix_for(error, field))
 
 

@@ -32,8 +32,14 @@ def global_batch(spec: Spec, choice: P.Choice, world_size: int) -> tuple[int, st
         tokens = laws.deepseek_batch_tokens(c)
         why = (f"B_opt = 0.2920·C^0.3271 = {tokens:,.0f} tokens at C = M·D = {c:.3g} "
                f"({laws.DEEPSEEK_CITATION})")
-    seqs = max(world_size, world_size * round(tokens / seq_len / world_size))
-    return seqs, why + f"; {seqs} sequences of {seq_len} (a multiple of {world_size} ranks)"
+    per_rank = tokens / seq_len / world_size
+    # Round the per-rank share to a multiple of a power of two (≤ 1/8 of it) so that micro-batches
+    # can divide it: 131 sequences per rank would allow only micro-batch 1 or 131.
+    granule = 1 << max(0, int(math.log2(max(per_rank, 1) / 8))) if per_rank >= 8 else 1
+    per_rank_seqs = max(1, granule * round(per_rank / granule))
+    seqs = per_rank_seqs * world_size
+    return seqs, why + (f"; {seqs} sequences of {seq_len} ({per_rank_seqs} per rank × {world_size} "
+                        f"ranks, rounded to a multiple of {granule} so micro-batches divide it)")
 
 
 def learning_rate(spec: Spec, choice: P.Choice) -> tuple[float, str]:
