@@ -24,6 +24,10 @@ TIME_LIMIT_PATTERN = r"^(\d{1,3}-)?\d{1,3}:\d{2}:\d{2}$"
 
 # A search space larger than this is refused before it is enumerated (memory, not patience).
 MAX_CANDIDATES = 50_000_000
+# Shapes well past any trained model (LLaMA 3 405B: 126 layers, d_model 16384), and small enough
+# that parameter and FLOP counts stay exact in int64 whatever the other fields say.
+MAX_LAYERS = 1024
+MAX_D_MODEL = 131_072
 MAX_BYTES = 1 << 20  # specs are hand-written; a megabyte of YAML is not a spec
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -182,6 +186,16 @@ class Search(StrictModel):
     # them the one that trains fastest (and fits) wins. Kaplan 2020: loss is flat in shape.
     near_optimal: Annotated[float, Field(ge=0, le=0.1, allow_inf_nan=False)] = 0.0001
 
+    @field_validator("layers", "hidden")
+    @classmethod
+    def _within_shape_limits(cls, value, info):
+        limit = MAX_LAYERS if info.field_name == "layers" else MAX_D_MODEL
+        top = value.max if isinstance(value, IntRange) else max(value)
+        if top > limit:
+            raise ValueError(f"{info.field_name} goes up to {top:,}; llama3gen searches at most "
+                             f"{limit:,} ({'layers' if info.field_name == 'layers' else 'd_model'})")
+        return value
+
     @field_validator("scaling_law")
     @classmethod
     def _known_law(cls, value):
@@ -227,7 +241,8 @@ class Variant(StrictModel):
     @field_validator("description")
     @classmethod
     def _printable(cls, value):
-        if value is not None and any(ord(ch) < 32 for ch in value):
+        # isprintable() also refuses DEL, C1 controls (NEL), U+2028/9 and bidi/zero-width marks.
+        if value is not None and not value.isprintable():
             raise ValueError("description must be one line of printable text")
         return value
 
@@ -306,6 +321,25 @@ class _Loader(yaml.SafeLoader):
                                        event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of repeated keys silently; a second `budget:` is a mistake.
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node, deep=False):
+        # Scalar constructors raise plain ValueError (int('9'*5000), date 2024-13-45, !!int x):
+        # give them the node's position like any other YAML error.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.MarkedYAMLError(None, None, f"cannot read this value: {exc}",
+                                       node.start_mark) from None
+
 
 def _position(root: yaml.Node | None, loc: tuple, at_key: bool = False) -> yaml.Mark | None:
     """Walk the composed YAML tree along a pydantic error location; return the deepest mark.
@@ -375,7 +409,10 @@ def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
 def _first_error(exc: ValidationError, root, path: str) -> UserError:
     errors = exc.errors(include_url=False)
     # Union errors repeat once per member; the one with the deepest location says most.
-    error = max(errors, key=lambda e: len([p for p in e["loc"] if not (isinstance(p, str) and _is_type_tag(p))]))
+    # At equal depth prefer a bad value over a missing or unknown key: that is the union member
+    # whose keys the user wrote ({tokens_per_param: 0} is a bad ratio, not a law missing alpha).
+    error = max(errors, key=lambda e: (len([p for p in e["loc"] if not (isinstance(p, str) and _is_type_tag(p))]),
+                                       e["type"] not in ("missing", "extra_forbidden")))
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _is_type_tag(p)))
     field = _field_path(error["loc"]) or "(top level)"
     message = _describe(error)
