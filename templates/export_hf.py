@@ -1,8 +1,10 @@
 """Export a training checkpoint as a Hugging Face Llama directory, and load one back.
 
-    python export_hf.py --ckpt out --out hf/ --config config/<variant>.py   # out/'s newest checkpoint
-    python export_hf.py --ckpt out/checkpoints/step_00001000 --out hf/ --config config/<variant>.py \\
-        --dtype bfloat16 --shard-size 5GB
+    python export_hf.py --ckpt out --out hf/            # the newest valid checkpoint in out/
+    python export_hf.py --ckpt out/checkpoints/step_00001000 --out hf/ --dtype bfloat16 \\
+        --shard-size 5GB --config config/<variant>.py
+
+The model's shape comes from the config train.py saved with the checkpoint, or from --config.
 
 The directory holds config.json (a LlamaConfig), generation_config.json, the weights as safetensors
 (model.safetensors, or model-0000k-of-0000n.safetensors shards plus model.safetensors.index.json
@@ -34,7 +36,7 @@ from dataclasses import fields
 
 import torch
 
-from checkpoint import load_model_weights
+import checkpoint
 from model import Llama, ModelArgs
 
 # safetensors dtype names; the format stores little-endian values.
@@ -55,23 +57,39 @@ SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hid
 # Reading a training checkpoint
 
 
-def read_checkpoint(ckpt_path):
+def resolve_checkpoint(ckpt_path):
+    """A checkpoint directory: ckpt_path itself, or the newest valid one when it is an out_dir."""
+    if os.path.exists(os.path.join(ckpt_path, checkpoint.MANIFEST)):
+        return str(ckpt_path)
+    latest = checkpoint.find_latest_valid(ckpt_path)
+    if latest is None:
+        raise FileNotFoundError(f"{ckpt_path}: not a checkpoint, and holds no valid checkpoint")
+    return str(latest)
+
+
+def read_checkpoint(ckpt_dir):
     """Full, unsharded CPU tensors of a training checkpoint, keyed by HF parameter names.
 
-    ckpt_path is out/checkpoints/step_N, or out_dir for its newest valid checkpoint; single-process,
-    DDP and FSDP2 (sharded) checkpoints all read the same way.
+    Single-process, DDP and FSDP2 (sharded) checkpoints all read the same way.
     """
-    return load_model_weights(ckpt_path)
+    return checkpoint.load_model_weights(ckpt_dir)
 
 
-def read_model_args(config_path):
-    """ModelArgs from a config/<variant>.py (plain assignments), and the data_dir it names."""
-    values = runpy.run_path(config_path)
-    missing = [f.name for f in fields(ModelArgs) if f.name not in values]
+def read_run_config(ckpt_dir=None, config_path=None):
+    """The run's settings: those of config_path (a config/<variant>.py) when given, else the
+    ones train.py saved with the checkpoint."""
+    if config_path:
+        return runpy.run_path(config_path)
+    with open(os.path.join(ckpt_dir, checkpoint.TRAIN_STATE)) as f:
+        return json.load(f)["config"]
+
+
+def model_args_from(settings, source):
+    """ModelArgs from a dict of run settings (config file or saved config)."""
+    missing = [f.name for f in fields(ModelArgs) if f.name not in settings]
     if missing:
-        raise ValueError(f"{config_path} does not set {', '.join(missing)}")
-    args = ModelArgs(**{f.name: values[f.name] for f in fields(ModelArgs)})
-    return args, values.get("data_dir")
+        raise ValueError(f"{source} does not set {', '.join(missing)}")
+    return ModelArgs(**{f.name: settings[f.name] for f in fields(ModelArgs)})
 
 
 def check_weights(args, state_dict, source):
@@ -252,7 +270,8 @@ def plan_shards(names, sizes, max_shard_bytes):
 
 def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9,
            tokenizer_file=None, bos_token_id=None, eos_token_id=None):
-    """Write `state_dict` (HF names, any dtype/device) as an HF Llama directory `out_dir`."""
+    """Write `state_dict` (HF names, any dtype/device) as an HF Llama directory `out_dir`;
+    return the number of parameters written."""
     check_weights(args, state_dict, "the checkpoint")
     torch_dtype = EXPORT_DTYPES[dtype]
     with torch.device("meta"):
@@ -288,6 +307,7 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
         # Without this, transformers would build its LLaMA tokenizer class around the file.
         write_json(os.path.join(out_dir, "tokenizer_config.json"),
                    {"tokenizer_class": "PreTrainedTokenizerFast"})
+    return sum(torch.Size(shape).numel() for shape in shapes)
 
 
 def read_hf_weights(hf_dir):
@@ -368,7 +388,9 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True,
                         help="a checkpoint (out/checkpoints/step_N), or out_dir for its newest")
     parser.add_argument("--out", required=True, help="directory to write the HF model into")
-    parser.add_argument("--config", required=True, help="config/<variant>.py the run trained with")
+    parser.add_argument("--config", default=None,
+                        help="config/<variant>.py of the run (default: the config saved with "
+                             "the checkpoint)")
     parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
                         help="dtype of the exported weights (float32 is lossless for fp32 training)")
     parser.add_argument("--shard-size", default="5GB",
@@ -377,15 +399,16 @@ def main(argv=None):
                         help="data/prepare.py output, for the tokenizer (default: the config's data_dir)")
     opts = parser.parse_args(argv)
 
-    args, config_data_dir = read_model_args(opts.config)
-    data_dir = opts.data_dir or config_data_dir
+    ckpt_dir = resolve_checkpoint(opts.ckpt)
+    settings = read_run_config(ckpt_dir, opts.config)
+    args = model_args_from(settings, opts.config or f"{ckpt_dir}/{checkpoint.TRAIN_STATE}")
+    data_dir = opts.data_dir or settings.get("data_dir")
     tokenizer_file, bos, eos = tokenizer_from_data_dir(data_dir) if data_dir else (None, None, None)
-    state_dict = read_checkpoint(opts.ckpt)
-    export(state_dict, args, opts.out, dtype=opts.dtype, max_shard_bytes=parse_size(opts.shard_size),
-           tokenizer_file=tokenizer_file, bos_token_id=bos, eos_token_id=eos)
-    n_params = sum(t.numel() for name, t in state_dict.items()
-                   if not (args.tie_embeddings and name == "lm_head.weight"))
-    print(f"exported {n_params:,} parameters ({opts.dtype}) to {opts.out}"
+    state_dict = read_checkpoint(ckpt_dir)
+    n_params = export(state_dict, args, opts.out, dtype=opts.dtype,
+                      max_shard_bytes=parse_size(opts.shard_size), tokenizer_file=tokenizer_file,
+                      bos_token_id=bos, eos_token_id=eos)
+    print(f"exported {ckpt_dir}: {n_params:,} parameters ({opts.dtype}) to {opts.out}"
           + (" with tokenizer.json" if tokenizer_file else " (no tokenizer: byte-level data)"))
 
 

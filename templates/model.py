@@ -226,7 +226,7 @@ class Llama(nn.Module):
         loss = None
         if targets is not None:
             # fp32 for the softmax: bf16 logits lose the small differences the loss is made of.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
 

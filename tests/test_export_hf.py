@@ -77,25 +77,32 @@ def train_a_few_steps(model, steps=6, batch=4):
     return losses
 
 
-def save_checkpoint(model, out_dir):
-    """A single-process training checkpoint of `model` under out_dir, saved as train.py saves it."""
+def run_settings(args, data_dir):
+    """The settings of a run, as train.py holds them: the model keys and a few others."""
+    return {**asdict(args), "data_dir": str(data_dir), "out_dir": "out", "learning_rate": 0.001}
+
+
+def save_checkpoint(model, out_dir, data_dir="data/none"):
+    """A single-process training checkpoint of `model` under out_dir, saved as train.py saves it
+    (checkpoint.save, with the run's settings in the train state)."""
     optimizer = torch.optim.AdamW(model.parameters())
-    return checkpoint.save(out_dir, 1, model, optimizer, {"step": 1}, sharded=False, keep_last=1)
+    train_state = {"step": 1, "tokens_seen": 0, "config": run_settings(model.args, data_dir)}
+    return checkpoint.save(out_dir, 1, model, optimizer, train_state, sharded=False, keep_last=1)
 
 
 def write_config(args, path, data_dir="data/none"):
     """A config/<variant>.py as the compiler writes it: one assignment per key."""
-    lines = [f"{key} = {value!r}" for key, value in asdict(args).items()]
-    lines += [f"data_dir = {data_dir!r}", "out_dir = 'out'", "learning_rate = 0.001"]
+    lines = [f"{key} = {value!r}" for key, value in run_settings(args, data_dir).items()]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
 def export_via_cli(model, tmp_path, extra=()):
-    ckpt, config, out = tmp_path / "ckpt", tmp_path / "variant.py", tmp_path / "hf"
-    save_checkpoint(model, ckpt)
-    write_config(model.args, config, data_dir=str(tmp_path / "no-data"))
-    export_hf.main(["--ckpt", str(ckpt), "--out", str(out), "--config", str(config), *extra])
-    return out
+    """Checkpoint `model` into tmp_path/out and export its newest checkpoint with the CLI, the
+    model's shape read from the config saved with the checkpoint."""
+    out_dir, hf_dir = tmp_path / "out", tmp_path / "hf"
+    save_checkpoint(model, out_dir, data_dir=tmp_path / "no-data")
+    export_hf.main(["--ckpt", str(out_dir), "--out", str(hf_dir), *extra])
+    return hf_dir
 
 
 def load_with_transformers(hf_dir):
@@ -240,33 +247,39 @@ def test_import_refuses_rope_scaling_it_does_not_implement(tmp_path):
 
 
 def test_tokenizer_travels_with_the_export(tmp_path):
+    """A BPE tokenizer.json used by data/prepare.py ends up in the export, with its end-of-text id."""
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers, decoders
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    text = corpus_tokens().to(torch.uint8).numpy().tobytes().decode("utf-8")
+    text = bytes(corpus_tokens().tolist()).decode("utf-8")
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator([text], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|end_of_text|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(tmp_path / "bpe.json"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "doc.txt").write_text(text)
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    tokenizer.save(str(data_dir / "tokenizer.json"))
-    eos = tokenizer.token_to_id("<|end_of_text|>")
-    (data_dir / "meta.json").write_text(json.dumps({
-        "vocab_size": tokenizer.get_vocab_size(), "tokenizer": "tokenizer.json",
-        "eos_token_id": eos}))
+    subprocess.run([sys.executable, str(TEMPLATES_DIR / "data" / "prepare.py"), "--input", str(corpus),
+                    "--out_dir", str(data_dir), "--tokenizer", str(tmp_path / "bpe.json"),
+                    "--chunk_tokens", "1024", "--val_fraction", "0.1"],
+                   check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    meta = json.loads((data_dir / "meta.json").read_text())
 
-    args = replace(tiny_args(4, 4, False), vocab_size=tokenizer.get_vocab_size())
+    args = replace(tiny_args(4, 4, False), vocab_size=meta["vocab_size"])
     model = model_py.Llama(args).eval()
-    save_checkpoint(model, tmp_path / "ckpt")
-    write_config(args, tmp_path / "variant.py", data_dir=str(data_dir))
-    export_hf.main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"),
+    save_checkpoint(model, tmp_path / "out")
+    write_config(args, tmp_path / "variant.py", data_dir=data_dir)
+    export_hf.main(["--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "hf"),
                     "--config", str(tmp_path / "variant.py")])
 
+    eos = tokenizer.token_to_id("<|end_of_text|>")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_config["eos_token_id"] == eos and hf_config["bos_token_id"] is None
+    assert meta["eos_token_id"] == eos and hf_config["eos_token_id"] == eos
+    assert hf_config["bos_token_id"] == meta["bos_token_id"]
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     snippet = "def parse_args(self, args=None):\n    return 42"
     expected = tokenizer.encode(snippet).ids
@@ -294,12 +307,10 @@ def test_sample_cli_greedy_matches_transformers(tmp_path, capsys):
     assert printed == bytes(continuation).decode("utf-8", errors="replace")
 
     # Sampling from the checkpoint itself: temperature and top-k are seeded and reproducible.
-    sample.main(["--ckpt", str(tmp_path / "ckpt"), "--config", str(tmp_path / "variant.py"),
-                 "--prompt", prompt, "--temperature", "0.8", "--top-k", "5", "--seed", "3",
+    sample.main(["--ckpt", str(tmp_path / "out"), "--prompt", prompt, "--temperature", "0.8", "--top-k", "5", "--seed", "3",
                  "--max-new-tokens", "20", "--device", "cpu"])
     first = capsys.readouterr().out
-    sample.main(["--ckpt", str(tmp_path / "ckpt"), "--config", str(tmp_path / "variant.py"),
-                 "--prompt", prompt, "--temperature", "0.8", "--top-k", "5", "--seed", "3",
+    sample.main(["--ckpt", str(tmp_path / "out"), "--prompt", prompt, "--temperature", "0.8", "--top-k", "5", "--seed", "3",
                  "--max-new-tokens", "20", "--device", "cpu"])
     assert capsys.readouterr().out == first and first.startswith(prompt)
 
@@ -317,6 +328,23 @@ def test_top_k_only_samples_the_k_most_likely():
     assert drawn <= top3 and len(drawn) > 1
 
 
+def test_greedy_stops_at_end_of_text_like_transformers(tmp_path):
+    torch.manual_seed(0)
+    args = tiny_args(8, 2, True)
+    model = model_py.Llama(args).eval()
+    train_a_few_steps(model)
+    out = export_via_cli(model, tmp_path)
+    hf = load_with_transformers(out)
+    prompt = corpus_tokens()[300:316][None]
+    free_run = sample.generate(model, prompt, max_new_tokens=12, temperature=0)
+    eos = free_run[0, prompt.size(1) + 4].item()  # pretend the 5th new token ends the text
+    ours = sample.generate(model, prompt, max_new_tokens=12, temperature=0, eos_token_id=eos)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                         attention_mask=torch.ones_like(prompt))
+    assert ours[0, -1].item() == eos and ours.size(1) <= prompt.size(1) + 5
+    assert torch.equal(ours, theirs)
+
+
 def test_export_cli_runs_in_a_generated_repo_layout(tmp_path):
     """`python export_hf.py` as a user runs it: its own directory, bare-name imports, a subprocess."""
     repo = tmp_path / "repo"
@@ -327,15 +355,16 @@ def test_export_cli_runs_in_a_generated_repo_layout(tmp_path):
     torch.manual_seed(0)
     args = tiny_args(4, 4, True)
     model = model_py.Llama(args)
-    save_checkpoint(model, repo / "out" / "ckpt")
+    ckpt_dir = save_checkpoint(model, repo / "out")
     (repo / "config").mkdir()
     write_config(args, repo / "config" / "tiny.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "export_hf.py", "--ckpt", "out/ckpt", "--out", "hf",
+    ckpt = ckpt_dir.relative_to(repo)
+    result = subprocess.run([sys.executable, "export_hf.py", "--ckpt", str(ckpt), "--out", "hf",
                              "--config", "config/tiny.py", "--dtype", "bfloat16"],
                             cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert f"exported {plan_param_count(args):,} parameters (bfloat16)" in result.stdout
+    assert f"exported {ckpt}: {plan_param_count(args):,} parameters (bfloat16)" in result.stdout
     config = json.loads((repo / "hf" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
     weights = export_hf.read_hf_weights(repo / "hf")
@@ -345,8 +374,76 @@ def test_export_cli_runs_in_a_generated_repo_layout(tmp_path):
                        model.model.embed_tokens.weight.detach().to(torch.bfloat16))
 
 
-@pytest.mark.skipif(not (TEMPLATES_DIR / "checkpoint.py").exists(),
-                    reason="needs templates/checkpoint.py (load_model_weights for FSDP2/DCP "
-                           "checkpoints), written by another engineer and not landed yet")
-def test_two_rank_fsdp2_checkpoint_exports_like_a_single_process_one(tmp_path):
-    pytest.fail("write this test against checkpoint.py's saving API")
+FSDP2_WORKER = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+templates_dir, out_dir, args_json = sys.argv[1:4]
+sys.path.insert(0, templates_dir)
+import checkpoint
+from model import Llama, ModelArgs
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+args = ModelArgs(**json.loads(args_json))
+torch.manual_seed(0)  # the same initial weights on every rank
+model = Llama(args)
+for layer in model.model.layers:  # as train.py shards: block by block, then the root
+    fully_shard(layer)
+fully_shard(model)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+for step in range(3):
+    tokens = torch.randint(0, args.vocab_size, (2, args.block_size + 1), generator=data)
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+checkpoint.save(out_dir, 3, model, optimizer, {"step": 3}, sharded=True, keep_last=1)
+# The same weights, gathered whole, for the single-process export to compare against.
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    torch.save(full, os.path.join(out_dir, "gathered_model.pt"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_two_rank_fsdp2_checkpoint_exports_like_a_single_process_one(tmp_path, tie):
+    args = tiny_args(8, 2, tie)
+    worker = tmp_path / "fsdp2_worker.py"
+    worker.write_text(FSDP2_WORKER)
+    out_dir = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(worker), str(TEMPLATES_DIR), str(out_dir), json.dumps(asdict(args))],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    step_dir = out_dir / "checkpoints" / "step_00000003"
+    assert json.loads((step_dir / "manifest.json").read_text())["format"] == "dcp"
+    assert len(list(step_dir.glob("*.distcp"))) == 2  # really sharded, one file per rank
+
+    config = tmp_path / "variant.py"
+    write_config(args, config)
+    export_hf.main(["--ckpt", str(out_dir), "--out", str(tmp_path / "from-fsdp2"),
+                    "--config", str(config)])
+    gathered = torch.load(out_dir / "gathered_model.pt", weights_only=True)
+    export_hf.export(gathered, args, tmp_path / "single-process")
+    names = sorted(os.listdir(tmp_path / "single-process"))
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "from-fsdp2", tmp_path / "single-process",
+                                           names, shallow=False)
+    assert mismatch == [] and errors == []
+
+    # The run trained (the weights moved away from the seed's init), and transformers agrees.
+    torch.manual_seed(0)
+    initial = model_py.Llama(args).state_dict()
+    assert not torch.equal(gathered["model.layers.0.self_attn.q_proj.weight"],
+                           initial["model.layers.0.self_attn.q_proj.weight"])
+    trained = export_hf.load_hf_into(model_py.Llama(args).eval(), tmp_path / "from-fsdp2")
+    assert_same_model(trained, load_with_transformers(tmp_path / "from-fsdp2"), n_batches=1)

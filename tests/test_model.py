@@ -184,9 +184,9 @@ def test_init_and_meta_materialisation():
 def test_loss_is_cross_entropy_and_ignores_minus_one():
     torch.manual_seed(0)
     model = model_py.Llama(tiny_args(4, 2, False, ("ratio", (3.5, 32)))).eval()
-    idx = torch.randint(0, 256, (2, 16))
-    targets = torch.randint(0, 256, (2, 16))
-    targets[:, :5] = -1
+    tokens = torch.randint(0, 256, (2, 17))
+    tokens[:, 1:6] = -1
+    idx, targets = tokens[:, :-1].clamp(min=0), tokens[:, 1:]  # shifted views, as a loader makes
     with torch.no_grad():
         logits, loss = model(idx, targets)
     keep = targets != -1
