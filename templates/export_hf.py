@@ -220,23 +220,31 @@ def write_safetensors(path, names, shapes, get_tensor, dtype):
                 f.write(ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size()))
 
 
-def read_safetensors(path):
-    """All tensors of one safetensors file, as a dict of CPU tensors."""
-    tensors = {}
+def read_safetensors_header(path):
+    """(the header's tensor entries, file offset of the first data byte) of a safetensors file."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-        data_start = 8 + header_len
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def iter_safetensors(path):
+    """(name, CPU tensor) for each tensor of a safetensors file, read one at a time."""
+    header, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             begin, end = info["data_offsets"]
             f.seek(data_start + begin)
             raw = bytearray(f.read(end - begin))
             dtype = TORCH_DTYPES[info["dtype"]]
-            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]) if raw \
-                else torch.empty(info["shape"], dtype=dtype)
-    return tensors
+            yield name, (torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]) if raw
+                         else torch.empty(info["shape"], dtype=dtype))
+
+
+def read_safetensors(path):
+    """All tensors of one safetensors file, as a dict of CPU tensors."""
+    return dict(iter_safetensors(path))
 
 
 def parse_size(text):
@@ -282,8 +290,9 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
     sizes = [_nbytes(shape, torch_dtype) for shape in shapes]
 
     os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):  # weights of an earlier export would shadow or mix in
-        if stale.endswith(".safetensors") or stale == INDEX_FILE:
+    for stale in os.listdir(out_dir):  # files of an earlier export would shadow or mix in
+        if stale.endswith(".safetensors") or stale in (INDEX_FILE, "tokenizer.json",
+                                                       "tokenizer_config.json"):
             os.remove(os.path.join(out_dir, stale))
     shards = plan_shards(names, sizes, max_shard_bytes)
     weight_map = {}
@@ -310,8 +319,8 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
     return sum(torch.Size(shape).numel() for shape in shapes)
 
 
-def read_hf_weights(hf_dir):
-    """Every tensor of an HF directory's safetensors (one file or an index of shards)."""
+def hf_weight_files(hf_dir):
+    """Paths of an HF directory's safetensors: one file, or the shards its index names."""
     index_path = os.path.join(hf_dir, INDEX_FILE)
     if os.path.exists(index_path):
         with open(index_path) as f:
@@ -320,10 +329,12 @@ def read_hf_weights(hf_dir):
         files = [SINGLE_FILE]
     else:
         raise FileNotFoundError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
-    weights = {}
-    for filename in files:
-        weights.update(read_safetensors(os.path.join(hf_dir, filename)))
-    return weights
+    return [os.path.join(hf_dir, filename) for filename in files]
+
+
+def read_hf_weights(hf_dir):
+    """Every tensor of an HF directory, as one dict of CPU tensors."""
+    return {name: t for path in hf_weight_files(hf_dir) for name, t in iter_safetensors(path)}
 
 
 def read_hf_config(hf_dir):
@@ -331,12 +342,9 @@ def read_hf_config(hf_dir):
         return args_from_hf_config(json.load(f))
 
 
-def read_hf_checkpoint(hf_dir, args):
-    """An HF Llama directory's weights, checked against `args`, as a state dict for Llama(args).
-
-    Raises ValueError naming each ModelArgs field whose value differs from config.json, and each
-    tensor that is missing or mis-shaped.
-    """
+def check_hf_dir(hf_dir, args):
+    """Raise ValueError naming each ModelArgs field whose value in the HF directory's config.json
+    differs from `args`, or else each of its tensors that is missing or mis-shaped."""
     hf_args = read_hf_config(hf_dir)
     mismatches = [f"{name}: {hf_dir}/config.json has {getattr(hf_args, name)!r}, "
                   f"this run's config has {getattr(args, name)!r}"
@@ -348,8 +356,18 @@ def read_hf_checkpoint(hf_dir, args):
         if getattr(hf_args, name) != getattr(args, name):
             print(f"note: {hf_dir} was trained with {name}={getattr(hf_args, name)!r}, "
                   f"continuing with {getattr(args, name)!r}")
+    # Shapes from the file headers alone, as meta tensors: no weight is read for the check.
+    shapes = {name: torch.empty(info["shape"], device="meta")
+              for path in hf_weight_files(hf_dir)
+              for name, info in read_safetensors_header(path)[0].items()}
+    check_weights(args, shapes, hf_dir)
+
+
+def read_hf_checkpoint(hf_dir, args):
+    """An HF Llama directory's weights, checked against `args`, as a full state dict for
+    Llama(args) (e.g. for torch.distributed.checkpoint.state_dict.set_model_state_dict)."""
+    check_hf_dir(hf_dir, args)
     weights = read_hf_weights(hf_dir)
-    check_weights(args, weights, hf_dir)
     if args.tie_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return weights
@@ -357,11 +375,16 @@ def read_hf_checkpoint(hf_dir, args):
 
 @torch.no_grad()
 def load_hf_into(model, hf_dir):
-    """Copy the weights of an HF Llama directory into `model` (a Llama with real, unsharded
-    parameters: call it before FSDP's fully_shard, or use read_hf_checkpoint with
-    torch.distributed.checkpoint.state_dict.set_model_state_dict on a sharded model)."""
-    weights = read_hf_checkpoint(hf_dir, model.args)
-    model.load_state_dict(weights, strict=True)
+    """Copy the weights of an HF Llama directory into `model`, one tensor at a time, after
+    checking its config and shapes. `model` must hold real, unsharded parameters: call this
+    before FSDP's fully_shard (or use read_hf_checkpoint on a sharded model)."""
+    check_hf_dir(hf_dir, model.args)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model is on the meta device: materialise it (to_empty) first")
+    params = model.state_dict()  # views of the parameters themselves: copy_ fills the model
+    for path in hf_weight_files(hf_dir):
+        for name, tensor in iter_safetensors(path):
+            params[name].copy_(tensor)  # a tied head shares the embedding's storage
     return model
 
 

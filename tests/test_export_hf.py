@@ -229,10 +229,17 @@ def test_import_refuses_a_different_shape_and_names_the_fields(tmp_path):
     weights = export_hf.read_hf_weights(tmp_path / "hf")
     del weights["model.layers.1.mlp.up_proj.weight"]
     weights["model.norm.weight"] = torch.ones(exported.n_embd + 1)
+    names = list(weights)
+    export_hf.write_safetensors(tmp_path / "hf" / "model.safetensors", names,
+                                [weights[n].shape for n in names], weights.__getitem__, torch.float32)
+    target = model_py.Llama(exported)
+    before = {name: t.clone() for name, t in target.state_dict().items()}
     with pytest.raises(ValueError) as error:
-        export_hf.check_weights(exported, weights, "hf")
+        export_hf.load_hf_into(target, tmp_path / "hf")
     assert "missing model.layers.1.mlp.up_proj.weight" in str(error.value)
     assert "model.norm.weight: shape (129,)" in str(error.value)
+    # Refused before anything was copied: the model is untouched.
+    assert all(torch.equal(t, before[name]) for name, t in target.state_dict().items())
 
 
 def test_import_refuses_rope_scaling_it_does_not_implement(tmp_path):
