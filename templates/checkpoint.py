@@ -73,10 +73,19 @@ def _rank_world():
     return 0, 1
 
 
-def _all_errors(error):
+def _disk_note(directory):
+    """Free space where the checkpoint goes: torch.save reports a full disk only as
+    'unexpected pos', so say how much room there was."""
+    try:
+        return f"{shutil.disk_usage(directory).free:,} bytes free in {directory}"
+    except OSError:
+        return f"{directory} is not accessible"
+
+
+def _all_errors(error, directory):
     """Every rank's error message (None where it succeeded), on every rank."""
     _, world = _rank_world()
-    message = None if error is None else f"{type(error).__name__}: {error}"
+    message = None if error is None else f"{type(error).__name__}: {error} ({_disk_note(directory)})"
     if world == 1:
         return [message]
     messages = [None] * world
@@ -84,12 +93,13 @@ def _all_errors(error):
     return messages
 
 
-def _raise_if_any_failed(error, what):
+def _raise_if_any_failed(error, what, directory):
     """Collective: raise CheckpointError on every rank if `error` is set on any rank."""
-    failures = [(r, m) for r, m in enumerate(_all_errors(error)) if m is not None]
+    failures = [(r, m) for r, m in enumerate(_all_errors(error, directory)) if m is not None]
     if failures:
         details = "; ".join(f"rank {r}: {m}" for r, m in failures)
-        raise CheckpointError(f"{what} failed: {details}") from error
+        raise CheckpointError(f"{what} failed: {details}; older checkpoints are untouched") \
+            from error
 
 
 def checkpoint_dir(out_dir, step):
@@ -181,53 +191,54 @@ def save(out_dir, step, model, optimizer, train_state, *, sharded, keep_last, lo
     root = final.parent
     tmp = root / f"{TMP_PREFIX}{final.name}"
 
-    error = None
-    try:  # rank 0 prepares an empty staging directory
-        if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-    except Exception as e:
-        error = e
-    _raise_if_any_failed(error, f"checkpoint save at step {step} (creating {tmp})")
+    # Every phase ends with a collective check, so all ranks fail together and none waits forever.
+    def phase(what, work):
+        error = None
+        try:
+            work()
+        except Exception as e:
+            error = e
+        _raise_if_any_failed(error, f"checkpoint save at step {step} ({what})", root)
 
-    # Gathering the state is collective for FSDP2; every rank takes part.
-    options = StateDictOptions(full_state_dict=not sharded, cpu_offload=not sharded)
-    state = {"model": get_model_state_dict(model, options=options),
-             "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+    def make_staging_dir():  # rank 0
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+    phase(f"creating {tmp}", make_staging_dir if rank == 0 else lambda: None)
     try:
-        if sharded:  # dcp.save is collective and raises on every rank if one fails
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-        elif rank == 0:
-            _torch_save_synced(state, tmp / TORCH_FILE)
-    except Exception as e:
-        error = e
-    _raise_if_any_failed(error, f"checkpoint save at step {step} (model and optimizer)")
-    del state
+        # Gathering the state is collective for FSDP2: every rank takes part.
+        options = StateDictOptions(full_state_dict=not sharded, cpu_offload=not sharded)
+        state = {"model": get_model_state_dict(model, options=options),
+                 "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
 
-    try:  # each rank: its RNG states, then a share of the hashing
-        _torch_save_synced(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    except Exception as e:
-        error = e
-    _raise_if_any_failed(error, f"checkpoint save at step {step} (RNG states)")
-    if world > 1:
-        dist.barrier()
-    files = {}
-    try:
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
-                 for n in names[rank::world]}
-    except Exception as e:
-        error = e
-    _raise_if_any_failed(error, f"checkpoint save at step {step} (hashing)")
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, files)
-        files = {k: v for part in gathered for k, v in part.items()}
+        def write_state():
+            if sharded:  # collective: every rank writes its shards, rank 0 the .metadata
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+            elif rank == 0:
+                _torch_save_synced(state, tmp / TORCH_FILE)
 
-    try:  # rank 0: train state, manifest, then the atomic rename
-        if rank == 0:
+        phase("model and optimizer", write_state)
+        del state
+        phase("RNG states", lambda: _torch_save_synced(_rng_state(), tmp / f"rng_rank{rank}.pt"))
+        if world > 1:
+            dist.barrier()
+
+        files = {}
+
+        def hash_my_share():  # rank r hashes files r, r + world, ...
+            names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            files.update({n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                          for n in names[rank::world]})
+
+        phase("hashing", hash_my_share)
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, files)
+            files = {k: v for part in gathered for k, v in part.items()}
+
+        def publish():  # rank 0: train state, manifest, fsync, then the atomic rename
             _write_json_synced(train_state, tmp / TRAIN_STATE)
             files[TRAIN_STATE] = {"bytes": (tmp / TRAIN_STATE).stat().st_size,
                                   "sha256": _sha256(tmp / TRAIN_STATE)}
@@ -235,7 +246,7 @@ def save(out_dir, step, model, optimizer, train_state, *, sharded, keep_last, lo
                         "world_size": world, "files": files}
             _write_json_synced(manifest, tmp / MANIFEST)
             _fsync_dir(tmp)
-            if final.exists():  # the same step saved before (e.g. a corrupt copy): replace it
+            if final.exists():  # a broken copy of this step from an earlier run: replace it
                 stale = root / f"{TMP_PREFIX}stale-{final.name}"
                 shutil.rmtree(stale, ignore_errors=True)
                 os.replace(final, stale)
@@ -244,11 +255,12 @@ def save(out_dir, step, model, optimizer, train_state, *, sharded, keep_last, lo
             else:
                 os.replace(tmp, final)
             _fsync_dir(root)
-    except Exception as e:
-        error = e
-        if rank == 0:
+
+        phase("manifest and rename", publish if rank == 0 else lambda: None)
+    except CheckpointError:
+        if rank == 0:  # leave no half-written staging directory behind
             shutil.rmtree(tmp, ignore_errors=True)
-    _raise_if_any_failed(error, f"checkpoint save at step {step} (manifest and rename)")
+        raise
 
     if rank == 0:  # pruning is housekeeping: a failure here is logged, not fatal
         for old in list_checkpoints(out_dir)[keep_last:]:

@@ -490,8 +490,8 @@ def main(argv):
             eta_s = (cfg.max_iters - step) * time_in_steps / steps_timed
             record["eta_s"] = eta_s
             line += f" | eta {format_duration(eta_s)}"
+            metrics.write(**record)  # first the durable record, then the console
             log(line)
-            metrics.write(**record)
             interval_tokens, interval_time = 0, 0.0
             # The first interval holds compilation and warm-up; judge MFU after it, warn once.
             if ("mfu" in record and cfg.planned_mfu and not warned_mfu
