@@ -98,7 +98,8 @@ def check_weights(args, state_dict, source):
         expected = {name: tuple(t.shape) for name, t in Llama(args).state_dict().items()}
     if args.tie_embeddings and "lm_head.weight" not in state_dict:
         expected.pop("lm_head.weight")  # HF stores a tied head once, as the embedding
-    problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in state_dict]
+    problems = [f"missing {name} {shape}" for name, shape in expected.items()
+                if name not in state_dict]
     problems += [f"unexpected {name}" for name in state_dict if name not in expected]
     problems += [f"{name}: shape {tuple(state_dict[name].shape)}, the config needs {shape}"
                  for name, shape in expected.items()
@@ -159,10 +160,11 @@ def args_from_hf_config(config):
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        # e.g. LLaMA 3.1's "llama3" frequency scaling: loading it here would silently change the model.
+        # e.g. LLaMA 3.1's "llama3" frequency scaling: ignoring it would silently change the model.
         unsupported.append(f"RoPE scaling {rope_type!r}")
     if unsupported:
-        raise ValueError("this Llama uses what model.py does not implement: " + ", ".join(unsupported))
+        raise ValueError("this Llama uses what model.py does not implement: "
+                         + ", ".join(unsupported))
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     return ModelArgs(
         n_layer=config["num_hidden_layers"],
@@ -198,7 +200,7 @@ def _nbytes(shape, dtype):
 
 
 def write_safetensors(path, names, shapes, get_tensor, dtype):
-    """Write tensors `names` (shapes given up front) to `path`, fetching and casting one at a time."""
+    """Write tensors `names` (shapes known up front) to `path`, fetched and cast one at a time."""
     assert sys.byteorder == "little", "safetensors stores little-endian values"
     header, offset = {}, 0
     for name, shape in zip(names, shapes):
@@ -248,8 +250,9 @@ def read_safetensors(path):
 
 
 def parse_size(text):
-    """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size); '200KiB' also works."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    """'5GB' -> 5_000_000_000 (decimal, as transformers' max_shard_size); '200KiB' also works."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     text = text.strip().upper()
     for unit, scale in units.items():
         if text.endswith(unit):
@@ -297,7 +300,8 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
     shards = plan_shards(names, sizes, max_shard_bytes)
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
-        filename = SINGLE_FILE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        filename = (SINGLE_FILE if len(shards) == 1
+                    else f"model-{k:05d}-of-{len(shards):05d}.safetensors")
         write_safetensors(os.path.join(out_dir, filename), shard,
                           [shapes[names.index(name)] for name in shard], state_dict.__getitem__,
                           torch_dtype)
@@ -415,11 +419,11 @@ def main(argv=None):
                         help="config/<variant>.py of the run (default: the config saved with "
                              "the checkpoint)")
     parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
-                        help="dtype of the exported weights (float32 is lossless for fp32 training)")
+                        help="dtype of the exported weights (float32 loses nothing)")
     parser.add_argument("--shard-size", default="5GB",
-                        help="largest safetensors file before splitting into shards (e.g. 5GB, 500MB)")
+                        help="largest safetensors file before splitting (e.g. 5GB, 500MB)")
     parser.add_argument("--data-dir", default=None,
-                        help="data/prepare.py output, for the tokenizer (default: the config's data_dir)")
+                        help="data/prepare.py output, for the tokenizer (default: data_dir)")
     opts = parser.parse_args(argv)
 
     ckpt_dir = resolve_checkpoint(opts.ckpt)
@@ -436,4 +440,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError, checkpoint.CheckpointError) as e:  # say what is wrong, briefly
+        sys.exit(f"export_hf.py: error: {e}")

@@ -93,7 +93,7 @@ def apply_rope(x, cos, sin):
 
 
 def causal_attention(q, k, v):
-    """Causal attention for q (B, T, n_head, hd) and k, v (B, T, n_kv_head, hd) -> (B, T, n_head, hd)."""
+    """Causal attention: q (B, T, n_head, hd), k and v (B, T, n_kv_head, hd) -> like q."""
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         return flash_attn_func(q, k, v, causal=True)  # takes (B, T, heads, hd) and GQA natively
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, heads, T, hd)
@@ -154,7 +154,7 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Embedding, blocks and final norm (HF: LlamaModel, hence the `model.` prefix of every name)."""
+    """Embedding, blocks and final norm (HF: LlamaModel, hence the `model.` prefix of names)."""
 
     def __init__(self, args):
         super().__init__()
@@ -195,8 +195,8 @@ class Llama(nn.Module):
     def init_weights(self, scale_residual=True):
         """Initialise every weight in place (a no-op on the meta device).
 
-        Embeddings and linear weights are drawn from normal(0, init_std), RMSNorm weights are 1. With
-        scale_residual, the two projections that write into the residual stream (o_proj and
+        Embeddings and linear weights are drawn from normal(0, init_std), RMSNorm weights are 1.
+        With scale_residual, the two projections that write into the residual stream (o_proj and
         down_proj) use init_std / sqrt(2 · n_layer) instead, as GPT-2 and nanoGPT do, so the
         residual stream's variance does not grow with depth. A model built on the meta device and
         then materialised with .to_empty(device=...) must call this again; it also rebuilds the
@@ -212,7 +212,7 @@ class Llama(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        # When tied, lm_head.weight is embed_tokens.weight: both inits draw from normal(0, init_std).
+        # Tied, lm_head.weight is embed_tokens.weight: both inits draw from normal(0, init_std).
         cos, sin = rope_cos_sin(self.args.head_dim, self.args.block_size, self.args.rope_theta)
         self.model.rope_cos.copy_(cos)
         self.model.rope_sin.copy_(sin)
@@ -221,7 +221,7 @@ class Llama(nn.Module):
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy
         over targets that are not -1 (None without targets)."""
         T = idx.size(1)
-        assert T <= self.args.block_size, f"sequence of {T} tokens, block_size is {self.args.block_size}"
+        assert T <= self.args.block_size, f"{T} tokens, block_size is {self.args.block_size}"
         logits = self.lm_head(self.model(idx))
         loss = None
         if targets is not None:

@@ -14,9 +14,11 @@ end-of-document token when one is known.
 import argparse
 import json
 import os
+import sys
 
 import torch
 
+from checkpoint import CheckpointError
 from export_hf import (load_hf_into, model_args_from, read_checkpoint, read_hf_config,
                        read_run_config, resolve_checkpoint, tokenizer_from_data_dir)
 from model import Llama
@@ -86,7 +88,7 @@ def load_model(ckpt=None, config=None, hf=None):
         load_hf_into(model, hf)
         return model, None
     if not ckpt:
-        raise ValueError("give --ckpt (a checkpoint or out_dir) or --hf (an export_hf.py directory)")
+        raise ValueError("give --ckpt (a checkpoint or out_dir) or --hf (an export directory)")
     ckpt_dir = resolve_checkpoint(ckpt)
     settings = read_run_config(ckpt_dir, config)
     model = Llama(model_args_from(settings, config or ckpt_dir))
@@ -125,7 +127,9 @@ def main(argv=None):
 
     model, run_data_dir = load_model(opts.ckpt, opts.config, opts.hf)
     tokenizer = load_tokenizer(opts.hf, opts.data_dir or run_data_dir)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
+    device = opts.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     prompt = torch.tensor([tokenizer.encode(opts.prompt)], dtype=torch.long, device=device)
@@ -140,4 +144,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError, CheckpointError) as e:  # a wrong path or config: say so briefly
+        sys.exit(f"sample.py: error: {e}")
