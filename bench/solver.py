@@ -104,18 +104,23 @@ variants:
 
 
 def python_loop_search(layers, hidden, head_dim, kv_heads, ffn_ratio, ffn_multiple, vocab, seq_len,
-                       tied, budget_flops, law):
+                       tied, budget_flops, law, aspect=(None, None)):
     """The search as a plain Python loop: the same arithmetic as compiler/arch.py + solver.py.
 
+    law is (E, A, B, alpha, beta); aspect the (min, max) bounds of d_model / n_layers (None: none).
     Returns (evaluated shapes, (loss, n_layers, d_model) of the lowest loss, first one on ties).
     """
     E, A, B, alpha, beta = law
+    aspect_min, aspect_max = aspect
     best = None
     evaluated = 0
     for L in layers:
         for d in hidden:
             heads = d // head_dim
             if d % head_dim or heads == 0 or heads % kv_heads:
+                continue
+            if (aspect_min is not None and d / L < aspect_min) or \
+                    (aspect_max is not None and d / L > aspect_max):
                 continue
             f = ffn_multiple * (int(ffn_ratio * d + 1e-9) // ffn_multiple)
             if f <= 0:
@@ -156,7 +161,7 @@ def bench_search(n_layers: int, n_hidden: int, repeats: int) -> dict:
     evaluated, loop_best = python_loop_search(
         s.layer_values(), s.hidden_values(), m.head_dim, m.kv_heads, m.ffn.ratio, m.ffn.multiple_of,
         m.vocab_size, m.seq_len, m.tie_embeddings, budget.flops,
-        (law.E, law.A, law.B, law.alpha, law.beta))
+        (law.E, law.A, law.B, law.alpha, law.beta), (s.aspect.min, s.aspect.max))
     loop_time = time.perf_counter() - t0
 
     if evaluated != len(cands):

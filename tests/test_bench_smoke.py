@@ -1,0 +1,89 @@
+"""The benchmarks in bench/ run end to end in their --quick / --dry-cpu modes.
+
+No timing is asserted here (a shared CI machine says nothing about speed); each benchmark prints
+its own targets. What is asserted is that each script runs, that its side-by-side checks hold
+(the numpy solver and the Python loop pick the same shape; the generated model and transformers
+give the same loss on the same weights) and that it prints the figures it promises.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from _repo_files import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(cmd, timeout=180):
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n" \
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_solver_bench_quick():
+    out = run([sys.executable, str(BENCH / "solver.py"), "--quick"])
+    for label in ("llama3gen solve", "llama3gen compile"):
+        line = next(l for l in out.splitlines() if l.startswith(label))
+        assert re.search(r"median \d+\.\d+ s .*target ≤ 1 s: (PASS|FAIL)", line), line
+    assert re.search(r"valid and evaluated 10,000", out), out
+    rates = re.findall(r"([\d,]+) candidates/s", out)
+    assert len(rates) == 2 and all(int(r.replace(",", "")) > 0 for r in rates), out
+    # bench_search exits non-zero if the two searches disagree; the agreement is printed.
+    assert re.search(r"speed-up numpy / loop: [\d.]+×; both pick \d+ layers × d_model \d+", out), out
+
+
+def test_python_loop_matches_the_solver_on_the_reference_spec():
+    """The baseline is the same search: on the reference space it finds the solver's best shape."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import solver as bench_solver
+    finally:
+        sys.path.remove(str(BENCH))
+    from llama3gen import solver
+    from llama3gen.spec import load_spec
+
+    spec, _ = load_spec(REPO_ROOT / "specs" / "1.36e21.yaml")
+    budget = solver.budget_flops(spec)
+    cands = solver.enumerate_candidates(spec, budget)
+    best = int(cands.loss.argmin())
+    m, s, law = spec.model, spec.search, spec.search.law()
+    evaluated, (loss, n_layers, d_model) = bench_solver.python_loop_search(
+        s.layer_values(), s.hidden_values(), m.head_dim, m.kv_heads, m.ffn.ratio, m.ffn.multiple_of,
+        m.vocab_size, m.seq_len, m.tie_embeddings, budget.flops,
+        (law.E, law.A, law.B, law.alpha, law.beta), aspect=(s.aspect.min, s.aspect.max))
+    assert evaluated == len(cands)
+    assert (n_layers, d_model) == (int(cands.n_layers[best]), int(cands.d_model[best]))
+    assert abs(loss - float(cands.loss[best])) <= 1e-12 * loss
+
+
+def test_train_cpu_bench_quick():
+    out = run([sys.executable, str(BENCH / "train_cpu.py"), "--quick"])
+    match = re.search(r"same weights, same loss: generated ([\d.]+), transformers ([\d.]+)", out)
+    assert match and abs(float(match[1]) - float(match[2])) < 1e-4, out
+    assert re.search(r"measured fp32 matmul peak .*: [\d.]+ GFLOP/s", out), out
+    for name in ("generated", "transformers"):
+        assert re.search(rf"^  {name} +[\d,]+ ", out, re.M), out
+    assert re.search(r"generated / transformers: [\d.]+× .*target ≥ 1.0×: (PASS|FAIL)", out), out
+
+
+def test_gpu_sh_dry_cpu(tmp_path):
+    run(["bash", "-n", str(BENCH / "gpu.sh")])
+    out = run(["bash", str(BENCH / "gpu.sh"), "--dry-cpu", "--out", str(tmp_path)], timeout=240)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    lock = json.loads((tmp_path / "repo" / "llama3gen.lock.json").read_text())["plan"]
+    assert [r["variant"] for r in rows] == [v["name"] for v in lock["variants"]]
+    for r, v in zip(rows, lock["variants"]):
+        assert r["tokens_per_s"] > 0 and r["wrap"] == "fsdp2 world 1"
+        assert (r["n_layers"], r["d_model"]) == (v["choice"]["shape"]["n_layers"],
+                                                 v["choice"]["shape"]["d_model"])
+        assert r["plan_mfu"] == lock["hardware"]["mfu"]
+    table = (tmp_path / "table.md").read_text()
+    assert table in out
+    for v in lock["variants"]:
+        assert re.search(rf"^\| {v['name']} \| ", table, re.M), table
