@@ -23,7 +23,11 @@ def _plan_for(spec_path: str):
     from .planner import build_plan
     from .spec import load_spec
     spec, text = load_spec(spec_path)
-    return build_plan(spec), text
+    try:
+        return build_plan(spec), text
+    except UserError as exc:  # infeasible budget or constraints: the spec file is what to change
+        exc.where = exc.where or spec_path
+        raise
 
 
 def cmd_solve(args) -> int:

@@ -391,10 +391,18 @@ def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
         mark = exc.problem_mark or exc.context_mark
         raise UserError(f"invalid YAML: {exc.problem or exc.context}", where=_where(path, mark),
                         fix="check indentation, colons and quotes at that position") from None
+    except yaml.reader.ReaderError as exc:  # a character YAML forbids; it knows the offset only
+        at = exc.position
+        where = f"{path}:{text.count(chr(10), 0, at) + 1}:{at - text.rfind(chr(10), 0, at)}"
+        raise UserError(f"invalid YAML: control character U+{exc.character:04X} is not allowed",
+                        where=where,
+                        fix="remove it, or write it as an escape in a double-quoted string") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"invalid YAML: {exc}", where=path) from None
+        raise UserError(f"invalid YAML: {exc}", where=path,
+                        fix="check the YAML syntax; start from specs/tiny-cpu.yaml") from None
     except RecursionError:
-        raise UserError("YAML nested too deeply", where=path) from None
+        raise UserError("YAML nested too deeply", where=path,
+                        fix="a spec nests a few levels; check for runaway brackets") from None
     if not isinstance(data, dict):
         raise UserError("a spec is a YAML mapping with at least `name` and `budget`", where=path,
                         fix="start from specs/1.36e21.yaml or specs/tiny-cpu.yaml")
@@ -403,7 +411,8 @@ def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
     except ValidationError as exc:
         raise _first_error(exc, root, path) from None
     except RecursionError:
-        raise UserError("spec nested too deeply", where=path) from None
+        raise UserError("spec nested too deeply", where=path,
+                        fix="a spec nests a few levels; check for runaway brackets") from None
 
 
 def _first_error(exc: ValidationError, root, path: str) -> UserError:
@@ -458,18 +467,25 @@ def load_spec(path: str | Path) -> tuple[Spec, str]:
     """Read and validate a spec file. Returns the Spec and the file's text."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as fh:  # read one byte past the limit: /dev/zero is not a spec either
+            raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise UserError("spec file not found", where=str(path),
                         fix="pass the path of a YAML spec, e.g. specs/1.36e21.yaml") from None
     except IsADirectoryError:
-        raise UserError("is a directory, not a spec file", where=str(path)) from None
+        raise UserError("is a directory, not a spec file", where=str(path),
+                        fix="pass the path of a YAML spec, e.g. specs/1.36e21.yaml") from None
     except OSError as exc:
-        raise UserError(f"cannot read spec: {exc.strerror}", where=str(path)) from None
+        raise UserError(f"cannot read spec: {exc.strerror}", where=str(path),
+                        fix="check the file's permissions") from None
+    if len(raw) > MAX_BYTES:
+        raise UserError(f"spec is larger than {MAX_BYTES // 1024} KiB", where=str(path),
+                        fix="a spec is a few lines of YAML; check you passed the right file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"spec is not UTF-8 text (byte {exc.start})", where=str(path)) from None
+        raise UserError(f"spec is not UTF-8 text (byte {exc.start})", where=str(path),
+                        fix="save the spec as UTF-8") from None
     return parse_spec_text(text, str(path)), text
 
 
