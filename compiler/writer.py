@@ -77,11 +77,12 @@ def compare(repo: Path, files: dict[str, bytes]) -> RepoState:
 
 
 def diff(repo: Path, files: dict[str, bytes], paths: list[str]) -> str:
+    """Unified diff from what llama3gen generates now to what is on disk (edits show as +)."""
     out = []
     for rel in paths:
-        old = (_read(repo / rel) or b"").decode("utf-8", "replace").splitlines(keepends=True)
-        new = files.get(rel, b"").decode("utf-8", "replace").splitlines(keepends=True)
-        out.extend(difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"))
+        generated = files.get(rel, b"").decode("utf-8", "replace").splitlines(keepends=True)
+        on_disk = (_read(repo / rel) or b"").decode("utf-8", "replace").splitlines(keepends=True)
+        out.extend(difflib.unified_diff(generated, on_disk, f"generated/{rel}", f"on-disk/{rel}"))
     return "".join(out)
 
 

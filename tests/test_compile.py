@@ -4,6 +4,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,9 +147,12 @@ def test_pip_install_non_editable_can_compile(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
-    # --no-build-isolation: use the setuptools already installed rather than fetching one.
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--ignore-installed", str(REPO)], check=True, cwd=tmp_path, timeout=300)
+    # A copy of the checkout, so the build leaves nothing behind in it.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "examples", "*.egg-info",
+                                                             "__pycache__", "build"))
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                    str(src)], check=True, cwd=tmp_path, timeout=600)
     out = tmp_path / "repo"
     r = subprocess.run([str(venv / "bin" / "llama3gen"), "compile", str(SPECS / "1.36e21.yaml"),
                         "-o", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120)

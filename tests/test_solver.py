@@ -81,12 +81,33 @@ variants:
   - name: small
     params: {max: 1.0e9}
   - name: quick
-    max_days: 3
+    max_days: 10
 """)
     plan = build_plan(spec)
     assert variant(plan, "small").choice.n_params <= 1e9
-    assert variant(plan, "quick").timing.days <= 3 * 1.05  # the solver's estimate; AC may add a little
+    assert variant(plan, "quick").timing.days <= 10
+    assert variant(plan, "quick").stats.removed_by["max_days"] > 0
     assert variant(plan, "small").stats.removed_by["params.max"] > 0
+
+
+def test_impossible_deadline_names_the_fastest_option():
+    spec = parse_spec_text(BASE + "variants:\n  - name: quick\n    max_days: 3\n")
+    with pytest.raises(UserError) as info:
+        build_plan(spec)
+    assert "max_days: the fastest shape needs" in info.value.fix
+    assert "add GPUs" in info.value.fix
+
+
+def test_gpu_too_small_is_planned_or_explained():
+    # 8B-class shapes on one 40 GB GPU: the memory constraint removes what cannot fit even with
+    # activation checkpointing and micro-batch 1, and the pick fits.
+    spec = parse_spec_text("name: t\nbudget: {flops: 5e22}\nhardware: {gpu: a100-40gb, gpus_per_node: 1}\n"
+                           "search: {layers: {min: 16, max: 48}, hidden: {min: 2048, max: 8192, step: 1024}}\n"
+                           "variants: [{name: o}]\n")
+    plan = build_plan(spec)
+    v = plan.variants[0]
+    assert v.memory.fits and v.memory.total <= v.memory.capacity
+    assert v.stats.removed_by["memory"] > 0
 
 
 def test_budget_too_small_says_what_would_work():

@@ -102,7 +102,7 @@ def run_cli(*args, cwd=None):
 @pytest.mark.parametrize("text, needle", [
     (BASE + "hardwar: {}\n", "spec.yaml:4:1: hardwar: unknown key"),
     ("name: x\nbudget:\n  flops: -1\n", "spec.yaml:3:10: budget.flops:"),
-    (BASE + "model:\n  kv_heads: 3\n", "no valid shape"),
+    (BASE + "model:\n  kv_heads: 3\nsearch:\n  hidden: [1024, 2048]\n", "no valid shape"),
     (BASE + "search:\n  layers: []\n", "search.layers"),
 ])
 def test_cli_exit_2_without_traceback(tmp_path, text, needle):

@@ -1,0 +1,235 @@
+"""LLaMA 3, in one file.
+
+RMSNorm, rotary position embeddings (RoPE), grouped-query attention (GQA), SwiGLU feed-forward, no
+biases, and an untied (or optionally tied) output head. Parameter names are exactly those of
+Hugging Face's LlamaForCausalLM, so a state dict maps 1:1 onto a transformers checkpoint:
+
+    model.embed_tokens.weight
+    model.layers.{i}.input_layernorm.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    model.layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight
+    lm_head.weight
+
+RoPE uses Hugging Face's "rotate_half" layout (the two halves of a head are the real and imaginary
+parts), so weights move between this file and transformers without any permutation. Attention runs
+on flash-attn when it is installed and the tensors are bf16/fp16 on CUDA, otherwise on PyTorch's
+scaled_dot_product_attention. The parameter count and FLOPs of this model are computed by the
+compiler that generated this repo (llama3gen's arch module); its tests check that both agree.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: Dao-AILab flash-attention 2, used on CUDA with bf16/fp16 tensors
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+# scaled_dot_product_attention learned enable_gqa (k/v with fewer heads than q) in PyTorch 2.5.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class ModelArgs:
+    # The model keys of config/<variant>.py (docs/CONTRACT.md); the defaults are a toy model.
+    n_layer: int = 2
+    n_embd: int = 128  # d_model
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads; n_head // n_kv_head query heads share each one
+    head_dim: int = 32
+    ffn_hidden: int = 384  # SwiGLU hidden size (Hugging Face: intermediate_size)
+    vocab_size: int = 512
+    block_size: int = 256  # longest sequence; the RoPE table is precomputed up to it
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in fp32 whatever the input dtype (as Meta and HF do)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+def rope_cos_sin(head_dim, max_positions, theta):
+    """cos and sin tables of shape (max_positions, head_dim), in fp32, HF's layout.
+
+    Frequency i rotates the pair (x[i], x[i + head_dim/2]); both halves of the table repeat the
+    same frequencies, which is what rotate_half below expects.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # (T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x of shape (B, T, heads, head_dim) by the angles of its positions."""
+    cos = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, head_dim), broadcast over batch and heads
+    sin = sin[None, :, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_attention(q, k, v):
+    """Causal attention: q (B, T, n_head, hd), k and v (B, T, n_kv_head, hd) -> like q."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return flash_attn_func(q, k, v, causal=True)  # takes (B, T, heads, hd) and GQA natively
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, heads, T, hd)
+    if _SDPA_HAS_GQA:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:  # older PyTorch: give every query head its own copy of its k/v head
+        repeats = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_proj = nn.Linear(args.n_embd, args.n_head * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = causal_attention(q, k, v)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.n_embd, args.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(args.n_embd, args.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(args.ffn_hidden, args.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (HF: LlamaDecoderLayer)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.n_embd, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.n_embd, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, blocks and final norm (HF: LlamaModel, hence the `model.` prefix of names)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.n_embd)
+        # train.py applies FSDP2's fully_shard and activation checkpointing block by block here.
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.n_embd, args.norm_eps)
+        # The RoPE table is derived from args, not learned: a non-persistent buffer stays out of the
+        # state dict (and so out of checkpoints and exports) but moves with .to(device).
+        cos, sin = rope_cos_sin(args.head_dim, args.block_size, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx):
+        T = idx.size(1)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class Llama(nn.Module):
+    """HF: LlamaForCausalLM."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        assert args.n_head % args.n_kv_head == 0, "n_kv_head must divide n_head"
+        assert args.head_dim % 2 == 0, "RoPE rotates pairs of dimensions: head_dim must be even"
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+        if args.tie_embeddings:  # one matrix for both ends; it then counts once in num_params()
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, scale_residual=True):
+        """Initialise every weight in place (a no-op on the meta device).
+
+        Embeddings and linear weights are drawn from normal(0, init_std), RMSNorm weights are 1.
+        With scale_residual, the two projections that write into the residual stream (o_proj and
+        down_proj) use init_std / sqrt(2 · n_layer) instead, as GPT-2 and nanoGPT do, so the
+        residual stream's variance does not grow with depth. A model built on the meta device and
+        then materialised with .to_empty(device=...) must call this again; it also rebuilds the
+        RoPE table, whose values to_empty() leaves undefined.
+        """
+        std = self.args.init_std
+        residual_std = std / math.sqrt(2 * self.args.n_layer) if scale_residual else std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # Tied, lm_head.weight is embed_tokens.weight: both inits draw from normal(0, init_std).
+        cos, sin = rope_cos_sin(self.args.head_dim, self.args.block_size, self.args.rope_theta)
+        self.model.rope_cos.copy_(cos)
+        self.model.rope_sin.copy_(sin)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy
+        over targets that are not -1 (None without targets)."""
+        T = idx.size(1)
+        assert T <= self.args.block_size, f"{T} tokens, block_size is {self.args.block_size}"
+        logits = self.lm_head(self.model(idx))
+        loss = None
+        if targets is not None:
+            # fp32 for the softmax: bf16 logits lose the small differences the loss is made of.
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def num_params(self):
+        """Parameters, embeddings included, a tied matrix counted once (llama3gen's N)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,549 @@
+"""Pre-train a LLaMA-3 model. One file, read top to bottom.
+
+    python train.py config/<variant>.py                       # one process (CPU or one GPU)
+    torchrun --standalone --nproc_per_node=8 train.py config/<variant>.py --max_iters=100
+
+Settings: the defaults below, overridden by the config files named on the command line, then by
+--key=value arguments (configurator.py checks names and types). docs/CONTRACT.md lists them.
+
+What happens:
+- one process, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU), the model wrapped in
+  FSDP2 (`fully_shard` per block, then the root) or DDP; bf16 on CUDA; optional torch.compile and
+  activation checkpointing, block by block;
+- every optimizer step sees global_batch_size sequences of block_size tokens, drawn at random
+  offsets from train.bin by a generator seeded with (seed, step) alone. Rank r takes its slice of
+  that step's sequences and splits it into micro-batches (gradient accumulation), so the tokens a
+  step sees do not depend on the number of ranks and a run resumes anywhere at any step;
+- AdamW (weight decay on 2-D weights only), linear warmup then cosine or WSD decay, gradient
+  clipping; a step whose loss or gradient norm is not finite is skipped, and the run stops after
+  max_nonfinite_steps such steps in a row;
+- logs (stdout, and out_dir/metrics.jsonl, appended line by line): loss, lr, grad norm, tokens/s,
+  MFU against the plan, and a re-estimated finish time; val loss every eval_interval steps;
+- checkpoints (checkpoint.py) every ckpt_interval steps and at the end; at start the run resumes
+  from the newest checkpoint in out_dir that verifies (or starts from init_from_hf);
+- SIGTERM or SIGUSR1 (preemption, SLURM's warning signal): save at the next step boundary and
+  exit 75, which asks the launcher to requeue; a second signal exits at once.
+
+Exit status: 0 finished, 75 saved after a signal (requeue me), 2 bad configuration, else failure.
+"""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoint
+from configurator import ConfigError, load_config
+from model import Llama, ModelArgs
+
+# -----------------------------------------------------------------------------
+# Default settings (docs/CONTRACT.md). config/<variant>.py and --key=value override them.
+# model
+n_layer = 2
+n_embd = 64
+n_head = 4
+n_kv_head = 2
+head_dim = 16
+ffn_hidden = 192
+vocab_size = 257
+block_size = 64
+rope_theta = 500000.0
+norm_eps = 1e-5
+tie_embeddings = False
+init_std = 0.02
+# data and output
+data_dir = "data/bytes"
+out_dir = "out"
+# batch: global_batch_size sequences per optimizer step, micro_batch_size per rank per pass
+global_batch_size = 8
+micro_batch_size = 8
+# optimizer and schedule
+learning_rate = 1e-3
+min_lr = 1e-4
+lr_schedule = "cosine"  # "cosine" or "wsd" (warmup, stable, then linear decay to min_lr)
+warmup_iters = 10
+decay_frac = 0.2  # wsd: fraction of max_iters spent decaying
+max_iters = 100
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables clipping (the norm is still logged)
+# evaluation, logging, checkpoints
+eval_interval = 50
+eval_iters = 2  # each evaluation reads eval_iters × global_batch_size val sequences
+log_interval = 10
+ckpt_interval = 50
+keep_last_ckpts = 3
+# system
+device = "auto"  # "auto", "cuda" or "cpu"
+dtype = "bfloat16"  # autocast / FSDP2 param dtype on CUDA; CPU always trains in float32
+parallelism = "fsdp"  # "fsdp" or "ddp" under torchrun; ignored for a single process
+activation_checkpointing = False
+compile = False
+seed = 1337
+# the plan (for MFU and the finish-time estimate); 0 means unknown
+flops_per_token = 0
+peak_flops = 0.0
+planned_mfu = 0.0
+init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
+max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in list(globals().items())
+               if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
+MFU_WARN_FRACTION = 0.5  # warn when achieved MFU is below this fraction of planned_mfu
+
+
+class Config(dict):
+    """The settings, readable as cfg.learning_rate."""
+    __getattr__ = dict.__getitem__
+
+
+def log(msg):
+    """Print on rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup
+
+
+def setup_distributed(cfg):
+    """Return (rank, world_size, device). Starts a process group under torchrun."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:  # plain `python train.py`
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def all_reduce_mean(value, dev):
+    """Mean over ranks of a float or a scalar tensor, as a float (gloo has no AVG: SUM / world)."""
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.as_tensor(value, dtype=torch.float64, device=dev).reshape(1)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def any_rank(flag, dev):
+    """True on every rank if `flag` is true on any rank."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# -----------------------------------------------------------------------------
+# Data: random sequences, a pure function of (seed, step)
+
+
+class TokenData:
+    """train.bin / val.bin of data/prepare.py, read through a memory map."""
+
+    def __init__(self, data_dir, split, block_size):
+        path = os.path.join(data_dir, f"{split}.bin")
+        self.tokens = np.memmap(path, dtype=np.uint32, mode="r")
+        self.block_size = block_size
+        if len(self.tokens) <= block_size + 1:
+            raise ValueError(f"{path} has {len(self.tokens)} tokens: fewer than block_size + 2")
+
+    def offsets(self, rng, count):
+        return rng.integers(0, len(self.tokens) - self.block_size, size=count)
+
+    def batch(self, offsets, dev):
+        """Inputs and next-token targets, (len(offsets), block_size) int64 each."""
+        rows = np.stack([self.tokens[o:o + self.block_size + 1] for o in offsets]).astype(np.int64)
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(rows[:, 1:].copy())
+        if dev.type == "cuda":
+            x = x.pin_memory().to(dev, non_blocking=True)
+            y = y.pin_memory().to(dev, non_blocking=True)
+        return x, y
+
+
+def step_offsets(train, cfg, step, rank, world):
+    """This rank's share of global step `step`'s sequences (their start offsets)."""
+    rng = np.random.default_rng([cfg.seed, 0, step])  # the stream for step `step` of this seed
+    offsets = train.offsets(rng, cfg.global_batch_size)
+    per_rank = cfg.global_batch_size // world
+    return offsets[rank * per_rank:(rank + 1) * per_rank]
+
+
+# -----------------------------------------------------------------------------
+# Learning-rate schedule: a pure function of the step, so the checkpointed step is its state
+
+
+def get_lr(step, cfg):
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (
+            cfg.learning_rate - cfg.min_lr)
+    # wsd: constant after warmup, then a linear decay over the last decay_frac of the run
+    decay_start = cfg.max_iters - int(cfg.decay_frac * cfg.max_iters)
+    if step < decay_start:
+        return cfg.learning_rate
+    progress = (step - decay_start) / max(1, cfg.max_iters - decay_start)
+    return cfg.learning_rate + (cfg.min_lr - cfg.learning_rate) * min(progress, 1.0)
+
+
+# -----------------------------------------------------------------------------
+# Model, parallelism, optimizer
+
+
+def build_model(cfg, dev, world, start_from_hf):
+    """The model, with activation checkpointing, compile and DDP/FSDP2 applied as configured."""
+    args = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)})
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    with torch.device(dev):
+        model = Llama(args)
+    if start_from_hf:  # continued pre-training: every rank loads the full weights before wrapping
+        from export_hf import load_hf_into
+        load_hf_into(model, cfg.init_from_hf)
+    layers = model.model.layers
+    if cfg.activation_checkpointing:  # recompute each block's activations in backward
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i, block in enumerate(layers):
+            layers[i] = checkpoint_wrapper(block)
+    if cfg.compile:  # block by block, in place (parameter names do not change)
+        for block in layers:
+            block.compile()
+    sharded = world > 1 and cfg.parallelism == "fsdp"
+    if world > 1 and cfg.parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    elif sharded:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = None
+        if dev.type == "cuda" and cfg.dtype == "bfloat16":  # bf16 compute, fp32 gradient reduction
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if mp else {}
+        for block in layers:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    return model, args, sharded
+
+
+def make_optimizer(model, cfg, dev):
+    """AdamW; weight decay on matrices (2-D weights, embeddings included), not on norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if dev.type == "cuda" else {}  # one kernel for all parameters
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def grad_sync(model, enabled):
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_and_norm(model, max_norm):
+    """Total gradient norm over all ranks (clipping to max_norm when > 0)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduce it over the shards
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, rank, world, dev, autocast):
+    """Mean loss over a fixed set of eval_iters × global_batch_size val sequences."""
+    model.eval()
+    rng = np.random.default_rng([cfg.seed, 1])  # the same val sequences at every evaluation
+    offsets = val.offsets(rng, cfg.eval_iters * cfg.global_batch_size)
+    per_rank = len(offsets) // world
+    mine = offsets[rank * per_rank:(rank + 1) * per_rank]
+    total = 0.0
+    for i in range(0, len(mine), cfg.micro_batch_size):
+        x, y = val.batch(mine[i:i + cfg.micro_batch_size], dev)
+        with autocast:
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train()
+    return all_reduce_mean(total / math.ceil(len(mine) / cfg.micro_batch_size), dev)
+
+
+# -----------------------------------------------------------------------------
+# Signals and metrics
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 set a flag checked at step boundaries; a second signal exits at once."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"second signal ({signal.Signals(signum).name}): exiting now", flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        print(f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name} received: "
+              f"will save a checkpoint at the end of this step and exit {EXIT_REQUEUE}", flush=True)
+
+
+class Metrics:
+    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0), line-buffered so a
+    crash loses at most the line being written; an existing file is never rewritten."""
+
+    def __init__(self, out_dir, enabled):
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1) if enabled else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def format_duration(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    cfg = Config(load_config(DEFAULTS, argv))
+    rank, world, dev = setup_distributed(cfg)
+    master = rank == 0
+
+    # --- checks that need the world size or the data
+    if cfg.global_batch_size % (world * cfg.micro_batch_size):
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                          f"world size {world} × micro_batch_size {cfg.micro_batch_size}")
+    accum = cfg.global_batch_size // (world * cfg.micro_batch_size)
+    if cfg.lr_schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
+    if cfg.parallelism not in ("fsdp", "ddp"):
+        raise ConfigError(f"parallelism must be 'fsdp' or 'ddp', got {cfg.parallelism!r}")
+    with open(os.path.join(cfg.data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    max_id = meta.get("max_token_id", meta["vocab_size"] - 1)
+    if meta["vocab_size"] > cfg.vocab_size or max_id >= cfg.vocab_size:
+        raise ConfigError(f"{cfg.data_dir}: tokenizer has {meta['vocab_size']} ids (largest used "
+                          f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
+    train_data = TokenData(cfg.data_dir, "train", cfg.block_size)
+    val_data = TokenData(cfg.data_dir, "val", cfg.block_size)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = dev.type == "cuda" and cfg.dtype == "bfloat16"
+
+    # --- the newest checkpoint that verifies (rank 0 reads and hashes, the others are told)
+    latest = None
+    if master:
+        checkpoint.remove_partial_saves(cfg.out_dir, log)
+        latest = checkpoint.find_latest_valid(cfg.out_dir, log)
+    if world > 1:
+        box = [str(latest) if latest else None]
+        dist.broadcast_object_list(box, src=0)
+        latest = box[0]
+    start_from_hf = bool(cfg.init_from_hf) and not latest
+
+    model, args, sharded = build_model(cfg, dev, world, start_from_hf)
+    optimizer = make_optimizer(model, cfg, dev)
+    # FSDP2 applies bf16 through its MixedPrecisionPolicy; DDP / one process use autocast.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not sharded
+                else contextlib.nullcontext())
+    n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
+    tokens_per_step = cfg.global_batch_size * cfg.block_size
+    log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
+        f"{world} rank(s) on {dev.type}, {'FSDP2' if sharded else 'DDP' if world > 1 else 'single'}"
+        f"; {tokens_per_step:,} tokens/step = {world} × {cfg.micro_batch_size} × {accum} accum "
+        f"× {cfg.block_size}")
+    if start_from_hf:
+        log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
+
+    step, tokens_seen = 0, 0
+    if latest:
+        state = checkpoint.load(latest, model, optimizer, log)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        saved = state["config"]
+        changed = [k for k in ("seed", "global_batch_size", "block_size", "data_dir")
+                   if saved.get(k) != cfg[k]]
+        log(f"resumed from {latest} at step {step}" +
+            (f" (WARNING: {', '.join(changed)} changed: the data order differs from the saved run)"
+             if changed else ""))
+
+    # --- the plan, for MFU and finish time
+    plan_s = None
+    if cfg.flops_per_token and cfg.peak_flops and cfg.planned_mfu:
+        plan_s = (cfg.max_iters * tokens_per_step * cfg.flops_per_token
+                  / (world * cfg.peak_flops * cfg.planned_mfu))
+        log(f"plan: {cfg.max_iters} steps × {tokens_per_step:,} tokens × {cfg.flops_per_token:,} "
+            f"FLOPs/token at {cfg.planned_mfu:.0%} MFU on {world} device(s): "
+            f"{format_duration(plan_s)}")
+
+    metrics = Metrics(cfg.out_dir, master)
+    metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""))
+    stop = StopRequest()
+
+    def save_checkpoint():
+        train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
+                       "data": {"sampler": "uniform offsets, numpy default_rng([seed, 0, step])",
+                                "next_step": step, "n_train_tokens": len(train_data.tokens)}}
+        t0 = time.time()
+        path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
+                               keep_last=cfg.keep_last_ckpts, log=log)
+        log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+        return path
+
+    # --- the training loop
+    model.train()
+    nonfinite_in_a_row = 0
+    last_saved = step if latest else None
+    steps_timed, time_in_steps = 0, 0.0  # for tokens/s and the finish estimate
+    interval_tokens, interval_time = 0, 0.0
+    warned_mfu = False
+    status = 0
+    while step < cfg.max_iters:
+        t0 = time.time()
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        offsets = step_offsets(train_data, cfg, step, rank, world)
+        loss_sum = torch.zeros((), device=dev)  # summed on the device: no sync per micro-step
+        for micro in range(accum):
+            x, y = train_data.batch(offsets[micro * cfg.micro_batch_size:
+                                            (micro + 1) * cfg.micro_batch_size], dev)
+            with grad_sync(model, micro == accum - 1):
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        loss_value = all_reduce_mean(loss_sum / accum, dev)
+        grad_norm = clip_and_norm(model, cfg.grad_clip)
+
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            optimizer.step()
+            nonfinite_in_a_row = 0
+        else:  # skip the update; the same decision on every rank (both values are global)
+            nonfinite_in_a_row += 1
+            log(f"step {step + 1}: WARNING: non-finite loss {loss_value} or grad norm {grad_norm}: "
+                f"update skipped ({nonfinite_in_a_row} in a row)")
+            metrics.write(event="skipped", step=step + 1, loss=loss_value, grad_norm=grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        dt = time.time() - t0
+        steps_timed += 1
+        time_in_steps += dt
+        interval_tokens += tokens_per_step
+        interval_time += dt
+
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            log(f"ERROR: stopping at step {step}: {nonfinite_in_a_row} steps in a row had a "
+                f"non-finite loss or gradient norm (last: loss {loss_value}, grad norm {grad_norm}). "
+                f"Weights were not updated by those steps; the last checkpoint in "
+                f"{cfg.out_dir}/checkpoints is from before. Lower learning_rate or check the data.")
+            metrics.write(event="stopped_nonfinite", step=step)
+            status = 1
+            break
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            tokens_per_s = interval_tokens / interval_time
+            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen}
+            line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
+                    f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s")
+            if cfg.flops_per_token and cfg.peak_flops:
+                mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
+                record["mfu"] = mfu
+                line += f" | MFU {mfu:.1%}" + (f" (plan {cfg.planned_mfu:.0%})" if cfg.planned_mfu else "")
+            eta_s = (cfg.max_iters - step) * time_in_steps / steps_timed
+            record["eta_s"] = eta_s
+            line += f" | eta {format_duration(eta_s)}"
+            metrics.write(**record)  # first the durable record, then the console
+            log(line)
+            interval_tokens, interval_time = 0, 0.0
+            # The first interval holds compilation and warm-up; judge MFU after it, warn once.
+            if ("mfu" in record and cfg.planned_mfu and not warned_mfu
+                    and steps_timed > cfg.log_interval
+                    and record["mfu"] < MFU_WARN_FRACTION * cfg.planned_mfu):
+                warned_mfu = True
+                log(f"WARNING: achieved MFU {record['mfu']:.1%} is far below the planned "
+                    f"{cfg.planned_mfu:.0%}: at this speed the run takes about "
+                    f"{cfg.planned_mfu / record['mfu']:.1f}× the planned time "
+                    f"(finish in {format_duration(eta_s)})")
+                metrics.write(event="mfu_below_plan", step=step, mfu=record["mfu"],
+                              planned_mfu=cfg.planned_mfu)
+
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            val_loss = evaluate(model, val_data, cfg, rank, world, dev, autocast)
+            log(f"step {step}: val loss {val_loss:.4f}")
+            metrics.write(step=step, val_loss=val_loss)
+
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
+            save_checkpoint()
+            last_saved = step
+
+        if any_rank(stop.signal is not None, dev):  # every rank stops at the same step
+            if last_saved != step:
+                save_checkpoint()
+            log(f"stopping at step {step} after a signal; exit {EXIT_REQUEUE} (requeue to resume)")
+            metrics.write(event="requeue", step=step)
+            status = EXIT_REQUEUE
+            break
+
+    metrics.close()
+    return status
+
+
+def finish(status):
+    """Exit. Under torchrun, tear the process group down first and leave with os._exit: gloo
+    has been seen to abort in interpreter shutdown after a clean run otherwise."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        os._exit(status)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    try:
+        exit_status = main(sys.argv[1:])
+    except ConfigError as e:
+        print(f"train.py: configuration error: {e}", file=sys.stderr, flush=True)
+        exit_status = 2
+    except checkpoint.CheckpointError as e:
+        print(f"train.py: ERROR: {e}", file=sys.stderr, flush=True)
+        exit_status = 1
+    finish(exit_status)
