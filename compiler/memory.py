@@ -10,23 +10,26 @@ Model states (ZeRO, Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward 
 Parameter Models", Sec. 3.1): mixed-precision AdamW keeps 16 bytes per parameter: an fp32 master
 weight (4), an fp32 gradient (4) and two fp32 Adam moments (8). DDP replicates them on every rank;
 FSDP2 full shard divides them by the world size; hybrid shard (HSDP) divides them by the GPUs of
-one node and replicates across nodes. We count the gradient at its full size at the peak, which
-is exact once gradient accumulation has run one micro-batch (and an upper bound without it, since
-zero_grad(set_to_none=True) frees gradients between steps).
+one node and replicates across nodes.
+
+Gradients, as the generated train.py handles them (each moment of the step counts what exists then):
+- zero_grad(set_to_none=True) frees them between steps, so the first micro-batch's loss backward
+  has none; later micro-batches find the earlier ones' accumulated;
+- DDP (world > 1) without gradient_as_bucket_view: its buckets hold a second fp32 gradient (4·N);
+- FSDP2 with set_requires_gradient_sync(False) on all but the last micro-batch skips the
+  reduce-scatters, so with accumulation every rank holds the full fp32 gradient (4·N, unsharded)
+  until the last micro-batch (FSDP_UNSHARDED_ACCUMULATION).
 
 Working copies (`working`), which exist only part of the step:
 - FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) all-gathers a bf16 copy of
   the unit it computes and prefetches the next one; in backward it also holds that unit's unsharded
-  bf16 gradient and the fp32 copy it reduce-scatters. We assume torchtitan's wrapping (which
-  templates' train.py should follow): one FSDP unit per block, one for the embedding, one for the
-  final norm + lm_head, the latter kept gathered from its forward to its backward
-  (reshard_after_forward=False), because it is used again at once.
-- DDP trains fp32 weights under torch.autocast(bf16): autocast caches a bf16 copy of each matmul
-  weight, and backward keeps it alive (the matmul saved it), so 2 bytes per matmul parameter live
-  from forward to backward. We assume DDP(gradient_as_bucket_view=True): otherwise DDP's buckets
-  add another 4 bytes per parameter.
-- AdamW (foreach, PyTorch's default on GPU) allocates one temporary the size of its state shard
-  (sqrt of the second moment) during step(): 4 bytes per local parameter.
+  bf16 gradient and the fp32 copy it reduce-scatters. train.py shards each block and then the root
+  (embedding, final norm, lm_head), which FSDP2 keeps gathered from its forward to the end of
+  backward; lm_head's bf16 gradient waits there for the root's reduce-scatter.
+- DDP and one process train fp32 weights under torch.autocast(bf16): autocast caches a bf16 copy
+  of each matmul weight, and backward keeps it alive (the matmul saved it), so 2 bytes per matmul
+  parameter live from forward to backward.
+- Fused AdamW (CUDA) needs no temporary; the per-tensor loop (CPU) one tensor-sized one.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", Sec. 4.1): a GPT layer saves s·b·h·(34 + 5·a·s/h) bytes without recomputation and 2·s·b·h
@@ -64,13 +67,17 @@ token at V = 128256. DESIGN.md's "~6·V" (bf16 logits + one fp32 copy) is what a
 cross-entropy reaches; eager PyTorch peaks higher, and we count eager so that torch.compile can
 only make the prediction pessimistic, never optimistic.
 
-The peak is the largest of four moments of the step (loss backward, output-head backward, a block's
-backward, optimizer step); each moment's components are reported, so they add up to the total.
+The peak is the largest of six moments of the step (loss backward, output-head backward, the last
+and the first block's backward, the end of backward, the optimizer step); the components of the
+peak moment are reported, so they add up to the total.
 On top: ALLOCATOR_MARGIN for the caching allocator's fragmentation and a fixed per-process overhead
 (CUDA context, cuBLAS workspace, NCCL buffers; or, on CPU, the Python process with torch loaded).
-Tolerance: tests/test_memory.py checks the tracked total against PyTorch's MemTracker/
-FSDPMemTracker within 3% on tiny CPU models; torch.compile and fused kernels change the saved
-tensors, so on GPU expect the prediction to be an upper bound by up to ~20-30%.
+Tolerance: tests/test_memory.py compares the total without margin and overhead (tracked_bytes)
+with PyTorch's MemTracker / FSDPMemTracker on real CPU steps of templates/model.py: within -3% /
++10% on tiny models (3 layers, d 128, where the transient gradient and workspace terms, bounded
+from above here, weigh most) and within 3% at realistic proportions (4 layers, d 1024, vocabulary
+32000, FSDP2 over 8 ranks, under FakeTensorMode). On GPU, torch.compile and fused kernels (flash
+attention, fused RMSNorm or cross-entropy) save fewer tensors, so the prediction errs high.
 """
 
 from __future__ import annotations
@@ -87,7 +94,13 @@ GIB = 1 << 30
 MASTER_WEIGHT_BYTES = 4
 GRADIENT_BYTES = 4
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq
-ADAMW_TEMP_BYTES = 4  # foreach AdamW's sqrt(exp_avg_sq) temporary, during step()
+ADAMW_TEMP_BYTES = 4  # per-tensor AdamW (CPU): a temporary the size of the largest tensor
+
+# The generated train.py calls FSDP2's set_requires_gradient_sync(False) on all but the last
+# micro-batch: the skipped reduce-scatters leave every rank with the full unsharded gradient,
+# accumulated in fp32 (4·N bytes, whatever the shard degree). Set False if train.py reduce-scatters
+# after every micro-batch (as torchtitan does).
+FSDP_UNSHARDED_ACCUMULATION = True
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids: the embedding saves its input, the loss its targets
 
@@ -135,7 +148,7 @@ class MemoryBreakdown:
     margin: allocator fragmentation, ALLOCATOR_MARGIN of the above.
     context: fixed per-process overhead (CUDA context and libraries).
     phase: which moment of the step is the peak ("loss backward", "output head backward",
-           "block backward" or "optimizer step").
+           "last block backward", "first block backward", "end of backward", "optimizer step").
     """
 
     parameters: np.ndarray
@@ -253,13 +266,19 @@ def default_dtype(device: str) -> str:
 
 
 def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
-                      gpus_per_node=1, activation_checkpointing=False, device: str = "cuda",
-                      compute_dtype: str | None = None) -> MemoryBreakdown:
+                      gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
+                      device: str = "cuda", compute_dtype: str | None = None,
+                      unsharded_accumulation: bool | None = None) -> MemoryBreakdown:
     """Predicted peak bytes on one device for one training step (see the module docstring).
 
-    shape fields, micro_batch, world_size, gpus_per_node and activation_checkpointing may be numpy
-    arrays that broadcast together; parallelism, device and compute_dtype are single strings.
+    shape fields, micro_batch, world_size, gpus_per_node, activation_checkpointing and grad_accum
+    may be numpy arrays that broadcast together; parallelism, device and compute_dtype are strings.
+    With world_size 1 the generated train.py wraps nothing (one process, autocast): pass "ddp".
+    unsharded_accumulation: whether FSDP skips the reduce-scatter between micro-batches (default
+    FSDP_UNSHARDED_ACCUMULATION, what train.py does).
     """
+    if unsharded_accumulation is None:
+        unsharded_accumulation = FSDP_UNSHARDED_ACCUMULATION
     compute_dtype = compute_dtype or default_dtype(device)
     c = _dtype_bytes(compute_dtype)
     sharded = parallelism in ("fsdp", "hsdp")
@@ -274,43 +293,75 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     L = np.asarray(s.n_layers, dtype=np.float64)
     seq = np.asarray(s.seq_len, dtype=np.float64)
     tokens = np.asarray(micro_batch, dtype=np.float64) * seq
+    n_params = np.asarray(s.n_params(), dtype=np.float64)
 
-    params, grads, optim = model_state_bytes(s.n_params(), shard)
+    params, grads, optim = model_state_bytes(n_params, shard)
+    accumulating = np.asarray(grad_accum) > 1
+    # Gradients at the loss and output-head moments: none yet on the first micro-batch
+    # (zero_grad(set_to_none=True) freed them); the previous micro-batches' otherwise.
+    if sharded and unsharded_accumulation:
+        # No reduce-scatter between micro-batches: every rank accumulates the full fp32 gradient,
+        # reduced into its shard only after the last micro-batch.
+        grads_accumulated = np.where(accumulating, GRADIENT_BYTES * n_params, 0.0)
+        grads_late = np.where(accumulating, GRADIENT_BYTES * n_params, grads)
+    else:
+        grads_accumulated = np.where(accumulating, grads, 0.0)
+        grads_late = grads
+    if parallelism == "ddp":  # DDP's gradient buckets: a second fp32 gradient (no bucket view)
+        buckets = np.where(np.asarray(world_size) > 1, GRADIENT_BYTES * n_params, 0.0)
+        grads_accumulated, grads_late = grads_accumulated + buckets, grads_late + buckets
+
     block = np.asarray(block_params(d, h, kv, dh, f), dtype=np.float64)
-    head = np.asarray(head_params(d, V), dtype=np.float64)
     block_matmuls = np.asarray(arch.layer_matmul_params(d, h, kv, dh, f), dtype=np.float64)
+    head = np.asarray(V * d, dtype=np.float64)  # lm_head
+    root = np.asarray(arch.embedding_params(d, V, s.tie_embeddings) + d, dtype=np.float64)
 
     full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r) * tokens
                   + rope_bytes_per_position(dh, c) * seq)
     kept_layer = np.where(ac, checkpoint_bytes_per_token(d, r) * tokens, full_layer)
     layers_saved = L * kept_layer
     head_saved = head_activation_bytes_per_token(d, c, r) * tokens
-    # Backward of a block holds gradients of its activations: the SwiGLU hidden pair and the
-    # residual stream (and, when checkpointed, the block's recomputed activations).
-    block_workspace = c * (2 * f + 2 * d) * tokens + np.where(ac, full_layer, 0.0)
+    # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
+    # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
+    block_first = full_layer + c * (2 * f + 2 * d) * tokens
+    block_live = (L - 1) * kept_layer + block_first
 
     if sharded:
-        unit_grad = (c + FP32)  # unsharded grad in the compute dtype + its fp32 reduce-scatter copy
-        working_loss = 2 * head  # output unit stays gathered from its forward to its backward
-        working_head = 2 * head + 2 * block + unit_grad * head  # + next block prefetched
-        working_block = 2 * 2 * block + unit_grad * block  # current and prefetched block
+        # The root unit (embedding, final norm, lm_head) stays gathered from its forward to the end
+        # of backward; the last block is gathered again (prefetched) as backward starts; in a
+        # block's backward the next one is prefetched; a unit's unsharded grads come in the compute
+        # dtype and are copied to fp32 for the reduce-scatter.
+        gathered = c * root + c * block
+        working_loss = gathered
+        working_head = gathered + c * head
+        working_block = gathered + c * head + c * block + (c + FP32) * block
+        working_root = c * root + (c + FP32) * root
     else:
         # autocast's bf16 copies of the matmul weights, saved by forward (none in fp32). With
         # checkpointing only lm_head's copy outlives its forward (and the block being recomputed).
         cast = 0 if c == FP32 else c
-        cached = cast * np.where(ac, V * d, L * block_matmuls + V * d)
+        cached = cast * np.where(ac, head, L * block_matmuls + head)
         working_loss = cached
         working_head = cached + (cast + FP32) * head  # lm_head's grad in bf16, then fp32
         working_block = cached + np.where(ac, cast * block_matmuls, 0.0) + (cast + FP32) * block
-
+        working_root = FP32 * root  # the embedding's fp32 gradient
+    # The most activations are live in the last block's backward: by then only lm_head and that
+    # block have new gradients (on top of earlier micro-batches').
+    grads_block = np.where(accumulating, grads_late,
+                           grads_accumulated + GRADIENT_BYTES * (head + block) / shard)
     zero = np.zeros_like(tokens)
-    # (activations, logits, working) at each moment; the step's peak is the largest sum.
+    # (gradients, activations, logits, working) at each moment of the step; the peak is the
+    # largest sum.
     phases = {
-        "loss backward": (layers_saved + head_saved, loss_bytes_per_token(V, c) * tokens,
-                          working_loss),
-        "output head backward": (layers_saved + head_saved, 2 * c * V * tokens, working_head),
-        "block backward": (layers_saved + block_workspace, zero, working_block),
-        "optimizer step": (zero, zero, ADAMW_TEMP_BYTES * np.asarray(s.n_params(), np.float64) / shard),
+        "loss backward": (grads_accumulated, layers_saved + head_saved,
+                          loss_bytes_per_token(V, c) * tokens, working_loss),
+        "output head backward": (grads_accumulated, layers_saved + head_saved,
+                                 2 * c * V * tokens, working_head),
+        "last block backward": (grads_block, block_live, zero, working_block),
+        "first block backward": (grads_late, block_first, zero, working_block),
+        "end of backward": (grads_late, zero, zero, working_root),
+        # fused AdamW (CUDA) needs no temporary; the per-tensor loop (CPU) one tensor at a time
+        "optimizer step": (grads, zero, zero, ADAMW_TEMP_BYTES * root / shard),
     }
     names = list(phases)
     sums = np.stack(np.broadcast_arrays(*[sum(np.broadcast_arrays(*p)) for p in phases.values()]))
@@ -319,7 +370,7 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     def pick(i):
         return np.choose(peak, np.broadcast_arrays(*[p[i] for p in phases.values()]))
 
-    activations, logits, working = pick(0), pick(1), pick(2)
+    grads, activations, logits, working = pick(0), pick(1), pick(2), pick(3)
     tracked = params + grads + optim + activations + logits + working
     margin = ALLOCATOR_MARGIN * tracked
     context = np.full_like(tracked, CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES)

@@ -1,0 +1,452 @@
+"""The memory model (compiler/memory.py) and the training layout (compiler/layout.py).
+
+Each check compares the model with a reference that does not come from it:
+(a) ZeRO's 16 bytes per parameter (Rajbhandari et al. 2020), and FSDPMemTracker's own count of the
+    sharded weights, gradients and AdamW state after a real FSDP2 step;
+(b) Korthikanti et al. 2022's published per-layer activation formula, with every adaptation to the
+    LLaMA-3 block itemised, and the tensors autograd really saves for templates/model.py's Block;
+(c) PyTorch's memory tracking (torch.distributed._tools MemTracker / FSDPMemTracker) of real CPU
+    training steps of templates/model.py (one process in fp32; FSDP2 in bf16 over a fake 8-rank
+    process group), and of a larger model under FakeTensorMode.
+    Tolerance: for the tiny real models, the prediction may be at most 3% below and 10% above the
+    tracked peak (on tiny models the transient gradient and workspace terms, which the model
+    bounds from above, weigh much more than at scale); at realistic proportions (4 layers, d 1024,
+    vocabulary 32000) within 3% either way. The margin and CUDA context are not tracked by
+    PyTorch and are left out of the comparison (memory.tracked_bytes).
+(d) layout picks on the reference hardware.
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from _repo_files import REPO_ROOT, load_template_module
+from compiler import arch, layout, memory
+from compiler.memory import ModelShape
+
+model_py = load_template_module("model")
+
+GB = 1e9
+LLAMA3_8B = dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128,
+                 ffn_hidden=14336, vocab_size=128256)
+# The reference report's "optimal" 1.5B model (18 layers, d 2048, 16 heads, 8 KV heads, f = 3.5·d).
+REFERENCE_1_5B = dict(n_layers=18, d_model=2048, n_heads=16, n_kv_heads=8, head_dim=128,
+                      ffn_hidden=7168, vocab_size=128256)
+A100_80GB = dict(gpu_memory_bytes=80 * GB, peak_flops=312e12, mfu=0.45)
+A100_40GB = dict(gpu_memory_bytes=40 * GB, peak_flops=312e12, mfu=0.45)
+
+TINY = dict(n_layer=3, n_embd=128, n_head=4, n_kv_head=2, head_dim=32, ffn_hidden=384,
+            vocab_size=512, block_size=64)
+TINY_BATCH = 4
+WORLD = 8  # ranks of the fake process group
+
+
+def tiny_shape(cfg=TINY):
+    return ModelShape(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"],
+                      cfg["head_dim"], cfg["ffn_hidden"], cfg["vocab_size"], cfg["block_size"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fake_mesh():
+    """An 8-rank process group in this one process (collectives are no-ops): FSDP2 shards as on
+    8 GPUs, so the per-rank memory is what one of 8 ranks would hold."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    yield init_device_mesh("cpu", (WORLD,))
+    dist.destroy_process_group()
+
+
+def build(cfg, activation_checkpointing, mesh=None):
+    """templates/model.py's Llama, wrapped as templates/train.py does (checkpoint_wrapper per
+    block; fully_shard per block then the root, bf16 params and fp32 reduction)."""
+    torch.manual_seed(0)
+    model = model_py.Llama(model_py.ModelArgs(**cfg))
+    layers = model.model.layers
+    if activation_checkpointing:
+        for i, block in enumerate(layers):
+            layers[i] = checkpoint_wrapper(block)
+    if mesh is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def tracked_steps(model, cfg, batch, grad_accum, fsdp, steps=2):
+    """Train `steps` optimizer steps as train.py does and return the tracker's peak snapshot and
+    its snapshot right after the last optimizer.step() (before zero_grad)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+    y = torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+    tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
+    if not fsdp:
+        tracker.track_external(model, optimizer)
+    with tracker:
+        for _ in range(steps):
+            for micro in range(grad_accum):
+                if fsdp:  # train.py: reduce-scatter only after the last micro-batch
+                    model.set_requires_gradient_sync(micro == grad_accum - 1)
+                _, loss = model(x, y)
+                (loss / grad_accum).backward()
+                tracker.reset_mod_stats()  # the trackers follow one forward per module at a time
+            optimizer.step()
+            after_step = tracker.get_tracker_snapshot()
+            optimizer.zero_grad(set_to_none=True)
+        peak = tracker.get_tracker_snapshot("peak")
+    return peak[torch.device("cpu")], after_step[torch.device("cpu")], optimizer
+
+
+def by_name(snapshot):
+    return {getattr(k, "name", k): v for k, v in snapshot.items()}
+
+
+# -----------------------------------------------------------------------------
+# (a) 16 bytes per parameter
+
+
+def test_model_states_are_16_bytes_per_parameter_divided_by_the_shard_degree():
+    n = arch.param_count(**LLAMA3_8B)
+    assert n == 8_030_261_248
+    for world in (1, 8, 64, 1024):
+        weights, grads, adam = memory.model_state_bytes(n, memory.shard_degree("fsdp", world, 8))
+        assert weights + grads + adam == 16 * n / world
+    weights, grads, adam = memory.model_state_bytes(n, memory.shard_degree("ddp", 64, 8))
+    assert weights + grads + adam == 16 * n
+    weights, grads, adam = memory.model_state_bytes(n, memory.shard_degree("hsdp", 64, 8))
+    assert weights + grads + adam == 16 * n / 8
+    # vectorised over candidates
+    sizes = np.array([1e8, 1e9, 1e10])
+    states = sum(memory.model_state_bytes(sizes, np.array([2, 4, 8])))
+    np.testing.assert_array_equal(states, 16 * sizes / np.array([2, 4, 8]))
+
+
+def test_fsdp2_holds_16_bytes_per_parameter_over_the_world_after_a_step(fake_mesh):
+    """FSDPMemTracker, right after optimizer.step(): sharded fp32 weights + sharded fp32 grads +
+    AdamW's two moments = 16·N / world (plus AdamW's 4-byte step counter per tensor)."""
+    model = build(TINY, activation_checkpointing=False, mesh=fake_mesh)
+    _, after, optimizer = tracked_steps(model, TINY, TINY_BATCH, grad_accum=1, fsdp=True, steps=1)
+    after = by_name(after)
+    n = sum(p.numel() for p in model.parameters())  # a DTensor reports its global size
+    assert n == tiny_shape().n_params()
+    step_counters = 4 * sum(1 for p in model.parameters() if "step" in optimizer.state[p])
+    states = after["SHARDED_PARAM"] + after["SHARDED_GRAD"] + after["OPT"] - step_counters
+    assert states == 16 * n / WORLD
+
+
+# -----------------------------------------------------------------------------
+# (b) activations: Korthikanti et al. 2022, adapted; and what autograd saves
+
+
+def korthikanti_layer_bytes(s, b, h, a, recompute=False):
+    """Korthikanti et al. 2022, Sec. 4.1 (Eq. 1) and 4.2.2: a GPT layer in 16-bit activations."""
+    return 2 * s * b * h if recompute else s * b * h * (34 + 5 * a * s / h)
+
+
+def test_korthikanti_formula_matches_the_adapted_layer_with_each_difference_stated():
+    # GPT-3 175B, the paper's largest configuration: s 2048, h 12288, a 96 (head dim 128).
+    s, b, h, a = 2048, 1, 12288, 96
+    # The adaptation is the identity for multi-head attention (kv = a) and a SwiGLU hidden of
+    # f = 2h: its gate, SiLU, up and product (4f·2 bytes) equal GELU's input and output (2·4h·2).
+    ours = memory.layer_activation_bytes_per_token(
+        d_model=h, n_heads=a, n_kv_heads=a, head_dim=h // a, ffn_hidden=2 * h,
+        compute_bytes=2, residual_bytes=2) * s * b
+    reference = korthikanti_layer_bytes(s, b, h, a)
+    stated_difference = (
+        - 5 * a * s * s * b  # flash/SDPA: no T×T scores, softmax, its dropout and mask
+        - 2 * s * b * h  # no dropout masks after attention and after the MLP (s·b·h each)
+        + 8 * s * b * h  # unfused fp32 RMSNorm (templates/model.py) keeps 4h more per norm
+        + 4 * a * s * b  # the attention kernel's fp32 log-sum-exp, one per head and token
+        + 2 * 4 * s * b)  # two RMSNorms' fp32 1/rms per token
+    assert ours == reference + stated_difference
+    # Full recomputation keeps a layer's input only: the paper's 2·s·b·h.
+    assert (memory.checkpoint_bytes_per_token(h, residual_bytes=2) * s * b
+            == korthikanti_layer_bytes(s, b, h, a, recompute=True))
+
+
+def test_design_rule_of_thumb_differs_by_the_fp32_norm_copies_and_statistics():
+    shape = REFERENCE_1_5B
+    d, h, kv, f = shape["d_model"], shape["n_heads"], shape["n_kv_heads"], shape["ffn_hidden"]
+    ours = memory.layer_activation_bytes_per_token(d, h, kv, shape["head_dim"], f, 2, 2)
+    rule = memory.design_rule_bytes_per_token(d, h, kv, f)
+    assert rule == (12 + 4 * kv / h) * d + 8 * f
+    assert ours - rule == 8 * d + 4 * h + 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_formula_equals_what_autograd_saves_for_the_template_block(dtype):
+    """Every tensor the real Block saves for backward, deduplicated by storage, in fp32 (CPU, DDP)
+    and bf16 (FSDP2's compute copies): the per-token formula plus the RoPE table copies."""
+    cfg = dict(TINY, n_layer=1)
+    args = model_py.ModelArgs(**cfg)
+    block = model_py.Block(args).to(dtype)
+    batch, seq = 3, cfg["block_size"]
+    cos, sin = model_py.rope_cos_sin(args.head_dim, seq, args.rope_theta)
+    x = torch.randn(batch, seq, args.n_embd, dtype=dtype, requires_grad=True)
+    # x itself counts: in fp32 the first RMSNorm's upcast is x, saved for its backward
+    excluded = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, cos, sin)
+    out.sum().backward()  # the graph is real and complete
+    c = 4 if dtype == torch.float32 else 2
+    per_token = memory.layer_activation_bytes_per_token(
+        args.n_embd, args.n_head, args.n_kv_head, args.head_dim, args.ffn_hidden,
+        compute_bytes=c, residual_bytes=c)
+    expected = per_token * batch * seq + memory.rope_bytes_per_position(args.head_dim, c) * seq
+    assert sum(saved.values()) == expected
+
+
+# -----------------------------------------------------------------------------
+# (c) PyTorch's memory tracking
+
+
+def assert_close_to_tracked(predicted, measured, low, high):
+    ratio = predicted / measured
+    assert low <= ratio <= high, (f"predicted {predicted:,.0f} B, PyTorch tracked {measured:,.0f} B "
+                                  f"(ratio {ratio:.3f}, allowed {low}-{high})")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_one_process_fp32_step_matches_memtracker(checkpointing, grad_accum):
+    model = build(TINY, checkpointing)
+    peak, _, _ = tracked_steps(model, TINY, TINY_BATCH, grad_accum, fsdp=False)
+    predicted = memory.memory_per_device(
+        tiny_shape(), TINY_BATCH, parallelism="ddp", world_size=1,
+        activation_checkpointing=checkpointing, grad_accum=grad_accum, device="cpu")
+    assert predicted.context == memory.CPU_PROCESS_BYTES
+    assert_close_to_tracked(memory.tracked_bytes(predicted), peak["Total"], 0.97, 1.10)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fsdp2_bf16_step_matches_fsdpmemtracker(fake_mesh, checkpointing, grad_accum):
+    model = build(TINY, checkpointing, mesh=fake_mesh)
+    peak, _, _ = tracked_steps(model, TINY, TINY_BATCH, grad_accum, fsdp=True)
+    predicted = memory.memory_per_device(
+        tiny_shape(), TINY_BATCH, parallelism="fsdp", world_size=WORLD,
+        gpus_per_node=WORLD, activation_checkpointing=checkpointing, grad_accum=grad_accum,
+        device="cpu", compute_dtype="bfloat16")
+    assert_close_to_tracked(memory.tracked_bytes(predicted), peak["Total"], 0.97, 1.10)
+
+
+@pytest.mark.parametrize("checkpointing,grad_accum", [(False, 2), (True, 1)])
+def test_fsdp2_at_realistic_proportions_under_fake_tensors(fake_mesh, checkpointing, grad_accum):
+    """No real compute: FakeTensorMode gives every tensor its size without data, so a model whose
+    logits, blocks and states weigh as at scale is tracked in seconds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cfg = dict(n_layer=4, n_embd=1024, n_head=8, n_kv_head=4, head_dim=128, ffn_hidden=3584,
+               vocab_size=32000, block_size=1024)
+    with FakeTensorMode():
+        model = build(cfg, checkpointing, mesh=fake_mesh)
+        peak, _, _ = tracked_steps(model, cfg, 2, grad_accum, fsdp=True)
+    predicted = memory.memory_per_device(
+        tiny_shape(cfg), 2, parallelism="fsdp", world_size=WORLD, gpus_per_node=WORLD,
+        activation_checkpointing=checkpointing, grad_accum=grad_accum, device="cpu",
+        compute_dtype="bfloat16")
+    assert_close_to_tracked(memory.tracked_bytes(predicted), peak["Total"], 0.97, 1.03)
+
+
+def test_breakdown_adds_up_and_broadcasts_over_candidates():
+    d = np.array([1024, 2048, 4096])
+    shape = ModelShape(np.array([16, 18, 32]), d, d // 128, 8, 128, 3.5 * d // 256 * 256, 128256,
+                       2048)
+    m = memory.memory_per_device(shape, np.array([[1], [4]]), parallelism="fsdp", world_size=8,
+                                 gpus_per_node=8, grad_accum=4)
+    assert m.total.shape == (2, 3)
+    parts = (m.parameters + m.gradients + m.optimizer + m.activations + m.logits + m.working
+             + m.margin + m.context)
+    np.testing.assert_allclose(parts, m.total)
+    np.testing.assert_allclose(m.margin, memory.ALLOCATOR_MARGIN * memory.tracked_bytes(m))
+    assert (m.total[1] > m.total[0]).all()  # more tokens per micro-batch, more memory
+    single = memory.memory_per_device(ModelShape(18, 2048, 16, 8, 128, 7168, 128256, 2048), 4,
+                                      parallelism="fsdp", world_size=8, gpus_per_node=8,
+                                      grad_accum=4)
+    assert single.total == pytest.approx(m.total[1, 1])
+    assert isinstance(single.as_dict()["total"], float)
+
+
+def test_logits_peak_is_held_logits_plus_three_fp32_copies():
+    v, tokens = 128256, 2048
+    assert memory.loss_bytes_per_token(v, compute_bytes=2) * tokens == 14 * v * tokens
+    # the DESIGN.md rule of thumb (~6·V) is what a fused cross-entropy reaches; eager holds more
+    assert memory.loss_bytes_per_token(v, 2) > 6 * v
+
+
+# -----------------------------------------------------------------------------
+# (d) layout
+
+
+def plan(shape, hardware, gpus_per_node, nodes, global_batch, seq_len=2048, **kw):
+    return layout.plan_layout(**shape, seq_len=seq_len, **hardware, gpus_per_node=gpus_per_node,
+                              nodes=nodes, global_batch_size=global_batch, **kw)
+
+
+def test_reference_1_5b_fits_with_fsdp_on_8_a100_80gb_without_checkpointing():
+    lay = plan(REFERENCE_1_5B, A100_80GB, 8, 1, global_batch=1024)
+    assert lay.fits
+    assert lay.parallelism == "fsdp"
+    assert not lay.activation_checkpointing
+    assert lay.memory["total"] <= A100_80GB["gpu_memory_bytes"]
+    per_rank = 1024 // 8
+    assert per_rank % lay.micro_batch_size == 0
+    assert lay.micro_batch_size * lay.grad_accum * 8 == 1024
+    # the largest fitting divisor: the next divisor up does not fit
+    bigger = [m for m in range(lay.micro_batch_size + 1, per_rank + 1) if per_rank % m == 0]
+    if bigger:
+        shape = ModelShape(**REFERENCE_1_5B, seq_len=2048)
+        m = memory.memory_per_device(shape, bigger[0], parallelism="fsdp", world_size=8,
+                                     gpus_per_node=8, grad_accum=per_rank // bigger[0])
+        assert m.total > A100_80GB["gpu_memory_bytes"]
+    assert len(lay.reasons) == 3 and all(lay.reasons)
+    # time: exact FLOPs over 8 GPUs at 45% of 312 TFLOP/s
+    exact = arch.flops_per_token_exact(**REFERENCE_1_5B, seq_len=2048)
+    assert lay.hardware_flops_per_token == exact
+    assert lay.tokens_per_second == pytest.approx(8 * 312e12 * 0.45 / exact)
+
+
+def test_8b_on_one_a100_40gb_does_not_fit_and_the_fix_names_a_gpu_count():
+    lay = plan(LLAMA3_8B, A100_40GB, 1, 1, global_batch=16)
+    assert not lay.fits
+    assert "16 bytes" not in lay.problem and "micro-batch 1" in lay.problem
+    assert lay.min_gpus is not None and lay.min_gpus > 1
+    assert f"at least {lay.min_gpus}" in lay.fix
+    # the named count is the smallest that fits under the same memory model
+    shape = ModelShape(**LLAMA3_8B, seq_len=2048)
+
+    def total(world):
+        return memory.memory_per_device(shape, 1, parallelism="fsdp", world_size=world,
+                                        gpus_per_node=1, activation_checkpointing=True,
+                                        grad_accum=max(1, 16 // world)).total
+    assert total(lay.min_gpus) <= A100_40GB["gpu_memory_bytes"] < total(lay.min_gpus - 1)
+
+
+def test_checkpointing_only_when_needed_and_its_cost_is_one_more_forward_of_the_blocks():
+    # 8B at 8192 tokens on 8×A100-80GB: micro-batch 1 does not fit without recomputation
+    lay = plan(LLAMA3_8B, A100_80GB, 8, 1, global_batch=64, seq_len=8192)
+    assert lay.fits and lay.activation_checkpointing
+    assert lay.options["fsdp"] == 0 and lay.options["fsdp+ac"] >= 1
+    exact = arch.flops_per_token_exact(**LLAMA3_8B, seq_len=8192)
+    lm_head = 6 * LLAMA3_8B["vocab_size"] * LLAMA3_8B["d_model"]
+    assert lay.hardware_flops_per_token == exact + (exact - lm_head) / 3
+    assert lay.tokens_per_second == pytest.approx(8 * 312e12 * 0.45 / lay.hardware_flops_per_token)
+    assert "needed" in " ".join(lay.reasons) or "not even" in " ".join(lay.reasons)
+    # the spec can forbid it: then the plan does not fit and says to allow it
+    forbidden = plan(LLAMA3_8B, A100_80GB, 8, 1, global_batch=64, seq_len=8192,
+                     activation_checkpointing=False)
+    assert not forbidden.fits and "activation checkpointing" in forbidden.fix
+
+
+def test_ddp_when_sharding_buys_nothing_and_hsdp_across_nodes():
+    small = dict(n_layers=12, d_model=768, n_heads=6, n_kv_heads=2, head_dim=128,
+                 ffn_hidden=2048, vocab_size=32000)
+    lay = plan(small, A100_80GB, 8, 1, global_batch=64)
+    assert lay.fits and lay.parallelism == "ddp" and lay.micro_batch_size == 8
+    assert lay.grad_accum == 1
+    # two nodes: the 1.5B reaches the same micro-batch sharded within a node as over both
+    lay = plan(REFERENCE_1_5B, A100_80GB, 8, 2, global_batch=1024)
+    assert lay.fits
+    assert lay.options["hsdp"] == lay.options["fsdp"] > lay.options["ddp"]
+    assert lay.parallelism == "hsdp"
+
+
+@pytest.mark.parametrize("global_batch", [8, 24, 56, 96, 1000])
+def test_micro_batch_divides_the_per_rank_batch(global_batch):
+    lay = plan(REFERENCE_1_5B, A100_80GB, 8, 1, global_batch=global_batch)
+    assert lay.fits
+    assert (global_batch // 8) % lay.micro_batch_size == 0
+    assert lay.micro_batch_size * lay.grad_accum * 8 == global_batch
+
+
+def test_global_batch_not_divisible_by_the_world_is_reported():
+    lay = plan(REFERENCE_1_5B, A100_80GB, 8, 1, global_batch=1001)
+    assert not lay.fits and "multiple of 8" in lay.fix
+
+
+def test_cpu_pseudo_device_uses_host_ram_shared_by_its_processes():
+    tiny = dict(n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, ffn_hidden=192,
+                vocab_size=257)
+    lay = layout.plan_layout(**tiny, seq_len=128, gpu_memory_bytes=16 * GB, gpus_per_node=2,
+                             nodes=1, peak_flops=1e11, mfu=0.3, global_batch_size=8,
+                             device="cpu")
+    assert lay.fits and lay.world_size == 2 and not lay.activation_checkpointing
+    assert lay.memory["context"] == memory.CPU_PROCESS_BYTES
+    assert "per device" in lay.reasons[1]
+    # 2 GB of host RAM for two processes: each gets 1 GB, less than the process overhead alone
+    small = layout.plan_layout(**tiny, seq_len=128, gpu_memory_bytes=2 * GB, gpus_per_node=2,
+                               nodes=1, peak_flops=1e11, mfu=0.3, global_batch_size=8,
+                               device="cpu")
+    assert not small.fits and small.min_gpus is None and "host RAM" in small.fix
+
+
+def test_vectorised_fits_agrees_with_plan_layout_and_handles_a_million_candidates():
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    d = 128 * rng.integers(8, 64, n)
+    layers = rng.integers(8, 64, n)
+    ffn = (3.5 * d // 256 * 256).astype(np.int64)
+    start = time.perf_counter()
+    ok = layout.fits(layers, d, d // 128, 8, 128, ffn, 128256, 2048,
+                     memory_bytes=80 * GB, world_size=8, gpus_per_node=8)
+    elapsed = time.perf_counter() - start
+    assert ok.shape == (n,) and ok.dtype == bool and 0 < ok.sum() < n
+    assert elapsed < 30, f"{elapsed:.1f} s for a million candidates"
+    tps = layout.tokens_per_second(layers[:1000], d[:1000], d[:1000] // 128, 8, 128, ffn[:1000],
+                                   128256, 2048, memory_bytes=80 * GB, world_size=8,
+                                   gpus_per_node=8, peak_flops=312e12, mfu=0.45)
+    assert ((tps > 0) == ok[:1000]).all()
+    # a candidate fits() accepts gets a plan that fits (micro-batch 1 with accumulation at worst)
+    for i in np.flatnonzero(ok)[:3].tolist() + np.flatnonzero(~ok)[:3].tolist():
+        lay = layout.plan_layout(n_layers=int(layers[i]), d_model=int(d[i]),
+                                 n_heads=int(d[i] // 128), n_kv_heads=8, head_dim=128,
+                                 ffn_hidden=int(ffn[i]), vocab_size=128256, seq_len=2048,
+                                 gpu_memory_bytes=80 * GB, gpus_per_node=8, nodes=1,
+                                 peak_flops=312e12, mfu=0.45, global_batch_size=512)
+        assert lay.fits == bool(ok[i])
+        if lay.fits:
+            exact = arch.flops_per_token_exact(int(layers[i]), int(d[i]), int(d[i] // 128), 8,
+                                               128, int(ffn[i]), 128256, 2048)
+            assert lay.tokens_per_second == pytest.approx(
+                tps[i] if i < 1000 else 8 * 312e12 * 0.45 / lay.hardware_flops_per_token)
+            assert lay.hardware_flops_per_token >= exact
+
+
+def test_memory_masks_on_the_reference_spec():
+    from compiler import solver
+    from compiler.spec import load_spec, parse_spec_text
+    spec, text = load_spec(REPO_ROOT / "specs" / "1.36e21.yaml")
+    cands = solver.enumerate_candidates(spec, solver.budget_flops(spec))
+    mask = layout.memory_masks(spec, cands)["memory"]
+    assert mask.shape == (len(cands),) and mask.any()
+    # a 16 GB GPU removes the largest candidates first
+    small = parse_spec_text(text.replace("gpu: a100-80gb",
+                                         "gpu: {name: small, bf16_tflops: 100, memory_gb: 16}"))
+    small_mask = layout.memory_masks(small, cands)["memory"]
+    assert small_mask.sum() < mask.sum()
+    assert cands.n_params[small_mask].max() < cands.n_params[~small_mask].max()
