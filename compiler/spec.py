@@ -20,7 +20,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # Cluster strings reach sbatch lines and shell scripts: allow what SLURM itself allows in
 # partition/account/qos names, nothing a shell would interpret.
 CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-TIME_LIMIT_PATTERN = r"^(\d{1,3}-)?\d{1,3}:\d{2}:\d{2}$"
+TIME_LIMIT_PATTERN = r"^([0-9]{1,3}-)?[0-9]{1,3}:[0-9]{2}:[0-9]{2}$"  # not \d: any Unicode digit
 
 # A search space larger than this is refused before it is enumerated (memory, not patience).
 MAX_CANDIDATES = 50_000_000
