@@ -7,6 +7,7 @@
 #   bash bench/gpu.sh --out DIR              # keep the compiled repo, results.jsonl and table.md
 #   bash bench/gpu.sh --dry-cpu              # the same pipeline on CPU with specs/tiny-cpu.yaml
 #   bash bench/gpu.sh --repo DIR             # measure an already compiled repo (skip compiling)
+#   bash bench/gpu.sh --compile off          # eager, for comparison
 #
 # What runs (bench/gpu_train.py does the measuring): the generated repo's own model.py, AdamW and
 # gradient clipping, wrapped as its train.py wraps them for FSDP2 (here a world of one rank),
@@ -30,7 +31,7 @@ DEVICE=cuda
 VARIANT_TIMEOUT=200
 EXTRA=()
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,6 +42,7 @@ while [ $# -gt 0 ]; do
     --warmup) WARMUP="$2"; shift 2 ;;
     --micro-batch) MICRO="$2"; shift 2 ;;
     --variant-timeout) VARIANT_TIMEOUT="$2"; shift 2 ;;
+    --compile) EXTRA+=(--compile "$2"); shift 2 ;;  # on (default), off, or plan
     --dry-cpu)  # a smoke run of the whole pipeline where there is no GPU
       SPEC="specs/tiny-cpu.yaml"; DEVICE=cpu; STEPS=2; WARMUP=1
       EXTRA+=(--compile off --matmul 256); shift ;;
