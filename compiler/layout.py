@@ -1,4 +1,4 @@
-"""How to train a shape on the spec's hardware: parallelism, micro-batch, accumulation, checkpointing.
+"""How to train a shape on the spec's hardware: parallelism, micro-batch, accumulation, recompute.
 
 plan_layout() decides for one shape and explains each choice; min_memory(), fits() and
 tokens_per_second() are the same rules vectorised over candidate shapes, for the solver.
@@ -46,7 +46,7 @@ class Layout:
     activation_checkpointing: bool
     memory: dict  # memory.MemoryBreakdown.as_dict(), bytes per device
     tokens_per_second: float  # whole job
-    hardware_flops_per_token: float  # exact FLOPs per token, + the recomputed forward when checkpointing
+    hardware_flops_per_token: float  # exact FLOPs per token (+ the recomputed forward with AC)
     reasons: tuple = ()  # one sentence per choice
     problem: str = ""
     fix: str = ""

@@ -133,7 +133,8 @@ class ModelShape:
 
     def n_params(self):
         return arch.param_count(self.n_layers, self.d_model, self.n_heads, self.n_kv_heads,
-                                self.head_dim, self.ffn_hidden, self.vocab_size, self.tie_embeddings)
+                                self.head_dim, self.ffn_hidden, self.vocab_size,
+                                self.tie_embeddings)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ def model_state_bytes(n_params, shard):
 
 def block_params(d_model, n_heads, n_kv_heads, head_dim, ffn_hidden):
     """Parameters of one transformer block (one FSDP unit): matmuls and two RMSNorm weights."""
-    return arch.layer_matmul_params(d_model, n_heads, n_kv_heads, head_dim, ffn_hidden) + 2 * d_model
+    matmuls = arch.layer_matmul_params(d_model, n_heads, n_kv_heads, head_dim, ffn_hidden)
+    return matmuls + 2 * d_model
 
 
 def head_params(d_model, vocab_size):
@@ -243,7 +245,7 @@ def checkpoint_bytes_per_token(d_model, residual_bytes=2):
 
 
 def head_activation_bytes_per_token(d_model, compute_bytes=2, residual_bytes=2):
-    """Outside the blocks: the final RMSNorm, lm_head's input, the embedding's and loss's token ids."""
+    """Outside the blocks: final RMSNorm, lm_head's input, the embedding's and loss's token ids."""
     return norm_bytes_per_token(d_model, residual_bytes) + compute_bytes * d_model + 2 * INDEX_BYTES
 
 
@@ -254,7 +256,8 @@ def loss_bytes_per_token(vocab_size, compute_bytes=2):
 
 def _dtype_bytes(compute_dtype: str) -> int:
     if compute_dtype not in DTYPE_BYTES:
-        raise ValueError(f"compute_dtype must be one of {sorted(DTYPE_BYTES)}, got {compute_dtype!r}")
+        raise ValueError(f"compute_dtype must be one of {sorted(DTYPE_BYTES)}, "
+                         f"got {compute_dtype!r}")
     return DTYPE_BYTES[compute_dtype]
 
 
@@ -307,9 +310,11 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     else:
         grads_accumulated = np.where(accumulating, grads, 0.0)
         grads_late = grads
+    grads_step = grads  # at optimizer.step(): the reduced gradient (sharded under FSDP)
     if parallelism == "ddp":  # DDP's gradient buckets: a second fp32 gradient (no bucket view)
         buckets = np.where(np.asarray(world_size) > 1, GRADIENT_BYTES * n_params, 0.0)
         grads_accumulated, grads_late = grads_accumulated + buckets, grads_late + buckets
+        grads_step = grads + buckets
 
     block = np.asarray(block_params(d, h, kv, dh, f), dtype=np.float64)
     block_matmuls = np.asarray(arch.layer_matmul_params(d, h, kv, dh, f), dtype=np.float64)
@@ -361,7 +366,7 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
         "first block backward": (grads_late, block_first, zero, working_block),
         "end of backward": (grads_late, zero, zero, working_root),
         # fused AdamW (CUDA) needs no temporary; the per-tensor loop (CPU) one tensor at a time
-        "optimizer step": (grads, zero, zero, ADAMW_TEMP_BYTES * root / shard),
+        "optimizer step": (grads_step, zero, zero, ADAMW_TEMP_BYTES * root / shard),
     }
     names = list(phases)
     sums = np.stack(np.broadcast_arrays(*[sum(np.broadcast_arrays(*p)) for p in phases.values()]))

@@ -228,8 +228,8 @@ def test_layer_formula_equals_what_autograd_saves_for_the_template_block(dtype):
 
 def assert_close_to_tracked(predicted, measured, low, high):
     ratio = predicted / measured
-    assert low <= ratio <= high, (f"predicted {predicted:,.0f} B, PyTorch tracked {measured:,.0f} B "
-                                  f"(ratio {ratio:.3f}, allowed {low}-{high})")
+    assert low <= ratio <= high, (f"predicted {predicted:,.0f} B, PyTorch tracked "
+                                  f"{measured:,.0f} B (ratio {ratio:.3f}, allowed {low}-{high})")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
