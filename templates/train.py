@@ -8,8 +8,9 @@ Settings: the defaults below, overridden by the config files named on the comman
 
 What happens:
 - one process, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU), the model wrapped in
-  FSDP2 (`fully_shard` per block, then the root) or DDP; bf16 on CUDA; optional torch.compile and
-  activation checkpointing, block by block;
+  FSDP2 (`fully_shard` per block, then the root; "hsdp" shards within a node and replicates
+  across nodes) or DDP; bf16 on CUDA; optional torch.compile and activation checkpointing,
+  block by block;
 - every optimizer step sees global_batch_size sequences of block_size tokens, drawn at random
   offsets from train.bin by a generator seeded with (seed, step) alone. Rank r takes its slice of
   that step's sequences and splits it into micro-batches (gradient accumulation), so the tokens a
@@ -85,7 +86,7 @@ keep_last_ckpts = 3
 # system
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast / FSDP2 param dtype on CUDA; CPU always trains in float32
-parallelism = "fsdp"  # "fsdp" or "ddp" under torchrun; ignored for a single process
+parallelism = "fsdp"  # "fsdp", "hsdp" (shard in a node, replicate across) or "ddp"; 1 process: none
 activation_checkpointing = False
 compile = False
 seed = 1337
@@ -100,6 +101,7 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
+PARALLELISM_NAMES = {"fsdp": "FSDP2", "hsdp": "HSDP (FSDP2 on a nodes × GPUs mesh)", "ddp": "DDP"}
 MFU_WARN_FRACTION = 0.5  # warn when achieved MFU is below this fraction of planned_mfu
 
 
@@ -228,7 +230,7 @@ def build_model(cfg, dev, world, start_from_hf):
     if cfg.compile:  # block by block, in place (parameter names do not change)
         for block in layers:
             block.compile()
-    sharded = world > 1 and cfg.parallelism == "fsdp"
+    sharded = world > 1 and cfg.parallelism in ("fsdp", "hsdp")
     if world > 1 and cfg.parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -237,7 +239,14 @@ def build_model(cfg, dev, world, start_from_hf):
         mp = None
         if dev.type == "cuda" and cfg.dtype == "bfloat16":  # bf16 compute, fp32 gradient reduction
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs = {"mp_policy": mp} if mp else {}
+        from torch.distributed.device_mesh import init_device_mesh
+        if cfg.parallelism == "hsdp":  # shard within each node, replicate across nodes
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            mesh = init_device_mesh(dev.type, (world // per_node, per_node),
+                                    mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(dev.type, (world,))
+        kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
         for block in layers:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
@@ -348,8 +357,8 @@ def main(argv):
     accum = cfg.global_batch_size // (world * cfg.micro_batch_size)
     if cfg.lr_schedule not in ("cosine", "wsd"):
         raise ConfigError(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
-    if cfg.parallelism not in ("fsdp", "ddp"):
-        raise ConfigError(f"parallelism must be 'fsdp' or 'ddp', got {cfg.parallelism!r}")
+    if cfg.parallelism not in ("fsdp", "hsdp", "ddp"):
+        raise ConfigError(f"parallelism must be 'fsdp', 'hsdp' or 'ddp', got {cfg.parallelism!r}")
     with open(os.path.join(cfg.data_dir, "meta.json")) as f:
         meta = json.load(f)
     max_id = meta.get("max_token_id", meta["vocab_size"] - 1)
@@ -384,7 +393,7 @@ def main(argv):
     n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
     tokens_per_step = cfg.global_batch_size * cfg.block_size
     log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
-        f"{world} rank(s) on {dev.type}, {'FSDP2' if sharded else 'DDP' if world > 1 else 'single'}"
+        f"{world} rank(s) on {dev.type}, {PARALLELISM_NAMES[cfg.parallelism] if world > 1 else 'one process'}"
         f"; {tokens_per_step:,} tokens/step = {world} × {cfg.micro_batch_size} × {accum} accum "
         f"× {cfg.block_size}")
     if start_from_hf:
