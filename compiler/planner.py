@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import __version__, arch, laws, layout, solver
 from . import plan as P
+from .errors import UserError
 from .spec import Spec
 from .trainplan import plan_training
 
@@ -64,12 +65,28 @@ def _constraints(v) -> dict[str, float]:
     return out
 
 
+def _nothing_fits(spec: Spec, cands: solver.Candidates) -> UserError:
+    """No shape fits the hardware's memory: say why for the smallest, and the nearest fix."""
+    i = int(cands.n_params.argmin())
+    choice = _choice(spec, cands, i)
+    try:
+        plan_training(spec, choice)
+    except UserError as exc:
+        s = choice.shape
+        return UserError(f"no shape fits in memory; even the smallest ({s.n_layers}L × {s.d_model}, "
+                         f"N {choice.n_params:,}): {exc.message}", field="hardware", fix=exc.fix)
+    return UserError("no shape fits in memory", field="hardware",
+                     fix="use more or larger GPUs, or a shorter model.seq_len")
+
+
 def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
     memory_masks = layout.memory_masks(spec, cands)
 
     hw, gpu = spec.hardware, spec.hardware.device()
+    if len(cands) and not memory_masks["memory"].any():
+        raise _nothing_fits(spec, cands)
     variants = []
     for v in spec.variants:
         result = solver.solve_variant(spec, v, cands, memory_masks)

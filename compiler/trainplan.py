@@ -9,6 +9,7 @@ import math
 
 from . import laws, layout
 from . import plan as P
+from .errors import UserError
 from .spec import Spec
 
 LOG_INTERVAL = 10
@@ -68,19 +69,23 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
                                   "(training.warmup_frac, training.max_warmup_iters)")
     provenance["min_lr"] = f"learning_rate × training.min_lr_ratio {tr.min_lr_ratio:g}"
 
+    device, memory_bytes = layout.spec_memory_bytes(spec)
     lay = layout.plan_layout(
         n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
         n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim, ffn_hidden=shape.ffn_hidden,
         vocab_size=shape.vocab_size, seq_len=shape.seq_len, tie_embeddings=shape.tie_embeddings,
-        gpu_memory_bytes=gpu.memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+        gpu_memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
         peak_flops=gpu.peak_flops, mfu=hw.effective_mfu, global_batch_size=batch_seqs,
         flops_per_token=choice.flops_per_token_exact,
-        activation_checkpointing=tr.activation_checkpointing)
+        activation_checkpointing=tr.activation_checkpointing, device=device)
+    if not lay.fits:
+        raise UserError(f"{lay.problem}", field="hardware",
+                        fix=lay.fix or "use more or larger GPUs, or a shorter model.seq_len")
     provenance["layout"] = "compiler/layout.py: " + "; ".join(lay.reasons)
 
     eval_interval = tr.eval_interval or max(1, min(1000, max_iters // 10))
     ckpt_interval = tr.ckpt_interval or max(1, min(1000, max_iters // 10))
-    is_cpu = gpu.name == "cpu"
+    is_cpu = device == "cpu"
     training = P.Training(
         parallelism=lay.parallelism, world_size=world, global_batch_size=batch_seqs,
         global_batch_tokens=batch_tokens, micro_batch_size=lay.micro_batch_size,
@@ -98,7 +103,8 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
     memory = P.Memory(parameters=mem["parameters"], gradients=mem["gradients"],
                       optimizer=mem["optimizer"], activations=mem["activations"],
                       logits=mem["logits"], other=mem["other"], total=mem["total"],
-                      capacity=gpu.memory_bytes, fits=lay.fits)
+                      capacity=layout.device_capacity(memory_bytes, hw.gpus_per_node, device),
+                      fits=lay.fits)
 
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
     seconds = training.tokens_trained / lay.tokens_per_second

@@ -141,3 +141,36 @@ def test_tokens_per_param_law():
                            "search: {scaling_law: {tokens_per_param: 20}}\nvariants: [{name: r}]\n")
     plan = build_plan(spec)
     assert plan.variants[0].choice.tokens_per_param == pytest.approx(20, rel=0.1)
+
+
+def test_time_is_hardware_flops_over_job_throughput(reference_plan):
+    hw = reference_plan.hardware
+    job_flops_per_s = hw.world_size * hw.peak_tflops * 1e12 * hw.mfu
+    for v in reference_plan.variants:
+        c, t = v.choice, v.training
+        assert not t.activation_checkpointing  # so hardware FLOPs are the exact model FLOPs
+        assert v.timing.hardware_flops == pytest.approx(c.flops_per_token_exact * t.tokens_trained)
+        assert v.timing.days * 86400 == pytest.approx(v.timing.hardware_flops / job_flops_per_s)
+        assert v.timing.gpu_hours == pytest.approx(v.timing.days * 24 * hw.world_size)
+        assert v.timing.cost_usd == pytest.approx(v.timing.gpu_hours * 2.0)
+
+
+def test_activation_checkpointing_costs_one_more_forward():
+    spec = parse_spec_text("name: t\nbudget: {flops: 1e21}\ntraining: {activation_checkpointing: true}\n"
+                           "variants: [{name: o}]\n")
+    v = build_plan(spec).variants[0]
+    s, c = v.choice.shape, v.choice
+    block_forward = 2 * arch.layer_matmul_params(s.d_model, s.n_heads, s.n_kv_heads, s.head_dim,
+                                                 s.ffn_hidden) + 4 * s.seq_len * s.n_heads * s.head_dim
+    expected = c.flops_per_token_exact + s.n_layers * block_forward
+    assert v.training.activation_checkpointing
+    assert v.timing.hardware_flops == pytest.approx(expected * v.training.tokens_trained, rel=1e-9)
+
+
+def test_gpu_too_small_for_any_shape_names_the_nearest_fix():
+    spec = parse_spec_text("name: t\nbudget: {flops: 1e23}\nhardware: {gpu: a100-40gb, gpus_per_node: 1}\n"
+                           "search: {layers: [32], hidden: [4096]}\nvariants: [{name: o}]\n")
+    with pytest.raises(UserError) as info:
+        build_plan(spec)
+    assert "no shape fits in memory" in info.value.message
+    assert "GPU" in info.value.fix
