@@ -46,6 +46,7 @@ def cmd_solve(args) -> int:
 
 def cmd_compile(args) -> int:
     from .render import render_files
+    from .units import duration, si
     from .writer import write_repo
     plan, text = _plan_for(args.spec)
     out = Path(args.output) if args.output else Path(plan.name)
@@ -53,8 +54,8 @@ def cmd_compile(args) -> int:
     print(write_repo(out, files, force=args.force))
     for v in plan.variants:
         c, t = v.choice, v.timing
-        print(f"  {v.name}: {c.shape.n_layers}L × {c.shape.d_model}, N {c.n_params / 1e9:.3f}B, "
-              f"D {c.tokens / 1e9:.3f}B, loss {c.loss:.4f}, {t.days:.2f} days -> config/{v.name}.py")
+        print(f"  {v.name}: {c.shape.n_layers}L × {c.shape.d_model}, N {si(c.n_params)}, "
+              f"D {si(c.tokens)}, loss {c.loss:.4f}, {duration(t.days)} -> config/{v.name}.py")
     return 0
 
 

@@ -10,6 +10,7 @@ import math
 from xml.sax.saxutils import escape
 
 from .plan import Plan
+from .units import si
 
 WIDTH, HEIGHT = 720, 420
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
@@ -18,13 +19,6 @@ PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 def _fmt(x: float) -> str:
     return f"{x:.1f}"
-
-
-def _si(n: float) -> str:
-    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:g}{unit}"
-    return f"{n:g}"
 
 
 def isoflop_svg(plan: Plan) -> str:
@@ -61,7 +55,7 @@ def isoflop_svg(plan: Plan) -> str:
     for k in range(0, steps + 1, stride):
         t = x0 + k / 4
         out.append(f'<line x1="{_fmt(px(t))}" y1="{base_y}" x2="{_fmt(px(t))}" y2="{base_y + 5}" stroke="black"/>')
-        out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">{_si(10 ** t):s}</text>')
+        out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">{si(10 ** t, 2)}</text>')
     for k in range(5):
         v = y0 + (y1 - y0) * k / 4
         out.append(f'<line x1="{LEFT - 5}" y1="{_fmt(py(v))}" x2="{LEFT}" y2="{_fmt(py(v))}" stroke="black"/>')
@@ -85,7 +79,7 @@ def isoflop_svg(plan: Plan) -> str:
         colour = PALETTE[k % len(PALETTE)]
         out.append(f'<circle cx="{_fmt(px(math.log10(n)))}" cy="{_fmt(py(l))}" r="6" fill="none" '
                    f'stroke="{colour}" stroke-width="2"/>')
-        legend.append((f"{name}: N {_si(round(n, -3))}, loss {l:.4f}", colour))
+        legend.append((f"{name}: N {si(n)}, loss {l:.4f}", colour))
     for k, (label, colour) in enumerate(legend):
         y = TOP + 12 + 16 * k
         out.append(f'<rect x="{WIDTH - RIGHT - 260}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')

@@ -21,6 +21,7 @@ import jinja2
 from . import __version__, figure
 from .errors import UserError
 from .plan import Plan
+from .units import duration, si
 
 LOCK_NAME = "llama3gen.lock.json"
 VARIANT_TEMPLATE = "__variant__"
@@ -47,15 +48,6 @@ def _sci(value, digits: int = 3) -> str:
     return f"{float(value):.{digits}e}"
 
 
-def _si(value, digits: int = 3) -> str:
-    """1.545e9 → '1.545B'; tokens and parameters."""
-    v = float(value)
-    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(v) >= scale:
-            return f"{v / scale:.{digits}f}{unit}"
-    return f"{v:.{digits}g}"
-
-
 def _gib(value) -> str:
     return f"{float(value) / 2**30:.1f} GiB"
 
@@ -79,7 +71,7 @@ def _environment(root: Path) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
-    env.filters.update(shquote=_shquote, pyrepr=_pyrepr, sci=_sci, si=_si, gib=_gib, fixed=_fixed,
+    env.filters.update(shquote=_shquote, pyrepr=_pyrepr, sci=_sci, si=si, duration=duration, gib=_gib, fixed=_fixed,
                        commas=_commas, tojson=lambda v: json.dumps(v, sort_keys=True))
     return env
 

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 from .plan import Plan, Variant
+from .units import duration, si
 
 RULE = "=" * 88
 
 
-def _b(x: float) -> str:
-    return f"{x / 1e9:.3f}B"
-
-
-def duration(days: float) -> str:
-    """Days for real runs, hours or minutes for small ones."""
-    if days >= 1:
-        return f"{days:.2f} days"
-    if days * 24 >= 1:
-        return f"{days * 24:.1f} hours"
-    return f"{days * 24 * 60:.1f} minutes"
 
 
 def variant_block(plan: Plan, v: Variant) -> str:
@@ -33,8 +23,8 @@ def variant_block(plan: Plan, v: Variant) -> str:
         RULE,
         "PICK:",
         f"  predicted loss     {c.loss:.6f}   ({plan.law.name})",
-        f"  N (parameters)     {_b(c.n_params)}   ({c.n_params:,}; embeddings {c.n_params_embedding:,})",
-        f"  D (tokens)         {_b(c.tokens)}   (= C / FLOPs per token, exactly)",
+        f"  N (parameters)     {si(c.n_params)}   ({c.n_params:,}; embeddings {c.n_params_embedding:,})",
+        f"  D (tokens)         {si(c.tokens)}   (= C / FLOPs per token, exactly)",
         f"  D/N                {c.tokens_per_param:.1f} tokens per parameter",
         f"  C, 6N convention   {c.flops_6n:.4e}   (6·N·D, {c.flops_per_token_6n:,} FLOPs/token)",
         f"  C, exact           {c.flops_exact:.4e}   (every matmul + attention, {c.flops_per_token_exact:,} FLOPs/token)",
@@ -61,11 +51,11 @@ def variant_block(plan: Plan, v: Variant) -> str:
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else ""),
         "",
         f"TOP {len([r for r in v.top if r.rank <= len(v.top)])} CANDIDATES (ranked by loss, then time):",
-        f"  {'rank':>4} {'loss':>9} {'N(B)':>8} {'D(B)':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",
+        f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",
     ]
     for r in v.top:
         mark = "  <- SELECTED" if r.selected else ""
-        lines.append(f"  {r.rank:>4} {r.loss:>9.6f} {r.n_params / 1e9:>8.3f} {r.tokens / 1e9:>9.3f} "
+        lines.append(f"  {r.rank:>4} {r.loss:>9.6f} {si(r.n_params):>8} {si(r.tokens):>9} "
                      f"{r.tokens_per_param:>7.1f} {r.n_layers:>4} {r.d_model:>6} {r.n_heads:>5} "
                      f"{r.ffn_hidden:>6} {r.days:>7.2f}{mark}")
     st = v.stats
@@ -85,12 +75,12 @@ def variant_block(plan: Plan, v: Variant) -> str:
 def solve_report(plan: Plan) -> str:
     co = plan.closed_form
     blocks = [variant_block(plan, v) for v in plan.variants]
-    sens = [f"  {s.law:<24} N* {_b(s.n_params):>9}  D* {_b(s.tokens):>10}  D/N {s.tokens_per_param:>6.1f}  "
+    sens = [f"  {s.law:<24} N* {si(s.n_params):>9}  D* {si(s.tokens):>10}  D/N {s.tokens_per_param:>6.1f}  "
             f"loss {s.loss:.4f}" for s in plan.sensitivity]
     tail = [
         RULE,
         "CLOSED-FORM OPTIMUM (the limit the grid approaches):",
-        f"  N* {_b(co.n_params)}, D* {_b(co.tokens)}, D/N {co.tokens_per_param:.1f}, loss {co.loss:.6f}",
+        f"  N* {si(co.n_params)}, D* {si(co.tokens)}, D/N {co.tokens_per_param:.1f}, loss {co.loss:.6f}",
         f"  {co.note}",
         "",
         "SENSITIVITY (closed-form optimum of the same budget under each catalog law):",

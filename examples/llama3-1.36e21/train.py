@@ -8,8 +8,9 @@ Settings: the defaults below, overridden by the config files named on the comman
 
 What happens:
 - one process, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU), the model wrapped in
-  FSDP2 (`fully_shard` per block, then the root) or DDP; bf16 on CUDA; optional torch.compile and
-  activation checkpointing, block by block;
+  FSDP2 (`fully_shard` per block, then the root; "hsdp" shards within a node and replicates
+  across nodes) or DDP; bf16 on CUDA; optional torch.compile and activation checkpointing,
+  block by block;
 - every optimizer step sees global_batch_size sequences of block_size tokens, drawn at random
   offsets from train.bin by a generator seeded with (seed, step) alone. Rank r takes its slice of
   that step's sequences and splits it into micro-batches (gradient accumulation), so the tokens a
@@ -85,7 +86,7 @@ keep_last_ckpts = 3
 # system
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast / FSDP2 param dtype on CUDA; CPU always trains in float32
-parallelism = "fsdp"  # "fsdp" or "ddp" under torchrun; ignored for a single process
+parallelism = "fsdp"  # "fsdp", "hsdp" (shard in a node, replicate across) or "ddp"; 1 process: none
 activation_checkpointing = False
 compile = False
 seed = 1337
@@ -100,6 +101,7 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
+PARALLELISM_NAMES = {"fsdp": "FSDP2", "hsdp": "HSDP (FSDP2 on a nodes × GPUs mesh)", "ddp": "DDP"}
 MFU_WARN_FRACTION = 0.5  # warn when achieved MFU is below this fraction of planned_mfu
 
 
@@ -228,20 +230,27 @@ def build_model(cfg, dev, world, start_from_hf):
     if cfg.compile:  # block by block, in place (parameter names do not change)
         for block in layers:
             block.compile()
-    sharded = world > 1 and cfg.parallelism == "fsdp"
+    sharded = world > 1 and cfg.parallelism in ("fsdp", "hsdp")
     if world > 1 and cfg.parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     elif sharded:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = None
         if dev.type == "cuda" and cfg.dtype == "bfloat16":  # bf16 compute, fp32 gradient reduction
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs = {"mp_policy": mp} if mp else {}
+        if cfg.parallelism == "hsdp":  # shard within each node, replicate across nodes
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            mesh = init_device_mesh(dev.type, (world // per_node, per_node),
+                                    mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(dev.type, (world,))
+        kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
         for block in layers:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-    return model, args, sharded
+    return model, sharded
 
 
 def make_optimizer(model, cfg, dev):
@@ -267,7 +276,8 @@ def grad_sync(model, enabled):
 
 def clip_and_norm(model, max_norm):
     """Total gradient norm over all ranks (clipping to max_norm when > 0)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    limit = max_norm if max_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduce it over the shards
         norm = norm.full_tensor()
     return norm.item()
@@ -317,7 +327,8 @@ class Metrics:
     crash loses at most the line being written; an existing file is never rewritten."""
 
     def __init__(self, out_dir, enabled):
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1) if enabled else None
+        path = os.path.join(out_dir, "metrics.jsonl")
+        self.file = open(path, "a", buffering=1) if enabled else None
 
     def write(self, **record):
         if self.file:
@@ -337,6 +348,7 @@ def format_duration(seconds):
 
 
 def main(argv):
+    stop = StopRequest()  # from the start: a signal during setup still ends in a save and 75
     cfg = Config(load_config(DEFAULTS, argv))
     rank, world, dev = setup_distributed(cfg)
     master = rank == 0
@@ -348,8 +360,8 @@ def main(argv):
     accum = cfg.global_batch_size // (world * cfg.micro_batch_size)
     if cfg.lr_schedule not in ("cosine", "wsd"):
         raise ConfigError(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
-    if cfg.parallelism not in ("fsdp", "ddp"):
-        raise ConfigError(f"parallelism must be 'fsdp' or 'ddp', got {cfg.parallelism!r}")
+    if cfg.parallelism not in ("fsdp", "hsdp", "ddp"):
+        raise ConfigError(f"parallelism must be 'fsdp', 'hsdp' or 'ddp', got {cfg.parallelism!r}")
     with open(os.path.join(cfg.data_dir, "meta.json")) as f:
         meta = json.load(f)
     max_id = meta.get("max_token_id", meta["vocab_size"] - 1)
@@ -376,17 +388,17 @@ def main(argv):
         latest = box[0]
     start_from_hf = bool(cfg.init_from_hf) and not latest
 
-    model, args, sharded = build_model(cfg, dev, world, start_from_hf)
+    model, sharded = build_model(cfg, dev, world, start_from_hf)
     optimizer = make_optimizer(model, cfg, dev)
     # FSDP2 applies bf16 through its MixedPrecisionPolicy; DDP / one process use autocast.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not sharded
                 else contextlib.nullcontext())
     n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
     tokens_per_step = cfg.global_batch_size * cfg.block_size
+    layout = PARALLELISM_NAMES[cfg.parallelism] if world > 1 else "one process"
     log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
-        f"{world} rank(s) on {dev.type}, {'FSDP2' if sharded else 'DDP' if world > 1 else 'single'}"
-        f"; {tokens_per_step:,} tokens/step = {world} × {cfg.micro_batch_size} × {accum} accum "
-        f"× {cfg.block_size}")
+        f"{world} rank(s) on {dev.type}, {layout}; {tokens_per_step:,} tokens/step = "
+        f"{world} × {cfg.micro_batch_size} × {accum} accum × {cfg.block_size}")
     if start_from_hf:
         log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
 
@@ -412,7 +424,6 @@ def main(argv):
 
     metrics = Metrics(cfg.out_dir, master)
     metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""))
-    stop = StopRequest()
 
     def save_checkpoint():
         train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
@@ -470,7 +481,8 @@ def main(argv):
 
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             log(f"ERROR: stopping at step {step}: {nonfinite_in_a_row} steps in a row had a "
-                f"non-finite loss or gradient norm (last: loss {loss_value}, grad norm {grad_norm}). "
+                f"non-finite loss or gradient norm (last: loss {loss_value}, grad norm "
+                f"{grad_norm}). "
                 f"Weights were not updated by those steps; the last checkpoint in "
                 f"{cfg.out_dir}/checkpoints is from before. Lower learning_rate or check the data.")
             metrics.write(event="stopped_nonfinite", step=step)
@@ -486,7 +498,9 @@ def main(argv):
             if cfg.flops_per_token and cfg.peak_flops:
                 mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
                 record["mfu"] = mfu
-                line += f" | MFU {mfu:.1%}" + (f" (plan {cfg.planned_mfu:.0%})" if cfg.planned_mfu else "")
+                line += f" | MFU {mfu:.1%}"
+                if cfg.planned_mfu:
+                    line += f" (plan {cfg.planned_mfu:.0%})"
             eta_s = (cfg.max_iters - step) * time_in_steps / steps_timed
             record["eta_s"] = eta_s
             line += f" | eta {format_duration(eta_s)}"
