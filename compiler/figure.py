@@ -13,7 +13,7 @@ from .plan import Plan
 from .units import si
 
 WIDTH, HEIGHT = 720, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
+LEFT, RIGHT, TOP, BOTTOM = 70, 20, 80, 50
 PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
@@ -50,12 +50,13 @@ def isoflop_svg(plan: Plan) -> str:
     base_y = HEIGHT - BOTTOM
     out.append(f'<line x1="{LEFT}" y1="{base_y}" x2="{WIDTH - RIGHT}" y2="{base_y}" stroke="black"/>')
     out.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{base_y}" stroke="black"/>')
-    steps = int(round((x1 - x0) * 4))
-    stride = max(1, steps // 8)
-    for k in range(0, steps + 1, stride):
-        t = x0 + k / 4
-        out.append(f'<line x1="{_fmt(px(t))}" y1="{base_y}" x2="{_fmt(px(t))}" y2="{base_y + 5}" stroke="black"/>')
-        out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">{si(10 ** t, 2)}</text>')
+    # Ticks at 1, 2 and 5 × 10^k inside the axis.
+    for k in range(math.floor(x0), math.ceil(x1) + 1):
+        for m in (1, 2, 5):
+            t = k + math.log10(m)
+            if x0 <= t <= x1:
+                out.append(f'<line x1="{_fmt(px(t))}" y1="{base_y}" x2="{_fmt(px(t))}" y2="{base_y + 5}" stroke="black"/>')
+                out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">{si(m * 10.0 ** k, 0)}</text>')
     for k in range(5):
         v = y0 + (y1 - y0) * k / 4
         out.append(f'<line x1="{LEFT - 5}" y1="{_fmt(py(v))}" x2="{LEFT}" y2="{_fmt(py(v))}" stroke="black"/>')
@@ -80,9 +81,10 @@ def isoflop_svg(plan: Plan) -> str:
         out.append(f'<circle cx="{_fmt(px(math.log10(n)))}" cy="{_fmt(py(l))}" r="6" fill="none" '
                    f'stroke="{colour}" stroke-width="2"/>')
         legend.append((f"{name}: N {si(n)}, loss {l:.4f}", colour))
+    # The legend sits between the title and the plot, one row per entry, so it never hides a point.
     for k, (label, colour) in enumerate(legend):
-        y = TOP + 12 + 16 * k
-        out.append(f'<rect x="{WIDTH - RIGHT - 260}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{WIDTH - RIGHT - 245}" y="{y}">{escape(label)}</text>')
+        y = 38 + 14 * k
+        out.append(f'<rect x="{LEFT}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{LEFT + 15}" y="{y}">{escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
