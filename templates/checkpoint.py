@@ -85,7 +85,9 @@ def _disk_note(directory):
 def _all_errors(error, directory):
     """Every rank's error message (None where it succeeded), on every rank."""
     _, world = _rank_world()
-    message = None if error is None else f"{type(error).__name__}: {error} ({_disk_note(directory)})"
+    message = None
+    if error is not None:
+        message = f"{type(error).__name__}: {error} ({_disk_note(directory)})"
     if world == 1:
         return [message]
     messages = [None] * world
@@ -111,8 +113,8 @@ def list_checkpoints(out_dir):
     root = Path(out_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
 
 
@@ -220,7 +222,7 @@ def save(out_dir, step, model, optimizer, train_state, *, sharded, keep_last, lo
                 _torch_save_synced(state, tmp / TORCH_FILE)
 
         phase("model and optimizer", write_state)
-        del state
+        state.clear()  # drop the gathered copies before hashing
         phase("RNG states", lambda: _torch_save_synced(_rng_state(), tmp / f"rng_rank{rank}.pt"))
         if world > 1:
             dist.barrier()
@@ -297,7 +299,8 @@ def verify(path):
             raise CheckpointError(f"{path}: {name} is truncated or altered: {size} bytes, "
                                   f"the manifest says {expected['bytes']}")
         if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{path}: {name} is corrupted: its sha256 differs from the manifest")
+            raise CheckpointError(f"{path}: {name} is corrupted: its sha256 differs from the "
+                                  f"manifest")
     return manifest
 
 

@@ -235,11 +235,11 @@ def build_model(cfg, dev, world, start_from_hf):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     elif sharded:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = None
         if dev.type == "cuda" and cfg.dtype == "bfloat16":  # bf16 compute, fp32 gradient reduction
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        from torch.distributed.device_mesh import init_device_mesh
         if cfg.parallelism == "hsdp":  # shard within each node, replicate across nodes
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             mesh = init_device_mesh(dev.type, (world // per_node, per_node),
@@ -250,7 +250,7 @@ def build_model(cfg, dev, world, start_from_hf):
         for block in layers:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-    return model, args, sharded
+    return model, sharded
 
 
 def make_optimizer(model, cfg, dev):
@@ -276,7 +276,8 @@ def grad_sync(model, enabled):
 
 def clip_and_norm(model, max_norm):
     """Total gradient norm over all ranks (clipping to max_norm when > 0)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    limit = max_norm if max_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduce it over the shards
         norm = norm.full_tensor()
     return norm.item()
@@ -326,7 +327,8 @@ class Metrics:
     crash loses at most the line being written; an existing file is never rewritten."""
 
     def __init__(self, out_dir, enabled):
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1) if enabled else None
+        path = os.path.join(out_dir, "metrics.jsonl")
+        self.file = open(path, "a", buffering=1) if enabled else None
 
     def write(self, **record):
         if self.file:
@@ -346,6 +348,7 @@ def format_duration(seconds):
 
 
 def main(argv):
+    stop = StopRequest()  # from the start: a signal during setup still ends in a save and 75
     cfg = Config(load_config(DEFAULTS, argv))
     rank, world, dev = setup_distributed(cfg)
     master = rank == 0
@@ -385,17 +388,17 @@ def main(argv):
         latest = box[0]
     start_from_hf = bool(cfg.init_from_hf) and not latest
 
-    model, args, sharded = build_model(cfg, dev, world, start_from_hf)
+    model, sharded = build_model(cfg, dev, world, start_from_hf)
     optimizer = make_optimizer(model, cfg, dev)
     # FSDP2 applies bf16 through its MixedPrecisionPolicy; DDP / one process use autocast.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not sharded
                 else contextlib.nullcontext())
     n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
     tokens_per_step = cfg.global_batch_size * cfg.block_size
+    layout = PARALLELISM_NAMES[cfg.parallelism] if world > 1 else "one process"
     log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
-        f"{world} rank(s) on {dev.type}, {PARALLELISM_NAMES[cfg.parallelism] if world > 1 else 'one process'}"
-        f"; {tokens_per_step:,} tokens/step = {world} × {cfg.micro_batch_size} × {accum} accum "
-        f"× {cfg.block_size}")
+        f"{world} rank(s) on {dev.type}, {layout}; {tokens_per_step:,} tokens/step = "
+        f"{world} × {cfg.micro_batch_size} × {accum} accum × {cfg.block_size}")
     if start_from_hf:
         log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
 
@@ -421,7 +424,6 @@ def main(argv):
 
     metrics = Metrics(cfg.out_dir, master)
     metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""))
-    stop = StopRequest()
 
     def save_checkpoint():
         train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
@@ -479,7 +481,8 @@ def main(argv):
 
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             log(f"ERROR: stopping at step {step}: {nonfinite_in_a_row} steps in a row had a "
-                f"non-finite loss or gradient norm (last: loss {loss_value}, grad norm {grad_norm}). "
+                f"non-finite loss or gradient norm (last: loss {loss_value}, grad norm "
+                f"{grad_norm}). "
                 f"Weights were not updated by those steps; the last checkpoint in "
                 f"{cfg.out_dir}/checkpoints is from before. Lower learning_rate or check the data.")
             metrics.write(event="stopped_nonfinite", step=step)
@@ -495,7 +498,9 @@ def main(argv):
             if cfg.flops_per_token and cfg.peak_flops:
                 mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
                 record["mfu"] = mfu
-                line += f" | MFU {mfu:.1%}" + (f" (plan {cfg.planned_mfu:.0%})" if cfg.planned_mfu else "")
+                line += f" | MFU {mfu:.1%}"
+                if cfg.planned_mfu:
+                    line += f" (plan {cfg.planned_mfu:.0%})"
             eta_s = (cfg.max_iters - step) * time_in_steps / steps_timed
             record["eta_s"] = eta_s
             line += f" | eta {format_duration(eta_s)}"

@@ -18,7 +18,7 @@ import torch
 from _repo_files import load_template_module
 from _train_fixtures import (
     make_repo, prepare_data, read_metrics, run_train, stdlib_corpus_files, subprocess_env,
-    train_losses, val_losses, write_config,
+    train_losses, val_losses,
 )
 
 configurator = load_template_module("configurator")
