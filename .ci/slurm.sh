@@ -2,7 +2,7 @@
 # A real two-node SLURM cluster on localhost, for the tests in tests/test_slurm.py.
 #
 #   bash .ci/slurm.sh start    install slurm + munge if missing, start munged, slurmctld and two
-#                              slurmd (nodes n1, n2), wait until both nodes are idle
+#                              slurmd (nodes n1, n2), wait until both nodes are up (idle)
 #   bash .ci/slurm.sh stop     cancel all jobs, stop the daemons by their pid files
 #   bash .ci/slurm.sh status   print the daemons and `sinfo`; exit 0 only if the cluster answers
 #
@@ -150,17 +150,18 @@ cluster_healthy() {
     timeout 10 sinfo -h >/dev/null 2>&1
 }
 
-wait_until_idle() {
+# Both nodes up: idle after a fresh start; mix/alloc when an already running cluster has jobs.
+wait_until_up() {
     local states
     for _ in $(seq 120); do
         states=$(timeout 5 sinfo -h -N -o '%N=%t' 2>/dev/null | sort -u | tr '\n' ' ' || true)
-        if [[ $states == "n1=idle n2=idle " ]]; then
+        if [[ $states =~ ^n1=(idle|mix|alloc)\ n2=(idle|mix|alloc)\ $ ]]; then
             log "cluster up: $states"
             return
         fi
         sleep 0.5
     done
-    log "nodes not idle after 60 s: ${states:-no answer from slurmctld}"
+    log "nodes not up after 60 s: ${states:-no answer from slurmctld}"
     log "see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd-n*.log"
     exit 1
 }
@@ -177,7 +178,7 @@ cmd_start() {
     start_munge
     if cluster_healthy; then
         log "already running"
-        wait_until_idle
+        wait_until_up
         return
     fi
     stop_daemons  # whatever is left of a previous, crashed cluster
@@ -192,7 +193,7 @@ cmd_start() {
     for node in "${NODES[@]}"; do
         /usr/sbin/slurmd -N "$node"
     done
-    wait_until_idle
+    wait_until_up
 }
 
 cmd_stop() {
