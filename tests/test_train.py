@@ -251,6 +251,17 @@ def test_prepare_bytes_is_deterministic_and_exact(repo, tmp_path):
     assert bytes(train[:len(first)].astype(np.uint8)) == first
 
 
+def test_prepare_defaults_give_a_small_corpus_a_val_split(repo, tmp_path):
+    """With the default 1% val fraction, the chunk size follows the input size (2 MB here), so
+    the val split is neither empty nor one lump."""
+    proc = run_prepare(repo, "--input", *stdlib_corpus_files(), "--out_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    total = meta["n_train_tokens"] + meta["n_val_tokens"]
+    assert meta["n_val_tokens"] >= 10 * meta["chunk_tokens"]
+    assert abs(meta["n_val_tokens"] / total - 0.01) < 0.002
+
+
 def test_prepare_refuses_ids_beyond_vocab(repo, tmp_path):
     proc = run_prepare(repo, "--input", stdlib_corpus_files(1)[0], "--out_dir", str(tmp_path),
                        "--vocab_size", "256")
