@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import UserError
 from .render import LOCK_NAME, file_mode, read_lock, sha256
@@ -66,6 +66,8 @@ def compare(repo: Path, files: dict[str, bytes]) -> RepoState:
             continue
         if on_disk is None:
             state.missing.append(rel)
+        elif on_disk == data:  # already what we would write (e.g. a recompile killed mid-rename)
+            continue
         elif rel in old_manifest and sha256(on_disk) != old_manifest[rel]:
             state.edited.append(rel)
         elif rel not in old_manifest and on_disk != data:
@@ -86,8 +88,17 @@ def diff(repo: Path, files: dict[str, bytes], paths: list[str]) -> str:
     return "".join(out)
 
 
+def _check_relative(rel: str) -> None:
+    """A generated path is relative, normalised and stays below the repo root."""
+    p = PurePosixPath(rel)
+    if not p.parts or p.is_absolute() or str(p) != rel or ".." in p.parts:
+        raise ValueError(f"refusing to write {rel!r}: not a plain path inside the repo")
+
+
 def _write_file(path: Path, data: bytes, mode: int) -> None:
-    with open(path, "wb") as fh:
+    # O_EXCL | O_NOFOLLOW: create the file itself, never write through a link planted at its name.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -97,6 +108,8 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 def write_repo(out: Path, files: dict[str, bytes], force: bool = False) -> str:
     """Write `files` into `out`. Returns a one-line summary. Raises UserError, never half-writes."""
     out = Path(out)
+    for rel in files:
+        _check_relative(rel)
     if out.is_symlink():
         raise UserError("output path is a symbolic link", where=str(out),
                         fix="pass the real directory, or another path")
@@ -153,8 +166,9 @@ def _update(out: Path, files: dict[str, bytes], force: bool) -> str:
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + STAGING_SUFFIX)
+            tmp.unlink(missing_ok=True)  # left by a killed compile (a link is removed, not followed)
+            staged.append((tmp, target, rel))  # before writing: a half-written one is removed too
             _write_file(tmp, files[rel], file_mode(rel))
-            staged.append((tmp, target, rel))
     except OSError as exc:
         for tmp, _, _ in staged:
             tmp.unlink(missing_ok=True)

@@ -28,32 +28,38 @@ class CliResult:
     timed_out: bool
 
 
-def run_cli_forked(args, cwd: Path, timeout: float = 60.0) -> CliResult:
+def start_cli_forked(args, cwd: Path, stdout_fd: int, stderr_fd: int) -> int:
+    """Fork a child that runs `llama3gen <args>` in cwd with the given output files; its pid."""
     # Import in the parent what the commands import lazily, so each child starts with it loaded.
     from llama3gen import cli, planner, render, report, spec, writer  # noqa: F401
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into the test runner
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # the child: never returns into the test runner
+    try:
+        os.chdir(cwd)
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # what `python -m` would do with an escaping exception
+            traceback.print_exc()
             code = 1
-            try:
-                os.chdir(cwd)
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
-                sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                try:
-                    code = cli.main([str(a) for a in args])
-                except SystemExit as exc:  # argparse
-                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-                except BaseException:  # what `python -m` would do with an escaping exception
-                    traceback.print_exc()
-                    code = 1
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code if isinstance(code, int) else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def run_cli_forked(args, cwd: Path, timeout: float = 60.0) -> CliResult:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = start_cli_forked(args, cwd, out.fileno(), err.fileno())
         deadline = time.monotonic() + timeout
         timed_out = False
         while True:
