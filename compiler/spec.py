@@ -22,8 +22,9 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TIME_LIMIT_PATTERN = r"^([0-9]{1,3}-)?[0-9]{1,3}:[0-9]{2}:[0-9]{2}$"  # not \d: any Unicode digit
 
-# A search space larger than this is refused before it is enumerated (memory, not patience).
-MAX_CANDIDATES = 50_000_000
+# A search space larger than this is refused before it is enumerated (memory, not patience):
+# enumeration and planning hold ~500 bytes per shape, so 4M shapes peak near 2 GB (50M needed 24).
+MAX_CANDIDATES = 4_000_000
 # Shapes well past any trained model (LLaMA 3 405B: 126 layers, d_model 16384), and small enough
 # that parameter and FLOP counts stay exact in int64 whatever the other fields say.
 MAX_LAYERS = 1024
