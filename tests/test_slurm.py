@@ -13,10 +13,10 @@ watcher threads as soon as those jobs pass step REQUEUE_AT_STEP.
 
 SLURM checks time limits every 30 s, so a job with a 1-minute limit and a 40 s warning gets its
 signal anywhere from 20 to 50 s after it starts (20 s: after train.py has installed its handlers).
-The first attempt of each interrupted job therefore sleeps SLOW_STEP_S after every optimizer step
+The first attempt of each time-limited job therefore sleeps SLOW_STEP_S after every optimizer step
 (a sitecustomize.py on PYTHONPATH wraps AdamW.step; train.py itself is untouched) so that it is
-still training when the signal or the requeue comes; requeued attempts run at full speed. Sleeping
-changes no number.
+still training when the signal comes; requeued attempts run at full speed. Sleeping changes no
+number.
 
 Golden files: tests/golden/<spec>/{scripts/train.sbatch,submit.py}; after an intended change,
 regenerate with LLAMA3GEN_UPDATE_GOLDEN=1 python -m pytest -q tests/test_slurm.py -k golden
@@ -280,10 +280,10 @@ def jobs(base_repo, tmp_path_factory):
     slow = dict(env, PYTHONPATH=str(slow_dir), SLOW_STEP_S=str(SLOW_STEP_S))
 
     runs = {}  # longest first: SLURM starts them in submission order
-    runs["sbatch_requeue"] = submit(fresh(base_repo, "sbatch-requeue"), sbatch=True, env=slow)
-    runs["submitit_requeue"] = submit(fresh(base_repo, "submitit-requeue"), sbatch=False, env=slow)
     runs["sbatch_time_limit"] = submit(fresh(short, "sbatch-limit"), sbatch=True, env=slow)
     runs["submitit_time_limit"] = submit(fresh(short, "submitit-limit"), sbatch=False, env=slow)
+    runs["sbatch_requeue"] = submit(fresh(base_repo, "sbatch-requeue"), sbatch=True, env=env)
+    runs["submitit_requeue"] = submit(fresh(base_repo, "submitit-requeue"), sbatch=False, env=env)
     runs["sbatch"] = submit(fresh(base_repo, "sbatch"), sbatch=True, env=env)
     runs["submitit"] = submit(fresh(base_repo, "submitit"), sbatch=False, env=env)
     runs["two_node"] = submit(fresh(two_node, "two-node-run"), sbatch=True, env=env)
