@@ -152,8 +152,8 @@ def bench_search(n_layers: int, n_hidden: int, repeats: int) -> dict:
         cands = solver.enumerate_candidates(spec, budget)
         result = solver.solve_variant(spec, variant, cands)
         numpy_times.append(time.perf_counter() - t0)
-    ranked = result.feasible  # best objective (here: the loss) first
-    numpy_best = (float(ranked.loss[0]), int(ranked.n_layers[0]), int(ranked.d_model[0]))
+    best = int(result.top[0])  # best objective (here: the loss) first
+    numpy_best = (float(cands.loss[best]), int(cands.n_layers[best]), int(cands.d_model[best]))
 
     m, s = spec.model, spec.search
     law = s.law()

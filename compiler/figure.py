@@ -7,7 +7,7 @@ byte-identical across machines and diffs cleanly in git.
 from __future__ import annotations
 
 import math
-from xml.sax.saxutils import escape
+from html import escape
 
 from .plan import Plan
 from .units import si

@@ -29,16 +29,17 @@ def _choice(spec: Spec, c: solver.Candidates, i: int) -> P.Choice:
         flops_exact=float(c.fpt_exact[i]) * tokens)
 
 
-def _top(c: solver.Candidates, pick: int, k: int) -> list[P.Candidate]:
-    rows = list(range(min(k, len(c))))
-    if pick not in rows:
-        rows.append(pick)
-    return [P.Candidate(rank=i + 1, n_layers=int(c.n_layers[i]), d_model=int(c.d_model[i]),
+def _top(c: solver.Candidates, result: solver.VariantResult) -> list[P.Candidate]:
+    rows = [(rank, int(i)) for rank, i in enumerate(result.top, start=1)]
+    if result.pick not in result.top:
+        rows.append((result.pick_rank, result.pick))
+    return [P.Candidate(rank=rank, n_layers=int(c.n_layers[i]), d_model=int(c.d_model[i]),
                         n_heads=int(c.n_heads[i]), ffn_hidden=int(c.ffn_hidden[i]),
                         n_params=int(c.n_params[i]), tokens=float(c.tokens[i]),
                         tokens_per_param=float(c.tokens[i] / c.n_params[i]), loss=float(c.loss[i]),
-                        days=float(c.seconds[i] / solver.SECONDS_PER_DAY), selected=(i == pick))
-            for i in rows]
+                        days=float(c.seconds[i] / solver.SECONDS_PER_DAY),
+                        selected=(i == result.pick))
+            for rank, i in rows]
 
 
 def _law(spec: Spec) -> P.Law:
@@ -90,8 +91,7 @@ def build_plan(spec: Spec) -> P.Plan:
     variants = []
     for v in spec.variants:
         result = solver.solve_variant(spec, v, cands, memory_masks)
-        f, i = result.feasible, result.pick
-        choice = _choice(spec, f, i)
+        choice = _choice(spec, cands, result.pick)
         training, memory, timing, reasons, provenance = plan_training(spec, choice)
         provenance.update({
             "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / "
@@ -101,9 +101,9 @@ def build_plan(spec: Spec) -> P.Plan:
         })
         variants.append(P.Variant(
             name=v.name, description=v.description or "", constraints=_constraints(v), choice=choice,
-            top=_top(f, i, spec.search.top_k),
+            top=_top(cands, result),
             stats=P.SearchStats(enumerated=cands.enumerated, valid_shapes=len(cands),
-                                feasible=len(f), near_optimal=result.near_optimal,
+                                feasible=result.feasible, near_optimal=result.near_optimal,
                                 removed_by=result.removed_by),
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
             layout_reasons=reasons, provenance=provenance))

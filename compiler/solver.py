@@ -120,8 +120,10 @@ def enumerate_candidates(spec: Spec, budget: BudgetFlops) -> Candidates:
 @dataclass(frozen=True)
 class VariantResult:
     variant: Variant
-    feasible: Candidates  # satisfying the constraints, ranked best first
-    pick: int  # index into `feasible`
+    top: np.ndarray  # indices into the candidates, the best top_k feasible ones in rank order
+    pick: int  # index into the candidates
+    pick_rank: int  # 1-based rank of the pick among the feasible (ties share a rank)
+    feasible: int
     near_optimal: int
     removed_by: dict[str, int]
     tie_break: str
@@ -154,27 +156,36 @@ def constraint_masks(variant: Variant, c: Candidates) -> dict[str, np.ndarray]:
 
 def solve_variant(spec: Spec, variant: Variant, c: Candidates,
                   extra_masks: dict[str, np.ndarray] | None = None) -> VariantResult:
+    """Rank the feasible candidates and pick one. Only the top-k and the near-optimal band are
+    sorted: a million candidates need one pass, not a full sort."""
     masks = constraint_masks(variant, c)
     masks.update(extra_masks or {})
     keep = np.ones(len(c), dtype=bool)
     for mask in masks.values():
         keep &= mask
     removed_by = {name: int((~mask).sum()) for name, mask in sorted(masks.items())}
-    if not keep.any():
+    idx = np.flatnonzero(keep)
+    if idx.size == 0:
         raise infeasible(spec, variant, c, masks)
-    feasible = c.take(np.flatnonzero(keep))
-    order = np.lexsort((feasible.d_model, feasible.n_layers, feasible.seconds, feasible.objective))
-    feasible = feasible.take(order)
+    objective = c.objective[idx]
+
+    def ranked(sub):  # by objective, then time, then fewer layers, then narrower
+        order = np.lexsort((c.d_model[sub], c.n_layers[sub], c.seconds[sub], c.objective[sub]))
+        return sub[order]
+
+    k = min(spec.search.top_k, idx.size)
+    top = ranked(idx[np.argpartition(objective, k - 1)[:k]] if k < idx.size else idx)
 
     band = spec.search.near_optimal
-    best = feasible.objective[0]
-    scale = abs(feasible.loss[0]) if not isinstance(spec.search.law(), laws.TokensPerParamRule) else 1.0
-    in_band = np.flatnonzero(feasible.objective <= best + band * scale)
+    best = objective.min()
+    rule = isinstance(spec.search.law(), laws.TokensPerParamRule)
+    scale = 1.0 if rule else abs(float(c.loss[top[0]]))
+    in_band = idx[objective <= best + band * scale]
     # Within the band: fastest, then fewer layers, then narrower.
-    sub = feasible.take(in_band)
-    pick = int(in_band[np.lexsort((sub.d_model, sub.n_layers, sub.seconds))[0]])
-    return VariantResult(variant, feasible, pick, int(in_band.size), removed_by,
-                         TIE_BREAK.format(band=band))
+    pick = int(in_band[np.lexsort((c.d_model[in_band], c.n_layers[in_band], c.seconds[in_band]))[0]])
+    pick_rank = int((objective < c.objective[pick]).sum()) + 1
+    return VariantResult(variant, top, pick, pick_rank, int(idx.size), int(in_band.size),
+                         removed_by, TIE_BREAK.format(band=band))
 
 
 def infeasible(spec: Spec, variant: Variant, c: Candidates, masks: dict[str, np.ndarray]) -> UserError:

@@ -23,7 +23,8 @@ What happens:
 - checkpoints (checkpoint.py) every ckpt_interval steps and at the end; at start the run resumes
   from the newest checkpoint in out_dir that verifies (or starts from init_from_hf);
 - SIGTERM or SIGUSR1 (preemption, SLURM's warning signal): save at the next step boundary and
-  exit 75, which asks the launcher to requeue; a second signal exits at once.
+  exit 75, which asks the launcher to requeue; a second signal more than 5 s after the first
+  exits at once (repeats within 5 s are the duplicates SLURM and torchrun deliver).
 
 Exit status: 0 finished, 75 saved after a signal (requeue me), 2 bad configuration, else failure.
 """
@@ -102,6 +103,7 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
 PARALLELISM_NAMES = {"fsdp": "FSDP2", "hsdp": "HSDP (FSDP2 on a nodes × GPUs mesh)", "ddp": "DDP"}
+DUPLICATE_SIGNAL_WINDOW_S = 5.0  # repeats of a signal this soon are the same request
 MFU_WARN_FRACTION = 0.5  # warn when achieved MFU is below this fraction of planned_mfu
 
 
@@ -306,20 +308,36 @@ def evaluate(model, val, cfg, rank, world, dev, autocast):
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 set a flag checked at step boundaries; a second signal exits at once."""
+    """SIGTERM/SIGUSR1 set a flag checked at step boundaries (save, then exit 75).
+
+    The same signal often arrives twice within milliseconds (SLURM signals every process of the
+    step and torchrun forwards it again, docs/CONTRACT.md): repeats within
+    DUPLICATE_SIGNAL_WINDOW_S of the first are that one request. A signal after the window means
+    "stop now": exit at once, without saving (the last checkpoint stays valid).
+    """
 
     def __init__(self):
         self.signal = None
+        self.first_at = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
+    @staticmethod
+    def _say(msg):  # os.write: print() from a signal handler can hit a reentrant buffered write
+        os.write(sys.stderr.fileno(), f"rank {os.environ.get('RANK', '0')}: {msg}\n".encode())
+
     def _handle(self, signum, frame):
-        if self.signal is not None:
-            print(f"second signal ({signal.Signals(signum).name}): exiting now", flush=True)
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self.first_at = signum, now
+            self._say(f"{name} received: will save a checkpoint at the end of this step and exit "
+                      f"{EXIT_REQUEUE}")
+        elif now - self.first_at < DUPLICATE_SIGNAL_WINDOW_S:
+            self._say(f"{name} again (a duplicate delivery): still saving at the step boundary")
+        else:
+            self._say(f"second signal ({name}): exiting now without saving")
             os._exit(128 + signum)
-        self.signal = signum
-        print(f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name} received: "
-              f"will save a checkpoint at the end of this step and exit {EXIT_REQUEUE}", flush=True)
 
 
 class Metrics:

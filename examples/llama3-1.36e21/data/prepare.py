@@ -25,7 +25,9 @@ Any id >= --vocab_size (the model's vocabulary, default the tokenizer's) is refu
 Train/validation split: the token stream is cut into chunks of --chunk_tokens tokens and chunk k
 goes to val.bin when floor((k + 1) · val_fraction) > floor(k · val_fraction), i.e. one chunk in
 every 1/val_fraction. The split is deterministic, needs no second pass over the data, and works
-for one huge document as well as for many small ones. Output files are written beside their
+for one huge document as well as for many small ones. By default the chunk size follows from the
+input's size in bytes (known before reading): about 20 val chunks, between 1,024 and 65,536
+tokens each, so small corpora get a val split too. Output files are written beside their
 final names and renamed into place only when complete.
 """
 
@@ -40,6 +42,15 @@ import numpy as np
 
 DEFAULT_EOD_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 TEXT_PIECE_BYTES = 1 << 20  # text files are tokenized in pieces of about this size
+MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 1 << 10, 1 << 16
+VAL_CHUNKS_WANTED = 20
+
+
+def auto_chunk_tokens(total_bytes, val_fraction):
+    """A chunk size giving about VAL_CHUNKS_WANTED val chunks. Tokens are estimated as bytes / 4
+    (a BPE tokenizer on English); raw bytes give 4× more tokens, hence more, smaller-share chunks."""
+    estimate = total_bytes / 4 * val_fraction / VAL_CHUNKS_WANTED
+    return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, estimate)))
 
 
 class PrepareError(ValueError):
@@ -205,7 +216,7 @@ class SplitWriter:
 
 
 def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
-            chunk_tokens=1 << 16, extensions=("txt", "md", "jsonl"), jsonl_key="text",
+            chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
             eod_token="", log=print):
     """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict."""
     if not 0.0 < val_fraction < 1.0:
@@ -213,6 +224,8 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
     tok = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(tokenizer, eod_token)
     vocab_size = vocab_size or tok.vocab_size
     files = list_input_files(inputs, set(extensions))
+    if not chunk_tokens:
+        chunk_tokens = auto_chunk_tokens(sum(os.path.getsize(f) for f in files), val_fraction)
     os.makedirs(out_dir, exist_ok=True)
     writer = SplitWriter(out_dir, val_fraction, chunk_tokens)
     n_documents, max_id = 0, -1
@@ -269,8 +282,9 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=0,
                    help="the model's vocabulary; ids >= it are refused (default: the tokenizer's)")
     p.add_argument("--val_fraction", type=float, default=0.01)
-    p.add_argument("--chunk_tokens", type=int, default=1 << 16,
-                   help="granularity of the train/val split, in tokens")
+    p.add_argument("--chunk_tokens", type=int, default=0,
+                   help="granularity of the train/val split, in tokens (default: from the input "
+                        "size, 1024 to 65536)")
     p.add_argument("--extensions", default="txt,md,jsonl",
                    help="comma-separated file extensions searched for in directories")
     p.add_argument("--jsonl_key", default="text")
