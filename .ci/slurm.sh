@@ -200,8 +200,10 @@ cmd_stop() {
     if live_pid "$CTLD_PIDFILE" slurmctld >/dev/null; then
         # Cancel the jobs first, so that no job step outlives its slurmd.
         local jobs
-        jobs=$(timeout 5 squeue -h -o %i 2>/dev/null || true)
-        [[ -n $jobs ]] && timeout 10 scancel $jobs 2>/dev/null || true
+        mapfile -t jobs < <(timeout 5 squeue -h -o %i 2>/dev/null || true)
+        if ((${#jobs[@]})); then
+            timeout 10 scancel "${jobs[@]}" 2>/dev/null || true
+        fi
         for _ in $(seq 30); do
             [[ -z $(timeout 5 squeue -h -o %i 2>/dev/null) ]] && break
             sleep 0.5
@@ -213,11 +215,20 @@ cmd_stop() {
 }
 
 cmd_status() {
-    local ok=0
-    for spec in "$MUNGE_PIDFILE munged" "$CTLD_PIDFILE slurmctld" "/run/slurmd-n1.pid slurmd" "/run/slurmd-n2.pid slurmd"; do
-        set -- $spec
-        if pid=$(live_pid "$1" "$2"); then echo "$2 running (pid $pid, $1)"; else echo "$2 not running ($1)"; ok=1; fi
-    done
+    local ok=0 pid pidfile program
+    while read -r pidfile program; do
+        if pid=$(live_pid "$pidfile" "$program"); then
+            echo "$program running (pid $pid, $pidfile)"
+        else
+            echo "$program not running ($pidfile)"
+            ok=1
+        fi
+    done <<EOF
+$MUNGE_PIDFILE munged
+$CTLD_PIDFILE slurmctld
+/run/slurmd-n1.pid slurmd
+/run/slurmd-n2.pid slurmd
+EOF
     timeout 10 sinfo -N 2>&1 || ok=1
     return $ok
 }
