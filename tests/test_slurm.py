@@ -11,8 +11,9 @@ step with the same loss as an uninterrupted job. All jobs are submitted when the
 cluster runs two at a time) and each test waits for its own; the `scontrol requeue`s are sent by
 watcher threads as soon as those jobs pass step REQUEUE_AT_STEP.
 
-SLURM checks time limits every 30 s, so a job with a 1-minute limit and a 40 s warning gets its
-signal anywhere from 20 to 50 s after it starts (20 s: after train.py has installed its handlers).
+SLURM checks time limits every 30 s and sends the warning at the first check within (warning +
+30 s) of the limit, so a job with a 1-minute limit and a 10 s warning gets its signal anywhere from
+20 to 50 s after it starts (measured; 20 s is after train.py has installed its handlers).
 The first attempt of each time-limited job therefore sleeps SLOW_STEP_S after every optimizer step
 (a sitecustomize.py on PYTHONPATH wraps AdamW.step; train.py itself is untouched) so that it is
 still training when the signal comes; requeued attempts run at full speed. Sleeping changes no
@@ -260,11 +261,11 @@ def jobs(base_repo, tmp_path_factory):
     require_cluster()
     tmp = tmp_path_factory.mktemp("jobs")
     spec_text = (SPECS / "tiny-cpu.yaml").read_text()
-    # The same training on 2 nodes × 1 rank, and with a 1-minute limit and a 40 s warning.
+    # The same training on 2 nodes × 1 rank, and with a 1-minute limit and a 10 s warning.
     two_node = compile_spec(edit_spec(edit_spec(spec_text, "gpus_per_node: 2", "gpus_per_node: 1"),
                                       "nodes: 1", "nodes: 2"), tmp / "two-node", tmp)
     short = compile_spec(edit_spec(spec_text, 'time_limit: "00:10:00"',
-                                   'time_limit: "00:01:00"\n  signal_before_s: 40'),
+                                   'time_limit: "00:01:00"\n  signal_before_s: 10'),
                          tmp / "short", tmp)
     for repo in (two_node, short):
         assert config_values(repo) == config_values(base_repo), f"{repo.name} trains differently"
