@@ -99,11 +99,12 @@ def fits(n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_hidden, vocab_siz
 
 def tokens_per_second(n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_hidden, vocab_size,
                       seq_len, *, memory_bytes, world_size, gpus_per_node, peak_flops, mfu,
-                      tie_embeddings=False, allow_checkpointing=True, grad_accum=2, device="cuda"):
+                      tie_embeddings=False, allow_checkpointing=True, grad_accum=2, device="cuda",
+                      force_checkpointing=False):
     """Predicted tokens/s of the whole job for each candidate (vectorised), 0 where nothing fits.
 
     Checkpointing is assumed exactly where micro-batch 1 does not fit without it, as plan_layout
-    decides; use it to break ties between near-optimal shapes.
+    decides (everywhere with force_checkpointing); use it to break ties between near-optimal shapes.
     """
     args = (n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_hidden, vocab_size, seq_len)
     common = dict(memory_bytes=memory_bytes, world_size=world_size, gpus_per_node=gpus_per_node,
@@ -111,7 +112,7 @@ def tokens_per_second(n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_hidd
     without = fits(*args, allow_checkpointing=False, **common)
     with_ac = fits(*args, allow_checkpointing=allow_checkpointing, **common)
     exact = arch.flops_per_token_exact(*args)
-    hw = hardware_flops_per_token(exact, *args, activation_checkpointing=~without)
+    hw = hardware_flops_per_token(exact, *args, activation_checkpointing=~without | force_checkpointing)
     return np.where(with_ac, world_size * peak_flops * mfu / hw, 0.0)
 
 
@@ -142,6 +143,20 @@ def memory_masks(spec, cands) -> dict:
               world_size=hw.world_size, gpus_per_node=hw.gpus_per_node,
               tie_embeddings=m.tie_embeddings, allow_checkpointing=allow, device=device)
     return {"memory": np.asarray(ok, dtype=bool)}
+
+
+def candidate_throughput(spec, cands) -> np.ndarray:
+    """tokens/s of the whole job for every solver candidate, 0 where nothing fits (vectorised)."""
+    hw, m = spec.hardware, spec.model
+    device, memory_bytes = spec_memory_bytes(spec)
+    gpu = hw.device()
+    return tokens_per_second(
+        cands.n_layers, cands.d_model, cands.n_heads, m.kv_heads, m.head_dim, cands.ffn_hidden,
+        m.vocab_size, m.seq_len, memory_bytes=device_capacity(memory_bytes, hw.gpus_per_node, device),
+        world_size=hw.world_size, gpus_per_node=hw.gpus_per_node, peak_flops=gpu.peak_flops,
+        mfu=hw.effective_mfu, tie_embeddings=m.tie_embeddings,
+        allow_checkpointing=spec.training.activation_checkpointing is not False, device=device,
+        force_checkpointing=spec.training.activation_checkpointing is True)
 
 
 def _divisors(n):

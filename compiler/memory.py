@@ -15,10 +15,13 @@ one node and replicates across nodes.
 Gradients, as the generated train.py handles them (each moment of the step counts what exists then):
 - zero_grad(set_to_none=True) frees them between steps, so the first micro-batch's loss backward
   has none; later micro-batches find the earlier ones' accumulated;
-- DDP (world > 1) without gradient_as_bucket_view: its buckets hold a second fp32 gradient (4·N);
-- FSDP2 with set_requires_gradient_sync(False) on all but the last micro-batch skips the
-  reduce-scatters, so with accumulation every rank holds the full fp32 gradient (4·N, unsharded)
-  until the last micro-batch (FSDP_UNSHARDED_ACCUMULATION).
+- DDP (world > 1) with gradient_as_bucket_view=True (what train.py passes): gradients are views
+  into the buckets, no second copy (DDP_BUCKET_COPY = False; without it the buckets would hold a
+  second fp32 gradient, 4·N);
+- FSDP2 reduce-scatters after every micro-batch (train.py does not skip gradient sync), so
+  gradients stay sharded; skipping it (set_requires_gradient_sync(False)) would leave every rank
+  with the full fp32 gradient (4·N, unsharded) until the last micro-batch
+  (FSDP_UNSHARDED_ACCUMULATION, False for the generated train.py).
 
 Working copies (`working`), which exist only part of the step:
 - FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) all-gathers a bf16 copy of
@@ -96,11 +99,12 @@ GRADIENT_BYTES = 4
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq
 ADAMW_TEMP_BYTES = 4  # per-tensor AdamW (CPU): a temporary the size of the largest tensor
 
-# The generated train.py calls FSDP2's set_requires_gradient_sync(False) on all but the last
-# micro-batch: the skipped reduce-scatters leave every rank with the full unsharded gradient,
-# accumulated in fp32 (4·N bytes, whatever the shard degree). Set False if train.py reduce-scatters
-# after every micro-batch (as torchtitan does).
-FSDP_UNSHARDED_ACCUMULATION = True
+# The generated train.py reduce-scatters after every micro-batch (as torchtitan does), so FSDP2
+# gradients stay sharded. True would model set_requires_gradient_sync(False) on all but the last
+# micro-batch: every rank then accumulates the full unsharded fp32 gradient (4·N bytes).
+FSDP_UNSHARDED_ACCUMULATION = False
+# The generated train.py wraps DDP with gradient_as_bucket_view=True: no second gradient copy.
+DDP_BUCKET_COPY = False
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids: the embedding saves its input, the loss its targets
 
@@ -312,7 +316,7 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
         grads_late = grads
     grads_step = grads  # at optimizer.step(): the reduced gradient (sharded under FSDP)
     if parallelism == "ddp":  # DDP's gradient buckets: a second fp32 gradient (no bucket view)
-        buckets = np.where(np.asarray(world_size) > 1, GRADIENT_BYTES * n_params, 0.0)
+        buckets = np.where((np.asarray(world_size) > 1) & DDP_BUCKET_COPY, GRADIENT_BYTES * n_params, 0.0)
         grads_accumulated, grads_late = grads_accumulated + buckets, grads_late + buckets
         grads_step = grads + buckets
 

@@ -84,6 +84,8 @@ def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
     memory_masks = layout.memory_masks(spec, cands)
+    # Time each candidate with the layout it will get (checkpointing where memory needs it).
+    cands = solver.with_throughput(spec, budget, cands, layout.candidate_throughput(spec, cands))
 
     hw, gpu = spec.hardware, spec.hardware.device()
     if len(cands) and not memory_masks["memory"].any():

@@ -22,6 +22,7 @@ class BudgetFlops:
     flops: float
     convention: str  # what `flops` counts: "6N" or "exact"
     source: str
+    job_seconds: float | None = None  # wall-clock seconds, when the budget is time (GPU-hours, days)
 
 
 def budget_flops(spec: Spec) -> BudgetFlops:
@@ -33,7 +34,7 @@ def budget_flops(spec: Spec) -> BudgetFlops:
     hw = spec.hardware
     gpu = hw.device()
     if spec.budget.flops is not None:
-        return BudgetFlops(spec.budget.flops, spec.search.flops, "spec: budget.flops")
+        return _at_least_min(BudgetFlops(spec.budget.flops, spec.search.flops, "spec: budget.flops"))
     if spec.budget.gpu_hours is not None:
         gpu_hours, how = spec.budget.gpu_hours, f"budget.gpu_hours {spec.budget.gpu_hours:g}"
     else:
@@ -42,7 +43,21 @@ def budget_flops(spec: Spec) -> BudgetFlops:
     flops = gpu_hours * 3600 * gpu.peak_flops * hw.effective_mfu
     source = (f"{how} × 3600 s × {gpu.bf16_tflops:g} TFLOP/s ({gpu.name} peak) × MFU "
               f"{hw.effective_mfu:g}; hardware FLOPs, so counted with the exact convention")
-    return BudgetFlops(flops, "exact", source)
+    return _at_least_min(BudgetFlops(flops, "exact", source,
+                                     job_seconds=gpu_hours * 3600 / hw.world_size))
+
+
+# Below this not one token of the smallest model is trained; it also keeps D and C = M·D clear of
+# float underflow (flops: 1e-320 made D zero and the learning-rate law divide by it).
+MIN_BUDGET_FLOPS = 1e6
+
+
+def _at_least_min(budget: BudgetFlops) -> BudgetFlops:
+    if not budget.flops >= MIN_BUDGET_FLOPS:
+        raise UserError(f"the budget comes to {budget.flops:.3g} FLOPs, too little to train anything "
+                        f"(minimum {MIN_BUDGET_FLOPS:.0e})", field="budget",
+                        fix="check the budget's units: flops are total FLOPs, e.g. 1.36e21")
+    return budget
 
 
 @dataclass(frozen=True)
@@ -103,18 +118,38 @@ def enumerate_candidates(spec: Spec, budget: BudgetFlops) -> Candidates:
     fpt_budget = fpt_6n if budget.convention == "6N" else fpt_exact
     tokens = budget.flops / fpt_budget.astype(np.float64)
 
-    law = s.law()
-    if isinstance(law, laws.TokensPerParamRule):
-        loss = law.loss_law.loss(n, tokens)
-        objective = law.objective(n, tokens)
-    else:
-        loss = law.loss(n, tokens)
-        objective = loss
+    loss, objective = score(spec, n, tokens)
     hw = spec.hardware
     job_flops_per_s = hw.world_size * hw.device().peak_flops * hw.effective_mfu
     seconds = fpt_exact * tokens / job_flops_per_s
     return Candidates(L, d, heads, f, n, fpt_6n, fpt_exact, tokens, np.asarray(loss),
                       np.asarray(objective), seconds, enumerated)
+
+
+def score(spec: Spec, n_params, tokens):
+    """(predicted loss, ranking objective): the law's loss, or a rule's distance and a loss beside it."""
+    law = spec.search.law()
+    if isinstance(law, laws.TokensPerParamRule):
+        return np.asarray(law.loss_law.loss(n_params, tokens)), np.asarray(law.objective(n_params, tokens))
+    loss = np.asarray(law.loss(n_params, tokens))
+    return loss, loss
+
+
+def with_throughput(spec: Spec, budget: BudgetFlops, c: Candidates,
+                    tokens_per_second: np.ndarray) -> Candidates:
+    """Candidates timed by a throughput model that knows the layout (activation checkpointing
+    where memory needs it costs one more forward of the blocks). A time budget buys
+    job seconds × tokens/s tokens, so recomputation costs tokens; a FLOPs budget's tokens stay."""
+    fits = tokens_per_second > 0
+    tps = np.where(fits, tokens_per_second, 1.0)
+    tokens, loss, objective = c.tokens, c.loss, c.objective
+    if budget.job_seconds is not None:
+        tokens = np.where(fits, budget.job_seconds * tps, c.tokens)
+        loss, objective = score(spec, c.n_params, tokens)
+    seconds = np.where(fits, tokens / tps, np.inf)
+    fields = {k: getattr(c, k) for k in c.__dataclass_fields__}
+    fields.update(tokens=tokens, loss=loss, objective=objective, seconds=seconds)
+    return Candidates(**fields)
 
 
 @dataclass(frozen=True)

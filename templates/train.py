@@ -235,7 +235,9 @@ def build_model(cfg, dev, world, start_from_hf):
     sharded = world > 1 and cfg.parallelism in ("fsdp", "hsdp")
     if world > 1 and cfg.parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second fp32 copy.
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     elif sharded:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -267,10 +269,12 @@ def make_optimizer(model, cfg, dev):
 
 
 def grad_sync(model, enabled):
-    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-        return contextlib.nullcontext()
+    """DDP: skip the gradient all-reduce on all but the last micro-step of an accumulation.
+
+    FSDP2 reduce-scatters after every micro-step instead (torchtitan's default): skipping it would
+    leave every rank holding the full unsharded fp32 gradient, 4 bytes per parameter, which for a
+    multi-billion model costs more memory than the communication it saves.
+    """
     if hasattr(model, "no_sync") and not enabled:  # DDP
         return model.no_sync()
     return contextlib.nullcontext()
@@ -380,7 +384,11 @@ def main(argv):
         raise ConfigError(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
     if cfg.parallelism not in ("fsdp", "hsdp", "ddp"):
         raise ConfigError(f"parallelism must be 'fsdp', 'hsdp' or 'ddp', got {cfg.parallelism!r}")
-    with open(os.path.join(cfg.data_dir, "meta.json")) as f:
+    meta_path = os.path.join(cfg.data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"no prepared data: {meta_path} is missing; run data/prepare.py "
+                          f"--out_dir {cfg.data_dir} first (README.md, step 2)")
+    with open(meta_path) as f:
         meta = json.load(f)
     max_id = meta.get("max_token_id", meta["vocab_size"] - 1)
     if meta["vocab_size"] > cfg.vocab_size or max_id >= cfg.vocab_size:

@@ -103,8 +103,8 @@ def tracked_steps(model, cfg, batch, grad_accum, fsdp, steps=2):
     with tracker:
         for _ in range(steps):
             for micro in range(grad_accum):
-                if fsdp:  # train.py: reduce-scatter only after the last micro-batch
-                    model.set_requires_gradient_sync(micro == grad_accum - 1)
+                # train.py keeps FSDP2's gradient sync on: a reduce-scatter after every
+                # micro-batch, so gradients stay sharded (memory.FSDP_UNSHARDED_ACCUMULATION).
                 _, loss = model(x, y)
                 (loss / grad_accum).backward()
                 tracker.reset_mod_stats()  # the trackers follow one forward per module at a time

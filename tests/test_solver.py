@@ -174,3 +174,14 @@ def test_gpu_too_small_for_any_shape_names_the_nearest_fix():
         build_plan(spec)
     assert "no shape fits in memory" in info.value.message
     assert "GPU" in info.value.fix
+
+
+@pytest.mark.parametrize("ac", ["auto", "true"])
+def test_days_budget_is_spent_not_exceeded(ac):
+    # A time budget buys tokens at the layout's real throughput: with activation checkpointing the
+    # recomputed forward costs tokens, not extra days.
+    spec = parse_spec_text(f"name: t\nbudget: {{days: 14}}\nhardware: {{gpu: h100-sxm, nodes: 4}}\n"
+                           f"training: {{activation_checkpointing: {ac}}}\nvariants: [{{name: o}}]\n")
+    v = build_plan(spec).variants[0]
+    assert v.training.activation_checkpointing == (ac == "true") or ac == "auto"
+    assert 14 <= v.timing.days <= 14 * 1.01  # ceil(D / batch) steps: at most one batch over
