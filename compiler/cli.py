@@ -104,7 +104,7 @@ def cmd_gpus(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
     return submit(Path(args.repo), variant=args.variant, dry_run=args.dry_run,
-                  use_sbatch=args.sbatch)
+                  use_sbatch=args.sbatch, overrides=args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gpus", help="list the GPU catalog")
     p.set_defaults(func=cmd_gpus)
 
-    p = sub.add_parser("submit", help="submit a generated repo's job to SLURM")
+    p = sub.add_parser("submit", help="submit a generated repo's job to SLURM",
+                       usage="llama3gen submit REPO [--variant V] [--dry-run] [--sbatch] "
+                             "[-- --key=value ...]")
     p.add_argument("repo")
     p.add_argument("--variant", help="variant to train (default: the first)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
@@ -148,7 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` is for train.py (llama3gen submit REPO -- --max_iters=100).
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if overrides and args.command != "submit":
+        parser.error(f"`--` and train.py overrides belong to `llama3gen submit`, not {args.command}")
+    args.overrides = overrides
     try:
         return args.func(args)
     except UserError as exc:

@@ -47,8 +47,8 @@ def submit(repo_dir: Path, variant: str | None, dry_run: bool, use_sbatch: bool,
     if use_sbatch:
         command = ["sbatch", SBATCH_SCRIPT, variant, *overrides]
     else:
-        python = shutil.which("python3") or shutil.which("python") or sys.executable
-        command = [python, SUBMITIT_SCRIPT, "--variant", variant, *overrides]
+        # The interpreter running llama3gen: the environment the user installed things into.
+        command = [sys.executable, SUBMITIT_SCRIPT, "--variant", variant, *overrides]
         if dry_run:
             command.append("--dry-run")
 
