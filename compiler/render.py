@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from pathlib import Path, PurePosixPath
 
@@ -67,10 +68,26 @@ def _pyrepr(value) -> str:
     return repr(value)
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates cached per user (Jinja2 keys entries by template source, so an edited
+    template is recompiled): compiling them from source is a fifth of `compile`'s time. The cache
+    changes only speed, never output; without a writable cache directory we go without."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "llama3gen", f"jinja-{__version__}-{jinja2.__version__}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            return None
+    except OSError:
+        return None
+    return jinja2.FileSystemBytecodeCache(path)
+
+
 def _environment(root: Path) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
+        bytecode_cache=_bytecode_cache())
     env.filters.update(shquote=_shquote, pyrepr=_pyrepr, sci=_sci, si=si, duration=duration, gib=_gib, fixed=_fixed,
                        commas=_commas, tojson=lambda v: json.dumps(v, sort_keys=True))
     return env
