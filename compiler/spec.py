@@ -33,7 +33,8 @@ MAX_BYTES = 1 << 20  # specs are hand-written; a megabyte of YAML is not a spec
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0, le=1 << 40)]
-Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+# MFU below 1% is a mistake, and near zero it made predicted training times infinite.
+MFU = Annotated[float, Field(ge=0.01, le=1, allow_inf_nan=False)]
 
 
 class StrictModel(BaseModel):
@@ -58,16 +59,16 @@ class Budget(StrictModel):
 
 class CustomGPU(StrictModel):
     name: Annotated[str, Field(pattern=CLUSTER_NAME_PATTERN)]
-    bf16_tflops: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    bf16_tflops: Annotated[float, Field(ge=1e-3, le=1e6, allow_inf_nan=False)]
     memory_gb: Annotated[float, Field(gt=0, le=1e5, allow_inf_nan=False)]
-    default_mfu: Fraction = 0.4
+    default_mfu: MFU = 0.4
 
 
 class Hardware(StrictModel):
     gpu: Union[str, CustomGPU] = "a100-80gb"
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] = 8
     nodes: Annotated[int, Field(ge=1, le=100_000)] = 1
-    mfu: Fraction | None = None
+    mfu: MFU | None = None
     usd_per_gpu_hour: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
     cpus_per_gpu: Annotated[int, Field(ge=1, le=1024)] = 8
     host_memory_gb: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
@@ -161,16 +162,18 @@ class Bounds(StrictModel):
 
 
 class CustomLaw(StrictModel):
+    # Bounds wide of every published fit (alpha, beta 0.07-0.8; A, B 10^2-10^4) that keep the
+    # closed-form optimum (alpha·A/(beta·B))^(1/(alpha+beta)) finite: beta 1e-300 overflowed it.
     E: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
-    A: PositiveFloat
-    B: PositiveFloat
-    alpha: Annotated[float, Field(gt=0, le=5, allow_inf_nan=False)]
-    beta: Annotated[float, Field(gt=0, le=5, allow_inf_nan=False)]
+    A: Annotated[float, Field(ge=1e-6, le=1e6, allow_inf_nan=False)]
+    B: Annotated[float, Field(ge=1e-6, le=1e6, allow_inf_nan=False)]
+    alpha: Annotated[float, Field(ge=0.05, le=5, allow_inf_nan=False)]
+    beta: Annotated[float, Field(ge=0.05, le=5, allow_inf_nan=False)]
     name: Annotated[str, Field(pattern=NAME_PATTERN)] = "custom"
 
 
 class TokensPerParamLaw(StrictModel):
-    tokens_per_param: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    tokens_per_param: Annotated[float, Field(ge=1e-3, le=1e6, allow_inf_nan=False)]
 
 
 class Search(StrictModel):
