@@ -422,10 +422,14 @@ def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
 def _first_error(exc: ValidationError, root, path: str) -> UserError:
     errors = exc.errors(include_url=False)
     # Union errors repeat once per member; the one with the deepest location says most.
-    # At equal depth prefer a bad value over a missing or unknown key: that is the union member
-    # whose keys the user wrote ({tokens_per_param: 0} is a bad ratio, not a law missing alpha).
-    error = max(errors, key=lambda e: (len([p for p in e["loc"] if not (isinstance(p, str) and _is_type_tag(p))]),
-                                       e["type"] not in ("missing", "extra_forbidden")))
+    # At equal depth prefer a bad value, then a wrong type, over a missing or unknown key: the
+    # member whose shape the user wrote says what is wrong ({tokens_per_param: 0} is a bad ratio,
+    # not a law missing alpha; `layers: []` is an empty list, not a wrong-typed range).
+    def says_most(e):
+        depth = len([p for p in e["loc"] if not (isinstance(p, str) and _is_type_tag(p))])
+        kind = e["type"]
+        return depth, 0 if kind in ("missing", "extra_forbidden") else 1 if kind.endswith("_type") else 2
+    error = max(errors, key=says_most)
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _is_type_tag(p)))
     field = _field_path(error["loc"]) or "(top level)"
     message = _describe(error)
