@@ -19,6 +19,7 @@ from .errors import UserError
 from .render import LOCK_NAME, file_mode, read_lock, sha256
 
 STAGING_SUFFIX = ".llama3gen-new"
+STAGING_DIR_SUFFIX = ".llama3gen-tmp"
 
 
 @dataclass
@@ -116,6 +117,8 @@ def write_repo(out: Path, files: dict[str, bytes], force: bool = False) -> str:
     if out.exists() and not out.is_dir():
         raise UserError("output path exists and is not a directory", where=str(out),
                         fix="choose another path with -o")
+    if out.resolve().parent.is_dir():
+        _remove_abandoned_staging(out.resolve().parent, out.name)
     if not out.exists() or not any(out.iterdir()):
         _write_new(out, files)
         return f"wrote {len(files)} files to {out}"
@@ -125,15 +128,32 @@ def write_repo(out: Path, files: dict[str, bytes], force: bool = False) -> str:
     return _update(out, files, force)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_staging(parent: Path, name: str) -> None:
+    """Staging directories of compiles that were killed (their process is gone) are removed."""
+    for leftover in parent.glob(f".{name}.*{STAGING_DIR_SUFFIX}"):
+        pid = leftover.name[len(name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _write_new(out: Path, files: dict[str, bytes]) -> None:
     parent = out.resolve().parent
+    staging = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".llama3gen-tmp", dir=parent))
-    except OSError as exc:
-        raise UserError(f"cannot create the output directory: {exc.strerror}", where=str(out),
-                        fix="check the path and its permissions") from None
-    try:
+        # The pid in the name lets a later compile tell an abandoned staging directory.
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.",
+                                        suffix=STAGING_DIR_SUFFIX, dir=parent))
         for rel, data in files.items():
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,11 +162,14 @@ def _write_new(out: Path, files: dict[str, bytes]) -> None:
             os.chmod(d, 0o755)
         os.replace(staging, out)  # atomic; replaces an empty directory
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write the generated repo: {exc.strerror}", where=str(out),
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        verb = "create the output directory" if staging is None else "write the generated repo"
+        raise UserError(f"cannot {verb}: {exc.strerror}", where=str(out),
                         fix="free disk space or fix permissions; nothing was written") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -153,9 +153,10 @@ def test_sigkill_during_a_new_compile_leaves_no_repo_or_a_complete_one(tmp_path,
         # SIGKILL leaves the staging directory to whoever looks; it is hidden and never the repo.
         for name in os.listdir(work):
             assert name == "repo" or (name.startswith(".repo.") and name.endswith(STAGING_DIR_SUFFIX)), name
-        # ...and it does not stop the next compile.
+        # ...and the next compile succeeds and removes what the killed one abandoned.
         compile_forked(spec, "repo", work)
         assert check(repo, spec, work)
+        assert not staging_left(work), staging_left(work)
     assert outcomes["absent"] > 0, outcomes  # the loop did interrupt some compiles
 
 
