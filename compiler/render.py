@@ -93,8 +93,23 @@ def _environment(root: Path) -> jinja2.Environment:
     return env
 
 
+# Floats in the lock file keep this many significant digits: numpy's SIMD pow/exp may differ in
+# the last bit between CPUs, and a regenerated repo must diff clean on any machine.
+LOCK_FLOAT_DIGITS = 10
+
+
+def _fixed_floats(value):
+    if isinstance(value, float):
+        return float(f"{value:.{LOCK_FLOAT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {k: _fixed_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fixed_floats(v) for v in value]
+    return value
+
+
 def lock_text(plan: Plan, spec_text: str, manifest: dict[str, str]) -> str:
-    doc = {"llama3gen_version": __version__, "plan": plan.model_dump(mode="json"),
+    doc = {"llama3gen_version": __version__, "plan": _fixed_floats(plan.model_dump(mode="json")),
            "spec_text": spec_text, "files": manifest}
     return json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
 

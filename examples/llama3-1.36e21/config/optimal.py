@@ -29,8 +29,8 @@ global_batch_size = 1152  # sequences; B_opt = 0.2920·C^0.3271 = 2,253,952 toke
 micro_batch_size = 6  # per rank per forward/backward; accumulation 24 at 8 ranks (compiler/layout.py)
 
 # --- optimisation ---
-learning_rate = 0.0007274799171747879  # η_opt = 0.3118·C^-0.1250 at C = M·D = 1.14e+21 (DeepSeek-AI 2024, DeepSeek LLM, Eq. 1 (C = M·D, M non-embedding FLOPs/token))
-min_lr = 7.27479917174788e-05  # learning_rate × training.min_lr_ratio 0.1
+learning_rate = 0.0007275  # η_opt = 0.3118·C^-0.1250 at C = M·D = 1.14e+21 (DeepSeek-AI 2024, DeepSeek LLM, Eq. 1 (C = M·D, M non-embedding FLOPs/token))
+min_lr = 7.275e-05  # learning_rate × training.min_lr_ratio 0.1
 lr_schedule = 'cosine'  # spec: training.schedule
 warmup_iters = 495  # 0.01 of max_iters, at most 2000 (training.warmup_frac, training.max_warmup_iters)
 decay_frac = 0.2  # wsd only: fraction of steps in the final decay (spec: training.decay_frac)
