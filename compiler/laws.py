@@ -21,6 +21,9 @@ class ScalingLaw:
     alpha: float
     beta: float
     citation: str
+    # The (N, D) ranges the fit was made on, when published; outside them L is an extrapolation.
+    fit_params: tuple[float, float] | None = None
+    fit_tokens: tuple[float, float] | None = None
 
     def loss(self, n_params, tokens):
         n = np.asarray(n_params, dtype=np.float64)
@@ -52,17 +55,23 @@ class Optimum:
         return self.tokens / self.n_params
 
 
+# Hoffmann et al. 2022 (Sec. 3): over 400 models from 70M to over 16B parameters, trained on 5B
+# to 500B tokens. Besiroglu et al. 2024 refit the same runs, so the same ranges apply.
+CHINCHILLA_PARAMS = (7e7, 1.6e10)
+CHINCHILLA_TOKENS = (5e9, 5e11)
+
 CATALOG: dict[str, ScalingLaw] = {
     law.name: law
     for law in (
         ScalingLaw("hoffmann2022", 1.69, 406.4, 410.7, 0.34, 0.28,
                    "Hoffmann et al. 2022, Training Compute-Optimal LLMs (Chinchilla), Approach 3, "
-                   "rounded as published"),
+                   "rounded as published", CHINCHILLA_PARAMS, CHINCHILLA_TOKENS),
         ScalingLaw("hoffmann2022-unrounded", 1.6934, 406.40, 410.72, 0.33917, 0.28491,
                    "Hoffmann et al. 2022, Approach 3, unrounded values from the paper's fit as "
-                   "reported by Besiroglu et al. 2024"),
+                   "reported by Besiroglu et al. 2024", CHINCHILLA_PARAMS, CHINCHILLA_TOKENS),
         ScalingLaw("besiroglu2024", 1.8172, 482.01, 2085.43, 0.3478, 0.3658,
-                   "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (Epoch AI)"),
+                   "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (Epoch AI)",
+                   CHINCHILLA_PARAMS, CHINCHILLA_TOKENS),
     )
 }
 

@@ -214,3 +214,4 @@ class Plan(PlanModel):
     frontier: list[FrontierPoint]
     variants: list[Variant]
     job: Job
+    warnings: list[str]  # what the user should know before trusting the numbers

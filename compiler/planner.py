@@ -80,6 +80,21 @@ def _nothing_fits(spec: Spec, cands: solver.Candidates) -> UserError:
                      fix="use more or larger GPUs, or a shorter model.seq_len")
 
 
+def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
+    """Picks outside the ranges the law was fitted on: their losses are extrapolations."""
+    law = spec.search.law()
+    fit = law.loss_law if isinstance(law, laws.TokensPerParamRule) else law
+    out = []
+    for v in variants:
+        n, d = v.choice.n_params, v.choice.tokens
+        for what, value, bounds in (("N", n, fit.fit_params), ("D", d, fit.fit_tokens)):
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                out.append(f"{v.name}: {what} = {value:.3g} lies outside the {bounds[0]:.2g}–"
+                           f"{bounds[1]:.2g} range {fit.name} was fitted on, so its predicted loss "
+                           "is an extrapolation (the ranking of shapes is still the law's)")
+    return out
+
+
 def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
@@ -144,5 +159,6 @@ def build_plan(spec: Spec) -> P.Plan:
                             + ("; catalog default MFU" if hw.mfu is None else "")),
         closed_form=P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
                               tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
-        sensitivity=sensitivity, frontier=front, variants=variants, job=job)
+        sensitivity=sensitivity, frontier=front, variants=variants, job=job,
+        warnings=extrapolation_warnings(spec, variants))
 

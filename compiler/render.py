@@ -127,7 +127,7 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = PurePosixPath(path.relative_to(root).as_posix())
-        if IGNORED_PARTS & set(rel.parts) or rel.suffix == ".pyc" or rel.name == "__init__.py" and rel.parent == PurePosixPath("."):
+        if IGNORED_PARTS & set(rel.parts) or rel.suffix == ".pyc":  # pip byte-compiles installed templates
             continue
         if rel.suffix != ".j2":
             files[str(rel)] = _normalise(path.read_bytes())

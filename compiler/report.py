@@ -87,4 +87,6 @@ def solve_report(plan: Plan) -> str:
         *sens,
         RULE,
     ]
+    if plan.warnings:
+        tail += ["WARNINGS:", *(f"  - {w}" for w in plan.warnings), RULE]
     return "\n\n".join(blocks) + "\n\n" + "\n".join(tail) + "\n"

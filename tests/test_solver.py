@@ -185,3 +185,11 @@ def test_days_budget_is_spent_not_exceeded(ac):
     v = build_plan(spec).variants[0]
     assert v.training.activation_checkpointing == (ac == "true") or ac == "auto"
     assert 14 <= v.timing.days <= 14 * 1.01  # ceil(D / batch) steps: at most one batch over
+
+
+def test_extrapolation_is_flagged_only_outside_the_fit(reference_plan):
+    assert reference_plan.warnings == []  # 1.9B / 3.0B parameters on 75-117B tokens: in range
+    spec, _ = load_spec(REPO / "specs" / "tiny-cpu.yaml")
+    tiny = build_plan(spec)
+    assert any("optimal: N = " in w and "extrapolation" in w for w in tiny.warnings)
+    assert any("optimal: D = " in w for w in tiny.warnings)
