@@ -132,8 +132,11 @@ def spec_memory_bytes(spec):
     return "cuda", gpu.memory_bytes
 
 
-def memory_masks(spec, cands) -> dict:
-    """The solver's memory constraint for a Spec and solver.Candidates: {"memory": bool array}."""
+def memory_masks(spec, cands, throughput=None) -> dict:
+    """The solver's memory constraint for a Spec and solver.Candidates: {"memory": bool array}.
+    Pass candidate_throughput()'s result when you have it: it is 0 exactly where nothing fits."""
+    if throughput is not None:
+        return {"memory": np.asarray(throughput) > 0}
     hw, m = spec.hardware, spec.model
     device, memory_bytes = spec_memory_bytes(spec)
     allow = spec.training.activation_checkpointing is not False

@@ -30,6 +30,10 @@ class Shape(PlanModel):
     def gqa_ratio(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def ffn_ratio(self) -> float:
+        return self.ffn_hidden / self.d_model
+
 
 class Candidate(PlanModel):
     rank: int
@@ -162,6 +166,11 @@ class Hardware(PlanModel):
     mfu: float
     usd_per_gpu_hour: float | None
     source: str
+
+    @property
+    def peak_flops(self) -> float:
+        """Dense BF16 peak of one device, FLOP/s."""
+        return self.peak_tflops * 1e12
 
 
 class Optimum(PlanModel):

@@ -98,9 +98,12 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
 def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
-    memory_masks = layout.memory_masks(spec, cands)
-    # Time each candidate with the layout it will get (checkpointing where memory needs it).
-    cands = solver.with_throughput(spec, budget, cands, layout.candidate_throughput(spec, cands))
+    # Time each candidate with the layout it will get (checkpointing where memory needs it); a
+    # throughput of 0 means nothing fits, which is the memory constraint.
+    throughput = layout.candidate_throughput(spec, cands)
+    memory_masks = layout.memory_masks(spec, cands, throughput)
+    cands = solver.with_throughput(spec, budget, cands, throughput)
+    law_info = _law(spec)
 
     hw, gpu = spec.hardware, spec.hardware.device()
     if len(cands) and not memory_masks["memory"].any():
@@ -110,10 +113,10 @@ def build_plan(spec: Spec) -> P.Plan:
         result = solver.solve_variant(spec, v, cands, memory_masks)
         choice = _choice(spec, cands, result.pick)
         training, memory, timing, reasons, provenance = plan_training(spec, choice)
+        fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
         provenance.update({
-            "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / "
-                      f"{(choice.flops_per_token_6n if budget.convention == '6N' else choice.flops_per_token_exact):,}",
-            "loss": _law(spec).formula,
+            "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
+            "loss": law_info.formula,
             "n_params": "compiler/arch.py param_count (embeddings included)",
         })
         variants.append(P.Variant(
@@ -125,16 +128,14 @@ def build_plan(spec: Spec) -> P.Plan:
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
             layout_reasons=reasons, provenance=provenance))
 
-    law = spec.search.law()
-    closed_c = budget.flops
-    opt = law.optimum_6nd(closed_c)
+    opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
             "the limit the discrete search approaches")
     if budget.convention != "6N":
         note += "; the budget counts exact FLOPs here, so this is an approximation"
     sensitivity = []
     for other in laws.CATALOG.values():
-        o = other.optimum_6nd(closed_c)
+        o = other.optimum_6nd(budget.flops)
         sensitivity.append(P.Sensitivity(law=other.name, n_params=o.n_params, tokens=o.tokens,
                                           tokens_per_param=o.tokens_per_param, loss=o.loss))
     front = [P.FrontierPoint(n_params=n, loss=l) for n, l in solver.frontier(cands)]
@@ -149,14 +150,14 @@ def build_plan(spec: Spec) -> P.Plan:
 
     return P.Plan(
         llama3gen_version=__version__, name=spec.name,
-        spec=spec.model_dump(mode="json"), law=_law(spec),
+        spec=spec.model_dump(mode="json"), law=law_info,
         budget=P.Budget(flops=budget.flops, convention=budget.convention, source=budget.source),
         hardware=P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
                             gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
                             world_size=hw.world_size, mfu=hw.effective_mfu,
                             usd_per_gpu_hour=hw.usd_per_gpu_hour,
-                            source=gpu.source + ("" if hw.mfu is None else "; MFU from the spec")
-                            + ("; catalog default MFU" if hw.mfu is None else "")),
+                            source=gpu.source + ("; catalog default MFU" if hw.mfu is None
+                                                 else "; MFU from the spec")),
         closed_form=P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
                               tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
         sensitivity=sensitivity, frontier=front, variants=variants, job=job,

@@ -29,7 +29,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  C, 6N convention   {c.flops_6n:.4e}   (6·N·D, {c.flops_per_token_6n:,} FLOPs/token)",
         f"  C, exact           {c.flops_exact:.4e}   (every matmul + attention, {c.flops_per_token_exact:,} FLOPs/token)",
         f"  shape              {s.n_layers}L × d {s.d_model} × {s.n_heads} heads (head_dim {s.head_dim})",
-        f"  FFN                {s.ffn_hidden} ({s.ffn_hidden / s.d_model:.2f}× d, SwiGLU)",
+        f"  FFN                {s.ffn_hidden} ({s.ffn_ratio:.2f}× d, SwiGLU)",
         f"  GQA                {s.n_kv_heads} KV heads ({s.n_heads // s.n_kv_heads}:1 Q:KV)",
         f"  vocab, seq         {s.vocab_size:,}, {s.seq_len:,} (RoPE θ {s.rope_theta:g}, "
         f"{'tied' if s.tie_embeddings else 'untied'} embeddings)",
@@ -50,7 +50,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  time               {duration(tm.days)}, {tm.gpu_hours:,.1f} GPU-hours"
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else ""),
         "",
-        f"TOP {len([r for r in v.top if r.rank <= len(v.top)])} CANDIDATES (ranked by loss, then time):",
+        "TOP CANDIDATES (ranked by loss, then time):",
         f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",
     ]
     for r in v.top:

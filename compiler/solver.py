@@ -6,6 +6,7 @@ comes from the spec's scaling law, and each variant's constraints remove candida
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,10 +81,6 @@ class Candidates:
     def __len__(self) -> int:
         return int(self.n_layers.size)
 
-    def take(self, idx) -> "Candidates":
-        fields = {k: getattr(self, k)[idx] for k in self.__dataclass_fields__ if k != "enumerated"}
-        return Candidates(enumerated=self.enumerated, **fields)
-
 
 def ffn_hidden(spec: Spec, d_model):
     ffn = spec.model.ffn
@@ -147,9 +144,7 @@ def with_throughput(spec: Spec, budget: BudgetFlops, c: Candidates,
         tokens = np.where(fits, budget.job_seconds * tps, c.tokens)
         loss, objective = score(spec, c.n_params, tokens)
     seconds = np.where(fits, tokens / tps, np.inf)
-    fields = {k: getattr(c, k) for k in c.__dataclass_fields__}
-    fields.update(tokens=tokens, loss=loss, objective=objective, seconds=seconds)
-    return Candidates(**fields)
+    return dataclasses.replace(c, tokens=tokens, loss=loss, objective=objective, seconds=seconds)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,6 @@ MAX_LAYERS = 1024
 MAX_D_MODEL = 131_072
 MAX_BYTES = 1 << 20  # specs are hand-written; a megabyte of YAML is not a spec
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(gt=0, le=1 << 40)]
 # MFU below 1% is a mistake, and near zero it made predicted training times infinite.
 MFU = Annotated[float, Field(ge=0.01, le=1, allow_inf_nan=False)]
 

@@ -51,6 +51,11 @@ def learning_rate(spec: Spec, choice: P.Choice) -> tuple[float, str]:
     return lr, f"η_opt = 0.3118·C^-0.1250 at C = M·D = {c:.3g} ({laws.DEEPSEEK_CITATION})"
 
 
+def _four_digits(x: float) -> float:
+    """Learning rates to four significant digits: the law is a fit, not a measurement."""
+    return float(f"{x:.4g}")
+
+
 def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
     hw, tr = spec.hardware, spec.training
     gpu = hw.device()
@@ -60,7 +65,7 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
 
     batch_seqs, provenance["global_batch_size"] = global_batch(spec, choice, world)
     lr, provenance["learning_rate"] = learning_rate(spec, choice)
-    lr = float(f"{lr:.4g}")  # four significant digits: the law is a fit, not a measurement
+    lr = _four_digits(lr)
     batch_tokens = batch_seqs * shape.seq_len
     max_iters = max(1, math.ceil(choice.tokens / batch_tokens))
     provenance["max_iters"] = (f"ceil(D / global batch tokens) = ceil({choice.tokens:.6g} / "
@@ -91,7 +96,7 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
         parallelism=lay.parallelism, world_size=world, global_batch_size=batch_seqs,
         global_batch_tokens=batch_tokens, micro_batch_size=lay.micro_batch_size,
         grad_accum=lay.grad_accum, max_iters=max_iters, tokens_trained=float(max_iters * batch_tokens),
-        learning_rate=lr, min_lr=float(f"{lr * tr.min_lr_ratio:.4g}"), lr_schedule=tr.schedule, warmup_iters=warmup,
+        learning_rate=lr, min_lr=_four_digits(lr * tr.min_lr_ratio), lr_schedule=tr.schedule, warmup_iters=warmup,
         decay_frac=tr.decay_frac, weight_decay=tr.weight_decay, beta1=tr.beta1, beta2=tr.beta2,
         grad_clip=tr.grad_clip, activation_checkpointing=lay.activation_checkpointing,
         compile=tr.compile, dtype="float32" if is_cpu else "bfloat16",
