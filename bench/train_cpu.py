@@ -84,7 +84,7 @@ class Contender:
 
     def __init__(self, name, model, loss_fn, torch, compiled):
         self.name, self.model, self.loss_fn, self.compiled = name, model, loss_fn, compiled
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True,
                                            weight_decay=0.1)
         self.rates: list[float] = []
         self.first_step_s = None

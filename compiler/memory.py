@@ -31,8 +31,8 @@ Working copies (`working`), which exist only part of the step:
   backward; lm_head's bf16 gradient waits there for the root's reduce-scatter.
 - DDP and one process train fp32 weights under torch.autocast(bf16): autocast caches a bf16 copy
   of each matmul weight, and backward keeps it alive (the matmul saved it), so 2 bytes per matmul
-  parameter live from forward to backward.
-- Fused AdamW (CUDA) needs no temporary; the per-tensor loop (CPU) one tensor-sized one.
+  parameter live from forward to backward (lm_head's only inside the fused loss's forward).
+- train.py's fused AdamW (CUDA and CPU) updates in place and needs no temporary.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", Sec. 4.1): a GPT layer saves s·b·h·(34 + 5·a·s/h) bytes without recomputation and 2·s·b·h
@@ -62,16 +62,20 @@ With r = c = 2 and h·dh = d this is (12 + 4·kv/h)·d + 8·f (the DESIGN.md rul
 With activation checkpointing of every block, a layer keeps only its input (r·d, Korthikanti's
 2·s·b·h), and backward recomputes one block at a time: one layer's full activations are live again.
 
-Logits and loss (per token, V = vocabulary): model.forward returns the logits in the compute dtype
-and the training loop holds them through backward (c·V); cross-entropy upcasts them to fp32 and
-saves the fp32 log-softmax (4·V); its backward holds the incoming fp32 gradient (4·V, from nll_loss)
-and the outgoing one (4·V) at once. Peak: (c + 12)·V bytes per token, 14·V in bf16; 1.8 MB per
-token at V = 128256. DESIGN.md's "~6·V" (bf16 logits + one fp32 copy) is what a fused or compiled
-cross-entropy reaches; eager PyTorch peaks higher, and we count eager so that torch.compile can
-only make the prediction pessimistic, never optimistic.
+Output head and loss (V = vocabulary, n tokens per micro-batch): templates/model.py fuses lm_head
+and cross-entropy (LinearCrossEntropy): its forward walks the tokens in chunks of
+LOSS_CHUNK_TOKENS (k = min(n, LOSS_CHUNK_TOKENS)), computing each chunk's fp32 logits, loss and
+gradients (softmax - one-hot) at once, so no logits are saved. At its last chunk it holds the fp32
+logits/softmax (4·V·k), their compute-dtype cast (c·V·k, none in fp32), the gradient of its
+input (c·d·n) and an fp32 accumulator for lm_head's gradient (4·V·d, plus a c·V·d matmul result
+per chunk when c is not fp32). Backward scales those two in place. Eager PyTorch instead keeps
+the logits and peaks at (c + 12)·V bytes per token in the loss's backward (logits, the fp32
+log-softmax and two fp32 gradients), 1.8 MB a token at V = 128256; the fused head holds
+(4 + c)·V per token of one chunk only: 3 GiB at V = 128256 whatever the micro-batch, close to
+DESIGN.md's "~6·V" bytes per token.
 
-The peak is the largest of six moments of the step (loss backward, output-head backward, the last
-and the first block's backward, the end of backward, the optimizer step); the components of the
+The peak is the largest of seven moments of the step (the fused loss's forward, the output head's
+backward, the last and the first block's backward, the end of backward, the optimizer step); the components of the
 peak moment are reported, so they add up to the total.
 On top: ALLOCATOR_MARGIN for the caching allocator's fragmentation and a fixed per-process overhead
 (CUDA context, cuBLAS workspace, NCCL buffers; or, on CPU, the Python process with torch loaded).
@@ -80,7 +84,7 @@ with PyTorch's MemTracker / FSDPMemTracker on real CPU steps of templates/model.
 +10% on tiny models (3 layers, d 128, where the transient gradient and workspace terms, bounded
 from above here, weigh most) and within 3% at realistic proportions (4 layers, d 1024, vocabulary
 32000, FSDP2 over 8 ranks, under FakeTensorMode). On GPU, torch.compile and fused kernels (flash
-attention, fused RMSNorm or cross-entropy) save fewer tensors, so the prediction errs high.
+attention, fused RMSNorm) save fewer tensors, so the prediction errs high.
 """
 
 from __future__ import annotations
@@ -97,7 +101,6 @@ GIB = 1 << 30
 MASTER_WEIGHT_BYTES = 4
 GRADIENT_BYTES = 4
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq
-ADAMW_TEMP_BYTES = 4  # per-tensor AdamW (CPU): a temporary the size of the largest tensor
 
 # The generated train.py reduce-scatters after every micro-batch (as torchtitan does), so FSDP2
 # gradients stay sharded. True would model set_requires_gradient_sync(False) on all but the last
@@ -108,9 +111,8 @@ DDP_BUCKET_COPY = False
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids: the embedding saves its input, the loss its targets
 
-# Logits and loss peak, per token and vocabulary entry, beyond the compute-dtype logits the loop
-# holds: fp32 log-softmax saved + fp32 gradient in + fp32 gradient out (see the module docstring).
-LOSS_FP32_COPIES = 3
+# Tokens per chunk of templates/model.py's fused output head and loss (its LOSS_CHUNK_TOKENS).
+LOSS_CHUNK_TOKENS = 4096
 
 ALLOCATOR_MARGIN = 0.10  # PyTorch's caching allocator: 5-15% fragmentation in practice
 CUDA_CONTEXT_BYTES = int(1.5 * GIB)  # CUDA context (~0.5 GiB), cuBLAS workspace, NCCL buffers
@@ -147,13 +149,15 @@ class MemoryBreakdown:
 
     parameters, gradients, optimizer: the (sharded) fp32 model states, 16 bytes per local parameter.
     activations: tensors saved for backward (all layers, the output head's inputs, token ids).
-    logits: the logits and cross-entropy tensors live at that moment.
+    logits: the fused output head and loss's own tensors live at that moment (one chunk's logits,
+            the gradient of its input).
     working: transient copies of weights and gradients (FSDP all-gathers, autocast's bf16 weights,
-             unsharded gradients before reduce-scatter, AdamW's temporary).
+             unsharded gradients before reduce-scatter, lm_head's gradient accumulator).
     margin: allocator fragmentation, ALLOCATOR_MARGIN of the above.
     context: fixed per-process overhead (CUDA context and libraries).
-    phase: which moment of the step is the peak ("loss backward", "output head backward",
-           "last block backward", "first block backward", "end of backward", "optimizer step").
+    phase: which moment of the step is the peak ("loss forward", "output head backward",
+           "last block backward", "end of last block backward", "first block backward",
+           "end of backward", "optimizer step").
     """
 
     parameters: np.ndarray
@@ -248,14 +252,24 @@ def checkpoint_bytes_per_token(d_model, residual_bytes=2):
     return residual_bytes * d_model
 
 
-def head_activation_bytes_per_token(d_model, compute_bytes=2, residual_bytes=2):
-    """Outside the blocks: final RMSNorm, lm_head's input, the embedding's and loss's token ids."""
-    return norm_bytes_per_token(d_model, residual_bytes) + compute_bytes * d_model + 2 * INDEX_BYTES
+def head_activation_bytes_per_token(d_model, residual_bytes=2):
+    """Outside the blocks, saved for backward: the final RMSNorm's tensors and the token ids (the
+    embedding's input, the targets). The fused loss saves no activation of its own; it keeps the
+    gradient of its input instead (see memory_per_device)."""
+    return norm_bytes_per_token(d_model, residual_bytes) + 2 * INDEX_BYTES
 
 
-def loss_bytes_per_token(vocab_size, compute_bytes=2):
-    """Logits and cross-entropy at their peak (loss backward): c·V held logits + 3 fp32 copies."""
-    return (compute_bytes + LOSS_FP32_COPIES * FP32) * vocab_size
+def loss_chunk_bytes(vocab_size, tokens, compute_bytes=2):
+    """The fused head's logits at its peak: one chunk's fp32 logits and their compute-dtype cast."""
+    chunk = np.minimum(tokens, LOSS_CHUNK_TOKENS)
+    cast = np.where(np.asarray(compute_bytes) == FP32, 0, compute_bytes)
+    return chunk * vocab_size * (FP32 + cast)
+
+
+def eager_loss_bytes_per_token(vocab_size, compute_bytes=2):
+    """What an unfused head + F.cross_entropy peaks at, per token (for comparison; not used in
+    the plan): the held logits, the fp32 log-softmax and the fp32 gradients in and out of it."""
+    return (compute_bytes + 3 * FP32) * vocab_size
 
 
 def _dtype_bytes(compute_dtype: str) -> int:
@@ -329,7 +343,14 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
                   + rope_bytes_per_position(dh, c) * seq)
     kept_layer = np.where(ac, checkpoint_bytes_per_token(d, r) * tokens, full_layer)
     layers_saved = L * kept_layer
-    head_saved = head_activation_bytes_per_token(d, c, r) * tokens
+    head_saved = head_activation_bytes_per_token(d, r) * tokens
+    # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
+    # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
+    # (compute dtype) are live besides one chunk's logits; in its backward, only that gradient.
+    cast = 0 if c == FP32 else c
+    loss_inputs = (r + (c if r != c else 0)) * d * tokens
+    grad_head_input = c * d * tokens
+    loss_logits = loss_chunk_bytes(V, tokens, c)
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
     block_first = full_layer + c * (2 * f + 2 * d) * tokens
@@ -341,36 +362,59 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
         # block's backward the next one is prefetched; a unit's unsharded grads come in the compute
         # dtype and are copied to fp32 for the reduce-scatter.
         gathered = c * root + c * block
-        working_loss = gathered
-        working_head = gathered + c * head
-        working_block = gathered + c * head + c * block + (c + FP32) * block
+        # lm_head's gradient: an fp32 accumulator, then the bf16 gradient handed to FSDP (its
+        # copy to fp32 comes at the root's reduce-scatter, at the end of backward).
+        working_loss = gathered + FP32 * head
+        working_head = gathered + (FP32 + cast) * head
+        # A block's backward starts with the next block prefetched; it ends with its own
+        # unsharded gradients, in bf16 and copied to fp32 for the reduce-scatter.
+        working_block_start = gathered + c * head + c * block
+        working_block_end = working_block_start + (c + FP32) * block
         working_root = c * root + (c + FP32) * root
     else:
-        # autocast's bf16 copies of the matmul weights, saved by forward (none in fp32). With
-        # checkpointing only lm_head's copy outlives its forward (and the block being recomputed).
-        cast = 0 if c == FP32 else c
-        cached = cast * np.where(ac, head, L * block_matmuls + head)
-        working_loss = cached
-        working_head = cached + (cast + FP32) * head  # lm_head's grad in bf16, then fp32
-        working_block = cached + np.where(ac, cast * block_matmuls, 0.0) + (cast + FP32) * block
+        # autocast's bf16 copies of the block weights, saved by forward (none in fp32, none kept
+        # with checkpointing but the block being recomputed). lm_head's copy lives only inside the
+        # fused loss's forward, beside the fp32 gradient accumulator (and a bf16 matmul result per
+        # chunk); in fp32 the accumulator is the gradient backward returns.
+        cached = cast * np.where(ac, 0.0, L * block_matmuls)
+        working_loss = cached + (cast + FP32) * head
+        working_head = cached + FP32 * head
+        # A block's backward ends with its weight gradients: in bf16 under autocast, then fp32;
+        # the fp32 one becomes .grad (counted in gradients) unless it is added to an earlier one.
+        working_block_start = cached + np.where(ac, cast * block_matmuls, 0.0)
+        working_block_end = (working_block_start + cast * block
+                             + np.where(accumulating, FP32 * block, 0.0))
         working_root = FP32 * root  # the embedding's fp32 gradient
-    # The most activations are live in the last block's backward: by then only lm_head and that
-    # block have new gradients (on top of earlier micro-batches').
-    grads_block = np.where(accumulating, grads_late,
-                           grads_accumulated + GRADIENT_BYTES * (head + block) / shard)
+    # The most activations are live as the last block's backward starts; as it ends, its own
+    # activations are gone and its weight gradients have come. Gradients present then, beyond
+    # earlier micro-batches': lm_head's (DDP; FSDP keeps the root's unsharded until the end of
+    # backward, under working) and, at the end, the block's.
+    new_head = 0.0 if sharded else GRADIENT_BYTES * head
+    grads_block_start = np.where(accumulating, grads_late, grads_accumulated + new_head)
+    grads_block_end = np.where(accumulating, grads_late,
+                               grads_accumulated + new_head + GRADIENT_BYTES * block / shard)
+    # As the first block's backward starts, every gradient but its own and the embedding's (and,
+    # under FSDP, the root unit's) is there.
+    not_yet = block + (root if sharded else root - head)
+    grads_first = np.where(accumulating, grads_late, grads_late - GRADIENT_BYTES * not_yet / shard)
+    # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
+    # under activation checkpointing were measured to stay until the block's backward ends.
+    block_end = np.where(ac, block_first, c * d * tokens)  # else: the residual stream's gradient
     zero = np.zeros_like(tokens)
     # (gradients, activations, logits, working) at each moment of the step; the peak is the
     # largest sum.
     phases = {
-        "loss backward": (grads_accumulated, layers_saved + head_saved,
-                          loss_bytes_per_token(V, c) * tokens, working_loss),
-        "output head backward": (grads_accumulated, layers_saved + head_saved,
-                                 2 * c * V * tokens, working_head),
-        "last block backward": (grads_block, block_live, zero, working_block),
-        "first block backward": (grads_late, block_first, zero, working_block),
+        "loss forward": (grads_accumulated, layers_saved + head_saved + loss_inputs,
+                         loss_logits + grad_head_input, working_loss),
+        "output head backward": (grads_accumulated, layers_saved + head_saved + grad_head_input,
+                                 (r - c) * d * tokens, working_head),
+        "last block backward": (grads_block_start, block_live, zero, working_block_start),
+        "end of last block backward": (grads_block_end, (L - 1) * kept_layer + block_end, zero,
+                                       working_block_end),
+        "first block backward": (grads_first, block_first, zero, working_block_start),
         "end of backward": (grads_late, zero, zero, working_root),
-        # fused AdamW (CUDA) needs no temporary; the per-tensor loop (CPU) one tensor at a time
-        "optimizer step": (grads_step, zero, zero, ADAMW_TEMP_BYTES * root / shard),
+        # train.py's fused AdamW (CUDA and CPU) updates in place, without temporaries
+        "optimizer step": (grads_step, zero, zero, zero),
     }
     names = list(phases)
     sums = np.stack(np.broadcast_arrays(*[sum(np.broadcast_arrays(*p)) for p in phases.values()]))

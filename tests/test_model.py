@@ -181,16 +181,44 @@ def test_init_and_meta_materialisation():
                for layer in late.model.layers)
 
 
-def test_loss_is_cross_entropy_and_ignores_minus_one():
+@pytest.mark.parametrize("chunk_tokens", [4096, 7], ids=["one-chunk", "chunks-of-7"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_loss_and_gradients_equal_transformers_own_loss(monkeypatch, tie, chunk_tokens):
+    """The fused head + cross-entropy (model.LinearCrossEntropy) against transformers' own
+    shifted-label loss and its autograd gradients, parameter by parameter, with ignored targets
+    and with chunks that do not divide the token count."""
+    monkeypatch.setattr(model_py, "LOSS_CHUNK_TOKENS", chunk_tokens)
     torch.manual_seed(0)
-    model = model_py.Llama(tiny_args(4, 2, False, ("ratio", (3.5, 32)))).eval()
+    model = model_py.Llama(tiny_args(4, 2, tie, ("ratio", (3.5, 32))))
+    hf = hf_twin(model.args, model)
     tokens = torch.randint(0, 256, (2, 17))
-    tokens[:, 1:6] = -1
-    idx, targets = tokens[:, :-1].clamp(min=0), tokens[:, 1:]  # shifted views, as a loader makes
-    with torch.no_grad():
-        logits, loss = model(idx, targets)
-    keep = targets != -1
-    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
-    torch.testing.assert_close(loss, expected)
+    ignored = torch.zeros_like(tokens, dtype=torch.bool)
+    ignored[:, 3:8] = True
+    ours_targets = tokens.masked_fill(ignored, -1)[:, 1:]
+    _, loss = model(tokens[:, :-1], ours_targets)
+    loss.backward()
+    # HF predicts labels[i + 1] from position i and ignores -100; the last position predicts none.
+    theirs = hf(input_ids=tokens, labels=tokens.masked_fill(ignored, -100)).loss
+    theirs.backward()
+    torch.testing.assert_close(loss, theirs, rtol=1e-6, atol=1e-6)
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert model.lm_head.weight.grad.abs().max() > 1e-3  # the head's gradient is not vacuous
     # Random init: the loss starts near ln(vocab), the entropy of a uniform guess.
     assert loss.item() == pytest.approx(math.log(256), rel=0.05)
+
+
+def test_loss_without_gradients_and_with_every_target_ignored():
+    torch.manual_seed(0)
+    model = model_py.Llama(tiny_args(4, 2, False, ("ratio", (3.5, 32)))).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    targets = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        logits, _ = model(idx)
+        none, loss = model(idx, targets)
+    assert none is None  # with targets, the full logits are never made
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, expected)
+    with torch.no_grad():  # as F.cross_entropy: nothing to average is nan, not 0
+        assert model(idx, torch.full_like(targets, -1))[1].isnan()
