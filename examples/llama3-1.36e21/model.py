@@ -177,6 +177,89 @@ class Backbone(nn.Module):
         return self.norm(x)
 
 
+# Tokens per chunk of the fused output head and loss: the fp32 logits of one chunk are
+# LOSS_CHUNK_TOKENS × vocab × 4 bytes (2 GiB at LLaMA-3's 128,256), whatever the micro-batch.
+# llama3gen's memory model (compiler/memory.py) counts with the same number.
+LOSS_CHUNK_TOKENS = 4096
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(h @ weight.T, targets)) over targets != -1, without keeping the logits.
+
+    Eager PyTorch keeps the logits, an fp32 copy, the fp32 log-softmax and two fp32 gradients of
+    it alive around the loss's backward: about 14 bytes per token and vocabulary entry in bf16,
+    1.8 MB a token at vocab 128,256, often the largest activation of a step. But the gradient of
+    cross-entropy with respect to the logits, softmax - one-hot, is known as soon as the softmax
+    is. So forward walks the tokens in chunks: logits, loss, and both gradients (of h and of
+    weight) chunk by chunk; one chunk's logits exist at a time and none are saved. Backward only
+    scales the stored gradients. Numerically this is F.cross_entropy on fp32 logits (max-shifted
+    log-sum-exp), as the unfused head computes it.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_tokens):
+        # h (N, d), weight (vocab, d), targets (N,). Under autocast, compute in its dtype as
+        # F.linear would; the gradients go back in the dtypes h and weight came in.
+        ctx.dtypes, ctx.consumed = (h.dtype, weight.dtype), False
+        device = h.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            h, weight = h.to(dtype), weight.to(dtype)
+        needs_grad_h, needs_grad_weight = ctx.needs_input_grad[:2]
+        keep = (targets != -1).unsqueeze(1)  # (N, 1): ignored tokens get no loss and no gradient
+        targets = targets.clamp(min=0).unsqueeze(1)
+        n_kept = keep.sum()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad_h else None
+        # fp32 accumulation across chunks, as one big matmul would accumulate
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad_weight else None
+        with torch.autocast(device, enabled=False):
+            for start in range(0, h.size(0), chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                h_chunk, keep_chunk, target_chunk = h[rows], keep[rows], targets[rows]
+                logits = (h_chunk @ weight.t()).float()
+                target_logit = logits.gather(1, target_chunk)
+                row_max = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()  # in place: one (chunk, vocab) fp32 buffer
+                del logits
+                sum_exp = probs.sum(dim=1, keepdim=True)
+                log_sum_exp = row_max + sum_exp.log()
+                loss_sum += ((log_sum_exp - target_logit) * keep_chunk).sum()
+                if not (needs_grad_h or needs_grad_weight):
+                    continue
+                probs.div_(sum_exp).scatter_add_(1, target_chunk, -keep_chunk.float())
+                grad_logits = probs.to(h.dtype)  # softmax - one-hot (ignored rows masked below)
+                del probs
+                if needs_grad_h:
+                    torch.mm(grad_logits, weight, out=grad_h[rows])
+                    grad_h[rows].mul_(keep_chunk)
+                if needs_grad_weight:
+                    h_kept = h_chunk * keep_chunk
+                    if grad_weight.dtype == grad_logits.dtype:  # addmm_, in a form that
+                        # torch.utils.flop_counter counts (it misses the in-place overload)
+                        torch.addmm(grad_weight, grad_logits.t(), h_kept, out=grad_weight)
+                    else:
+                        grad_weight += grad_logits.t() @ h_kept
+                del grad_logits  # before the next chunk's logits: one chunk's buffers at a time
+        ctx.save_for_backward(grad_h, grad_weight, n_kept)
+        return loss_sum / n_kept  # nan when every target is ignored, as F.cross_entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        # The stored gradients are scaled in place: no second vocab × d buffer at the peak. So a
+        # graph through this loss can be walked back only once (no retain_graph=True).
+        if ctx.consumed:
+            raise RuntimeError("LinearCrossEntropy: backward twice (retain_graph) is not supported")
+        ctx.consumed = True
+        grad_h, grad_weight, n_kept = ctx.saved_tensors
+        h_dtype, weight_dtype = ctx.dtypes
+        scale = grad_loss / n_kept
+        return (grad_h.mul_(scale).to(h_dtype) if grad_h is not None else None,
+                grad_weight.mul_(scale).to(weight_dtype) if grad_weight is not None else None,
+                None, None)
+
+
 class Llama(nn.Module):
     """HF: LlamaForCausalLM."""
 
@@ -218,17 +301,17 @@ class Llama(nn.Module):
         self.model.rope_sin.copy_(sin)
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy
-        over targets that are not -1 (None without targets)."""
+        """idx, targets: (B, T) token ids. Without targets: the logits (B, T, vocab) and None. With
+        targets: None and the mean cross-entropy over targets that are not -1; the output head and
+        the loss are then fused (LinearCrossEntropy), so the full logits never exist."""
         T = idx.size(1)
         assert T <= self.args.block_size, f"{T} tokens, block_size is {self.args.block_size}"
-        logits = self.lm_head(self.model(idx))
-        loss = None
-        if targets is not None:
-            # fp32 for the softmax: bf16 logits lose the small differences the loss is made of.
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        h = self.model(idx)
+        if targets is None:
+            return self.lm_head(h), None
+        loss = LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                        LOSS_CHUNK_TOKENS)
+        return None, loss
 
     def num_params(self):
         """Parameters, embeddings included, a tied matrix counted once (llama3gen's N)."""
