@@ -15,8 +15,10 @@ Hugging Face's LlamaForCausalLM, so a state dict maps 1:1 onto a transformers ch
 RoPE uses Hugging Face's "rotate_half" layout (the two halves of a head are the real and imaginary
 parts), so weights move between this file and transformers without any permutation. Attention runs
 on flash-attn when it is installed and the tensors are bf16/fp16 on CUDA, otherwise on PyTorch's
-scaled_dot_product_attention. The parameter count and FLOPs of this model are computed by the
-compiler that generated this repo (llama3gen's arch module); its tests check that both agree.
+scaled_dot_product_attention. Given targets, the output head and the cross-entropy run fused and
+chunked (LinearCrossEntropy), so the (tokens × vocab) logits are never kept. The parameter count
+and FLOPs of this model are computed by the compiler that generated this repo (llama3gen's arch
+module); its tests check that both agree.
 """
 
 import math
@@ -183,6 +185,55 @@ class Backbone(nn.Module):
 LOSS_CHUNK_TOKENS = 4096
 
 
+def chunked_cross_entropy(h, weight, targets, chunk_tokens, needs_grad_h, needs_grad_weight):
+    """Mean cross-entropy of h @ weight.T against targets (-1: ignored), chunk by chunk, and the
+    gradients of its sum with respect to h and weight (None where not wanted). Returns
+    (loss, grad_h, grad_weight, n_kept); the gradients of the mean are these / n_kept."""
+    # h (N, d), weight (vocab, d), targets (N,). Under autocast, compute in its dtype as F.linear
+    # would.
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        h, weight = h.to(dtype), weight.to(dtype)
+    keep = (targets != -1).unsqueeze(1)  # (N, 1): ignored tokens get no loss and no gradient
+    targets = targets.clamp(min=0).unsqueeze(1)
+    n_kept = keep.sum()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if needs_grad_h else None
+    # fp32 accumulation across chunks, as one big matmul would accumulate
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad_weight else None
+    with torch.autocast(device, enabled=False):
+        for start in range(0, h.size(0), chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            h_chunk, keep_chunk, target_chunk = h[rows], keep[rows], targets[rows]
+            logits = (h_chunk @ weight.t()).float()
+            target_logit = logits.gather(1, target_chunk)
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: one (chunk, vocab) fp32 buffer
+            del logits
+            sum_exp = probs.sum(dim=1, keepdim=True)
+            log_sum_exp = row_max + sum_exp.log()
+            loss_sum += ((log_sum_exp - target_logit) * keep_chunk).sum()
+            if not (needs_grad_h or needs_grad_weight):
+                del probs
+                continue
+            probs.div_(sum_exp).scatter_add_(1, target_chunk, -keep_chunk.float())
+            grad_logits = probs.to(h.dtype)  # softmax - one-hot (ignored rows masked below)
+            del probs
+            if needs_grad_h:
+                torch.mm(grad_logits, weight, out=grad_h[rows])
+                grad_h[rows].mul_(keep_chunk)
+            if needs_grad_weight:
+                h_kept = h_chunk * keep_chunk
+                if grad_weight.dtype == grad_logits.dtype:  # addmm_, in a form that
+                    # torch.utils.flop_counter counts (it misses the in-place overload)
+                    torch.addmm(grad_weight, grad_logits.t(), h_kept, out=grad_weight)
+                else:
+                    grad_weight += grad_logits.t() @ h_kept
+            del grad_logits  # before the next chunk's logits: one chunk's buffers at a time
+    return loss_sum / n_kept, grad_h, grad_weight, n_kept  # nan if all are ignored, as F's
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean(cross_entropy(h @ weight.T, targets)) over targets != -1, without keeping the logits.
 
@@ -190,59 +241,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     it alive around the loss's backward: about 14 bytes per token and vocabulary entry in bf16,
     1.8 MB a token at vocab 128,256, often the largest activation of a step. But the gradient of
     cross-entropy with respect to the logits, softmax - one-hot, is known as soon as the softmax
-    is. So forward walks the tokens in chunks: logits, loss, and both gradients (of h and of
-    weight) chunk by chunk; one chunk's logits exist at a time and none are saved. Backward only
-    scales the stored gradients. Numerically this is F.cross_entropy on fp32 logits (max-shifted
-    log-sum-exp), as the unfused head computes it.
+    is. So forward walks the tokens in chunks (chunked_cross_entropy): logits, loss, and both
+    gradients chunk by chunk; one chunk's logits exist at a time and none are saved. Backward
+    only scales the stored gradients. Numerically this is F.cross_entropy on fp32 logits
+    (max-shifted log-sum-exp), as the unfused head computes it.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_tokens):
-        # h (N, d), weight (vocab, d), targets (N,). Under autocast, compute in its dtype as
-        # F.linear would; the gradients go back in the dtypes h and weight came in.
-        ctx.dtypes, ctx.consumed = (h.dtype, weight.dtype), False
-        device = h.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            h, weight = h.to(dtype), weight.to(dtype)
-        needs_grad_h, needs_grad_weight = ctx.needs_input_grad[:2]
-        keep = (targets != -1).unsqueeze(1)  # (N, 1): ignored tokens get no loss and no gradient
-        targets = targets.clamp(min=0).unsqueeze(1)
-        n_kept = keep.sum()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if needs_grad_h else None
-        # fp32 accumulation across chunks, as one big matmul would accumulate
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad_weight else None
-        with torch.autocast(device, enabled=False):
-            for start in range(0, h.size(0), chunk_tokens):
-                rows = slice(start, start + chunk_tokens)
-                h_chunk, keep_chunk, target_chunk = h[rows], keep[rows], targets[rows]
-                logits = (h_chunk @ weight.t()).float()
-                target_logit = logits.gather(1, target_chunk)
-                row_max = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(row_max).exp_()  # in place: one (chunk, vocab) fp32 buffer
-                del logits
-                sum_exp = probs.sum(dim=1, keepdim=True)
-                log_sum_exp = row_max + sum_exp.log()
-                loss_sum += ((log_sum_exp - target_logit) * keep_chunk).sum()
-                if not (needs_grad_h or needs_grad_weight):
-                    continue
-                probs.div_(sum_exp).scatter_add_(1, target_chunk, -keep_chunk.float())
-                grad_logits = probs.to(h.dtype)  # softmax - one-hot (ignored rows masked below)
-                del probs
-                if needs_grad_h:
-                    torch.mm(grad_logits, weight, out=grad_h[rows])
-                    grad_h[rows].mul_(keep_chunk)
-                if needs_grad_weight:
-                    h_kept = h_chunk * keep_chunk
-                    if grad_weight.dtype == grad_logits.dtype:  # addmm_, in a form that
-                        # torch.utils.flop_counter counts (it misses the in-place overload)
-                        torch.addmm(grad_weight, grad_logits.t(), h_kept, out=grad_weight)
-                    else:
-                        grad_weight += grad_logits.t() @ h_kept
-                del grad_logits  # before the next chunk's logits: one chunk's buffers at a time
+        ctx.dtypes, ctx.consumed = (h.dtype, weight.dtype), False  # gradients go back in these
+        loss, grad_h, grad_weight, n_kept = chunked_cross_entropy(
+            h, weight, targets, chunk_tokens, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_h, grad_weight, n_kept)
-        return loss_sum / n_kept  # nan when every target is ignored, as F.cross_entropy
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -258,6 +269,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_h.mul_(scale).to(h_dtype) if grad_h is not None else None,
                 grad_weight.mul_(scale).to(weight_dtype) if grad_weight is not None else None,
                 None, None)
+
+
+def linear_cross_entropy(h, weight, targets, chunk_tokens):
+    """The fused head + loss; without autograd (evaluation), the loss alone, no gradients."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, chunk_tokens)
+    return chunked_cross_entropy(h, weight, targets, chunk_tokens, False, False)[0]
 
 
 class Llama(nn.Module):
@@ -309,8 +327,8 @@ class Llama(nn.Module):
         h = self.model(idx)
         if targets is None:
             return self.lm_head(h), None
-        loss = LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                        LOSS_CHUNK_TOKENS)
+        loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                    LOSS_CHUNK_TOKENS)
         return None, loss
 
     def num_params(self):

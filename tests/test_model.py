@@ -222,3 +222,9 @@ def test_loss_without_gradients_and_with_every_target_ignored():
     torch.testing.assert_close(loss, expected)
     with torch.no_grad():  # as F.cross_entropy: nothing to average is nan, not 0
         assert model(idx, torch.full_like(targets, -1))[1].isnan()
+    # Evaluation pays for the forward only, not for gradients nobody asked for.
+    with torch.no_grad(), FlopCounterMode(display=False) as with_loss:
+        model(idx, targets)
+    with torch.no_grad(), FlopCounterMode(display=False) as logits_only:
+        model(idx)
+    assert with_loss.get_total_flops() == logits_only.get_total_flops()
