@@ -130,7 +130,7 @@ def measure(opts) -> dict:
     for block in layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    optimizer = train.make_optimizer(model, cfg, dev)
+    optimizer = train.make_optimizer(model, cfg)
     sync(torch, dev)
     build_s = time.perf_counter() - t_build
 

@@ -45,7 +45,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 # A 2-rank FSDP2 run reduces in another order than one process: equal within fp32 tolerance.
-FSDP_WEIGHT_TOLERANCE = 1e-5
+# Weights: AdamW divides each coordinate's update by its own gradient scale, so a coordinate whose
+# gradient is near zero (an embedding row of a rare byte) moves by ~lr in a direction that
+# rounding can flip: the largest difference is a small fraction of lr (3e-3 here); the mean
+# difference stays at fp32 rounding level, which a real mismatch would not.
+FSDP_WEIGHT_TOLERANCE = 3e-4
+FSDP_MEAN_WEIGHT_TOLERANCE = 1e-6
 FSDP_LOSS_TOLERANCE = 1e-4
 
 
@@ -208,6 +213,7 @@ def test_fsdp_two_ranks_resume_on_one_process(repo, run_a):
     wb = checkpoint.load_model_weights(out)
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() < FSDP_WEIGHT_TOLERANCE, name
+        assert (wa[name] - wb[name]).abs().mean() < FSDP_MEAN_WEIGHT_TOLERANCE, name
     # The 2-rank run's own sharded step-40 checkpoint reads back as full tensors too.
     w2 = checkpoint.load_model_weights(repo / "out/fsdp")
     assert all((w2[n] - wa[n]).abs().max() < FSDP_WEIGHT_TOLERANCE for n in wa)
