@@ -209,6 +209,31 @@ def test_loss_and_gradients_equal_transformers_own_loss(monkeypatch, tie, chunk_
     assert loss.item() == pytest.approx(math.log(256), rel=0.05)
 
 
+def test_fused_loss_under_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    """DDP trains fp32 weights under autocast: the fused head must compute as autocast's F.linear
+    would (bf16 matmuls, fp32 softmax) and hand back gradients in the parameters' fp32."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.1).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model_py.linear_cross_entropy(h, weight, targets, 16)
+        eager = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight).float(),
+                                                  targets)
+    exact = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight), targets)
+    fused_grads = torch.autograd.grad(fused, (h, weight))
+    eager_grads = torch.autograd.grad(eager, (h, weight))
+    exact_grads = torch.autograd.grad(exact, (h, weight))
+    assert [g.dtype for g in fused_grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)  # the same bf16 logits
+    assert (fused - exact).abs() > 1e-6  # and they are bf16's, not fp32's
+    # bf16 gradients: as close to the fp32 ones as autocast's own (its weight gradient rounds
+    # once to bf16; the fused head accumulates its chunks in fp32).
+    for ours, theirs, truth in zip(fused_grads, eager_grads, exact_grads):
+        assert (ours - truth).norm() <= 1.1 * (theirs - truth).norm()
+        assert (ours - truth).norm() < 1e-2 * truth.norm()
+
+
 def test_loss_without_gradients_and_with_every_target_ignored():
     torch.manual_seed(0)
     model = model_py.Llama(tiny_args(4, 2, False, ("ratio", (3.5, 32)))).eval()
