@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+CPU_PSEUDO_DEVICE = "cpu"
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str
@@ -26,6 +29,11 @@ class GPU:
     def memory_bytes(self) -> float:
         return self.memory_gb * 1e9
 
+    @property
+    def is_cpu(self) -> bool:
+        """The CPU pseudo-device: processes on host cores, fp32, no GPUs to request from SLURM."""
+        return self.name == CPU_PSEUDO_DEVICE
+
 
 CATALOG: dict[str, GPU] = {
     g.name.lower(): g
@@ -40,7 +48,7 @@ CATALOG: dict[str, GPU] = {
         GPU("L40S", 362, 48, 0.40, "NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (no NVLink)"),
         # A pseudo-device so tiny specs are runnable and testable on a laptop or CI machine.
         # 0.1 TFLOP/s is an assumption for a few fp32 cores; give a measured figure in the spec.
-        GPU("cpu", 0.1, 16, 0.30, "assumption: a few CPU cores in fp32, ~100 GFLOP/s"),
+        GPU(CPU_PSEUDO_DEVICE, 0.1, 16, 0.30, "assumption: a few CPU cores in fp32, ~100 GFLOP/s"),
     )
 }
 

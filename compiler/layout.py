@@ -127,7 +127,7 @@ def spec_memory_bytes(spec):
     figure for the cpu pseudo-device."""
     hw = spec.hardware
     gpu = hw.device()
-    if gpu.name == "cpu":
+    if gpu.is_cpu:
         return "cpu", (hw.host_memory_gb * 1e9 if hw.host_memory_gb else gpu.memory_bytes)
     return "cuda", gpu.memory_bytes
 

@@ -143,7 +143,7 @@ def build_plan(spec: Spec) -> P.Plan:
     job = P.Job(
         name=spec.name, partition=spec.cluster.partition, account=spec.cluster.account,
         qos=spec.cluster.qos, time_limit=spec.cluster.time_limit, nodes=hw.nodes,
-        gpus_per_node=0 if gpu.name == "cpu" else hw.gpus_per_node,
+        gpus_per_node=0 if gpu.is_cpu else hw.gpus_per_node,
         tasks_per_node=hw.gpus_per_node, cpus_per_task=hw.cpus_per_gpu,
         mem_per_node_gb=spec.cluster.mem_per_node_gb, signal_before_s=spec.cluster.signal_before_s,
         requeue=True, variants=[v.name for v in spec.variants], default_variant=spec.variants[0].name)
