@@ -235,13 +235,19 @@ def layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn
     return norms + attention + mlp
 
 
+def copy_bytes(to_bytes, from_bytes=FP32):
+    """Bytes per element that a dtype conversion (`.to()`) allocates: none when the dtype is
+    already the target (PyTorch then returns the tensor itself)."""
+    return np.where(np.asarray(to_bytes) == from_bytes, 0, to_bytes)
+
+
 def rope_bytes_per_position(head_dim, compute_bytes=2):
     """Per layer and sequence position: the cos/sin tables cast to the compute dtype, for q and k.
 
     The tables are fp32 buffers; the cast makes new tensors (zero in fp32) that the multiplications
     save. They do not grow with the micro-batch.
     """
-    return np.where(np.asarray(compute_bytes) == FP32, 0, 4 * head_dim * compute_bytes)
+    return 4 * head_dim * copy_bytes(compute_bytes)
 
 
 def design_rule_bytes_per_token(d_model, n_heads, n_kv_heads, ffn_hidden):
@@ -264,14 +270,7 @@ def head_activation_bytes_per_token(d_model, residual_bytes=2):
 def loss_chunk_bytes(vocab_size, tokens, compute_bytes=2):
     """The fused head's logits at its peak: one chunk's fp32 logits and their compute-dtype cast."""
     chunk = np.minimum(tokens, LOSS_CHUNK_TOKENS)
-    cast = np.where(np.asarray(compute_bytes) == FP32, 0, compute_bytes)
-    return chunk * vocab_size * (FP32 + cast)
-
-
-def eager_loss_bytes_per_token(vocab_size, compute_bytes=2):
-    """What an unfused head + F.cross_entropy peaks at, per token (for comparison; not used in
-    the plan): the held logits, the fp32 log-softmax and the fp32 gradients in and out of it."""
-    return (compute_bytes + 3 * FP32) * vocab_size
+    return chunk * vocab_size * (FP32 + copy_bytes(compute_bytes))
 
 
 def _dtype_bytes(compute_dtype: str) -> int:
@@ -349,8 +348,8 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
     # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
     # (compute dtype) are live besides one chunk's logits; in its backward, only that gradient.
-    cast = 0 if c == FP32 else c
-    loss_inputs = (r + (c if r != c else 0)) * d * tokens
+    cast = copy_bytes(c)  # autocast's bf16 copy of an fp32 tensor
+    loss_inputs = (r + copy_bytes(c, r)) * d * tokens
     grad_head_input = c * d * tokens
     loss_logits = loss_chunk_bytes(V, tokens, c)
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
