@@ -407,8 +407,10 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     phases = {
         "loss forward": (grads_accumulated, layers_saved + head_saved + loss_inputs,
                          loss_logits + grad_head_input, working_loss),
+        # backward hands the input's gradient back in the input's dtype: under autocast, an fp32
+        # copy of the bf16 one
         "output head backward": (grads_accumulated, layers_saved + head_saved + grad_head_input,
-                                 (r - c) * d * tokens, working_head),
+                                 copy_bytes(r, c) * d * tokens, working_head),
         "last block backward": (grads_block_start, block_live, zero, working_block_start),
         "end of last block backward": (grads_block_end, (L - 1) * kept_layer + block_end, zero,
                                        working_block_end),
