@@ -108,11 +108,12 @@ def test_recompile_after_spec_change_updates_only_generated_files(tmp_path):
     assert cli("compile", spec, "-o", out).returncode == 0
     (out / "data" / "shards").mkdir(parents=True)
     (out / "data" / "shards" / "train.bin").write_bytes(b"\0" * 16)
-    spec.write_text(spec.read_text().replace("seed", "seed").replace("eval_iters: 10", "eval_iters: 7"))
+    spec.write_text(spec.read_text().replace("eval_iters: 10", "eval_iters: 7\n  seed: 7"))
     r = cli("check", out, "--spec", spec)
     assert r.returncode == 1 and "stale: config/optimal.py" in r.stdout
     assert cli("compile", spec, "-o", out).returncode == 0
-    assert "eval_iters = 7" in (out / "config" / "optimal.py").read_text()
+    config = (out / "config" / "optimal.py").read_text()
+    assert "eval_iters = 7" in config and "\nseed = 7" in config
     assert (out / "data" / "shards" / "train.bin").read_bytes() == b"\0" * 16
     assert cli("check", out, "--spec", spec).returncode == 0
 

@@ -61,7 +61,7 @@ BASE = "name: x\nbudget:\n  flops: 1e20\n"
     (BASE + "cluster:\n  partition: 'gpu $(reboot)'\n", "spec.yaml:5:14", "cluster.partition", "pattern"),
     # NaN and inf
     ("name: x\nbudget:\n  flops: .nan\n", "spec.yaml:3:10", "budget.flops", "finite"),
-    ("name: x\nbudget:\n  flops: .inf\n", "spec.yaml:3:10", "budget.flops", ""),
+    ("name: x\nbudget:\n  flops: .inf\n", "spec.yaml:3:10", "budget.flops", "finite number (got inf)"),
 ])
 def test_bad_spec_errors_name_position_field_and_fix(text, where, field, words):
     err = error_of(text)
