@@ -1,8 +1,10 @@
 """The GPU catalog: dense BF16 peak and memory per device, and a default MFU.
 
-Peaks are the vendors' dense (no sparsity) BF16 tensor-core figures; memory is per device.
-Default MFUs are the realistic FSDP ranges for 1-3B dense models from DESIGN.md (A100 40-55%,
-H100/H200 35-45%); a spec's `hardware.mfu` overrides them.
+Peaks are the vendors' dense (no sparsity) BF16 tensor-core figures. Memory is what the device
+reports, per device: nvidia-smi's "Total" in MiB (rocminfo's pool size for the MI300X), not the
+marketed "80 GB", which is neither 80e9 bytes nor 80 GiB on every card. Default MFUs are the
+realistic FSDP ranges for 1-3B dense models (A100 40-55%, H100/H200 35-45%; docs/DESIGN.md); a
+spec's `hardware.mfu` overrides them.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from dataclasses import dataclass
 
 
 CPU_PSEUDO_DEVICE = "cpu"
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
 class GPU:
     name: str
     bf16_tflops: float  # dense peak, TFLOP/s
-    memory_gb: float  # per device, GB (1e9 bytes)
+    memory_gb: float  # per device as marketed (80 for an A100-80GB); a custom GPU's: 1e9 bytes
     default_mfu: float
     source: str
+    memory_mib: int | None = None  # what the device reports (nvidia-smi "Total", MiB)
 
     @property
     def peak_flops(self) -> float:
@@ -27,7 +31,8 @@ class GPU:
 
     @property
     def memory_bytes(self) -> float:
-        return self.memory_gb * 1e9
+        """Capacity the planner fits into: the reported MiB, else memory_gb decimal gigabytes."""
+        return self.memory_mib * MIB if self.memory_mib is not None else self.memory_gb * 1e9
 
     @property
     def is_cpu(self) -> bool:
@@ -38,14 +43,27 @@ class GPU:
 CATALOG: dict[str, GPU] = {
     g.name.lower(): g
     for g in (
-        GPU("A100-40GB", 312, 40, 0.45, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16"),
-        GPU("A100-80GB", 312, 80, 0.45, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16"),
-        GPU("H100-SXM", 989, 80, 0.40, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16 (SXM)"),
-        GPU("H100-PCIe", 756, 80, 0.40, "NVIDIA H100 datasheet: 756 TFLOP/s dense BF16 (PCIe)"),
-        GPU("H200", 989, 141, 0.40, "NVIDIA H200 datasheet: 989 TFLOP/s dense BF16, 141 GB"),
-        GPU("B200", 2250, 180, 0.40, "NVIDIA B200 datasheet: 2.25 PFLOP/s dense BF16"),
-        GPU("MI300X", 1307, 192, 0.35, "AMD MI300X datasheet: 1307 TFLOP/s dense BF16"),
-        GPU("L40S", 362, 48, 0.40, "NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (no NVLink)"),
+        # memory_mib: nvidia-smi's "Total" as printed by users of each card in public issues:
+        # A100 40960 / 81920, H100 SXM 81559, L40S 46068 (modal-labs/modal-client#2797);
+        # H100 PCIe 81559 (NVIDIA/TensorRT-LLM test report); H200 143771 (nvidia-smi output in
+        # many public logs); B200 183359 (NVIDIA/TensorRT-LLM#10278); MI300X: rocminfo's
+        # global pool of 201310208 KiB = 196592 MiB (ROCm/legacy-rocm-build#4414).
+        GPU("A100-40GB", 312, 40, 0.45, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16; "
+            "40960 MiB as nvidia-smi reports", 40960),
+        GPU("A100-80GB", 312, 80, 0.45, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16; "
+            "81920 MiB as nvidia-smi reports", 81920),
+        GPU("H100-SXM", 989, 80, 0.40, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16 (SXM); "
+            "81559 MiB as nvidia-smi reports", 81559),
+        GPU("H100-PCIe", 756, 80, 0.40, "NVIDIA H100 datasheet: 756 TFLOP/s dense BF16 (PCIe); "
+            "81559 MiB as nvidia-smi reports", 81559),
+        GPU("H200", 989, 141, 0.40, "NVIDIA H200 datasheet: 989 TFLOP/s dense BF16, 141 GB; "
+            "143771 MiB as nvidia-smi reports", 143771),
+        GPU("B200", 2250, 180, 0.40, "NVIDIA B200 datasheet: 2.25 PFLOP/s dense BF16; "
+            "183359 MiB as nvidia-smi reports", 183359),
+        GPU("MI300X", 1307, 192, 0.35, "AMD MI300X datasheet: 1307 TFLOP/s dense BF16; "
+            "196592 MiB as rocminfo reports", 196592),
+        GPU("L40S", 362, 48, 0.40, "NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (no NVLink); "
+            "46068 MiB as nvidia-smi reports", 46068),
         # A pseudo-device so tiny specs are runnable and testable on a laptop or CI machine.
         # 0.1 TFLOP/s is an assumption for a few fp32 cores; give a measured figure in the spec.
         GPU(CPU_PSEUDO_DEVICE, 0.1, 16, 0.30, "assumption: a few CPU cores in fp32, ~100 GFLOP/s"),
