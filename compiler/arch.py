@@ -4,7 +4,7 @@ Every function here is pure and works elementwise on numpy arrays as well as on 
 the solver can evaluate millions of candidate shapes in one call. The generated `model.py` must
 agree with these counts exactly; tests build it on the meta device and compare.
 
-Conventions (see DESIGN.md, "The math lives in one place"):
+Conventions (docs/DESIGN.md, "The math lives in one place"):
 - A layer holds wq d·(h·dh), wk and wv d·(kv·dh) each, wo (h·dh)·d, SwiGLU 3·d·f and two RMSNorm
   weights 2·d. The model adds the embedding V·d, a final norm d and, when untied, lm_head V·d.
 - Training FLOPs per token = 3 × forward (backward costs twice the forward).

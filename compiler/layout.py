@@ -76,8 +76,9 @@ def min_memory(n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_hidden, voc
     """Bytes per device of the most frugal layout: full shard, micro-batch 1, checkpointing if
     allowed. Vectorised over the shape arguments (numpy arrays).
 
-    grad_accum > 1 (the default) counts what accumulation costs (the generated train.py skips
-    FSDP's reduce-scatter between micro-batches); pass the real value when the batch is known.
+    grad_accum > 1 (the default) counts what accumulation costs: the gradients of earlier
+    micro-batches are live during later ones (sharded under FSDP, which the generated train.py
+    reduce-scatters after every micro-batch); pass the real value when the batch is known.
     """
     shape = ModelShape(n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_hidden, vocab_size,
                        seq_len, tie_embeddings)

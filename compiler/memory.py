@@ -57,7 +57,7 @@ Per layer and token, that is
     2·((4 + r)·d + 4)                     two RMSNorms
   + c·(d + h·dh + 2·kv·dh + h·dh) + 4·h   q/k/v input, q, k, v, attention output (o_proj input), lse
   + c·(d + 4·f)                           MLP input, gate, SiLU(gate), up, product (down input)
-With r = c = 2 and h·dh = d this is (12 + 4·kv/h)·d + 8·f (the DESIGN.md rule of thumb) plus
+With r = c = 2 and h·dh = d this is (12 + 4·kv/h)·d + 8·f (the rule of thumb in docs/DESIGN.md) plus
 8·d (the fp32 copies the unfused RMSNorm keeps) plus 4·h + 8 (fp32 log-sum-exp and 1/rms).
 With activation checkpointing of every block, a layer keeps only its input (r·d, Korthikanti's
 2·s·b·h), and backward recomputes one block at a time: one layer's full activations are live again.
@@ -73,7 +73,7 @@ gradients in place. Eager PyTorch instead keeps
 the logits and peaks at (c + 12)·V bytes per token in the loss's backward (logits, the fp32
 log-softmax and two fp32 gradients), 1.8 MB a token at V = 128256; the fused head holds
 (4 + c)·V per token of one chunk only: 3 GiB at V = 128256 whatever the micro-batch, close to
-DESIGN.md's "~6·V" bytes per token.
+the "~6·V" bytes per token of docs/DESIGN.md's rule of thumb.
 
 The peak is the largest of seven moments of the step (the fused loss's forward, the output head's
 backward, the start and the end of the last block's backward, the first block's backward, the end
@@ -251,7 +251,7 @@ def rope_bytes_per_position(head_dim, compute_bytes=2):
 
 
 def design_rule_bytes_per_token(d_model, n_heads, n_kv_heads, ffn_hidden):
-    """DESIGN.md's rule of thumb for one bf16 layer: (12 + 4·kv/h)·d + 8·f bytes per token."""
+    """docs/DESIGN.md's rule of thumb for one bf16 layer: (12 + 4·kv/h)·d + 8·f bytes per token."""
     return (12 + 4 * n_kv_heads / n_heads) * d_model + 8 * ffn_hidden
 
 
