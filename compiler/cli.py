@@ -107,6 +107,23 @@ def cmd_submit(args) -> int:
                   use_sbatch=args.sbatch, overrides=args.overrides)
 
 
+def _nonempty_path(text: str) -> str:
+    # An empty -o is falsy: it silently fell back to ./<name>. Refuse it, naming the option.
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a directory, e.g. -o runs/small")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 10") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} shows no candidates; give 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama3gen", description="Compile a pre-training budget into a LLaMA-3 training repo.")
@@ -117,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("solve", help="solve a spec and print the decision")
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
-    p.add_argument("--top", type=int, metavar="K", help="show the K best candidates")
+    p.add_argument("--top", type=_positive_int, metavar="K", help="show the K best candidates")
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("compile", help="render the training repo for a spec")
     p.add_argument("spec")
-    p.add_argument("-o", "--output", help="output directory (default: ./<name>)")
+    p.add_argument("-o", "--output", type=_nonempty_path, help="output directory (default: ./<name>)")
     p.add_argument("--force", action="store_true", help="overwrite hand-edited generated files")
     p.set_defaults(func=cmd_compile)
 
