@@ -6,12 +6,17 @@ into a UserError naming file:line:column, the field path, what was wrong and wha
 
 from __future__ import annotations
 
+import functools
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from . import hardware, laws
 from .errors import UserError
@@ -21,6 +26,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # partition/account/qos names, nothing a shell would interpret.
 CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TIME_LIMIT_PATTERN = r"^([0-9]{1,3}-)?[0-9]{1,3}:[0-9]{2}:[0-9]{2}$"  # not \d: any Unicode digit
+SIGNAL_SLACK_S = 60  # SLURM may send --signal up to this much earlier than asked
 
 # A search space larger than this is refused before it is enumerated (memory, not patience):
 # enumeration and planning hold ~500 bytes per shape, so 4M shapes peak near 2 GB (50M needed 24).
@@ -35,8 +41,44 @@ MAX_BYTES = 1 << 20  # specs are hand-written; a megabyte of YAML is not a spec
 MFU = Annotated[float, Field(ge=0.01, le=1, allow_inf_nan=False)]
 
 
+def _invalid(kind: str, message: str, fix: str) -> PydanticCustomError:
+    """A validation error that carries its own fix (shown by _fix_for)."""
+    return PydanticCustomError(kind, message.replace("{", "{{").replace("}", "}}"), {"fix": fix})
+
+
+def _refuse_bool(value):
+    # pydantic's lax mode reads True as 1; YAML reads yes/no/on/off/true/false as booleans, so
+    # `nodes: yes` or `seed: no` would silently become 1 or 0.
+    if isinstance(value, bool):
+        raise _invalid("bool_not_number", "a YAML boolean is not a number",
+                       "write a number; YAML reads true/false, yes/no and on/off as booleans")
+    return value
+
+
+NotBool = BeforeValidator(_refuse_bool)
+
+
+@functools.cache
+def _is_numeric(annotation) -> bool:
+    """int or float, possibly Optional or Annotated (not inside a list or a model)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _is_numeric(args[0])
+    if origin in (Union, types.UnionType):
+        return any(_is_numeric(a) for a in args)
+    return annotation in (int, float)
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info: ValidationInfo):
+        # Strings stay allowed ("5.0e12", quoted numbers are common); booleans do not.
+        if isinstance(value, bool) and _is_numeric(cls.model_fields[info.field_name].annotation):
+            _refuse_bool(value)
+        return value
 
 
 class Budget(StrictModel):
@@ -60,6 +102,16 @@ class CustomGPU(StrictModel):
     bf16_tflops: Annotated[float, Field(ge=1e-3, le=1e6, allow_inf_nan=False)]
     memory_gb: Annotated[float, Field(gt=0, le=1e5, allow_inf_nan=False)]
     default_mfu: MFU = 0.4
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value):
+        # hardware.GPU.is_cpu goes by name: a GPU called "cpu" would train on host cores in fp32.
+        if value.lower() == hardware.CPU_PSEUDO_DEVICE:
+            raise _invalid("reserved_name", "this name is reserved for the CPU pseudo-device",
+                           "give the custom GPU another name, or write `gpu: cpu` to train on "
+                           "host cores")
+        return value
 
 
 class Hardware(StrictModel):
@@ -145,7 +197,7 @@ class IntRange(StrictModel):
         return (self.max - self.min) // self.step + 1
 
 
-IntChoices = Annotated[list[Annotated[int, Field(ge=1, le=1 << 30)]], Field(min_length=1, max_length=100_000)]
+IntChoices = Annotated[list[Annotated[int, Field(ge=1, le=1 << 30), NotBool]], Field(min_length=1, max_length=100_000)]
 
 
 class Bounds(StrictModel):
@@ -257,13 +309,46 @@ def _default_variants() -> list[Variant]:
     ]
 
 
+def _clock(seconds: int) -> str:
+    """3725 → '01:02:05', SLURM's HH:MM:SS."""
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class Cluster(StrictModel):
     partition: Annotated[str, Field(pattern=CLUSTER_NAME_PATTERN)] | None = None
     account: Annotated[str, Field(pattern=CLUSTER_NAME_PATTERN)] | None = None
     qos: Annotated[str, Field(pattern=CLUSTER_NAME_PATTERN)] | None = None
+    # Before time_limit, whose validator reads it.
+    signal_before_s: Annotated[int, Field(ge=10, le=3600)] = 120
     time_limit: Annotated[str, Field(pattern=TIME_LIMIT_PATTERN)] = "48:00:00"
     mem_per_node_gb: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    signal_before_s: Annotated[int, Field(ge=10, le=3600)] = 120
+
+    @field_validator("time_limit")
+    @classmethod
+    def _room_for_the_signal(cls, value, info: ValidationInfo):
+        days, _, clock = value.rpartition("-")
+        hours, minutes, seconds = (int(part) for part in clock.split(":"))
+        if minutes > 59 or seconds > 59 or (days and hours > 23):
+            raise _invalid("time_limit_clock", "minutes and seconds go up to 59, hours to 23 after "
+                           "a day count", 'write [D-]HH:MM:SS, e.g. "1-12:30:00" or "36:30:00"')
+        total = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+        if total == 0:
+            raise _invalid("time_limit_zero", "SLURM reads a time limit of 0 as no limit: the "
+                           "checkpoint signal would never come",
+                           'give the job\'s wall-clock limit, e.g. "48:00:00" (at most the '
+                           "partition's)")
+        # SLURM sends the signal signal_before_s ahead of the limit, and up to a minute earlier
+        # than asked (sbatch(1), --signal): at the job's start, every job would requeue at once.
+        signal = info.data.get("signal_before_s")
+        if signal is not None and total <= signal + SIGNAL_SLACK_S:
+            need = signal + SIGNAL_SLACK_S + 1
+            fix = f'make cluster.time_limit longer than {_clock(need - 1)}'
+            if total - SIGNAL_SLACK_S - 1 >= 10:
+                fix += f", or cluster.signal_before_s at most {total - SIGNAL_SLACK_S - 1}"
+            raise _invalid("time_limit_short", f"{total} s leaves no time to train: SLURM sends the "
+                           f"checkpoint signal cluster.signal_before_s = {signal} s before the limit, "
+                           f"and up to {SIGNAL_SLACK_S} s early", fix)
+        return value
 
 
 class Training(StrictModel):
@@ -369,15 +454,48 @@ def _where(path: str, mark: yaml.Mark | None) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
 
 
-def _field_path(loc: tuple) -> str:
-    # pydantic puts union member names into locations ("str", "IntRange", "list[...]"); a user
-    # thinks in spec keys, so keep only keys and indices.
-    parts = [str(p) for p in loc if isinstance(p, int) or (isinstance(p, str) and not _is_type_tag(p))]
-    return ".".join(parts)
+def _user_loc(loc: tuple, data) -> tuple:
+    """A pydantic error location as spec keys and indices: without the union members' names that
+    pydantic puts between them ("CustomLaw", "list[constrained-int]", "str"). Walks the data, so
+    that keys the user wrote are kept whatever they look like (the custom law's E, A and B)."""
+    return tuple(part for i, part in enumerate(loc) if i not in _member_tags(loc, data))
+
+
+def _member_tags(loc: tuple, data) -> set[int]:
+    """Positions in `loc` that name a union member rather than a key or index."""
+    tags = set()
+    for i, part in enumerate(loc):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif isinstance(part, str) and _is_type_tag(part):
+            tags.add(i)
+        else:
+            data = None  # a key the user did not write (a missing one): nothing below it
+    return tags
+
+
+def _other_member(loc: tuple, chosen: tuple, data) -> bool:
+    """Whether an error at `loc` comes from another member of a union the `chosen` error is in
+    (the same value read as another type): not another problem."""
+    return any(loc[:i] == chosen[:i] and loc[i:i + 1] != chosen[i:i + 1]
+               for i in _member_tags(chosen, data))
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    names, todo = set(), [StrictModel]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return frozenset(names)
 
 
 def _is_type_tag(part: str) -> bool:
-    return part[:1].isupper() or "[" in part or part in {"str", "int", "float", "bool", "literal"} \
+    return part in _model_names() or "[" in part \
+        or part in {"str", "int", "float", "bool", "list", "dict", "literal"} \
         or part.startswith(("function-", "constrained-", "tagged-union"))
 
 
@@ -411,27 +529,28 @@ def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        raise _first_error(exc, root, path) from None
+        raise _first_error(exc, root, data, path) from None
     except RecursionError:
         raise UserError("spec nested too deeply", where=path,
                         fix="a spec nests a few levels; check for runaway brackets") from None
 
 
-def _first_error(exc: ValidationError, root, path: str) -> UserError:
+def _first_error(exc: ValidationError, root, data, path: str) -> UserError:
     errors = exc.errors(include_url=False)
     # Union errors repeat once per member; the one with the deepest location says most.
     # At equal depth prefer a bad value, then a wrong type, over a missing or unknown key: the
     # member whose shape the user wrote says what is wrong ({tokens_per_param: 0} is a bad ratio,
     # not a law missing alpha; `layers: []` is an empty list, not a wrong-typed range).
     def says_most(e):
-        depth = len([p for p in e["loc"] if not (isinstance(p, str) and _is_type_tag(p))])
         kind = e["type"]
-        return depth, 0 if kind in ("missing", "extra_forbidden") else 1 if kind.endswith("_type") else 2
+        return (len(_user_loc(e["loc"], data)),
+                0 if kind in ("missing", "extra_forbidden") else 1 if kind.endswith("_type") else 2)
     error = max(errors, key=says_most)
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _is_type_tag(p)))
-    field = _field_path(error["loc"]) or "(top level)"
+    loc = _user_loc(error["loc"], data)
+    field = ".".join(map(str, loc)) or "(top level)"
     message = _describe(error)
-    more = len({_field_path(e["loc"]) for e in errors}) - 1
+    more = len({_user_loc(e["loc"], data) for e in errors
+                if not _other_member(e["loc"], error["loc"], data)}) - 1
     if more > 0:
         message += f" ({more} more problem{'s' if more > 1 else ''} after this one)"
     at_key = error["type"] == "extra_forbidden"
@@ -455,6 +574,8 @@ def _describe(error: dict) -> str:
 
 def _fix_for(error: dict, field: str) -> str:
     kind = error["type"]
+    if "fix" in error.get("ctx", {}):
+        return error["ctx"]["fix"]
     if kind == "extra_forbidden":
         return "remove it or check its spelling; `llama3gen schema` lists every key"
     if kind == "missing":
@@ -469,30 +590,41 @@ def _fix_for(error: dict, field: str) -> str:
     return "see `llama3gen schema` for what this field allows"
 
 
+def _shown_path(path) -> str:
+    """The path as the user typed it, quoted where it would not read as one (spaces at its ends,
+    control characters)."""
+    text = str(path)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
+
+
 def load_spec(path: str | Path) -> tuple[Spec, str]:
     """Read and validate a spec file. Returns the Spec and the file's text."""
+    shown = _shown_path(path)
+    if not str(path):  # Path("") is ".", the working directory
+        raise UserError("the spec path is empty ('')",
+                        fix="pass the path of a YAML spec, e.g. specs/1.36e21.yaml")
     p = Path(path)
     try:
         with p.open("rb") as fh:  # read one byte past the limit: /dev/zero is not a spec either
             raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
-        raise UserError("spec file not found", where=str(path),
+        raise UserError("spec file not found", where=shown,
                         fix="pass the path of a YAML spec, e.g. specs/1.36e21.yaml") from None
     except IsADirectoryError:
-        raise UserError("is a directory, not a spec file", where=str(path),
+        raise UserError("is a directory, not a spec file", where=shown,
                         fix="pass the path of a YAML spec, e.g. specs/1.36e21.yaml") from None
     except OSError as exc:
-        raise UserError(f"cannot read spec: {exc.strerror}", where=str(path),
+        raise UserError(f"cannot read spec: {exc.strerror}", where=shown,
                         fix="check the file's permissions") from None
     if len(raw) > MAX_BYTES:
-        raise UserError(f"spec is larger than {MAX_BYTES // 1024} KiB", where=str(path),
+        raise UserError(f"spec is larger than {MAX_BYTES // 1024} KiB", where=shown,
                         fix="a spec is a few lines of YAML; check you passed the right file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"spec is not UTF-8 text (byte {exc.start})", where=str(path),
+        raise UserError(f"spec is not UTF-8 text (byte {exc.start})", where=shown,
                         fix="save the spec as UTF-8") from None
-    return parse_spec_text(text, str(path)), text
+    return parse_spec_text(text, shown), text
 
 
 def json_schema() -> dict:
