@@ -146,8 +146,9 @@ class HFTokenizer:
 
     def __init__(self, path, eod_token):
         if not os.path.isfile(path):
-            raise PrepareError(f"--tokenizer {path}: no such file; give the path of a Hugging "
-                               f"Face tokenizer.json, or 'bytes' for raw bytes")
+            what = "is a directory" if os.path.isdir(path) else "no such file"
+            raise PrepareError(f"--tokenizer {path}: {what}; give the path of a Hugging Face "
+                               f"tokenizer.json, or 'bytes' for raw bytes")
         try:
             from tokenizers import Tokenizer  # only needed for this tokenizer
         except ImportError:
@@ -231,7 +232,8 @@ class Decoder:
 
     def __init__(self, path, strict):
         self.path, self.strict = path, strict
-        self.replaced, self.first_line = 0, None
+        self.replaced = {"invalid UTF-8 bytes": 0, "lone surrogates": 0}
+        self.first_line = None
 
     def decode(self, raw, line_no):
         if self.strict:
@@ -244,7 +246,7 @@ class Decoder:
                     f"or drop --strict to replace invalid bytes with U+FFFD") from None
         before = Replaced.count
         text = raw.decode("utf-8", errors="prepare.replace")
-        self.count(Replaced.count - before, line_no)
+        self.count("invalid UTF-8 bytes", Replaced.count - before, line_no)
         return text
 
     def fix_surrogates(self, text, line_no):
@@ -258,18 +260,19 @@ class Decoder:
                     f"fix the line, or drop --strict to replace it with U+FFFD")
             return text
         text, n = SURROGATES.subn("\ufffd", text)
-        self.count(n, line_no)
+        self.count("lone surrogates", n, line_no)
         return text
 
-    def count(self, n, line_no):
+    def count(self, what, n, line_no):
         if n and self.first_line is None:
             self.first_line = line_no
-        self.replaced += n
+        self.replaced[what] += n
 
     def report(self):
-        if self.replaced:
-            warn(f"{self.path}: {self.replaced} invalid UTF-8 bytes or lone surrogates replaced "
-                 f"with U+FFFD (the first on line {self.first_line}); pass --strict to refuse them")
+        counts = [f"{n} {what}" for what, n in self.replaced.items() if n]
+        if counts:
+            warn(f"{self.path}: {' and '.join(counts)} replaced with U+FFFD (the first on line "
+                 f"{self.first_line}); pass --strict to refuse them")
 
 
 def read_documents(path, jsonl_key, strict=False):
