@@ -47,15 +47,19 @@ def cmd_solve(args) -> int:
 def cmd_compile(args) -> int:
     from .render import render_files
     from .units import duration, si
-    from .writer import write_repo
+    from .writer import InterruptedAfterWrite, write_repo
     plan, text = _plan_for(args.spec)
     out = Path(args.output) if args.output else Path(plan.name)
     files = render_files(plan, text)
-    print(write_repo(out, files, force=args.force))
-    for v in plan.variants:
-        c, t = v.choice, v.timing
-        print(f"  {v.name}: {c.shape.n_layers}L × {c.shape.d_model}, N {si(c.n_params)}, "
-              f"D {si(c.tokens)}, loss {c.loss:.4f}, {duration(t.days)} -> config/{v.name}.py")
+    summary = write_repo(out, files, force=args.force)
+    try:
+        print(summary)
+        for v in plan.variants:
+            c, t = v.choice, v.timing
+            print(f"  {v.name}: {c.shape.n_layers}L × {c.shape.d_model}, N {si(c.n_params)}, "
+                  f"D {si(c.tokens)}, loss {c.loss:.4f}, {duration(t.days)} -> config/{v.name}.py")
+    except KeyboardInterrupt:
+        raise InterruptedAfterWrite(f"the compile was complete: {summary}") from None
     return 0
 
 
@@ -63,23 +67,26 @@ def cmd_check(args) -> int:
     from .render import read_lock, render_files
     from .spec import load_spec, parse_spec_text
     from .planner import build_plan
-    from .writer import compare, diff
+    from .writer import compare, diff, recovered
     repo = Path(args.repo)
-    lock = read_lock(repo)
-    if args.spec:
-        spec, text = load_spec(args.spec)
-    else:
-        text = lock.get("spec_text", "")
-        spec = parse_spec_text(text, f"{repo}/llama3gen.lock.json#spec_text")
-    files = render_files(build_plan(spec), text)
-    state = compare(repo, files)
+    with recovered(repo):  # waits for a compile into repo; finishes or undoes a killed one
+        lock = read_lock(repo)
+        if args.spec:
+            spec, text = load_spec(args.spec)
+        else:
+            text = lock.get("spec_text", "")
+            spec = parse_spec_text(text, f"{repo}/llama3gen.lock.json#spec_text")
+        files = render_files(build_plan(spec), text)
+        state = compare(repo, files)
     if state.clean:
         print(f"{repo}: up to date ({len(files)} generated files)")
         return 0
     for label, paths in (("edited by hand", state.edited), ("stale", state.stale),
                          ("missing", state.missing), ("user file where a generated file goes",
                                                       state.collisions),
-                         ("no longer generated", state.obsolete)):
+                         ("in the way", state.in_the_way),
+                         ("no longer generated", state.obsolete),
+                         ("no longer generated, edited by hand", state.obsolete_edited)):
         for p in paths:
             print(f"{label}: {p}")
     sys.stdout.write(diff(repo, files, state.edited + state.stale + state.collisions))
@@ -184,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # InterruptedAfterWrite says what was written
+        print(f"interrupted; {str(exc) or 'nothing was written'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

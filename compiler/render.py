@@ -45,6 +45,11 @@ def _shquote(value) -> str:
     return shlex.quote(str(value))
 
 
+def _cell(value) -> str:
+    # Text from the spec inside a Markdown table row: a `|` would end the cell, a newline the row.
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
 def _sci(value, digits: int = 3) -> str:
     return f"{float(value):.{digits}e}"
 
@@ -88,8 +93,9 @@ def _environment(root: Path) -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
         bytecode_cache=_bytecode_cache())
-    env.filters.update(shquote=_shquote, pyrepr=_pyrepr, sci=_sci, si=si, duration=duration, gib=_gib, fixed=_fixed,
-                       commas=_commas, tojson=lambda v: json.dumps(v, sort_keys=True))
+    env.filters.update(shquote=_shquote, cell=_cell, pyrepr=_pyrepr, sci=_sci, si=si,
+                       duration=duration, gib=_gib, fixed=_fixed, commas=_commas,
+                       tojson=lambda v: json.dumps(v, sort_keys=True))
     return env
 
 
@@ -157,13 +163,29 @@ def file_mode(path: str) -> int:
     return 0o755 if path.endswith(EXECUTABLE_SUFFIXES) else 0o644
 
 
+def check_relative(rel: str) -> bool:
+    """A generated path is relative, normalised and stays below the repo root."""
+    p = PurePosixPath(rel)
+    return bool(p.parts) and not p.is_absolute() and str(p) == rel and ".." not in p.parts
+
+
 def read_lock(repo: Path) -> dict:
+    """The lock file as a dict whose "files" maps plain relative paths to sha256 digests."""
     path = repo / LOCK_NAME
+    # What to do about a lock we cannot use: --force needs the lock to know which files are generated.
+    fix = (f"restore it (`git checkout -- {LOCK_NAME}` if the repo is under git), or compile into a "
+           "new directory with -o and move your own files over")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        lock = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"not a generated repo: {LOCK_NAME} is missing", where=str(repo),
                         fix="pass the directory `llama3gen compile` wrote") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {LOCK_NAME}: {exc}", where=str(path),
-                        fix="restore it from git, or re-compile with --force") from None
+        raise UserError(f"cannot read {LOCK_NAME}: {exc}", where=str(path), fix=fix) from None
+    files = lock.get("files") if isinstance(lock, dict) else None
+    if not (isinstance(files, dict) and isinstance(lock.get("spec_text", ""), str)
+            and all(isinstance(rel, str) and check_relative(rel) and isinstance(digest, str)
+                    for rel, digest in files.items())):
+        raise UserError(f"{LOCK_NAME} is not a llama3gen lock file (it needs an object with "
+                        '"files": {relative path: sha256} and "spec_text")', where=str(path), fix=fix)
+    return lock
