@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +54,14 @@ def corpus(tmp_path_factory):
     for path in stdlib_corpus_files(100_000):
         shutil.copyfile(path, root / (os.path.basename(path) + ".txt"))
     return root
+
+
+@pytest.fixture(scope="module")
+def small_text(corpus):
+    """One ~6 kB real text file, for runs with ONE_FILE."""
+    path = corpus.parent / "small.txt"
+    path.write_bytes((corpus / sorted(os.listdir(corpus))[0]).read_bytes()[:6000])
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +110,37 @@ def test_numeric_arguments_are_checked(tmp_path, corpus, args, names):
                        timeout=30)
     assert_refused(proc, names)
     assert not (tmp_path / "data").exists()
+
+
+def test_empty_out_dir_is_refused(tmp_path, corpus):
+    assert_refused(run_prepare(tmp_path, "--input", corpus, "--out_dir", ""), "--out_dir")
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_token_chunks_take_linear_time(tmp_path):
+    """--chunk_tokens 1 is valid; it used to copy the rest of the stream for every chunk."""
+    text = tmp_path / "one.txt"
+    text.write_text(("the quick brown fox jumps over the lazy dog\n" * 10_000)[:400_000])
+    proc = run_prepare(tmp_path, "--input", text, "--out_dir", tmp_path / "data", "--chunk_tokens",
+                       "1", "--val_fraction", "0.25", "--block_size", "8", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "data/meta.json").read_text())
+    assert (meta["n_train_tokens"], meta["n_val_tokens"]) == (300_001, 100_000)  # + end-of-document
+
+
+def test_interrupt_leaves_nothing(tmp_path, corpus):
+    """SIGINT in the middle of writing: exit 130, one line, no out_dir, no temporary files."""
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, str(PREPARE), "--input", *[str(corpus)] * 40,
+                             "--out_dir", str(data), *SMALL], env=subprocess_env(),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(data.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip() == "prepare.py: interrupted; nothing was written"
+    assert not data.exists()
 
 
 def test_extensions_accept_a_leading_dot(tmp_path, corpus):
@@ -233,7 +274,7 @@ def test_a_failed_run_leaves_the_earlier_output_as_it_was(tmp_path, corpus):
     assert listing(data) == before
 
 
-def test_files_it_did_not_write_are_never_replaced(tmp_path, corpus, tokenizer_json):
+def test_files_it_did_not_write_are_never_replaced(tmp_path, small_text, tokenizer_json):
     # A folder with the user's own meta.json (not one of ours), or a directory in train.bin's place
     for name, make in (("meta.json", lambda p: p.write_text('{"mine": 1}')),
                        ("train.bin", lambda p: p.write_bytes(b"\x00" * 8)),
@@ -242,37 +283,37 @@ def test_files_it_did_not_write_are_never_replaced(tmp_path, corpus, tokenizer_j
         data.mkdir()
         make(data / name)
         before = listing(data)
-        proc = run_prepare(tmp_path, "--input", corpus, "--out_dir", data, *SMALL)
+        proc = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE)
         assert_refused(proc, str(data / name), "move it away")
         assert listing(data) == before
     # A tokenizer.json beside the data that is not the one given
     data = tmp_path / "data"
-    assert run_prepare(tmp_path, "--input", corpus, "--out_dir", data, "--tokenizer",
-                       tokenizer_json, *SMALL).returncode == 0
+    assert run_prepare(tmp_path, "--input", small_text, "--out_dir", data, "--tokenizer",
+                       tokenizer_json, *ONE_FILE).returncode == 0
     (data / "tokenizer.json").write_text(tokenizer_json.read_text().replace("<|endoftext|>",
                                                                             "<|the_users|>"))
     before = listing(data)
-    proc = run_prepare(tmp_path, "--input", corpus, "--out_dir", data, "--tokenizer",
-                       tokenizer_json, *SMALL)
+    proc = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, "--tokenizer",
+                       tokenizer_json, *ONE_FILE)
     assert_refused(proc, str(data / "tokenizer.json"), "differs")
     assert listing(data) == before
     # The same tokenizer again, or the copy beside the data itself, re-prepares in place.
     shutil.copyfile(tokenizer_json, data / "tokenizer.json")
     for tok in (tokenizer_json, data / "tokenizer.json"):
-        proc = run_prepare(tmp_path, "--input", corpus, "--out_dir", data, "--tokenizer", tok,
-                           *SMALL)
+        proc = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, "--tokenizer", tok,
+                           *ONE_FILE)
         assert proc.returncode == 0, proc.stderr
         assert (data / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
 
 
-def test_outputs_replace_links_never_write_through_them(tmp_path, corpus):
+def test_outputs_replace_links_never_write_through_them(tmp_path, small_text):
     data = tmp_path / "data"
-    assert run_prepare(tmp_path, "--input", corpus, "--out_dir", data, *SMALL).returncode == 0
+    assert run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE).returncode == 0
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"the user's file")
     (data / "train.bin").unlink()
     (data / "train.bin").symlink_to(outside)
-    assert run_prepare(tmp_path, "--input", corpus, "--out_dir", data, *SMALL).returncode == 0
+    assert run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE).returncode == 0
     assert outside.read_bytes() == b"the user's file"
     assert not (data / "train.bin").is_symlink()
 

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 
 import numpy as np
@@ -341,9 +342,13 @@ class Staging:
 
     def open(self, name):
         path = os.path.join(self.out_dir, f".{name}.{os.getpid()}.tmp")
-        # O_EXCL: never write through a file or symlink that is already there
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.tmp[name] = path
+        self.tmp[name] = path  # before creating it: an interrupt just after must remove it too
+        try:
+            # O_EXCL: never write through a file or symlink that is already there
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            del self.tmp[name]  # not ours
+            raise
         f = os.fdopen(fd, "wb")
         self.files.append(f)
         return f
@@ -359,9 +364,17 @@ class Staging:
         f.close()
 
     def commit(self):
-        for name, tmp in self.tmp.items():
-            os.replace(tmp, os.path.join(self.out_dir, name))
-        self.tmp = {}
+        # The renames take microseconds; a signal in between must not leave half of them done.
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        if hasattr(signal, "pthread_sigmask"):  # POSIX
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            for name, tmp in self.tmp.items():
+                os.replace(tmp, os.path.join(self.out_dir, name))
+            self.tmp = {}
+        finally:
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
     def abort(self):
         for f in self.files:
@@ -397,11 +410,15 @@ class SplitWriter:
     def add(self, ids):
         self.pending.append(ids)
         self.n_pending += len(ids)
-        while self.n_pending >= self.chunk_tokens:
-            stream = np.concatenate(self.pending)
-            self._write_chunk(stream[:self.chunk_tokens])
-            rest = stream[self.chunk_tokens:]
-            self.pending, self.n_pending = [rest], len(rest)
+        if self.n_pending < self.chunk_tokens:
+            return
+        # One concatenation, then views: time stays linear even for --chunk_tokens 1.
+        stream = np.concatenate(self.pending)
+        whole = len(stream) - len(stream) % self.chunk_tokens
+        for start in range(0, whole, self.chunk_tokens):
+            self._write_chunk(stream[start:start + self.chunk_tokens])
+        rest = stream[whole:]
+        self.pending, self.n_pending = [rest], len(rest)
 
     def _write_chunk(self, chunk):
         split = self._split_of_chunk(self.chunk_index)
@@ -466,6 +483,9 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
             eod_token="", block_size=DEFAULT_BLOCK_SIZE, strict=False, log=print):
     """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict."""
     check_numbers(vocab_size, val_fraction, chunk_tokens, block_size)
+    if not out_dir:
+        raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
+                           "meta.json (e.g. data/shards)")
     extensions = {e.strip().lstrip(".") for e in extensions} - {""}
     if not extensions:
         raise PrepareError("--extensions is empty; give e.g. txt,md,jsonl")
