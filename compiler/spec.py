@@ -58,7 +58,6 @@ def _refuse_bool(value):
 NotBool = BeforeValidator(_refuse_bool)
 
 
-@functools.cache
 def _is_numeric(annotation) -> bool:
     """int or float, possibly Optional or Annotated (not inside a list or a model)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -341,8 +340,7 @@ class Cluster(StrictModel):
         # than asked (sbatch(1), --signal): at the job's start, every job would requeue at once.
         signal = info.data.get("signal_before_s")
         if signal is not None and total <= signal + SIGNAL_SLACK_S:
-            need = signal + SIGNAL_SLACK_S + 1
-            fix = f'make cluster.time_limit longer than {_clock(need - 1)}'
+            fix = f"make cluster.time_limit longer than {_clock(signal + SIGNAL_SLACK_S)}"
             if total - SIGNAL_SLACK_S - 1 >= 10:
                 fix += f", or cluster.signal_before_s at most {total - SIGNAL_SLACK_S - 1}"
             raise _invalid("time_limit_short", f"{total} s leaves no time to train: SLURM sends the "
