@@ -276,14 +276,16 @@ def test_a_failed_run_leaves_the_earlier_output_as_it_was(tmp_path, corpus):
 
 def test_files_it_did_not_write_are_never_replaced(tmp_path, small_text, tokenizer_json):
     # A folder with the user's own meta.json (not one of ours), or a directory in train.bin's place
-    for name, make in (("meta.json", lambda p: p.write_text('{"mine": 1}')),
-                       ("train.bin", lambda p: p.write_bytes(b"\x00" * 8)),
-                       ("val.bin", lambda p: p.mkdir())):
-        data = tmp_path / f"user-{name}"
+    for i, (name, make) in enumerate((("meta.json", lambda p: p.write_text('{"mine": 1}')),
+                                      ("meta.json", os.mkfifo),  # must not block on reading it
+                                      ("train.bin", lambda p: p.write_bytes(b"\x00" * 8)),
+                                      ("val.bin", lambda p: p.mkdir()))):
+        data = tmp_path / f"user-{i}"
         data.mkdir()
         make(data / name)
         before = listing(data)
-        proc = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE)
+        proc = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE,
+                           timeout=30)
         assert_refused(proc, str(data / name), "move it away")
         assert listing(data) == before
     # A tokenizer.json beside the data that is not the one given
@@ -402,6 +404,8 @@ def test_block_size_from_a_config(tmp_path):
     for text, words in (("block_size = 'long'\n", "not a positive integer"),
                         ("block_size = -1\n", "not a positive integer"),
                         ("import os\nos.mkdir('ran')\n", "no `block_size = <integer>`"),
+                        ("block_size = 2 * 64\n", "block_size is computed"),
+                        ("block_size = 1" + "+1" * 100_000 + "\n", "not a config file"),
                         ("block_size = = 3\n", "not a config file")):
         config.write_text(text)
         assert_refused(run_prepare(tmp_path, *args, "--out_dir", tmp_path / "c",

@@ -97,6 +97,9 @@ def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size):
                            f"block_size), got {block_size}")
 
 
+NOT_A_LITERAL = object()
+
+
 def read_config(path):
     """block_size and vocab_size assigned in a config/<variant>.py, read as literals, never run."""
     if not os.path.isfile(path):
@@ -105,8 +108,9 @@ def read_config(path):
     try:
         with open(path, "rb") as f:
             tree = ast.parse(f.read(), path)
-    except (SyntaxError, ValueError) as e:
-        raise PrepareError(f"--config {path}: not a config file ({e})") from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # the last two: nesting
+        raise PrepareError(f"--config {path}: not a config file "
+                           f"({str(e) or type(e).__name__})") from None
     values = {}
     for node in tree.body:  # plain `key = literal` lines, as llama3gen writes them
         if isinstance(node, ast.Assign) and len(node.targets) == 1 \
@@ -114,12 +118,14 @@ def read_config(path):
                 and node.targets[0].id in ("block_size", "vocab_size"):
             try:
                 values[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass  # computed; checked below if it is the one we need
+            except (ValueError, RecursionError):
+                values[node.targets[0].id] = NOT_A_LITERAL  # refused below
     for key in ("block_size", "vocab_size"):
         value = values.get(key)
         if key in values and (type(value) is not int or value < 1):
-            raise PrepareError(f"--config {path}: {key} is {value!r}, not a positive integer")
+            shown = "computed" if value is NOT_A_LITERAL else f"{value!r:.40}"
+            raise PrepareError(f"--config {path}: {key} is {shown}, not a positive integer; "
+                               f"write it as `{key} = <integer>`, or give --{key}")
     if "block_size" not in values:
         raise PrepareError(f"--config {path}: no `block_size = <integer>` line; give "
                            f"--block_size N instead")
@@ -374,7 +380,10 @@ class Staging:
             self.tmp = {}
         finally:
             if hasattr(signal, "pthread_sigmask"):
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+                try:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+                except KeyboardInterrupt:
+                    pass  # Ctrl-C during the renames: they are done, so the run is complete
 
     def abort(self):
         for f in self.files:
@@ -444,12 +453,14 @@ def check_out_dir(out_dir, tok):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PrepareError(f"--out_dir {out_dir}: exists and is not a directory")
     earlier_meta = os.path.join(out_dir, "meta.json")
-    try:
-        with open(earlier_meta) as f:
-            meta = json.load(f)
-        ours = isinstance(meta, dict) and {"n_train_tokens", "n_val_tokens", "dtype"} <= set(meta)
-    except (OSError, ValueError):
-        ours = False
+    ours = False
+    if os.path.isfile(earlier_meta):  # not a pipe, which would block
+        try:
+            with open(earlier_meta) as f:
+                meta = json.load(f)
+            ours = isinstance(meta, dict) and {"n_train_tokens", "n_val_tokens", "dtype"} <= set(meta)
+        except (OSError, ValueError, RecursionError):
+            pass
     for name in OUTPUTS:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
