@@ -139,7 +139,8 @@ def test_interrupt_leaves_nothing(tmp_path, corpus):
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and stderr.strip() == "prepare.py: interrupted; nothing was written"
+    assert proc.returncode == 130
+    assert stderr.strip() == "prepare.py: interrupted; nothing was written"
     assert not data.exists()
 
 
@@ -310,12 +311,14 @@ def test_files_it_did_not_write_are_never_replaced(tmp_path, small_text, tokeniz
 
 def test_outputs_replace_links_never_write_through_them(tmp_path, small_text):
     data = tmp_path / "data"
-    assert run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE).returncode == 0
+    first = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE)
+    assert first.returncode == 0, first.stderr
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"the user's file")
     (data / "train.bin").unlink()
     (data / "train.bin").symlink_to(outside)
-    assert run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE).returncode == 0
+    first = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, *ONE_FILE)
+    assert first.returncode == 0, first.stderr
     assert outside.read_bytes() == b"the user's file"
     assert not (data / "train.bin").is_symlink()
 

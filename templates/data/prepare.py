@@ -458,7 +458,7 @@ def check_out_dir(out_dir, tok):
         try:
             with open(earlier_meta) as f:
                 meta = json.load(f)
-            ours = isinstance(meta, dict) and {"n_train_tokens", "n_val_tokens", "dtype"} <= set(meta)
+            ours = isinstance(meta, dict) and {"n_train_tokens", "dtype"} <= set(meta)
         except (OSError, ValueError, RecursionError):
             pass
     for name in OUTPUTS:
@@ -467,9 +467,9 @@ def check_out_dir(out_dir, tok):
             raise PrepareError(f"{path}: is a directory, where data/prepare.py writes a file; "
                                f"move it away or choose another --out_dir")
         if os.path.lexists(path) and not ours:
-            raise PrepareError(f"{path}: exists and was not written by data/prepare.py (no meta.json "
-                               f"of an earlier run beside it); move it away or choose another "
-                               f"--out_dir")
+            raise PrepareError(f"{path}: exists and was not written by data/prepare.py (no "
+                               f"meta.json of an earlier run beside it); move it away or choose "
+                               f"another --out_dir")
     target = os.path.join(out_dir, "tokenizer.json")
     if tok.path and os.path.lexists(target) and not is_tokenizer_copy(tok, target):
         raise PrepareError(f"{target}: exists and differs from --tokenizer {tok.path}; "
@@ -554,11 +554,12 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
     finally:
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)  # a failed run leaves no trace, not even the directory
-    for split in ("train", "val"):
-        if meta[f"n_{split}_tokens"] < block_size + 2:
-            warn(f"{os.path.join(out_dir, split + '.bin')} has {meta[f'n_{split}_tokens']} tokens, "
-                 f"fewer than block_size + 2 = {block_size + 2}: train.py will refuse it; give more "
-                 f"data{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
+    for split in ("train", "val"):  # train.py needs a window of block_size + 1 tokens and more
+        n = meta[f"n_{split}_tokens"]
+        if n < block_size + 2:
+            warn(f"{os.path.join(out_dir, split + '.bin')} has {n} tokens, fewer than block_size "
+                 f"+ 2 = {block_size + 2}: train.py will refuse it; give more data"
+                 f"{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
                  f"block_size (--block_size or --config)")
     log(f"{n_documents} documents from {len(files)} files: {meta['n_train_tokens']:,} train and "
         f"{meta['n_val_tokens']:,} val tokens -> {out_dir}")
