@@ -91,7 +91,19 @@ def test_training_step_flops_match_arch_exact(n_head, n_kv_head, tie, ffn_rule, 
     attention_per_token = 12 * args.n_layer * seq_len * args.n_head * args.head_dim
     assert attention_per_token > 0.05 * expected_per_token  # far above the 1% tolerance
     measured = counter.get_total_flops()
+    # FlopCounterMode counts matmul FLOPs exactly, and arch counts the same matmuls: they agree
+    # to the integer; 1% leaves room for nothing else and would miss a forgotten matmul of
+    # attention (> 5% of the total, asserted above) or a wrong FFN width.
     assert measured == pytest.approx(expected_per_token * batch * seq_len, rel=0.01)
+
+
+# Ours and transformers compute the same fp32 function with other summation orders and kernels.
+# A dot product of length n rounds to about eps32·√n·Σ|terms| (eps32 = 6e-8): a few 1e-7 here
+# (widths ≤ 96, 2 layers, activations of order 1), whatever the kernel set, since every kernel
+# rounds each operation in fp32; a forward pass does not amplify it by more than a small factor.
+# 1e-5 is over a decade above that, and far below what a layout bug does (a wrong RoPE pairing
+# or a misplaced norm moves logits of std > 0.1, checked below, by a good part of that std).
+LOGIT_TOLERANCE = 1e-5
 
 
 def hf_twin(args, model):
@@ -129,7 +141,7 @@ def test_logits_equal_transformers_llama(n_head, n_kv_head, tie):
         ours, _ = model(idx)
         theirs = hf(idx).logits
     assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=LOGIT_TOLERANCE)
     assert ours.std() > 0.1  # the comparison is not between two near-zero tensors
 
 
@@ -141,6 +153,8 @@ def test_sdpa_without_enable_gqa_gives_the_same_output(monkeypatch):
         native, _ = model(idx)
         monkeypatch.setattr(model_py, "_SDPA_HAS_GQA", False)
         repeated, _ = model(idx)
+    # The same matmuls on K/V repeated or broadcast: only the kernel's blocking can differ, a few
+    # ulps of these O(1) outputs (ulp(1) = 1.2e-7); repeating the wrong heads would move them O(1).
     torch.testing.assert_close(native, repeated, rtol=0, atol=1e-6)
 
 
@@ -171,6 +185,9 @@ def test_init_and_meta_materialisation():
     assert "model.rope_cos" not in late.state_dict()
     std = args.init_std
     residual_std = std / math.sqrt(2 * args.n_layer)
+    # A sample std of n normal draws has relative standard error 1/√(2n): ≤ 0.3% for these
+    # tensors (n ≥ 64k), so 5% is over 15 standard errors, and a wrong init (say std instead of
+    # std/√(2L) = std/4 for the residual projections) is off by far more.
     embed = late.model.embed_tokens.weight
     assert embed.std().item() == pytest.approx(std, rel=0.05)
     down = torch.cat([layer.mlp.down_proj.weight.flatten() for layer in late.model.layers])
@@ -200,12 +217,20 @@ def test_loss_and_gradients_equal_transformers_own_loss(monkeypatch, tie, chunk_
     # HF predicts labels[i + 1] from position i and ignores -100; the last position predicts none.
     theirs = hf(input_ids=tokens, labels=tokens.masked_fill(ignored, -100)).loss
     theirs.backward()
+    # The loss is a mean of ~30 fp32 log-softmaxes of order ln 256 = 5.5: its rounding is a few
+    # ulps of 5.5 (ulp = 4.8e-7) in any summation order; 1e-6 + 1e-6·5.5 allows ~14 ulps.
     torch.testing.assert_close(loss, theirs, rtol=1e-6, atol=1e-6)
+    # Gradients: sums over the 32 tokens and over the vocabulary (256) in fp32, other orders in
+    # the fused head (softmax − one-hot computed in forward, chunked): relative rounding of about
+    # eps32·√256 ≈ 1e-6 of each gradient's size; rtol 1e-4 is two decades above, and atol 1e-7
+    # covers elements that cancel to near zero. A dropped or mis-scaled term (ignored targets
+    # counted, a chunk lost) changes gradients by O(1) relative.
     hf_params = dict(hf.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-7, msg=name)
     assert model.lm_head.weight.grad.abs().max() > 1e-3  # the head's gradient is not vacuous
-    # Random init: the loss starts near ln(vocab), the entropy of a uniform guess.
+    # Random init (std 0.02): logits of std ≈ 0.02·‖h‖, so the loss is ln(vocab) plus a term of
+    # order their variance, far below 5% of ln 256; a mis-scaled init or wrong targets leave it.
     assert loss.item() == pytest.approx(math.log(256), rel=0.05)
 
 
@@ -225,10 +250,17 @@ def test_fused_loss_under_autocast_computes_in_bf16_and_returns_fp32_gradients()
     eager_grads = torch.autograd.grad(eager, (h, weight))
     exact_grads = torch.autograd.grad(exact, (h, weight))
     assert [g.dtype for g in fused_grads] == [torch.float32, torch.float32]
-    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)  # the same bf16 logits
+    # The same bf16 logits, soft-maxed in fp32 by each in its own order: fp32 rounding of a loss
+    # of order ln 300 = 5.7 is ~1e-6; 1e-5 is a decade above it and far below bf16's own error,
+    # which the next line requires to be visible (> 1e-6 away from the fp32 result).
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     assert (fused - exact).abs() > 1e-6  # and they are bf16's, not fp32's
     # bf16 gradients: as close to the fp32 ones as autocast's own (its weight gradient rounds
     # once to bf16; the fused head accumulates its chunks in fp32).
+    # Bounds relative to autocast's own error against the fp32 truth (bf16 rounds to 8 bits,
+    # relative 4e-3 per value): the fused head may differ from autocast in summation order, which
+    # is fp32 noise far below that error, hence 10% slack; 1% of the gradient's norm is 2.5
+    # bf16 epsilons, which a gradient returned in bf16 or without the chunk scale would exceed.
     for ours, theirs, truth in zip(fused_grads, eager_grads, exact_grads):
         assert (ours - truth).norm() <= 1.1 * (theirs - truth).norm()
         assert (ours - truth).norm() < 1e-2 * truth.norm()
