@@ -27,7 +27,8 @@ What happens:
   exit 75, which asks the launcher to requeue; a second signal more than 5 s after the first
   exits at once (repeats within 5 s are the duplicates SLURM and torchrun deliver).
 
-Exit status: 0 finished, 75 saved after a signal (requeue me), 2 bad configuration, else failure.
+Exit status: 0 finished, 75 saved after a signal (requeue me), 2 bad configuration or data (one
+line, nothing trained), else failure.
 """
 
 import contextlib
@@ -476,7 +477,11 @@ def main(argv):
     train_data = TokenData(cfg.data_dir, "train", cfg.block_size)
     val_data = TokenData(cfg.data_dir, "val", cfg.block_size)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission, ...
+        raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot create it as a directory "
+                          f"({e.strerror})") from None
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -16,6 +16,7 @@ cost seconds of `import torch` each); one case of each kind runs `python train.p
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -197,16 +198,34 @@ def test_contract_lists_an_allowed_range_for_every_key():
         assert len(cells) == 4 and cells[3], row
 
 
-def test_train_py_refuses_before_writing_anything(repo):
-    proc = run_train(repo, CONFIG, "--out_dir=out/never", "--max_iters=-3", check=False)
-    assert_refused(proc, "--max_iters=-3", "max_iters must be >= 1, got -3")
-    assert not (repo / "out/never").exists()
+def run_main_here(repo, monkeypatch, *overrides):
+    """train.main itself, in this process; returns the ConfigError it raised. (main installs
+    SIGTERM/SIGUSR1 handlers: pytest's are put back.)"""
+    monkeypatch.chdir(repo)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with pytest.raises(configurator.ConfigError) as e:
+            train.main([CONFIG, *overrides])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_device_cuda_without_cuda_is_refused(repo):
-    proc = run_train(repo, CONFIG, "--out_dir=out/cuda", "--device=cuda", check=False)
-    assert_refused(proc, "device='cuda'", "no CUDA GPU", "--device=cpu")
+def test_device_cuda_without_cuda_is_refused(repo, monkeypatch):
+    message = run_main_here(repo, monkeypatch, "--out_dir=out/cuda", "--device=cuda")
+    assert "device='cuda'" in message and "--device=cpu" in message, message
+    assert not (repo / "out/cuda").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(repo, monkeypatch):
+    (repo / "out").mkdir(exist_ok=True)
+    (repo / "out/a_file").write_text("the user's\n")
+    message = run_main_here(repo, monkeypatch, "--out_dir=out/a_file")
+    assert message.startswith("out_dir='out/a_file': cannot create it as a directory"), message
+    assert (repo / "out/a_file").read_text() == "the user's\n"
 
 
 # -----------------------------------------------------------------------------
@@ -268,12 +287,6 @@ def test_corrupt_meta_json(repo, tmp_path, content, fragment):
         train.read_meta(str(tmp_path))
     assert fragment in str(e.value) and "data/prepare.py" in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
-
-
-def test_corrupt_meta_json_through_train_py(repo):
-    data = damaged_data(repo, "bad_meta", lambda p: (p / "meta.json").write_text("{oops"))
-    proc = run_train(repo, CONFIG, "--out_dir=out/bad_meta", f"--data_dir={data}", check=False)
-    assert_refused(proc, "meta.json is unreadable", "data/prepare.py")
 
 
 def test_resuming_a_checkpoint_of_another_shape_is_refused(repo, keep1_run):
@@ -340,12 +353,12 @@ def test_bad_init_from_hf_through_train_py(repo, tmp_path):
 # Items 2 and 5: pruning never deletes the checkpoint just saved, and counts only valid ones
 
 
-def test_keep_last_ckpts_zero_is_refused_and_deletes_nothing(repo, keep1_run):
-    before = snapshot(keep1_run / "checkpoints")
+def test_keep_last_ckpts_zero_is_refused_and_writes_nothing(repo, keep1_run):
+    before = snapshot(keep1_run)  # checkpoints and metrics.jsonl
     proc = run_train(repo, CONFIG, f"--out_dir={keep1_run}", "--keep_last_ckpts=0",
                      "--max_iters=8", "--ckpt_interval=2", check=False)
     assert_refused(proc, "--keep_last_ckpts=0", "keep_last_ckpts must be >= 1, got 0")
-    assert snapshot(keep1_run / "checkpoints") == before
+    assert snapshot(keep1_run) == before
 
 
 def test_prune_keeps_the_checkpoint_just_saved_whatever_keep_last_says(keep1_run, tmp_path):
