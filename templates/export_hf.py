@@ -313,6 +313,7 @@ def read_safetensors_header(path):
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(min(header_len, 100 << 20)))  # the format's own limit
+            data_bytes = os.fstat(f.fileno()).st_size - 8 - header_len
         header.pop("__metadata__", None)
         for name, info in header.items():
             begin, end = info["data_offsets"]
@@ -320,6 +321,8 @@ def read_safetensors_header(path):
             if dtype is None or end - begin != _nbytes(info["shape"], dtype):
                 raise ValueError(f"tensor {name}: dtype {info['dtype']}, shape {info['shape']}, "
                                  f"offsets {begin}..{end} do not agree")
+            if end > data_bytes:
+                raise ValueError(f"truncated: tensor {name} ends past the end of the file")
     except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a safetensors file this script reads ({e})") from None
     return header, 8 + header_len
@@ -407,35 +410,50 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
     earlier = earlier_export(out_dir)  # before anything is written: refuse early
     staging = make_staging_dir(out_dir)
     try:
-        shards = plan_shards(names, sizes, max_shard_bytes)
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            filename = (SINGLE_FILE if len(shards) == 1
-                        else f"model-{k:05d}-of-{len(shards):05d}.safetensors")
-            write_safetensors(os.path.join(staging, filename), shard,
-                              [shapes[names.index(name)] for name in shard],
-                              state_dict.__getitem__, torch_dtype)
-            weight_map.update({name: filename for name in shard})
-        if len(shards) > 1:
-            write_json(os.path.join(staging, INDEX_FILE),
-                       {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
-
-        write_json(os.path.join(staging, "config.json"),
-                   hf_config(args, dtype, bos_token_id, eos_token_id))
-        generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-                      "max_length": args.block_size}
-        write_json(os.path.join(staging, "generation_config.json"), generation)
-        if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(staging, "tokenizer.json"))
-            # Without this, transformers would build its LLaMA tokenizer class around the file.
-            write_json(os.path.join(staging, "tokenizer_config.json"),
-                       {"tokenizer_class": "PreTrainedTokenizerFast"})
-        write_export_manifest(staging)
+        write_export_files(staging, state_dict, args, names, shapes, sizes, dtype,
+                           max_shard_bytes, tokenizer_file, bos_token_id, eos_token_id)
+    except BaseException as e:  # a failure or Ctrl-C: out_dir is as it was; drop what was staged
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(f"writing the export failed, so {out_dir} was not changed: {e}") \
+                from None
+        raise
+    try:
         publish(staging, out_dir, earlier)
-    except BaseException:  # a failure or Ctrl-C: out_dir is untouched; drop what was staged
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sum(torch.Size(shape).numel() for shape in shapes)
+
+
+def write_export_files(directory, state_dict, args, names, shapes, sizes, dtype, max_shard_bytes,
+                       tokenizer_file, bos_token_id, eos_token_id):
+    """The files of an export, and its manifest, into `directory`."""
+    torch_dtype = EXPORT_DTYPES[dtype]
+    shards = plan_shards(names, sizes, max_shard_bytes)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        filename = (SINGLE_FILE if len(shards) == 1
+                    else f"model-{k:05d}-of-{len(shards):05d}.safetensors")
+        write_safetensors(os.path.join(directory, filename), shard,
+                          [shapes[names.index(name)] for name in shard], state_dict.__getitem__,
+                          torch_dtype)
+        weight_map.update({name: filename for name in shard})
+    if len(shards) > 1:
+        write_json(os.path.join(directory, INDEX_FILE),
+                   {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
+
+    write_json(os.path.join(directory, "config.json"),
+               hf_config(args, dtype, bos_token_id, eos_token_id))
+    generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+                  "max_length": args.block_size}
+    write_json(os.path.join(directory, "generation_config.json"), generation)
+    if tokenizer_file:
+        shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.json"))
+        # Without this, transformers would build its LLaMA tokenizer class around the file.
+        write_json(os.path.join(directory, "tokenizer_config.json"),
+                   {"tokenizer_class": "PreTrainedTokenizerFast"})
+    write_export_manifest(directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,6 +694,8 @@ def size_argument(text):
 
 
 def main(argv=None):
+    """The command line; returns the exit status: 2, with one line on stderr, for what is wrong
+    with the arguments, the checkpoint, the config or --out."""
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
                         help="a checkpoint (out/checkpoints/step_N), or out_dir for its newest")
@@ -696,7 +716,19 @@ def main(argv=None):
     if opts.data_dir is not None and not os.path.isfile(os.path.join(opts.data_dir, "meta.json")):
         parser.error(f"argument --data-dir: {opts.data_dir!r} holds no meta.json; give the "
                      f"directory data/prepare.py wrote")
+    try:
+        export_checkpoint(opts)
+    except (OSError, ValueError, checkpoint.CheckpointError) as e:  # say what is wrong, briefly
+        print(f"export_hf.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"export_hf.py: interrupted; {opts.out} is as it was", file=sys.stderr)
+        return 130
+    return 0
 
+
+def export_checkpoint(opts):
+    """What the command line does, once its arguments are checked."""
     ckpt_dir = resolve_checkpoint(opts.ckpt)
     settings = read_run_config(ckpt_dir, opts.config)
     args = model_args_from(settings, opts.config or f"{ckpt_dir}/{checkpoint.TRAIN_STATE}")
@@ -716,11 +748,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, checkpoint.CheckpointError) as e:  # say what is wrong, briefly
-        print(f"export_hf.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("export_hf.py: interrupted; --out is as it was", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

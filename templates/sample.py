@@ -188,6 +188,8 @@ def device_argument(text):
 
 
 def main(argv=None):
+    """The command line; returns the exit status: 2, with one line on stderr, for what is wrong
+    with the arguments, the checkpoint, the config or the export."""
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="a checkpoint, or out_dir for its newest valid one")
     parser.add_argument("--config", help="config/<variant>.py of the run (default: the config "
@@ -217,7 +219,16 @@ def main(argv=None):
     if opts.data_dir and not os.path.isfile(os.path.join(opts.data_dir, "meta.json")):
         parser.error(f"argument --data-dir: {opts.data_dir!r} holds no meta.json; give the "
                      f"directory data/prepare.py wrote")
+    try:
+        run_sampling(opts, parser)
+    except (OSError, ValueError, CheckpointError) as e:  # a wrong path or config: say so briefly
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def run_sampling(opts, parser):
+    """What the command line does, once its arguments are checked."""
     model, run_data_dir = load_model(opts.ckpt, opts.config, opts.hf)
     tokenizer = load_tokenizer(opts.hf, opts.data_dir or run_data_dir)
     prompt_ids = tokenizer.encode(opts.prompt)
@@ -243,8 +254,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, CheckpointError) as e:  # a wrong path or config: say so briefly
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())
