@@ -484,7 +484,7 @@ def _read_export_manifest(out_dir):
         with open(os.path.join(out_dir, EXPORT_MANIFEST)) as f:
             files = json.load(f)["files"]
         # Plain names only: a manifest must never point outside its directory.
-        if all(isinstance(name, str) and name == os.path.basename(name)
+        if isinstance(files, dict) and all(isinstance(name, str) and name == os.path.basename(name)
                and name not in ("", ".", "..", EXPORT_MANIFEST) for name in files):
             return files
     except (OSError, ValueError, KeyError, TypeError):
@@ -514,8 +514,9 @@ def earlier_export(out_dir):
     if files is None:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ValueError(f"--out {out_dir} is not empty ({shown}) and is not an export of "
-                         f"export_hf.py (no valid {EXPORT_MANIFEST}); nothing was changed: give "
-                         f"a new or empty directory")
+                         f"export_hf.py (no valid {EXPORT_MANIFEST}; an export by an older "
+                         f"export_hf.py has none either); nothing was changed: give a new or "
+                         f"empty directory")
     foreign = [name for name in entries if name not in files and name != EXPORT_MANIFEST]
     changed = [name for name, record in files.items()
                if os.path.islink(os.path.join(out_dir, name))
@@ -536,8 +537,8 @@ def make_staging_dir(out_dir):
     os.makedirs(parent, exist_ok=True)
     for left in sorted(os.listdir(parent)):
         if left.startswith(f".{name}.export-"):
-            print(f"note: {os.path.join(parent, left)} is left by an export that was killed; "
-                  f"{out_dir} itself is whole: delete it")
+            print(f"note: {os.path.join(parent, left)} was left by an export that was killed "
+                  f"(it never touched {out_dir}); it can be deleted")
     staging = os.path.join(parent, f".{name}.export-{os.getpid()}")
     os.mkdir(staging)  # fails rather than reuse anything already there
     return staging

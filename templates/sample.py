@@ -123,8 +123,8 @@ def load_tokenizer(hf=None, data_dir=None):
             values = value if isinstance(value, list) and key == "eos_token_id" else [value]
             if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
                        for v in values):
-                raise ValueError(f"{hf}/config.json: {key} is {value!r}; it must be an integer "
-                                 f">= 0 or null")
+                raise ValueError(f"{os.path.join(hf, 'config.json')}: {key} is {value!r}; it "
+                                 f"must be an integer >= 0 or null")
         tokenizer_file = os.path.join(hf, "tokenizer.json")
         return Tokenizer(tokenizer_file if os.path.exists(tokenizer_file) else None, *ids)
     if data_dir:
@@ -216,6 +216,12 @@ def main(argv=None):
         parser.error("give one of --ckpt (a checkpoint or out_dir) or --hf (an export directory)")
     if opts.config and opts.hf:
         parser.error("argument --config: only with --ckpt; an --hf directory has its config.json")
+    if opts.data_dir and opts.hf:
+        parser.error("argument --data-dir: only with --ckpt; an --hf directory has its tokenizer")
+    try:
+        opts.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 in the command line
+        parser.error(f"argument --prompt: {opts.prompt!r} is not valid UTF-8 text")
     if opts.data_dir and not os.path.isfile(os.path.join(opts.data_dir, "meta.json")):
         parser.error(f"argument --data-dir: {opts.data_dir!r} holds no meta.json; give the "
                      f"directory data/prepare.py wrote")

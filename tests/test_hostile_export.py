@@ -147,9 +147,12 @@ def test_a_folder_of_another_model_is_refused_and_untouched(repo):
 
 
 def test_the_prepared_data_folder_is_refused_and_untouched(repo, cli):
+    # As the issue found it: a data folder whose only copy of its tokenizer.json is there.
+    shutil.copytree(repo / "data" / "stdlib", repo / "data" / "bpe")
+    (repo / "data" / "bpe" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}\n')
     before = snapshot(repo / "data")
-    assert_refused(cli(export_hf, "--ckpt", "out", "--out", "data/stdlib"), "data/stdlib",
-                   "not empty")
+    for out in ("data/stdlib", "data/bpe"):
+        assert_refused(cli(export_hf, "--ckpt", "out", "--out", out), out, "not empty")
     assert snapshot(repo / "data") == before
     # The repo itself (say `--out .`), and its parent, hold the current directory: refused.
     for out in (".", ".."):
@@ -197,6 +200,19 @@ def test_an_export_with_foreign_or_edited_files_is_refused_and_untouched(repo, c
     assert_refused(cli(export_hf, "--ckpt", "out", "--out", ours),
                    "config.json", "changed")
     assert snapshot(ours) == before
+
+    # Its weights replaced by a link to someone else's, and a folder of theirs put inside.
+    ours = repo / "hf-linked"
+    assert cli(export_hf, "--ckpt", "out", "--out", ours).returncode == 0
+    theirs = someone_elses_model(repo / "models" / "linked-to")
+    (ours / "model.safetensors").unlink()
+    (ours / "model.safetensors").symlink_to(theirs / "model.safetensors")
+    (ours / "extras").mkdir()
+    (ours / "extras" / "lora.safetensors").write_bytes(b"\1" * 32)
+    before, theirs_before = snapshot(ours), snapshot(theirs)
+    assert_refused(cli(export_hf, "--ckpt", "out", "--out", ours), "extras",
+                   "changed or removed since the export: model.safetensors")
+    assert snapshot(ours) == before and snapshot(theirs) == theirs_before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +401,8 @@ def test_sample_refuses_bad_use_in_one_line(repo, cli):
         (["--top-k", "0"], ["--top-k", "'0'", ">= 1"]),
         (["--config", "config/other.py"], ["config/other.py", "n_layer = 3", "n_kv_head = 4"]),
         (["--hf", "hf"], ["one of --ckpt", "--hf"]),
+        (["--prompt", "caf\udce9"], ["--prompt", "not valid UTF-8"]),  # Latin-1 bytes in argv
+        (["--data-dir", "data"], ["--data-dir", "'data'", "meta.json"]),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], ["--device", "'cuda'", "no CUDA", "cpu"]))
@@ -392,6 +410,10 @@ def test_sample_refuses_bad_use_in_one_line(repo, cli):
         assert_refused(cli(sample, "--ckpt", "out", "--max-new-tokens", "2", *extra), *words)
     assert_refused(cli(sample, "--hf", "hf", "--config", "config/tiny.py"),
                    "--config", "only with --ckpt")
+    assert_refused(cli(sample, "--hf", "hf", "--data-dir", "data/stdlib"),
+                   "--data-dir", "only with --ckpt")
+    assert_refused(cli(sample, "--ckpt", "out", "--data-dir", "data/stdlib", "--seed", "x"),
+                   "--seed", "'x'")
     (repo / "config" / "other.py").unlink()
     # As a user meets them, in a new process: the two cases of the issue.
     assert_refused(run(repo, "sample.py", "--ckpt", "out", "--prompt", ""), "--prompt", "''")
