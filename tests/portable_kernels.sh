@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the numerically sensitive tests under portable kernels: torch's `default` CPU capability
+# and numpy's baseline SIMD (the compiler's math, hence lock files and examples/, runs on numpy).
+# A bound that holds only for one CPU's rounding fails here on any machine (issue #13).
+# Usage: bash tests/portable_kernels.sh [pytest args]   (from the repository root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ATEN_CPU_CAPABILITY=default
+export NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR"  # those absent are ignored
+python - <<'PY'
+import numpy, torch
+from numpy._core._multiarray_umath import __cpu_features__ as npy
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
+assert not npy["X86_V3"] and not npy["X86_V4"], "numpy still dispatches AVX2 or AVX-512"
+print(f"portable kernels: torch {torch.backends.cpu.get_cpu_capability()}, numpy baseline SIMD")
+PY
+# Training and resume (losses and weights across world sizes), export and the model against
+# transformers, the memory model against PyTorch's trackers, byte-identical compiles.
+python -m pytest -q -p no:cacheprovider "$@" \
+    tests/test_train.py tests/test_resume.py tests/test_export_hf.py tests/test_model.py \
+    tests/test_memory.py tests/test_compile.py tests/test_properties.py tests/test_bench_smoke.py
