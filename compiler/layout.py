@@ -141,7 +141,7 @@ def memory_masks(spec, cands, throughput=None) -> dict:
     hw, m = spec.hardware, spec.model
     device, memory_bytes = spec_memory_bytes(spec)
     allow = spec.training.activation_checkpointing is not False
-    ok = fits(cands.n_layers, cands.d_model, cands.n_heads, m.kv_heads, m.head_dim,
+    ok = fits(cands.n_layers, cands.d_model, cands.n_heads, cands.n_kv_heads, cands.head_dim,
               cands.ffn_hidden, m.vocab_size, m.seq_len,
               memory_bytes=device_capacity(memory_bytes, hw.gpus_per_node, device),
               world_size=hw.world_size, gpus_per_node=hw.gpus_per_node,
@@ -155,7 +155,7 @@ def candidate_throughput(spec, cands) -> np.ndarray:
     device, memory_bytes = spec_memory_bytes(spec)
     gpu = hw.device()
     return tokens_per_second(
-        cands.n_layers, cands.d_model, cands.n_heads, m.kv_heads, m.head_dim, cands.ffn_hidden,
+        cands.n_layers, cands.d_model, cands.n_heads, cands.n_kv_heads, cands.head_dim, cands.ffn_hidden,
         m.vocab_size, m.seq_len, memory_bytes=device_capacity(memory_bytes, hw.gpus_per_node, device),
         world_size=hw.world_size, gpus_per_node=hw.gpus_per_node, peak_flops=gpu.peak_flops,
         mfu=hw.effective_mfu, tie_embeddings=m.tie_embeddings,

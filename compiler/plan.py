@@ -51,7 +51,7 @@ class Candidate(PlanModel):
 
 class SearchStats(PlanModel):
     enumerated: int  # layers × hidden combinations
-    valid_shapes: int  # head_dim divides d, kv heads divide heads, aspect within bounds
+    valid_shapes: int  # a head layout exists, aspect within bounds (and N in the default window)
     feasible: int  # also satisfying the variant's constraints
     near_optimal: int  # within the near-optimal loss band of the best
     removed_by: dict[str, int]  # constraint → shapes it removed (among valid shapes)

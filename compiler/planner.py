@@ -6,13 +6,14 @@ from . import __version__, arch, laws, layout, solver
 from . import plan as P
 from .errors import UserError
 from .spec import Spec
-from .trainplan import plan_training
+from .trainplan import candidate_batch_tokens, layout_for, plan_training
 
 
 def _shape(spec: Spec, c: solver.Candidates, i: int) -> P.Shape:
     m = spec.model
     return P.Shape(n_layers=int(c.n_layers[i]), d_model=int(c.d_model[i]), n_heads=int(c.n_heads[i]),
-                   n_kv_heads=m.kv_heads, head_dim=m.head_dim, ffn_hidden=int(c.ffn_hidden[i]),
+                   n_kv_heads=int(c.n_kv_heads[i]), head_dim=int(c.head_dim[i]),
+                   ffn_hidden=int(c.ffn_hidden[i]),
                    vocab_size=m.vocab_size, seq_len=m.seq_len, rope_theta=m.rope_theta,
                    norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings)
 
@@ -66,18 +67,58 @@ def _constraints(v) -> dict[str, float]:
     return out
 
 
+MAX_NODES = 100_000  # the spec's own limit on hardware.nodes
+
+
+def _with_nodes(spec: Spec, nodes: int) -> Spec:
+    return spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"nodes": nodes})})
+
+
+def fewest_nodes(spec: Spec, cands: solver.Candidates) -> int | None:
+    """The fewest hardware.nodes on which some of cands fits in memory, by the solver's own
+    memory constraint (None: not even on MAX_NODES). Doubling, then bisection."""
+    def fits(nodes):
+        return bool(layout.memory_masks(_with_nodes(spec, nodes), cands)["memory"].any())
+    lo, hi = spec.hardware.nodes, spec.hardware.nodes + 1
+    while not fits(hi):
+        if hi >= MAX_NODES:
+            return None
+        lo, hi = hi, min(MAX_NODES, 2 * hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def _nodes_fix(spec: Spec, cands: solver.Candidates) -> str:
+    """The fewest nodes that would hold some of cands (none fits now), and the smallest they hold."""
+    nodes = fewest_nodes(spec, cands)
+    if nodes is None:
+        return f"not even {MAX_NODES:,} nodes would hold one: use larger GPUs"
+    fit = cands.take(layout.memory_masks(_with_nodes(spec, nodes), cands)["memory"])
+    i = int(fit.n_params.argmin())
+    return (f"hardware.nodes: {nodes} or more would hold {fit.n_layers[i]}L × {fit.d_model[i]} "
+            f"(N {fit.n_params[i]:.3g})")
+
+
+def _memory_fix(spec: Spec, cands: solver.Candidates):
+    """For solve_variant: explains the memory constraint for the shapes at idx, which satisfy the
+    variant's other constraints."""
+    hw = spec.hardware
+    where = f"{hw.nodes} node(s) of {hw.gpus_per_node} {hw.device().name}"
+    return lambda idx: (f"the shapes that satisfy the other constraints do not fit in memory on "
+                        f"{where}: " + _nodes_fix(spec, cands.take(idx)))
+
+
 def _nothing_fits(spec: Spec, cands: solver.Candidates) -> UserError:
     """No shape fits the hardware's memory: say why for the smallest, and the nearest fix."""
-    i = int(cands.n_params.argmin())
-    choice = _choice(spec, cands, i)
-    try:
-        plan_training(spec, choice)
-    except UserError as exc:
-        s = choice.shape
-        return UserError(f"no shape fits in memory; even the smallest ({s.n_layers}L × {s.d_model}, "
-                         f"N {choice.n_params:,}): {exc.message}", field="hardware", fix=exc.fix)
-    return UserError("no shape fits in memory", field="hardware",
-                     fix="use more or larger GPUs, or a shorter model.seq_len")
+    choice = _choice(spec, cands, int(cands.n_params.argmin()))
+    s, lay = choice.shape, layout_for(spec, choice)
+    fix = lay.fix or "use more or larger GPUs, or a shorter model.seq_len"
+    if not spec.hardware.device().is_cpu:
+        fix = _nodes_fix(spec, cands) + "; or " + fix
+    return UserError(f"no shape fits in memory; even the smallest ({s.n_layers}L × {s.d_model}, "
+                     f"N {choice.n_params:,}): {lay.problem}", field="hardware", fix=fix)
 
 
 def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
@@ -98,19 +139,22 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
 def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
+    if len(cands) == 0:
+        raise solver.no_valid_shape(spec, budget)
     # Time each candidate with the layout it will get (checkpointing where memory needs it); a
     # throughput of 0 means nothing fits, which is the memory constraint.
     throughput = layout.candidate_throughput(spec, cands)
     memory_masks = layout.memory_masks(spec, cands, throughput)
     cands = solver.with_throughput(spec, budget, cands, throughput)
+    cands = solver.with_batches(cands, candidate_batch_tokens(spec, cands))
     law_info = _law(spec)
 
     hw, gpu = spec.hardware, spec.hardware.device()
-    if len(cands) and not memory_masks["memory"].any():
+    if not memory_masks["memory"].any():
         raise _nothing_fits(spec, cands)
     variants = []
     for v in spec.variants:
-        result = solver.solve_variant(spec, v, cands, memory_masks)
+        result = solver.solve_variant(spec, v, cands, memory_masks, _memory_fix(spec, cands))
         choice = _choice(spec, cands, result.pick)
         training, memory, timing, reasons, provenance = plan_training(spec, choice)
         fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import arch, laws
 from .errors import UserError
-from .spec import Spec, Variant
+from .spec import MAX_CANDIDATES, MAX_D_MODEL, MAX_LAYERS, Spec, Variant
 
 SECONDS_PER_DAY = 86400.0
 
@@ -68,18 +68,27 @@ class Candidates:
     n_layers: np.ndarray
     d_model: np.ndarray
     n_heads: np.ndarray
+    n_kv_heads: np.ndarray
+    head_dim: np.ndarray
     ffn_hidden: np.ndarray
     n_params: np.ndarray
     fpt_6n: np.ndarray
     fpt_exact: np.ndarray
-    tokens: np.ndarray
+    tokens: np.ndarray  # D: what the budget buys
     loss: np.ndarray
     objective: np.ndarray  # what ranking minimises: the loss, or a rule's distance
-    seconds: np.ndarray  # predicted wall-clock training time on the spec's hardware
+    seconds: np.ndarray  # predicted wall-clock time to train tokens_trained on the spec's hardware
     enumerated: int
+    tokens_trained: np.ndarray | None = None  # whole optimizer steps: ceil(D / batch) × batch
 
     def __len__(self) -> int:
         return int(self.n_layers.size)
+
+    def take(self, idx: np.ndarray) -> "Candidates":
+        """The candidates at idx (indices or a boolean mask), every array alike."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), np.ndarray)})
 
 
 def ffn_hidden(spec: Spec, d_model):
@@ -89,29 +98,157 @@ def ffn_hidden(spec: Spec, d_model):
     return arch.ffn_hidden_ratio(d_model, ffn.ratio, ffn.multiple_of)
 
 
+# The default search space, for what the spec leaves out (docs/DESIGN.md). Head widths as the
+# Llama 3 family uses them (1B: d_model 2048, head_dim 64; 3B and up: 128), narrower only for the
+# tiny widths small budgets need; at most 8 KV heads and at most 8 query heads per KV head
+# (Llama 3: 8 KV heads, groups of 3 to 16).
+HEAD_DIMS = ((128, 2048, None), (64, None, None), (32, None, 512), (16, None, 256), (8, None, 64))
+# (head_dim, d_model must be above, d_model must be below), in order of preference
+MAX_KV_HEADS = 8
+MAX_GQA_GROUP = 8  # query heads per KV head, unless there are MAX_KV_HEADS of them
+# N from a tenth of the smallest to ten times the largest the law's optimum and the variants'
+# bounds point at: room for the near-optimal band, the ranking and memory-bound picks.
+SEARCH_WINDOW = 10.0
+
+
+def default_widths() -> np.ndarray:
+    """d_model from 8 to MAX_D_MODEL: steps of 8 up to 64, 16 up to 256, then 8 per octave (d/8),
+    so that neighbouring widths differ by at most 1/8 in N where embeddings dominate it."""
+    widths, d = [], 8
+    while d <= MAX_D_MODEL:
+        widths.append(d)
+        d += 8 if d < 64 else max(16, 1 << (d.bit_length() - 4))
+    return np.asarray(widths, dtype=np.int64)
+
+
+def _kv_heads(heads):
+    """The most KV heads (at most MAX_KV_HEADS) that divide the query heads; 0 where the groups
+    would exceed MAX_GQA_GROUP query heads (a prime number of heads above 8, for one)."""
+    kv = np.zeros_like(heads)
+    for k in range(MAX_KV_HEADS, 0, -1):
+        kv = np.where((kv == 0) & (heads % k == 0), k, kv)
+    return np.where((heads <= MAX_GQA_GROUP * kv) | (kv == MAX_KV_HEADS), kv, 0)
+
+
+def head_layout(spec: Spec, d_model):
+    """(head_dim, kv_heads) for each width: the spec's where it sets them, else the default rule
+    above; 0 where the width admits none (d_model not a multiple, heads not divisible by kv)."""
+    m, given = spec.model, spec.model.model_fields_set
+    d = np.asarray(d_model, dtype=np.int64)
+    head_dim, kv = np.zeros_like(d), np.zeros_like(d)
+    for hd, above, below in (((m.head_dim, None, None),) if "head_dim" in given else HEAD_DIMS):
+        ok = (head_dim == 0) & (d % hd == 0) & (d >= hd)
+        ok &= (d > above) if above else True
+        ok &= (d < below) if below else True
+        heads = np.maximum(d // hd, 1)
+        k = (np.where(heads % m.kv_heads == 0, m.kv_heads, 0) if "kv_heads" in given
+             else _kv_heads(heads))
+        ok &= k > 0
+        head_dim, kv = np.where(ok, hd, head_dim), np.where(ok, k, kv)
+    return head_dim, kv
+
+
+def params_window(spec: Spec, budget: BudgetFlops) -> tuple[float, float]:
+    """The N range the default search space covers: the law's closed-form optimum and every N a
+    variant's bounds imply (D/N = r means N = sqrt(C / 6r) under C = 6ND), widened by
+    SEARCH_WINDOW."""
+    c = budget.flops
+    ns = [spec.search.law().optimum_6nd(c).n_params]
+    for v in spec.variants:
+        for ratio in (v.tokens_per_param.min, v.tokens_per_param.max) if v.tokens_per_param else ():
+            if ratio:
+                ns.append((c / (6.0 * ratio)) ** 0.5)
+        ns += [n for n in ((v.params.min, v.params.max) if v.params else ()) if n]
+    return max(1.0, min(ns) / SEARCH_WINDOW), max(ns) * SEARCH_WINDOW
+
+
+def _depth_range(spec: Spec, d):
+    """Fewest and most layers the aspect bounds allow at width d (within 1..MAX_LAYERS)."""
+    a, d = spec.search.aspect, np.asarray(d, dtype=np.float64)
+    with np.errstate(divide="ignore", over="ignore"):  # aspect.min may be 0, aspect.max tiny
+        lo = np.ones_like(d) if a.max is None else np.ceil(d / a.max)
+        hi = np.full_like(d, MAX_LAYERS) if not a.min else np.floor(d / a.min)
+    return (np.clip(lo, 1, MAX_LAYERS + 1).astype(np.int64),
+            np.clip(hi, 0, MAX_LAYERS).astype(np.int64))
+
+
+def search_axes(spec: Spec, budget: BudgetFlops):
+    """(layers, widths, N window or None): the spec's axes, and for what it leaves out axes derived
+    from the budget: widths that some depth brings into the N window, depths from the fewest to
+    the most that bring some width into it (within the aspect bounds)."""
+    s, given = spec.search, spec.search.model_fields_set
+    if {"layers", "hidden"} <= given:
+        return (np.asarray(s.layer_values(), dtype=np.int64),
+                np.asarray(s.hidden_values(), dtype=np.int64), None)
+    window = params_window(spec, budget)
+    d = np.asarray(s.hidden_values(), dtype=np.int64) if "hidden" in given else default_widths()
+    lo, hi = _depths_in_window(spec, d, window)
+    if not (lo <= hi).any():  # the budget is below the smallest model: the smallest widths
+        lo, hi = _depths_in_window(spec, d, (0.0, 0.0))
+        hi = np.where(np.cumsum(lo <= hi) <= 8, hi, 0)
+    keep = lo <= hi
+    if "hidden" not in given:
+        d, lo, hi, keep = d[keep], lo[keep], hi[keep], keep[keep]
+    if "layers" in given:
+        return np.asarray(s.layer_values(), dtype=np.int64), d, window
+    first, last = (int(lo[keep].min()), int(hi[keep].max())) if keep.any() else (1, 1)
+    if (last - first + 1) * d.size > MAX_CANDIDATES:
+        raise UserError(f"search space too large: {d.size:,} search.hidden values × "
+                        f"{last - first + 1:,} depths the budget calls for, more than the "
+                        f"{MAX_CANDIDATES:,} shapes llama3gen enumerates", field="search.layers",
+                        fix=f"give search.layers (e.g. {{min: {first}, max: {last}, step: "
+                            f"{-(-(last - first + 1) * d.size // MAX_CANDIDATES)}}}) or fewer "
+                            "search.hidden values")
+    return np.arange(first, last + 1, dtype=np.int64), d, window
+
+
+def _depths_in_window(spec: Spec, d, window):
+    """Per width, the fewest and most layers within the aspect bounds (and the spec's layers) whose
+    N lies in the window (N is linear in the depth); lo > hi where none does. A window of (0, 0)
+    asks only for the aspect bounds."""
+    m = spec.model
+    hd, kv = head_layout(spec, d)
+    lo, hi = _depth_range(spec, d)
+    if "layers" in spec.search.model_fields_set:
+        layers = spec.search.layer_values()
+        lo, hi = np.maximum(lo, min(layers)), np.minimum(hi, max(layers))
+    hd1, kv1, f = np.maximum(hd, 1), np.maximum(kv, 1), ffn_hidden(spec, d)
+    fixed, one = (np.asarray(arch.param_count(L, d, d // hd1, kv1, hd1, f, m.vocab_size,
+                                              m.tie_embeddings), dtype=np.float64) for L in (0, 1))
+    if window[1] > 0:
+        with np.errstate(over="ignore"):
+            lo = np.maximum(lo, np.ceil((window[0] - fixed) / (one - fixed)))
+            hi = np.minimum(hi, np.floor((window[1] - fixed) / (one - fixed)))
+    lo = np.where((hd > 0) & (f > 0), lo, MAX_LAYERS + 1)
+    return (np.clip(lo, 0, MAX_LAYERS + 1).astype(np.int64),
+            np.clip(hi, 0, MAX_LAYERS).astype(np.int64))
+
+
 def enumerate_candidates(spec: Spec, budget: BudgetFlops) -> Candidates:
     m, s = spec.model, spec.search
-    layers = np.asarray(s.layer_values(), dtype=np.int64)
-    hidden = np.asarray(s.hidden_values(), dtype=np.int64)
+    layers, hidden, window = search_axes(spec, budget)
     L, d = (a.ravel() for a in np.meshgrid(layers, hidden, indexing="ij"))
     enumerated = int(L.size)
 
-    heads = d // m.head_dim
+    head_dim, kv = head_layout(spec, d)
     aspect = d / L
-    valid = (d % m.head_dim == 0) & (heads % m.kv_heads == 0) & (heads > 0)
+    valid = head_dim > 0
     if s.aspect.min is not None:
         valid &= aspect >= s.aspect.min
     if s.aspect.max is not None:
         valid &= aspect <= s.aspect.max
-    L, d, heads = L[valid], d[valid], heads[valid]
+    L, d, head_dim, kv = L[valid], d[valid], head_dim[valid], kv[valid]
     f = ffn_hidden(spec, d)
-    valid_ffn = f > 0
-    L, d, heads, f = L[valid_ffn], d[valid_ffn], heads[valid_ffn], f[valid_ffn]
+    heads = d // head_dim
+    n = arch.param_count(L, d, heads, kv, head_dim, f, m.vocab_size, m.tie_embeddings)
+    keep = f > 0
+    in_window = True if window is None else (n >= window[0]) & (n <= window[1])
+    if (keep & in_window).any():  # else the budget is below the smallest model: keep those
+        keep &= in_window
+    L, d, heads, kv, head_dim, f, n = (a[keep] for a in (L, d, heads, kv, head_dim, f, n))
 
-    n = arch.param_count(L, d, heads, m.kv_heads, m.head_dim, f, m.vocab_size, m.tie_embeddings)
     fpt_6n = arch.flops_per_token_6n(n)
-    fpt_exact = arch.flops_per_token_exact(L, d, heads, m.kv_heads, m.head_dim, f, m.vocab_size,
-                                           m.seq_len)
+    fpt_exact = arch.flops_per_token_exact(L, d, heads, kv, head_dim, f, m.vocab_size, m.seq_len)
     fpt_budget = fpt_6n if budget.convention == "6N" else fpt_exact
     tokens = budget.flops / fpt_budget.astype(np.float64)
 
@@ -119,7 +256,7 @@ def enumerate_candidates(spec: Spec, budget: BudgetFlops) -> Candidates:
     hw = spec.hardware
     job_flops_per_s = hw.world_size * hw.device().peak_flops * hw.effective_mfu
     seconds = fpt_exact * tokens / job_flops_per_s
-    return Candidates(L, d, heads, f, n, fpt_6n, fpt_exact, tokens, np.asarray(loss),
+    return Candidates(L, d, heads, kv, head_dim, f, n, fpt_6n, fpt_exact, tokens, np.asarray(loss),
                       np.asarray(objective), seconds, enumerated)
 
 
@@ -147,6 +284,14 @@ def with_throughput(spec: Spec, budget: BudgetFlops, c: Candidates,
     return dataclasses.replace(c, tokens=tokens, loss=loss, objective=objective, seconds=seconds)
 
 
+def with_batches(c: Candidates, batch_tokens: np.ndarray) -> Candidates:
+    """Candidates trained in whole optimizer steps of batch_tokens: ceil(D / batch) steps train
+    tokens_trained ≥ D, and take that much longer. Constraints are checked on what is trained."""
+    steps = np.maximum(1, np.ceil(c.tokens / batch_tokens))
+    trained = steps * batch_tokens
+    return dataclasses.replace(c, tokens_trained=trained, seconds=c.seconds * (trained / c.tokens))
+
+
 @dataclass(frozen=True)
 class VariantResult:
     variant: Variant
@@ -164,16 +309,23 @@ TIE_BREAK = ("among shapes within {band:.2%} of the best predicted loss, the one
              "larger matmuls), then fewer layers")
 
 
+# The plan trains whole optimizer steps, so a little more than D; more than this much more is a
+# batch too large for the budget (at 1e8 FLOPs one step of the tiny spec's batch was 18× it).
+MAX_OVERSHOOT = 0.01
+
+
 def constraint_masks(variant: Variant, c: Candidates) -> dict[str, np.ndarray]:
-    """One boolean mask per constraint the variant sets (True = allowed)."""
+    """One boolean mask per constraint the variant sets (True = allowed), checked on the plan that
+    is generated: D ≤ tokens trained, so a lower bound on D/N holds for both, and an upper bound
+    and max_days are checked on the tokens trained."""
     masks: dict[str, np.ndarray] = {}
-    tpp = c.tokens / c.n_params
+    trained = c.tokens if c.tokens_trained is None else c.tokens_trained
     if variant.tokens_per_param is not None:
         b = variant.tokens_per_param
         if b.min is not None:
-            masks["tokens_per_param.min"] = tpp >= b.min
+            masks["tokens_per_param.min"] = c.tokens / c.n_params >= b.min
         if b.max is not None:
-            masks["tokens_per_param.max"] = tpp <= b.max
+            masks["tokens_per_param.max"] = trained / c.n_params <= b.max
     if variant.params is not None:
         if variant.params.min is not None:
             masks["params.min"] = c.n_params >= variant.params.min
@@ -181,11 +333,14 @@ def constraint_masks(variant: Variant, c: Candidates) -> dict[str, np.ndarray]:
             masks["params.max"] = c.n_params <= variant.params.max
     if variant.max_days is not None:
         masks["max_days"] = c.seconds <= variant.max_days * SECONDS_PER_DAY
+    within_budget = trained <= c.tokens * (1 + MAX_OVERSHOOT)
+    if not within_budget.all():  # reported only where it bites
+        masks["budget"] = within_budget
     return masks
 
 
 def solve_variant(spec: Spec, variant: Variant, c: Candidates,
-                  extra_masks: dict[str, np.ndarray] | None = None) -> VariantResult:
+                  extra_masks: dict[str, np.ndarray] | None = None, memory_fix=None) -> VariantResult:
     """Rank the feasible candidates and pick one. Only the top-k and the near-optimal band are
     sorted: a million candidates need one pass, not a full sort."""
     masks = constraint_masks(variant, c)
@@ -196,7 +351,7 @@ def solve_variant(spec: Spec, variant: Variant, c: Candidates,
     removed_by = {name: int((~mask).sum()) for name, mask in sorted(masks.items())}
     idx = np.flatnonzero(keep)
     if idx.size == 0:
-        raise infeasible(spec, variant, c, masks)
+        raise infeasible(spec, variant, c, masks, memory_fix)
     objective = c.objective[idx]
 
     def ranked(sub):  # by objective, then time, then fewer layers, then narrower
@@ -218,38 +373,133 @@ def solve_variant(spec: Spec, variant: Variant, c: Candidates,
                          removed_by, TIE_BREAK.format(band=band))
 
 
-def infeasible(spec: Spec, variant: Variant, c: Candidates, masks: dict[str, np.ndarray]) -> UserError:
-    """Explain why no shape is left, and what would work."""
-    where = f"variants[{variant.name}]"
+def _sig(x: float, up: bool) -> str:
+    """x to three significant digits, rounded the way that keeps a suggested bound working."""
+    if not np.isfinite(x) or x <= 0:
+        return f"{x:.3g}"
+    scale = 10.0 ** (np.floor(np.log10(x)) - 2)
+    return f"{(np.ceil(x / scale) if up else np.floor(x / scale)) * scale:.3g}"
+
+
+def infeasible(spec: Spec, variant: Variant, c: Candidates, masks: dict[str, np.ndarray],
+               memory_fix=None) -> UserError:
+    """Explain why no shape is left: for each constraint whose relaxation alone would leave shapes,
+    the value of its bound that would. memory_fix(indices) explains the memory constraint for the
+    shapes that satisfy every other one."""
     if len(c) == 0:
-        return UserError(
-            "no valid shape in the search space: d_model must be a multiple of head_dim "
-            f"({spec.model.head_dim}) with heads divisible by kv_heads ({spec.model.kv_heads}), "
-            f"and d_model/n_layers within search.aspect", field="search",
-            fix=f"widen search.hidden to include multiples of "
-                f"{spec.model.head_dim * spec.model.kv_heads}, or relax search.aspect")
+        return no_valid_shape(spec, budget_flops(spec))
     hints = []
-    tpp = c.tokens / c.n_params
-    for name, mask in masks.items():
-        if not mask.any():
-            if name.startswith("tokens_per_param"):
-                hints.append(f"{name}: candidates span {tpp.min():.3g}–{tpp.max():.3g} tokens per "
-                             "parameter for this budget; widen the band, change search.layers/hidden "
-                             "or the budget")
-            elif name.startswith("params"):
-                hints.append(f"{name}: candidates span {c.n_params.min():.3g}–{c.n_params.max():.3g} "
-                             "parameters")
-            elif name == "max_days":
-                fastest = c.seconds.min() / SECONDS_PER_DAY
-                hints.append(f"max_days: the fastest shape needs {fastest:.3g} days on this hardware; "
-                             "raise max_days, add GPUs or lower the budget")
-            else:
-                hints.append(f"{name}: no shape passes it")
+    for name in masks:
+        others = np.ones(len(c), dtype=bool)
+        for other, mask in masks.items():
+            if other != name:
+                others &= mask
+        if others.any():
+            hints.append(_relax(name, np.flatnonzero(others), c, spec, memory_fix))
     if not hints:
-        hints.append("each constraint alone leaves shapes, but together none: relax one of "
-                     + ", ".join(masks))
+        hints.append("no single constraint's relaxation leaves a shape; relax several of "
+                     + ", ".join(_label(n) for n in masks))
     return UserError(f"no shape satisfies the constraints of variant {variant.name!r} "
-                     f"({len(c):,} valid shapes)", field=where, fix="; ".join(hints))
+                     f"({len(c):,} valid shapes)", field=f"variants[{variant.name}]",
+                     fix="; or ".join(hints))
+
+
+def _label(name: str) -> str:
+    return {"memory": "the GPU memory (hardware)", "budget": "the batch size"}.get(name, name)
+
+
+def _relax(name: str, idx: np.ndarray, c: Candidates, spec: Spec, memory_fix) -> str:
+    """What would let the shapes idx (which pass every other constraint) through `name`."""
+    trained = c.tokens if c.tokens_trained is None else c.tokens_trained
+    if name == "tokens_per_param.min":
+        return f"tokens_per_param.min: {_sig((c.tokens[idx] / c.n_params[idx]).max(), False)} or less"
+    if name == "tokens_per_param.max":
+        return f"tokens_per_param.max: {_sig((trained[idx] / c.n_params[idx]).min(), True)} or more"
+    if name == "params.min":
+        return f"params.min: {_sig(c.n_params[idx].max(), False)} or less"
+    if name == "params.max":
+        return f"params.max: {_sig(c.n_params[idx].min(), True)} or more"
+    if name == "max_days":
+        fastest = c.seconds[idx].min() / SECONDS_PER_DAY
+        return (f"max_days: {_sig(fastest, True)} or more (the fastest shape needs {fastest:.3g} "
+                "days on this hardware), or add GPUs")
+    if name == "budget":
+        return _batch_hint(spec, c.tokens[idx].max())
+    if name == "memory" and memory_fix is not None:
+        return memory_fix(idx)
+    return f"relax {_label(name)}"
+
+
+def _batch_hint(spec: Spec, tokens: float) -> str:
+    """One optimizer step must not overshoot the tokens the budget buys by more than MAX_OVERSHOOT."""
+    m, hw = spec.model, spec.hardware
+    smallest = m.seq_len * hw.world_size  # one sequence per rank
+    most = int(tokens * MAX_OVERSHOOT)
+    if most >= smallest:
+        given = spec.training.global_batch_tokens
+        now = f" (now {given:,})" if given is not None else ""
+        return (f"training.global_batch_tokens: {most:,} or less{now}: whole optimizer steps must "
+                f"not train more than {MAX_OVERSHOOT:.0%} beyond the {tokens:.4g} tokens the budget "
+                "buys")
+    # tokens grow in proportion to the budget for a given shape
+    needed = budget_flops(spec).flops * smallest / MAX_OVERSHOOT / tokens
+    return (f"the budget buys at most {tokens:.4g} tokens, and even one sequence per rank "
+            f"({hw.world_size} ranks × seq_len {m.seq_len}) per step overshoots it by more than "
+            f"{MAX_OVERSHOOT:.0%}: raise the budget to at least {_sig(needed, True)} FLOPs, or use "
+            "fewer GPUs or a shorter model.seq_len")
+
+
+def no_valid_shape(spec: Spec, budget: BudgetFlops) -> UserError:
+    """The search space holds no valid shape: name the bound that excludes them, and a value that
+    would work."""
+    s, m = spec.search, spec.model
+    # the axes before the N window: what the spec allows at all
+    d = np.asarray(s.hidden_values() if "hidden" in s.model_fields_set else default_widths())
+    layers = np.asarray(s.layer_values() if "layers" in s.model_fields_set
+                        else np.arange(1, MAX_LAYERS + 1))
+    hd, kv = head_layout(spec, d)
+    given = spec.model.model_fields_set
+    if {"head_dim", "kv_heads"} <= given:
+        rule = f"d_model a multiple of head_dim × kv_heads = {m.head_dim * m.kv_heads}"
+    elif "head_dim" in given:
+        rule = f"d_model a multiple of head_dim {m.head_dim} (in groups of at most 8 per KV head)"
+    else:
+        rule = ("d_model = heads × head_dim with head_dim 8 to 128 (64 or 128 from d_model 512 up) "
+                + (f"and heads divisible by kv_heads {m.kv_heads}" if "kv_heads" in given else
+                   "and heads in at most 8 groups of at most 8"))
+    if "hidden" in s.model_fields_set and not (hd > 0).any():
+        all_d = np.arange(8, MAX_D_MODEL + 1, 8)
+        ok = all_d[head_layout(spec, all_d)[0] > 0]
+        near = ok[np.argsort(np.abs(ok - np.median(d)))[:2]] if ok.size else ok
+        return UserError(f"no valid shape in the search space: no search.hidden value has {rule}",
+                         field="search.hidden",
+                         fix=(f"widen search.hidden to include multiples of "
+                              f"{m.head_dim * m.kv_heads}" if {"head_dim", "kv_heads"} <= given
+                              else "use widths such as " + " or ".join(map(str, sorted(near)))
+                              if near.size else "set model.head_dim and model.kv_heads smaller"))
+    L, D = (a.ravel() for a in np.meshgrid(layers, d[hd > 0], indexing="ij"))
+    if "hidden" not in s.model_fields_set:  # suggest from the shapes the budget points at
+        lo, hi = params_window(spec, budget)
+        dh, k = head_layout(spec, D)
+        n = arch.param_count(L, D, D // dh, k, dh, ffn_hidden(spec, D), m.vocab_size,
+                             m.tie_embeddings)
+        near = (n >= lo) & (n <= hi)
+        L, D = (L[near], D[near]) if near.any() else (L, D)
+    aspect = D / L
+    if aspect.size and s.aspect.min is not None and aspect.max() < s.aspect.min:
+        return UserError(f"no valid shape in the search space: every d_model/n_layers is below "
+                         f"search.aspect.min {s.aspect.min:g}", field="search.aspect.min",
+                         fix=f"search.aspect.min: {_sig(aspect.max(), False)} or less, or wider "
+                             "search.hidden / fewer search.layers")
+    if aspect.size and s.aspect.max is not None and aspect.min() > s.aspect.max:
+        return UserError(f"no valid shape in the search space: every d_model/n_layers is above "
+                         f"search.aspect.max {s.aspect.max:g}", field="search.aspect.max",
+                         fix=f"search.aspect.max: {_sig(aspect.min(), True)} or more, or more "
+                             "search.layers / narrower search.hidden")
+    return UserError(f"no valid shape in the search space: {rule}, heads divisible by kv_heads, "
+                     "a positive FFN size and d_model/n_layers within search.aspect",
+                     field="search", fix="widen search.hidden and search.layers, relax "
+                     "search.aspect, or check model.ffn (its FFN size rounds to 0 here)")
 
 
 def frontier(c: Candidates, bins: int = 96) -> list[tuple[float, float]]:

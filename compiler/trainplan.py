@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import laws, layout
 from . import plan as P
 from .errors import UserError
+from .memory import GIB
 from .spec import Spec
 
 LOG_INTERVAL = 10
@@ -18,27 +21,49 @@ LOG_INTERVAL = 10
 def deepseek_compute(choice: P.Choice) -> float:
     """DeepSeek's C = M·D, M = non-embedding training FLOPs per token (attention included)."""
     s = choice.shape
-    lm_head_flops = 6 * s.vocab_size * s.d_model
-    return (choice.flops_per_token_exact - lm_head_flops) * choice.tokens
+    return float(non_embedding_compute(choice.flops_per_token_exact, s.vocab_size, s.d_model,
+                                       choice.tokens))
+
+
+def non_embedding_compute(flops_per_token_exact, vocab_size, d_model, tokens):
+    """C = M·D with M the exact FLOPs per token less lm_head's 6·V·d (vectorised)."""
+    return (flops_per_token_exact - 6 * vocab_size * d_model) * tokens
+
+
+def batch_sequences(spec: Spec, compute, seq_len: int, world_size: int):
+    """(sequences per optimizer step, per-rank granule), vectorised over compute: DeepSeek's B_opt
+    at C = compute (or the spec's global_batch_tokens), rounded to a multiple of the world size.
+
+    The per-rank share is rounded to a multiple of a power of two (≤ 1/8 of it) so that
+    micro-batches can divide it: 131 sequences per rank would allow only micro-batch 1 or 131."""
+    given = spec.training.global_batch_tokens
+    tokens = (np.full(np.shape(compute), float(given)) if given is not None
+              else laws.deepseek_batch_tokens(np.asarray(compute, dtype=np.float64)))
+    per_rank = tokens / seq_len / world_size
+    granule = np.where(per_rank >= 8, 2.0 ** np.floor(np.log2(np.maximum(per_rank, 8) / 8)), 1.0)
+    per_rank_seqs = np.maximum(1, granule * np.round(per_rank / granule)).astype(np.int64)
+    return per_rank_seqs * world_size, granule.astype(np.int64)
+
+
+def candidate_batch_tokens(spec: Spec, c) -> np.ndarray:
+    """Tokens per optimizer step for every solver candidate, as plan_training will choose them."""
+    m = spec.model
+    compute = non_embedding_compute(c.fpt_exact, m.vocab_size, c.d_model, c.tokens)
+    seqs, _ = batch_sequences(spec, compute, m.seq_len, spec.hardware.world_size)
+    return seqs * m.seq_len
 
 
 def global_batch(spec: Spec, choice: P.Choice, world_size: int) -> tuple[int, str]:
-    """Sequences per optimizer step: DeepSeek's B_opt, rounded to a multiple of the world size."""
+    """Sequences per optimizer step for the pick, and why (batch_sequences)."""
     seq_len = choice.shape.seq_len
+    c = deepseek_compute(choice)
+    seqs, granule = (int(x) for x in batch_sequences(spec, c, seq_len, world_size))
     if spec.training.global_batch_tokens is not None:
-        tokens = spec.training.global_batch_tokens
-        why = f"spec: training.global_batch_tokens {tokens}"
+        why = f"spec: training.global_batch_tokens {spec.training.global_batch_tokens}"
     else:
-        c = deepseek_compute(choice)
-        tokens = laws.deepseek_batch_tokens(c)
-        why = (f"B_opt = 0.2920·C^0.3271 = {tokens:,.0f} tokens at C = M·D = {c:.3g} "
-               f"({laws.DEEPSEEK_CITATION})")
-    per_rank = tokens / seq_len / world_size
-    # Round the per-rank share to a multiple of a power of two (≤ 1/8 of it) so that micro-batches
-    # can divide it: 131 sequences per rank would allow only micro-batch 1 or 131.
-    granule = 1 << max(0, int(math.log2(max(per_rank, 1) / 8))) if per_rank >= 8 else 1
-    per_rank_seqs = max(1, granule * round(per_rank / granule))
-    seqs = per_rank_seqs * world_size
+        why = (f"B_opt = 0.2920·C^0.3271 = {laws.deepseek_batch_tokens(c):,.0f} tokens at C = M·D = "
+               f"{c:.3g} ({laws.DEEPSEEK_CITATION})")
+    per_rank_seqs = seqs // world_size
     return seqs, why + (f"; {seqs} sequences of {seq_len} ({per_rank_seqs} per rank × {world_size} "
                         f"ranks, rounded to a multiple of {granule} so micro-batches divide it)")
 
@@ -54,6 +79,37 @@ def learning_rate(spec: Spec, choice: P.Choice) -> tuple[float, str]:
 def _four_digits(x: float) -> float:
     """Learning rates to four significant digits: the law is a fit, not a measurement."""
     return float(f"{x:.4g}")
+
+
+def layout_for(spec: Spec, choice: P.Choice, batch_seqs: int | None = None) -> layout.Layout:
+    """The training layout of a pick on the spec's hardware (layout.plan_layout), fitting or not."""
+    hw, shape = spec.hardware, choice.shape
+    if batch_seqs is None:
+        batch_seqs, _ = global_batch(spec, choice, hw.world_size)
+    device, memory_bytes = layout.spec_memory_bytes(spec)
+    return layout.plan_layout(
+        n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim, ffn_hidden=shape.ffn_hidden,
+        vocab_size=shape.vocab_size, seq_len=shape.seq_len, tie_embeddings=shape.tie_embeddings,
+        gpu_memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+        peak_flops=hw.device().peak_flops, mfu=hw.effective_mfu, global_batch_size=batch_seqs,
+        flops_per_token=choice.flops_per_token_exact,
+        activation_checkpointing=spec.training.activation_checkpointing, device=device)
+
+
+def _check_host_memory(spec: Spec, lay: layout.Layout) -> None:
+    """On the cpu pseudo-device the plan's memory is host RAM: SLURM's --mem (cluster.mem_per_node_gb,
+    GiB as SLURM reads it) below it would kill the job."""
+    hw, limit = spec.hardware, spec.cluster.mem_per_node_gb
+    if not hw.device().is_cpu or limit is None:
+        return
+    need = lay.memory["total"] * hw.gpus_per_node
+    if need > limit * GIB:
+        raise UserError(
+            f"the plan needs {need / GIB:.1f} GiB of host RAM per node ({hw.gpus_per_node} "
+            f"process(es) × {lay.memory['total'] / GIB:.1f} GiB on the cpu pseudo-device), more than "
+            f"cluster.mem_per_node_gb {limit} (SLURM's --mem) allows", field="cluster.mem_per_node_gb",
+            fix=f"set cluster.mem_per_node_gb to at least {math.ceil(need / GIB)}, or leave it out")
 
 
 def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
@@ -75,18 +131,12 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
                                   "(training.warmup_frac, training.max_warmup_iters)")
     provenance["min_lr"] = f"learning_rate × training.min_lr_ratio {tr.min_lr_ratio:g}"
 
-    device, memory_bytes = layout.spec_memory_bytes(spec)
-    lay = layout.plan_layout(
-        n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
-        n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim, ffn_hidden=shape.ffn_hidden,
-        vocab_size=shape.vocab_size, seq_len=shape.seq_len, tie_embeddings=shape.tie_embeddings,
-        gpu_memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-        peak_flops=gpu.peak_flops, mfu=hw.effective_mfu, global_batch_size=batch_seqs,
-        flops_per_token=choice.flops_per_token_exact,
-        activation_checkpointing=tr.activation_checkpointing, device=device)
+    lay = layout_for(spec, choice, batch_seqs)
     if not lay.fits:
         raise UserError(f"{lay.problem}", field="hardware",
                         fix=lay.fix or "use more or larger GPUs, or a shorter model.seq_len")
+    device = "cpu" if gpu.is_cpu else "cuda"
+    _check_host_memory(spec, lay)
     provenance["layout"] = "compiler/layout.py: " + "; ".join(lay.reasons)
 
     eval_interval = tr.eval_interval or max(1, min(1000, max_iters // 10))
@@ -109,7 +159,8 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
     memory = P.Memory(parameters=mem["parameters"], gradients=mem["gradients"],
                       optimizer=mem["optimizer"], activations=mem["activations"],
                       logits=mem["logits"], other=mem["other"], total=mem["total"],
-                      capacity=layout.device_capacity(memory_bytes, hw.gpus_per_node, device),
+                      capacity=layout.device_capacity(layout.spec_memory_bytes(spec)[1],
+                                                      hw.gpus_per_node, device),
                       fits=lay.fits)
 
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained

@@ -1,5 +1,6 @@
 """The solver on the reference budget and on constrained and infeasible specs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,10 @@ def test_impossible_deadline_names_the_fastest_option():
     spec = parse_spec_text(BASE + "variants:\n  - name: quick\n    max_days: 3\n")
     with pytest.raises(UserError) as info:
         build_plan(spec)
-    assert "max_days: the fastest shape needs" in info.value.fix
-    assert "add GPUs" in info.value.fix
+    fix = info.value.fix
+    assert "the fastest shape needs" in fix and "add GPUs" in fix
+    suggested = float(re.search(r"max_days: ([\d.e+]+) or more", fix)[1])
+    assert build_plan(parse_spec_text(BASE + f"variants:\n  - name: quick\n    max_days: {suggested}\n"))
 
 
 def test_gpu_too_small_is_planned_or_explained():
@@ -111,20 +114,35 @@ def test_gpu_too_small_is_planned_or_explained():
 
 
 def test_budget_too_small_says_what_would_work():
-    spec = parse_spec_text("name: t\nbudget: {flops: 1e21}\nvariants:\n"
-                           "  - name: c\n    tokens_per_param: {min: 5000, max: 6000}\n")
+    # The spec's own search space (BASE) holds no shape this far from the optimum: the error names
+    # the bound and a value that works.
+    variants = "variants:\n  - name: c\n    tokens_per_param: {{min: {}, max: 60000}}\n"
     with pytest.raises(UserError) as info:
-        build_plan(spec)
-    assert "tokens per parameter" in info.value.fix
-    assert "tokens_per_param" in info.value.fix
+        build_plan(parse_spec_text(BASE + variants.format(50000)))
+    suggested = re.search(r"tokens_per_param.min: ([\d.e+]+) or less", info.value.fix)[1]
+    assert 15 < float(suggested) < 50000
+    c = build_plan(parse_spec_text(BASE + variants.format(suggested))).variants[0].choice
+    assert c.tokens_per_param >= float(suggested)
+    # With the search space left to the compiler it covers the variant's band.
+    spec = parse_spec_text("name: t\nbudget: {flops: 1e21}\n" + variants.format(50000))
+    assert 50000 <= build_plan(spec).variants[0].choice.tokens_per_param <= 60000
 
 
 def test_narrow_space_is_an_error():
-    spec = parse_spec_text("name: t\nbudget: {flops: 1e21}\nsearch: {hidden: [100, 200]}\n")
+    fixed_heads = "model: {head_dim: 128, kv_heads: 8}\n"
+    spec = parse_spec_text("name: t\nbudget: {flops: 1e21}\nsearch: {hidden: [100, 200]}\n" + fixed_heads)
     with pytest.raises(UserError) as info:
         build_plan(spec)
     assert "no valid shape" in info.value.message
     assert "multiples of 1024" in info.value.fix
+    # head_dim and kv_heads left free: the fix names widths that work
+    spec = parse_spec_text("name: t\nbudget: {flops: 1e21}\nsearch: {hidden: [100, 200]}\n")
+    with pytest.raises(UserError) as info:
+        build_plan(spec)
+    widths = re.search(r"use widths such as (\d+) or (\d+)", info.value.fix).groups()
+    spec = parse_spec_text(f"name: t\nbudget: {{flops: 1e21}}\nsearch: {{hidden: [{widths[0]}]}}\n"
+                           "variants: [{name: o}]\n")
+    assert build_plan(spec).variants[0].choice.shape.d_model == int(widths[0])
 
 
 def test_gpu_hours_budget_counts_hardware_flops():

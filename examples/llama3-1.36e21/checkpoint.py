@@ -27,7 +27,9 @@ A save writes everything into .tmp-step_N/, fsyncs every file, hashes them, writ
 manifest.json, fsyncs, and only then renames the directory to step_N/ (a rename is atomic on
 POSIX file systems). A save that fails (disk full, read-only directory, a crash) therefore
 never leaves a half-written step_N/ and never touches an older checkpoint. After a successful
-save all but the newest `keep_last` checkpoints are deleted.
+save all but the newest `keep_last` checkpoints that verify are deleted (prune): the checkpoint
+just saved is always kept, and one that does not verify (truncated, corrupted) is neither
+counted nor deleted, so a damaged checkpoint never stands in for a good one.
 
 A load first verifies the manifest (every file present, of the recorded size and sha256). When
 the newest checkpoint fails, the reason is logged and the next older one is tried.
@@ -65,6 +67,17 @@ TMP_PREFIX = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or is not intact."""
+
+
+# Checkpoints whose every file this process has hashed (written, or verified in full), keyed by
+# path, with the manifest's (inode, mtime) then: pruning re-checks only their sizes, as hashing
+# every kept checkpoint at every save would read them all again.
+_hashed = {}
+
+
+def _manifest_stamp(path):
+    st = os.stat(Path(path) / MANIFEST)
+    return st.st_ino, st.st_mtime_ns
 
 
 def _rank_world():
@@ -257,6 +270,7 @@ def save(out_dir, step, model, optimizer, train_state, *, sharded, keep_last, lo
             else:
                 os.replace(tmp, final)
             _fsync_dir(root)
+            _hashed[str(final)] = _manifest_stamp(final)  # its files were hashed just now
 
         phase("manifest and rename", publish if rank == 0 else lambda: None)
     except CheckpointError:
@@ -264,32 +278,56 @@ def save(out_dir, step, model, optimizer, train_state, *, sharded, keep_last, lo
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    if rank == 0:  # pruning is housekeeping: a failure here is logged, not fatal
-        for old in list_checkpoints(out_dir)[keep_last:]:
-            try:
-                shutil.rmtree(old)
-            except OSError as e:
-                log(f"checkpoint: could not delete old {old}: {e}")
+    if rank == 0:
+        prune(out_dir, final, keep_last, log)
     if world > 1:
         dist.barrier()
     return final
+
+
+def prune(out_dir, just_saved, keep_last, log=print):
+    """Delete all but the newest `keep_last` checkpoints that verify. `just_saved` is always
+    kept, whatever keep_last says; a checkpoint that does not verify is not counted and not
+    deleted (it is logged). Housekeeping: a failure to delete is logged, not fatal."""
+    kept = 1  # just_saved
+    for path in list_checkpoints(out_dir):
+        if path == Path(just_saved):
+            continue
+        try:
+            verify(path, trust_hashed=True)
+        except CheckpointError as e:
+            log(f"checkpoint: WARNING: {path.name} does not verify, not counted as one of the "
+                f"{keep_last} kept: {e}")
+            continue
+        if kept < keep_last:
+            kept += 1
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            log(f"checkpoint: could not delete old {path}: {e}")
 
 
 # -----------------------------------------------------------------------------
 # Verify and load
 
 
-def verify(path):
-    """Check the manifest of checkpoint `path`; return it, or raise CheckpointError saying why."""
+def verify(path, *, trust_hashed=False):
+    """Check the manifest of checkpoint `path`; return it, or raise CheckpointError saying why.
+
+    trust_hashed: skip the sha256 of files this process has already hashed in full (written or
+    verified, manifest unchanged since); every file's presence and size are checked anyway."""
     path = Path(path)
     try:
+        stamp = _manifest_stamp(path)
         with open(path / MANIFEST) as f:
             manifest = json.load(f)
         files = manifest["files"]
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
+    hash_files = not (trust_hashed and _hashed.get(str(path)) == stamp)
     for name, expected in sorted(files.items()):
         file = path / name
         if not file.is_file():
@@ -298,10 +336,18 @@ def verify(path):
         if size != expected["bytes"]:
             raise CheckpointError(f"{path}: {name} is truncated or altered: {size} bytes, "
                                   f"the manifest says {expected['bytes']}")
-        if _sha256(file) != expected["sha256"]:
+        if hash_files and _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{path}: {name} is corrupted: its sha256 differs from the "
                                   f"manifest")
+    if hash_files:
+        _hashed[str(path)] = stamp
     return manifest
+
+
+def read_train_state(path):
+    """The train_state.json of a verified checkpoint: step, tokens seen, the run's config."""
+    with open(Path(path) / TRAIN_STATE) as f:
+        return json.load(f)
 
 
 def find_latest_valid(out_dir, log=print):
@@ -346,8 +392,7 @@ def load(path, model, optimizer, log=print):
             f"every rank takes rank 0's RNG state (the data order does not depend on it)")
         rng_file = path / "rng_rank0.pt"
     _set_rng_state(torch.load(rng_file, weights_only=False))
-    with open(path / TRAIN_STATE) as f:
-        return json.load(f)
+    return read_train_state(path)
 
 
 def _resolve(ckpt_path):

@@ -7,11 +7,16 @@ override both, applied left to right. Unlike nanoGPT's, every override is checke
 - a key that train.py does not declare is an error (a typo must not silently do nothing);
 - a value must have the type of the default: int stays int, a float key also accepts an int
   (`--learning_rate=1` means 1.0), bool keys accept True/False, str keys take the text as given;
+- a value must lie in its setting's allowed range (train.py's RULES table, written with the
+  helpers below: at_least, between, one_of, ...), and settings that depend on each other must
+  agree (train.py's RELATIONS); the error names the key, the value, where it came from and what
+  is allowed;
 - `--key=value` values are parsed with ast.literal_eval, never executed. Only config files that
   the user names are executed as Python (they are plain assignments written by llama3gen).
 """
 
 import ast
+import math
 import os
 
 
@@ -79,9 +84,81 @@ def _read_config_file(path):
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 
-def load_config(defaults, argv):
-    """Apply config files and --key=value overrides in `argv` to `defaults`; return a new dict."""
+# -----------------------------------------------------------------------------
+# Allowed ranges
+
+INT_LIMIT = 2**63  # ints at or beyond this overflow torch's and numpy's int64
+
+
+class Rule:
+    """The values one setting allows: test(value) is true for them; `allowed` says which they
+    are ("an int >= 1"), for the error message."""
+
+    def __init__(self, test, allowed):
+        self.test, self.allowed = test, allowed
+
+
+def _finite(value):
+    """Not inf or nan (1e999 parses as inf); an int within int64."""
+    return abs(value) < INT_LIMIT if isinstance(value, int) else math.isfinite(value)
+
+
+def at_least(low):
+    return Rule(lambda v: _finite(v) and v >= low, f">= {low}")
+
+
+def greater_than(low):
+    return Rule(lambda v: _finite(v) and v > low, f"> {low}")
+
+
+def between(low, high, *, high_included=True):
+    """low <= value <= high (or < high)."""
+    if high_included:
+        return Rule(lambda v: _finite(v) and low <= v <= high, f"in [{low}, {high}]")
+    return Rule(lambda v: _finite(v) and low <= v < high, f"in [{low}, {high})")
+
+
+def even_at_least(low):
+    return Rule(lambda v: _finite(v) and v >= low and v % 2 == 0, f"even and >= {low}")
+
+
+def one_of(*choices):
+    return Rule(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+NOT_EMPTY = Rule(lambda v: v.strip() != "", "a non-empty path")
+ANY_TEXT = Rule(lambda v: True, "any text")
+
+
+def check_ranges(config, rules, relations, sources):
+    """Raise ConfigError for the first setting outside its rule or relation.
+
+    rules: {key: Rule} for every key that is not a bool (True and False are both allowed);
+    relations: [(key, test(config), allowed)], checked once every key is in range; `allowed` may
+    name other settings as {key}; sources: {key: where its value came from}."""
+    for key, value in config.items():
+        rule = rules.get(key)
+        if rule is None:
+            if isinstance(value, bool):
+                continue
+            raise ConfigError(f"{key} has no allowed range: add it to RULES in train.py")
+        if not rule.test(value):
+            allowed = rule.allowed
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not _finite(value):
+                allowed += " and below 2**63" if isinstance(value, int) else " and finite"
+            raise ConfigError(f"{sources[key]}: {key} must be {allowed}, got {value!r}")
+    for key, test, allowed in relations:
+        if not test(config):
+            raise ConfigError(f"{sources[key]}: {key} must be {allowed.format(**config)}, "
+                              f"got {config[key]!r}")
+
+
+def load_config(defaults, argv, rules=None, relations=()):
+    """Apply config files and --key=value overrides in `argv` to `defaults`; return a new dict.
+    With `rules`, also check every value's range (check_ranges)."""
     config = dict(defaults)
+    sources = {key: f"train.py default {key} = {value!r}" for key, value in defaults.items()}
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
@@ -91,10 +168,14 @@ def load_config(defaults, argv):
                 raise ConfigError(f"--{key}: unknown setting; known: {', '.join(sorted(config))}")
             value = _parse_value(key, text, config[key])
             config[key] = _check_type(key, value, defaults[key], f"--{key}={text}")
+            sources[key] = f"--{key}={text}"
         else:
             for key, value in _read_config_file(arg).items():
                 if key not in config:
                     raise ConfigError(f"{arg}: unknown setting {key!r}; "
                                       f"known: {', '.join(sorted(config))}")
                 config[key] = _check_type(key, value, defaults[key], arg)
+                sources[key] = arg
+    if rules is not None:
+        check_ranges(config, rules, relations, sources)
     return config

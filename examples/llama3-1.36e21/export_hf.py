@@ -8,8 +8,9 @@ The model's shape comes from the config train.py saved with the checkpoint, or f
 
 The directory holds config.json (a LlamaConfig), generation_config.json, the weights as safetensors
 (model.safetensors, or model-0000k-of-0000n.safetensors shards plus model.safetensors.index.json
-when they exceed --shard-size) and, when data/prepare.py used a tokenizer.json, that tokenizer.
-transformers then loads it like any Llama:
+when they exceed --shard-size), when data/prepare.py used a tokenizer.json, that tokenizer, and
+export_hf_manifest.json: the size and sha256 of every file this script wrote. transformers then
+loads it like any Llama:
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("hf/")
@@ -19,6 +20,11 @@ permuted here. The weights are written one tensor at a time (a safetensors file 
 names, dtypes, shapes and byte offsets followed by the raw bytes), so exporting holds no second
 copy of the model; the same bytes come out for the same weights, with no timestamps or versions.
 
+--out must be new, empty, or an earlier export of this script whose files are unchanged (its
+manifest says which they are); anything else is refused and left as it is. The export is written
+into a hidden sibling directory and renamed into place, so --out holds either the old export or
+the whole new one, never a mix or a half-written file.
+
 The reverse, load_hf_into(model, hf_dir), is what train.py's init_from_hf uses to start from a
 Hugging Face Llama (continued pre-training); it refuses a directory whose shapes differ from the
 config, naming every field that differs.
@@ -27,6 +33,7 @@ config, naming every field that differs.
 import argparse
 import ctypes
 import json
+import math
 import os
 import runpy
 import shutil
@@ -47,6 +54,7 @@ TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+EXPORT_MANIFEST = "export_hf_manifest.json"  # what an export wrote: only those files are replaced
 WRITE_CHUNK_ELEMENTS = 1 << 24
 # ModelArgs fields that fix tensor shapes: an HF directory must match these to be loaded.
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
@@ -58,8 +66,9 @@ SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hid
 
 
 def resolve_checkpoint(ckpt_path):
-    """A checkpoint directory: ckpt_path itself, or the newest valid one when it is an out_dir."""
+    """A verified checkpoint directory: ckpt_path itself, or the newest valid one in an out_dir."""
     if os.path.exists(os.path.join(ckpt_path, checkpoint.MANIFEST)):
+        checkpoint.verify(ckpt_path)  # before anything reads its train_state.json
         return str(ckpt_path)
     latest = checkpoint.find_latest_valid(ckpt_path)
     if latest is None:
@@ -79,17 +88,66 @@ def read_run_config(ckpt_dir=None, config_path=None):
     """The run's settings: those of config_path (a config/<variant>.py) when given, else the
     ones train.py saved with the checkpoint."""
     if config_path:
-        return runpy.run_path(config_path)
-    with open(os.path.join(ckpt_dir, checkpoint.TRAIN_STATE)) as f:
-        return json.load(f)["config"]
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"--config {config_path}: no such file")
+        try:
+            return runpy.run_path(config_path)
+        except Exception as e:  # a config is Python: any error in it is the config's
+            raise ValueError(f"--config {config_path}: running it failed: "
+                             f"{type(e).__name__}: {e}") from None
+    path = os.path.join(ckpt_dir, checkpoint.TRAIN_STATE)
+    with open(path) as f:
+        state = json.load(f)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{path} holds no run config; give the run's --config")
+    return state["config"]
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def model_args_from(settings, source):
-    """ModelArgs from a dict of run settings (config file or saved config)."""
+    """ModelArgs from a dict of run settings (config file or saved config), each value checked."""
     missing = [f.name for f in fields(ModelArgs) if f.name not in settings]
     if missing:
         raise ValueError(f"{source} does not set {', '.join(missing)}")
-    return ModelArgs(**{f.name: settings[f.name] for f in fields(ModelArgs)})
+    values = {f.name: settings[f.name] for f in fields(ModelArgs)}
+    for name, value in values.items():
+        if name == "tie_embeddings":
+            ok, allowed = isinstance(value, bool), "True or False"
+        elif name == "init_std":
+            ok, allowed = _is_number(value) and value >= 0, "a number >= 0"
+        elif name in ("rope_theta", "norm_eps"):
+            ok, allowed = _is_number(value) and value > 0, "a number > 0"
+        else:
+            ok, allowed = _is_int(value) and value > 0, "an integer > 0"
+        if not ok:
+            raise ValueError(f"{source}: {name} = {value!r}; it must be {allowed}")
+    if values["n_head"] % values["n_kv_head"]:
+        raise ValueError(f"{source}: n_head = {values['n_head']} is not a multiple of "
+                         f"n_kv_head = {values['n_kv_head']}")
+    return ModelArgs(**values)
+
+
+def check_config_matches(args, ckpt_dir, config_path):
+    """Refuse a --config whose model shape is not the checkpoint's, naming each field that
+    differs (the checkpoint's own saved config says what it was trained with)."""
+    try:
+        saved = read_run_config(ckpt_dir)
+    except (OSError, ValueError):
+        return  # an older checkpoint without its config: check_weights still compares shapes
+    differs = [f"{name} = {getattr(args, name)!r} (the checkpoint has {saved[name]!r})"
+               for name in SHAPE_FIELDS if name in saved and saved[name] != getattr(args, name)]
+    if differs:
+        raise ValueError(f"--config {config_path} does not match checkpoint {ckpt_dir}: "
+                         + ", ".join(differs) + "; give that run's own config, or leave "
+                         "--config out to use the one saved with the checkpoint")
 
 
 def check_weights(args, state_dict, source):
@@ -147,8 +205,32 @@ def hf_config(args, dtype_name, bos_token_id=None, eos_token_id=None):
     }
 
 
-def args_from_hf_config(config):
-    """ModelArgs for an HF Llama config.json (a dict). Refuses what model.py does not implement."""
+# config.json keys a Llama must set (the others have LlamaConfig's defaults), and their kind
+HF_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+               "vocab_size", "max_position_embeddings", "rms_norm_eps")
+HF_POSITIVE_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                    "vocab_size", "max_position_embeddings", "num_key_value_heads", "head_dim")
+HF_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def args_from_hf_config(config, source="config.json"):
+    """ModelArgs for an HF Llama config.json (a dict). Refuses what model.py does not implement,
+    and a config that lacks a key or holds a value no Llama has."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} holds a {type(config).__name__}, not a JSON object")
+    missing = [key for key in HF_REQUIRED if key not in config]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}, which a Llama config.json sets")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{source}: rope_parameters/rope_scaling is {rope!r}, not an object")
+    checks = [(key, config.get(key), _is_int, "an integer > 0") for key in HF_POSITIVE_INTS]
+    checks += [(key, config.get(key), _is_number, "a number > 0") for key in HF_POSITIVE_NUMBERS]
+    checks.append(("rope_theta", rope.get("rope_theta"), _is_number, "a number > 0"))
+    for key, value, kind, allowed in checks:
+        if value is not None and not (kind(value) and value > 0):
+            raise ValueError(f"{source}: {key} is {value!r}; it must be {allowed}")
+
     unsupported = []
     if config.get("model_type", "llama") != "llama":
         unsupported.append(f"model_type {config['model_type']!r}")
@@ -157,16 +239,15 @@ def args_from_hf_config(config):
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             unsupported.append(f"{flag} true")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         # e.g. LLaMA 3.1's "llama3" frequency scaling: ignoring it would silently change the model.
         unsupported.append(f"RoPE scaling {rope_type!r}")
     if unsupported:
-        raise ValueError("this Llama uses what model.py does not implement: "
+        raise ValueError(f"{source}: this Llama uses what model.py does not implement: "
                          + ", ".join(unsupported))
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
-    return ModelArgs(
+    settings = dict(
         n_layer=config["num_hidden_layers"],
         n_embd=n_embd,
         n_head=n_head,
@@ -177,15 +258,18 @@ def args_from_hf_config(config):
         block_size=config["max_position_embeddings"],
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         norm_eps=float(config["rms_norm_eps"]),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        init_std=float(config.get("initializer_range", 0.02)),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        init_std=config.get("initializer_range", 0.02),
     )
+    return model_args_from(settings, source)  # every value's type, heads that do not divide
 
 
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +307,24 @@ def write_safetensors(path, names, shapes, get_tensor, dtype):
 
 
 def read_safetensors_header(path):
-    """(the header's tensor entries, file offset of the first data byte) of a safetensors file."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
+    """(the header's tensor entries, file offset of the first data byte) of a safetensors file;
+    ValueError naming the file when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(header_len, 100 << 20)))  # the format's own limit
+            data_bytes = os.fstat(f.fileno()).st_size - 8 - header_len
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            dtype = TORCH_DTYPES.get(info["dtype"])
+            if dtype is None or end - begin != _nbytes(info["shape"], dtype):
+                raise ValueError(f"tensor {name}: dtype {info['dtype']}, shape {info['shape']}, "
+                                 f"offsets {begin}..{end} do not agree")
+            if end > data_bytes:
+                raise ValueError(f"truncated: tensor {name} ends past the end of the file")
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a safetensors file this script reads ({e})") from None
     return header, 8 + header_len
 
 
@@ -239,6 +336,8 @@ def iter_safetensors(path):
             begin, end = info["data_offsets"]
             f.seek(data_start + begin)
             raw = bytearray(f.read(end - begin))
+            if len(raw) != end - begin:
+                raise ValueError(f"{path}: truncated: tensor {name} ends past the end of the file")
             dtype = TORCH_DTYPES[info["dtype"]]
             yield name, (torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]) if raw
                          else torch.empty(info["shape"], dtype=dtype))
@@ -250,14 +349,23 @@ def read_safetensors(path):
 
 
 def parse_size(text):
-    """'5GB' -> 5_000_000_000 (decimal, as transformers' max_shard_size); '200KiB' also works."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    text = text.strip().upper()
-    for unit, scale in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * scale)
-    return int(text)
+    """'5GB' -> 5_000_000_000 (decimal, as transformers' max_shard_size); '200KiB' also works.
+    ValueError for anything but a finite size of at least one byte."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    number, scale = text.strip().upper(), 1
+    for unit, unit_scale in units.items():
+        if number.endswith(unit):
+            number, scale = number[: -len(unit)], unit_scale
+            break
+    try:
+        size = float(number) * scale
+    except ValueError:
+        size = math.nan
+    if not (math.isfinite(size) and size >= 1):  # inf, nan, 0, negative, not a number
+        raise ValueError(f"{text!r} is not a size: give a number of bytes >= 1 with an optional "
+                         f"unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 5GB or 500MB")
+    return int(size)
 
 
 def plan_shards(names, sizes, max_shard_bytes):
@@ -282,9 +390,15 @@ def plan_shards(names, sizes, max_shard_bytes):
 def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9,
            tokenizer_file=None, bos_token_id=None, eos_token_id=None):
     """Write `state_dict` (HF names, any dtype/device) as an HF Llama directory `out_dir`;
-    return the number of parameters written."""
+    return the number of parameters written.
+
+    out_dir must be absent, empty, or an unchanged earlier export (see earlier_export); the new
+    export is written aside and renamed into place, so a failure leaves out_dir as it was.
+    """
     check_weights(args, state_dict, "the checkpoint")
     torch_dtype = EXPORT_DTYPES[dtype]
+    if not max_shard_bytes >= 1:
+        raise ValueError(f"max_shard_bytes = {max_shard_bytes!r}; it must be at least 1")
     with torch.device("meta"):
         names = list(Llama(args).state_dict())  # the model's order: embedding, layers, norm, head
     if args.tie_embeddings:
@@ -292,35 +406,167 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
     shapes = [tuple(state_dict[name].shape) for name in names]
     sizes = [_nbytes(shape, torch_dtype) for shape in shapes]
 
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):  # files of an earlier export would shadow or mix in
-        if stale.endswith(".safetensors") or stale in (INDEX_FILE, "tokenizer.json",
-                                                       "tokenizer_config.json"):
-            os.remove(os.path.join(out_dir, stale))
+    out_dir = os.path.abspath(out_dir)
+    earlier = earlier_export(out_dir)  # before anything is written: refuse early
+    staging = make_staging_dir(out_dir)
+    try:
+        write_export_files(staging, state_dict, args, names, shapes, sizes, dtype,
+                           max_shard_bytes, tokenizer_file, bos_token_id, eos_token_id)
+    except BaseException as e:  # a failure or Ctrl-C: out_dir is as it was; drop what was staged
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(f"writing the export failed, so {out_dir} was not changed: {e}") \
+                from None
+        raise
+    try:
+        publish(staging, out_dir, earlier)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sum(torch.Size(shape).numel() for shape in shapes)
+
+
+def write_export_files(directory, state_dict, args, names, shapes, sizes, dtype, max_shard_bytes,
+                       tokenizer_file, bos_token_id, eos_token_id):
+    """The files of an export, and its manifest, into `directory`."""
+    torch_dtype = EXPORT_DTYPES[dtype]
     shards = plan_shards(names, sizes, max_shard_bytes)
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
         filename = (SINGLE_FILE if len(shards) == 1
                     else f"model-{k:05d}-of-{len(shards):05d}.safetensors")
-        write_safetensors(os.path.join(out_dir, filename), shard,
+        write_safetensors(os.path.join(directory, filename), shard,
                           [shapes[names.index(name)] for name in shard], state_dict.__getitem__,
                           torch_dtype)
         weight_map.update({name: filename for name in shard})
     if len(shards) > 1:
-        write_json(os.path.join(out_dir, INDEX_FILE),
+        write_json(os.path.join(directory, INDEX_FILE),
                    {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
 
-    write_json(os.path.join(out_dir, "config.json"),
+    write_json(os.path.join(directory, "config.json"),
                hf_config(args, dtype, bos_token_id, eos_token_id))
     generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
                   "max_length": args.block_size}
-    write_json(os.path.join(out_dir, "generation_config.json"), generation)
+    write_json(os.path.join(directory, "generation_config.json"), generation)
     if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(out_dir, "tokenizer.json"))
+        shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.json"))
         # Without this, transformers would build its LLaMA tokenizer class around the file.
-        write_json(os.path.join(out_dir, "tokenizer_config.json"),
+        write_json(os.path.join(directory, "tokenizer_config.json"),
                    {"tokenizer_class": "PreTrainedTokenizerFast"})
-    return sum(torch.Size(shape).numel() for shape in shapes)
+    write_export_manifest(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# The export directory: only an earlier export's own files are ever replaced
+
+
+def _file_record(path):
+    return {"bytes": os.path.getsize(path), "sha256": checkpoint._sha256(path)}
+
+
+def write_export_manifest(directory):
+    """export_hf_manifest.json: the size and sha256 of every file in `directory`, each synced to
+    disk first (so that the rename publishes only bytes that are really there)."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[name] = _file_record(path)
+    write_json(os.path.join(directory, EXPORT_MANIFEST),
+               {"written_by": "export_hf.py", "files": files})
+    checkpoint._fsync_dir(directory)
+
+
+def _read_export_manifest(out_dir):
+    """The {name: record} of out_dir's export manifest, or None when it has none (or a bad one)."""
+    try:
+        with open(os.path.join(out_dir, EXPORT_MANIFEST)) as f:
+            files = json.load(f)["files"]
+        # Plain names only: a manifest must never point outside its directory.
+        if isinstance(files, dict) and all(isinstance(name, str) and name == os.path.basename(name)
+               and name not in ("", ".", "..", EXPORT_MANIFEST) for name in files):
+            return files
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def earlier_export(out_dir):
+    """The file names of the earlier export in out_dir, to be replaced; None when out_dir is
+    absent or empty. ValueError for anything else: nothing in it is ever deleted or replaced
+    unless this script wrote it and it is unchanged since."""
+    if os.path.islink(out_dir):
+        raise ValueError(f"--out {out_dir} is a symbolic link; give the directory itself "
+                         f"({os.path.realpath(out_dir)}) or a new one")
+    if not os.path.lexists(out_dir):
+        return None
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    cwd = os.getcwd()
+    if os.path.commonpath([cwd, os.path.realpath(out_dir)]) == os.path.realpath(out_dir):
+        raise ValueError(f"--out {out_dir} is the current directory or holds it; "
+                         f"give a new directory, e.g. hf/")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return None
+    files = _read_export_manifest(out_dir)
+    if files is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"--out {out_dir} is not empty ({shown}) and is not an export of "
+                         f"export_hf.py (no valid {EXPORT_MANIFEST}; an export by an older "
+                         f"export_hf.py has none either); nothing was changed: give a new or "
+                         f"empty directory")
+    foreign = [name for name in entries if name not in files and name != EXPORT_MANIFEST]
+    changed = [name for name, record in files.items()
+               if os.path.islink(os.path.join(out_dir, name))
+               or not os.path.isfile(os.path.join(out_dir, name))
+               or _file_record(os.path.join(out_dir, name)) != record]
+    if foreign or changed:
+        what = ([f"not written by export_hf.py: {', '.join(foreign)}"] if foreign else []) + \
+               ([f"changed or removed since the export: {', '.join(changed)}"] if changed else [])
+        raise ValueError(f"--out {out_dir} is an earlier export, but it holds files "
+                         f"{'; '.join(what)}; nothing was changed: move them out, or give a new "
+                         f"directory")
+    return sorted(files)
+
+
+def make_staging_dir(out_dir):
+    """A new hidden directory beside out_dir (same file system, so the final rename is atomic)."""
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    for left in sorted(os.listdir(parent)):
+        if left.startswith(f".{name}.export-"):
+            print(f"note: {os.path.join(parent, left)} was left by an export that was killed "
+                  f"(it never touched {out_dir}); it can be deleted")
+    staging = os.path.join(parent, f".{name}.export-{os.getpid()}")
+    os.mkdir(staging)  # fails rather than reuse anything already there
+    return staging
+
+
+def publish(staging, out_dir, earlier):
+    """Rename the finished export `staging` to out_dir. An earlier export is moved aside first
+    and only its own files are then deleted: out_dir is always the old export or the new one."""
+    if earlier is None:
+        os.rename(staging, out_dir)  # replaces an empty directory; fails on a non-empty one
+    else:
+        old = staging + "-old"
+        os.rename(out_dir, old)
+        try:
+            os.rename(staging, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        for name in earlier + [EXPORT_MANIFEST]:
+            try:
+                os.remove(os.path.join(old, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(old)
+        except OSError:  # something appeared in it meanwhile: keep it
+            print(f"note: kept {old}: it holds files that export_hf.py did not write")
+    checkpoint._fsync_dir(os.path.dirname(out_dir))
 
 
 def hf_weight_files(hf_dir):
@@ -342,8 +588,14 @@ def read_hf_weights(hf_dir):
 
 
 def read_hf_config(hf_dir):
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        return args_from_hf_config(json.load(f))
+    """ModelArgs of an HF directory's config.json; ValueError naming the file when it is wrong."""
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return args_from_hf_config(config, path)
 
 
 def check_hf_dir(hf_dir, args):
@@ -393,12 +645,19 @@ def load_hf_into(model, hf_dir):
 
 
 def tokenizer_from_data_dir(data_dir):
-    """(tokenizer.json path or None, bos id, eos id) from data/prepare.py's meta.json."""
+    """(tokenizer.json path or None, bos id, eos id) from data/prepare.py's meta.json; (None,
+    None, None) when there is no meta.json. ValueError when meta.json names a tokenizer file that
+    is not there: exporting or sampling without it would silently use the wrong tokens."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         return None, None, None
     with open(meta_path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: not a JSON object; re-run data/prepare.py")
     tokenizer = meta.get("tokenizer")
     path = None
     if isinstance(tokenizer, str) and tokenizer.endswith(".json"):
@@ -407,40 +666,87 @@ def tokenizer_from_data_dir(data_dir):
             if os.path.isfile(candidate):
                 path = candidate
                 break
-    return path, meta.get("bos_token_id"), meta.get("eos_token_id")
+        else:
+            raise ValueError(f"{meta_path} names tokenizer {tokenizer}, which is not there; "
+                             f"put it back (or copy it into {data_dir})")
+    ids = {key: meta.get(key) for key in ("bos_token_id", "eos_token_id")}
+    for key, value in ids.items():
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise ValueError(f"{meta_path}: {key} is {value!r}; it must be an integer >= 0")
+    return path, ids["bos_token_id"], ids["eos_token_id"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong argument is one line (what, the value, what is allowed), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def size_argument(text):
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line; returns the exit status: 2, with one line on stderr, for what is wrong
+    with the arguments, the checkpoint, the config or --out."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
                         help="a checkpoint (out/checkpoints/step_N), or out_dir for its newest")
-    parser.add_argument("--out", required=True, help="directory to write the HF model into")
+    parser.add_argument("--out", required=True,
+                        help="directory to write the HF model into: new, empty, or an earlier "
+                             "export of this script (only its files are replaced)")
     parser.add_argument("--config", default=None,
                         help="config/<variant>.py of the run (default: the config saved with "
                              "the checkpoint)")
     parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
                         help="dtype of the exported weights (float32 loses nothing)")
-    parser.add_argument("--shard-size", default="5GB",
-                        help="largest safetensors file before splitting (e.g. 5GB, 500MB)")
+    parser.add_argument("--shard-size", default=parse_size("5GB"), type=size_argument,
+                        help="largest safetensors file before splitting, >= 1 byte (e.g. 5GB, "
+                             "500MB, 200KiB; default 5GB)")
     parser.add_argument("--data-dir", default=None,
                         help="data/prepare.py output, for the tokenizer (default: data_dir)")
     opts = parser.parse_args(argv)
+    if opts.data_dir is not None and not os.path.isfile(os.path.join(opts.data_dir, "meta.json")):
+        parser.error(f"argument --data-dir: {opts.data_dir!r} holds no meta.json; give the "
+                     f"directory data/prepare.py wrote")
+    try:
+        export_checkpoint(opts)
+    except (OSError, ValueError, checkpoint.CheckpointError) as e:  # say what is wrong, briefly
+        print(f"export_hf.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"export_hf.py: interrupted; {opts.out} is as it was", file=sys.stderr)
+        return 130
+    return 0
 
+
+def export_checkpoint(opts):
+    """What the command line does, once its arguments are checked."""
     ckpt_dir = resolve_checkpoint(opts.ckpt)
     settings = read_run_config(ckpt_dir, opts.config)
     args = model_args_from(settings, opts.config or f"{ckpt_dir}/{checkpoint.TRAIN_STATE}")
+    if opts.config:
+        check_config_matches(args, ckpt_dir, opts.config)
     data_dir = opts.data_dir or settings.get("data_dir")
     tokenizer_file, bos, eos = tokenizer_from_data_dir(data_dir) if data_dir else (None, None, None)
+    if data_dir and not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        print(f"note: {data_dir}/meta.json not found, so no tokenizer is exported; give "
+              f"--data-dir if the run used one")
     state_dict = read_checkpoint(ckpt_dir)
     n_params = export(state_dict, args, opts.out, dtype=opts.dtype,
-                      max_shard_bytes=parse_size(opts.shard_size), tokenizer_file=tokenizer_file,
+                      max_shard_bytes=opts.shard_size, tokenizer_file=tokenizer_file,
                       bos_token_id=bos, eos_token_id=eos)
     print(f"exported {ckpt_dir}: {n_params:,} parameters ({opts.dtype}) to {opts.out}"
           + (" with tokenizer.json" if tokenizer_file else " (no tokenizer: byte-level data)"))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, checkpoint.CheckpointError) as e:  # say what is wrong, briefly
-        sys.exit(f"export_hf.py: error: {e}")
+    sys.exit(main())

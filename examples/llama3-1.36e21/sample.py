@@ -9,18 +9,24 @@ directory's meta.json, or in the export directory), or as raw UTF-8 bytes when i
 Like nanoGPT's sample.py this recomputes the whole context for every new token (no KV cache),
 and keeps only the last block_size tokens of the context. Generation stops early at the
 end-of-document token when one is known.
+
+Every argument is checked before the model is loaded: a wrong one is refused with one line saying
+what is allowed (exit status 2).
 """
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 
 import torch
 
 from checkpoint import CheckpointError
-from export_hf import (load_hf_into, model_args_from, read_checkpoint, read_hf_config,
-                       read_run_config, resolve_checkpoint, tokenizer_from_data_dir)
+from export_hf import (OneLineParser, check_config_matches, check_weights, load_hf_into,
+                       model_args_from, read_checkpoint, read_hf_config, read_run_config,
+                       resolve_checkpoint, tokenizer_from_data_dir)
 from model import Llama
 
 
@@ -33,7 +39,10 @@ class Tokenizer:
         if tokenizer_file:
             from tokenizers import Tokenizer as HFTokenizer  # only needed with a tokenizer file
 
-            self.hf_tokenizer = HFTokenizer.from_file(tokenizer_file)
+            try:
+                self.hf_tokenizer = HFTokenizer.from_file(tokenizer_file)
+            except Exception as e:  # tokenizers raises a bare Exception for a bad file
+                raise ValueError(f"{tokenizer_file}: not a tokenizer.json ({e})") from None
 
     def encode(self, text):
         if self.hf_tokenizer is not None:
@@ -54,10 +63,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
              eos_token_id=None):
     """Append up to max_new_tokens tokens to idx (B, T). temperature 0 is greedy (argmax).
 
-    With eos_token_id, stops early once every sequence has produced it, as transformers'
-    generate() does (a sequence that finished first keeps going here, where transformers pads).
+    With eos_token_id (an id, or a list of them as some config.json files hold), stops early
+    once every sequence has produced one, as transformers' generate() does (a sequence that
+    finished first keeps going here, where transformers pads).
     """
     block_size = model.args.block_size
+    if eos_token_id is not None:
+        eos_ids = torch.tensor(eos_token_id, device=idx.device).reshape(-1)
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         context = idx[:, -block_size:]
@@ -74,7 +86,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
             next_token = torch.multinomial(probs, num_samples=1, generator=generator)
         idx = torch.cat((idx, next_token), dim=1)
         if eos_token_id is not None:
-            finished |= next_token[:, 0] == eos_token_id
+            finished |= torch.isin(next_token[:, 0], eos_ids)
             if finished.all():
                 break
     return idx
@@ -91,8 +103,13 @@ def load_model(ckpt=None, config=None, hf=None):
         raise ValueError("give --ckpt (a checkpoint or out_dir) or --hf (an export directory)")
     ckpt_dir = resolve_checkpoint(ckpt)
     settings = read_run_config(ckpt_dir, config)
-    model = Llama(model_args_from(settings, config or ckpt_dir))
-    model.load_state_dict(read_checkpoint(ckpt_dir), strict=True)
+    args = model_args_from(settings, config or ckpt_dir)
+    if config:
+        check_config_matches(args, ckpt_dir, config)
+    state_dict = read_checkpoint(ckpt_dir)
+    check_weights(args, state_dict, ckpt_dir)  # a ValueError naming tensors, not a traceback
+    model = Llama(args)
+    model.load_state_dict(state_dict, strict=True)
     return model, settings.get("data_dir")
 
 
@@ -100,41 +117,140 @@ def load_tokenizer(hf=None, data_dir=None):
     """The export's tokenizer.json (ids from its config.json), else the data dir's, else bytes."""
     if hf:
         with open(os.path.join(hf, "config.json")) as f:
-            config = json.load(f)
+            config = json.load(f)  # read_hf_config has checked it
+        ids = [config.get("bos_token_id"), config.get("eos_token_id")]
+        for key, value in zip(("bos_token_id", "eos_token_id"), ids):
+            values = value if isinstance(value, list) and key == "eos_token_id" else [value]
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                       for v in values):
+                raise ValueError(f"{os.path.join(hf, 'config.json')}: {key} is {value!r}; it "
+                                 f"must be an integer >= 0 or null")
         tokenizer_file = os.path.join(hf, "tokenizer.json")
-        return Tokenizer(tokenizer_file if os.path.exists(tokenizer_file) else None,
-                         config.get("bos_token_id"), config.get("eos_token_id"))
+        return Tokenizer(tokenizer_file if os.path.exists(tokenizer_file) else None, *ids)
     if data_dir:
         return Tokenizer(*tokenizer_from_data_dir(data_dir))
     return Tokenizer()
 
 
+# ---------------------------------------------------------------------------------------------
+# Arguments: each type checks its range, so a wrong value is one line before anything loads
+
+
+def positive_int_argument(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give an integer >= 1")
+    return value
+
+
+def temperature_argument(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give a number >= 0 "
+                                         f"(0 = greedy)")
+    return value
+
+
+def seed_argument(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:  # what torch.Generator.manual_seed takes
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give an integer from 0 to "
+                                         f"2**64 - 1")
+    return value
+
+
+def device_argument(text):
+    """auto, cpu, cuda or cuda:N, refused when this machine does not have it."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    if not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give auto, cpu, cuda or "
+                                         f"cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (or this "
+                                         f"PyTorch has no CUDA); use --device cpu or auto")
+    if ":" in text and int(text.split(":")[1]) >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), "
+                                         f"cuda:0 to cuda:{count - 1}")
+    return text
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line; returns the exit status: 2, with one line on stderr, for what is wrong
+    with the arguments, the checkpoint, the config or the export."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="a checkpoint, or out_dir for its newest valid one")
     parser.add_argument("--config", help="config/<variant>.py of the run (default: the config "
-                                         "saved with the checkpoint)")
+                                         "saved with the checkpoint); with --ckpt only")
     parser.add_argument("--hf", help="a Hugging Face Llama directory written by export_hf.py")
     parser.add_argument("--data-dir", help="data/prepare.py output, for its tokenizer")
-    parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--prompt", default="\n",
+                        help="text to continue; it must give at least one token (default: a "
+                             "newline)")
+    parser.add_argument("--max-new-tokens", type=positive_int_argument, default=200,
+                        help="tokens to generate, >= 1")
+    parser.add_argument("--temperature", type=temperature_argument, default=0.8,
+                        help="softmax temperature, >= 0; 0 means greedy (always the most likely "
+                             "token, --top-k and --seed then play no part)")
+    parser.add_argument("--top-k", type=positive_int_argument, default=None,
+                        help="sample only among the k most likely tokens, k >= 1 (default: all)")
+    parser.add_argument("--num-samples", type=positive_int_argument, default=1,
+                        help="samples, >= 1")
+    parser.add_argument("--seed", type=seed_argument, default=1337, help="0 to 2**64 - 1")
+    parser.add_argument("--device", type=device_argument, default="auto",
+                        help="auto (cuda when there is one), cpu, cuda or cuda:N")
     opts = parser.parse_args(argv)
+    if bool(opts.ckpt) == bool(opts.hf):
+        parser.error("give one of --ckpt (a checkpoint or out_dir) or --hf (an export directory)")
+    if opts.config and opts.hf:
+        parser.error("argument --config: only with --ckpt; an --hf directory has its config.json")
+    if opts.data_dir and opts.hf:
+        parser.error("argument --data-dir: only with --ckpt; an --hf directory has its tokenizer")
+    try:
+        opts.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 in the command line
+        parser.error(f"argument --prompt: {opts.prompt!r} is not valid UTF-8 text")
+    if opts.data_dir and not os.path.isfile(os.path.join(opts.data_dir, "meta.json")):
+        parser.error(f"argument --data-dir: {opts.data_dir!r} holds no meta.json; give the "
+                     f"directory data/prepare.py wrote")
+    try:
+        run_sampling(opts, parser)
+    except (OSError, ValueError, CheckpointError) as e:  # a wrong path or config: say so briefly
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def run_sampling(opts, parser):
+    """What the command line does, once its arguments are checked."""
     model, run_data_dir = load_model(opts.ckpt, opts.config, opts.hf)
     tokenizer = load_tokenizer(opts.hf, opts.data_dir or run_data_dir)
-    device = opts.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
-    prompt = torch.tensor([tokenizer.encode(opts.prompt)], dtype=torch.long, device=device)
+    prompt_ids = tokenizer.encode(opts.prompt)
+    if not prompt_ids:
+        parser.error(f"argument --prompt: {opts.prompt!r} gives no tokens (and this model has no "
+                     f"begin-of-text token); give at least one character")
+    if max(prompt_ids) >= model.args.vocab_size:
+        raise ValueError(f"the prompt has token id {max(prompt_ids)}, but the model's vocabulary "
+                         f"has {model.args.vocab_size}: this is not the tokenizer it was trained "
+                         f"with; give the run's --data-dir")
+    model.to(opts.device).eval()
+    generator = torch.Generator(device=opts.device).manual_seed(opts.seed)
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=opts.device)
     # bf16 matmuls on CUDA (the weights stay fp32); exact fp32 on CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=opts.device.startswith("cuda"))
     for _ in range(opts.num_samples):
         with autocast:
             out = generate(model, prompt, opts.max_new_tokens, opts.temperature, opts.top_k,
@@ -144,7 +260,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, CheckpointError) as e:  # a wrong path or config: say so briefly
-        sys.exit(f"sample.py: error: {e}")
+    sys.exit(main())

@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=8 train.py config/<variant>.py --max_iters=100
 
 Settings: the defaults below, overridden by the config files named on the command line, then by
---key=value arguments (configurator.py checks names and types). docs/CONTRACT.md lists them.
+--key=value arguments (configurator.py checks names, types and the ranges in RULES below).
+docs/CONTRACT.md lists them.
 
 What happens:
 - one process, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU), the model wrapped in
@@ -26,7 +27,8 @@ What happens:
   exit 75, which asks the launcher to requeue; a second signal more than 5 s after the first
   exits at once (repeats within 5 s are the duplicates SLURM and torchrun deliver).
 
-Exit status: 0 finished, 75 saved after a signal (requeue me), 2 bad configuration, else failure.
+Exit status: 0 finished, 75 saved after a signal (requeue me), 2 bad configuration or data (one
+line, nothing trained), else failure.
 """
 
 import contextlib
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import signal
+import struct
 import sys
 import time
 from dataclasses import fields
@@ -43,7 +46,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from configurator import ConfigError, load_config
+from configurator import (
+    ANY_TEXT, NOT_EMPTY, ConfigError, at_least, between, even_at_least, greater_than, load_config,
+    one_of,
+)
 from model import Llama, ModelArgs
 
 # -----------------------------------------------------------------------------
@@ -101,6 +107,34 @@ max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
+# Allowed values of every setting that is not a bool; configurator.py checks them after all
+# overrides and names the key, the value and the range (docs/CONTRACT.md lists the same).
+RULES = {
+    "n_layer": at_least(1), "n_embd": at_least(1), "n_head": at_least(1),
+    "n_kv_head": at_least(1), "head_dim": even_at_least(2),  # RoPE rotates pairs of dimensions
+    "ffn_hidden": at_least(1), "vocab_size": at_least(1), "block_size": at_least(1),
+    "rope_theta": greater_than(0), "norm_eps": greater_than(0), "init_std": greater_than(0),
+    "data_dir": NOT_EMPTY, "out_dir": NOT_EMPTY,
+    "global_batch_size": at_least(1), "micro_batch_size": at_least(1),
+    "learning_rate": greater_than(0), "min_lr": at_least(0),
+    "lr_schedule": one_of("cosine", "wsd"), "warmup_iters": at_least(0),
+    "decay_frac": between(0, 1), "max_iters": at_least(1),
+    "weight_decay": at_least(0), "beta1": between(0, 1, high_included=False),
+    "beta2": between(0, 1, high_included=False), "grad_clip": at_least(0),
+    "eval_interval": at_least(1), "eval_iters": at_least(1), "log_interval": at_least(1),
+    "ckpt_interval": at_least(1),
+    "keep_last_ckpts": at_least(1),  # 0 would delete the checkpoint just saved
+    "device": one_of("auto", "cuda", "cpu"), "dtype": one_of("bfloat16", "float32"),
+    "parallelism": one_of("fsdp", "hsdp", "ddp"), "seed": at_least(0),
+    "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
+    "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
+    "max_nonfinite_steps": at_least(1),
+}
+RELATIONS = [  # (key, test, what is allowed): settings that must agree with each other
+    ("n_kv_head", lambda c: c["n_head"] % c["n_kv_head"] == 0, "a divisor of n_head ({n_head})"),
+    ("min_lr", lambda c: c["min_lr"] <= c["learning_rate"],
+     "at most learning_rate ({learning_rate})"),
+]
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
 PARALLELISM_NAMES = {"fsdp": "FSDP2", "hsdp": "HSDP (FSDP2 on a nodes × GPUs mesh)", "ddp": "DDP"}
 DUPLICATE_SIGNAL_WINDOW_S = 5.0  # repeats of a signal this soon are the same request
@@ -160,15 +194,41 @@ def any_rank(flag, dev):
 # Data: random sequences, a pure function of (seed, step)
 
 
+def read_meta(data_dir):
+    """(vocab_size, largest token id) from data/prepare.py's meta.json."""
+    path = os.path.join(data_dir, "meta.json")
+    redo = f"run data/prepare.py --out_dir {data_dir} (README.md, step 2)"
+    if not os.path.isfile(path):
+        raise ConfigError(f"no prepared data: {path} is missing; {redo} first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"{path} is unreadable ({e}); {redo} again") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    max_id = meta.get("max_token_id", vocab - 1) if isinstance(vocab, int) else None
+    if not all(type(n) is int and n >= 0 for n in (vocab, max_id)):
+        raise ConfigError(f"{path} has no valid vocab_size and max_token_id (non-negative "
+                          f"integers); {redo} again")
+    return vocab, max_id
+
+
 class TokenData:
     """train.bin / val.bin of data/prepare.py, read through a memory map."""
 
     def __init__(self, data_dir, split, block_size):
         path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size is None or size % 4:  # flat uint32 ids (docs/CONTRACT.md)
+            what = "is missing" if size is None else f"has {size} bytes, not a whole uint32 count"
+            raise ConfigError(f"{path} {what}; run data/prepare.py --out_dir {data_dir} again")
+        # A sequence and its next-token targets need block_size + 1 tokens (+1 for a choice).
+        if size // 4 < block_size + 2:
+            more = "more text" + (" or a larger --val_fraction" if split == "val" else "")
+            raise ConfigError(f"{path} has {size // 4} tokens, fewer than block_size + 2 = "
+                              f"{block_size + 2}: give data/prepare.py {more}, or lower block_size")
         self.tokens = np.memmap(path, dtype=np.uint32, mode="r")
         self.block_size = block_size
-        if len(self.tokens) <= block_size + 1:
-            raise ValueError(f"{path} has {len(self.tokens)} tokens: fewer than block_size + 2")
 
     def offsets(self, rng, count):
         return rng.integers(0, len(self.tokens) - self.block_size, size=count)
@@ -215,6 +275,34 @@ def get_lr(step, cfg):
 # Model, parallelism, optimizer
 
 
+MODEL_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden",
+                    "vocab_size", "tie_embeddings")
+
+
+def check_checkpoint_shape(path, cfg):
+    """Refuse to resume a checkpoint whose model has another shape than this run's config."""
+    saved = checkpoint.read_train_state(path).get("config", {})
+    differ = [f"{k} {saved.get(k)!r} there, {cfg[k]!r} here" for k in MODEL_SHAPE_KEYS
+              if saved.get(k) != cfg[k]]
+    if differ:
+        raise ConfigError(f"{path} holds a model of another shape ({'; '.join(differ)}): resume "
+                          f"with that run's config, or train this one into another out_dir")
+
+
+def load_init_from_hf(model, hf_dir):
+    """Copy an HF Llama directory's weights into `model`; any problem with it is one line."""
+    from export_hf import load_hf_into
+    if not os.path.isdir(hf_dir):
+        raise ConfigError(f"init_from_hf={hf_dir!r}: not a directory (give a Hugging Face Llama "
+                          f"directory, e.g. one export_hf.py wrote)")
+    try:
+        load_hf_into(model, hf_dir)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(f"init_from_hf={hf_dir!r}: cannot load it: {type(e).__name__}: "
+                          f"{reason}") from None
+
+
 def build_model(cfg, dev, world, start_from_hf):
     """The model, with activation checkpointing, compile and DDP/FSDP2 applied as configured."""
     args = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)})
@@ -222,8 +310,7 @@ def build_model(cfg, dev, world, start_from_hf):
     with torch.device(dev):
         model = Llama(args)
     if start_from_hf:  # continued pre-training: every rank loads the full weights before wrapping
-        from export_hf import load_hf_into
-        load_hf_into(model, cfg.init_from_hf)
+        load_init_from_hf(model, cfg.init_from_hf)
     layers = model.model.layers
     if cfg.activation_checkpointing:  # recompute each block's activations in backward
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -371,7 +458,10 @@ def format_duration(seconds):
 
 def main(argv):
     stop = StopRequest()  # from the start: a signal during setup still ends in a save and 75
-    cfg = Config(load_config(DEFAULTS, argv))
+    cfg = Config(load_config(DEFAULTS, argv, RULES, RELATIONS))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device='cuda' but torch sees no CUDA GPU (torch {torch.__version__}, "
+                          f"CUDA build: {torch.version.cuda or 'none'}): use --device=cpu or auto")
     rank, world, dev = setup_distributed(cfg)
     master = rank == 0
 
@@ -380,24 +470,18 @@ def main(argv):
         raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
                           f"world size {world} × micro_batch_size {cfg.micro_batch_size}")
     accum = cfg.global_batch_size // (world * cfg.micro_batch_size)
-    if cfg.lr_schedule not in ("cosine", "wsd"):
-        raise ConfigError(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
-    if cfg.parallelism not in ("fsdp", "hsdp", "ddp"):
-        raise ConfigError(f"parallelism must be 'fsdp', 'hsdp' or 'ddp', got {cfg.parallelism!r}")
-    meta_path = os.path.join(cfg.data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise ConfigError(f"no prepared data: {meta_path} is missing; run data/prepare.py "
-                          f"--out_dir {cfg.data_dir} first (README.md, step 2)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    max_id = meta.get("max_token_id", meta["vocab_size"] - 1)
-    if meta["vocab_size"] > cfg.vocab_size or max_id >= cfg.vocab_size:
-        raise ConfigError(f"{cfg.data_dir}: tokenizer has {meta['vocab_size']} ids (largest used "
+    vocab, max_id = read_meta(cfg.data_dir)
+    if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
+        raise ConfigError(f"{cfg.data_dir}: tokenizer has {vocab} ids (largest used "
                           f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
     train_data = TokenData(cfg.data_dir, "train", cfg.block_size)
     val_data = TokenData(cfg.data_dir, "val", cfg.block_size)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission, ...
+        raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot create it as a directory "
+                          f"({e.strerror})") from None
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -412,6 +496,8 @@ def main(argv):
         box = [str(latest) if latest else None]
         dist.broadcast_object_list(box, src=0)
         latest = box[0]
+    if latest:
+        check_checkpoint_shape(latest, cfg)
     start_from_hf = bool(cfg.init_from_hf) and not latest
 
     model, sharded = build_model(cfg, dev, world, start_from_hf)
