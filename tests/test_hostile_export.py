@@ -356,7 +356,11 @@ def test_export_refuses_bad_arguments_in_one_line(repo, cli):
     before = snapshot(repo)
     write_config(repo, "other", n_layer=3, ffn_hidden=256)
     (repo / "config" / "broken.py").write_text("n_layer = (\n")
+    write_config(repo, "zero", n_layer=0)
+    write_config(repo, "heads", n_head=3)
     cases = [
+        (["--config", "config/zero.py"], ["--config config/zero.py", "n_layer = 0", "integer > 0"]),
+        (["--config", "config/heads.py"], ["n_head = 3", "not a multiple of n_kv_head = 2"]),
         (["--dtype", "int8"], ["--dtype", "'int8'", "float32"]),
         (["--data-dir", "nowhere"], ["--data-dir", "'nowhere'", "meta.json"]),
         (["--config", "config/other.py"], ["config/other.py", "n_layer = 3", "has 2",
@@ -370,7 +374,7 @@ def test_export_refuses_bad_arguments_in_one_line(repo, cli):
     # As a user meets it, in a new process: the OverflowError of the issue.
     assert_refused(run(repo, "export_hf.py", "--ckpt", "out", "--out", "hf", "--shard-size",
                        "infGB"), "--shard-size", "'infGB'")
-    for name in ("other.py", "broken.py"):
+    for name in ("other.py", "broken.py", "zero.py", "heads.py"):
         (repo / "config" / name).unlink()
     assert snapshot(repo) == before
 
