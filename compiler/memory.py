@@ -15,13 +15,13 @@ one node and replicates across nodes.
 Gradients, as the generated train.py handles them (each moment of the step counts what exists then):
 - zero_grad(set_to_none=True) frees them between steps, so the first micro-batch's loss backward
   has none; later micro-batches find the earlier ones' accumulated;
-- DDP (world > 1) with gradient_as_bucket_view=True (what train.py passes): gradients are views
-  into the buckets, no second copy (DDP_BUCKET_COPY = False; without it the buckets would hold a
-  second fp32 gradient, 4·N);
-- FSDP2 reduce-scatters after every micro-batch (train.py does not skip gradient sync), so
-  gradients stay sharded; skipping it (set_requires_gradient_sync(False)) would leave every rank
-  with the full fp32 gradient (4·N, unsharded) until the last micro-batch
-  (FSDP_UNSHARDED_ACCUMULATION, False for the generated train.py).
+- DDP (world > 1) with gradient_as_bucket_view=True (Recipe.ddp_bucket_view, train.py's
+  default): gradients are views into the buckets, no second copy; without it the buckets hold a
+  second fp32 gradient, 4·N;
+- FSDP2 reduce-scatters after every micro-batch (Recipe.fsdp_reduce_scatter_every_micro_batch,
+  train.py's default), so gradients stay sharded; syncing only the last micro-batch
+  (set_requires_gradient_sync(False) before) leaves every rank with the full fp32 gradient
+  (4·N, unsharded) until then.
 
 Working copies (`working`), which exist only part of the step:
 - FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) all-gathers a bf16 copy of
@@ -64,7 +64,7 @@ With activation checkpointing of every block, a layer keeps only its input (r·d
 
 Output head and loss (V = vocabulary, n tokens per micro-batch): templates/model.py fuses lm_head
 and cross-entropy (LinearCrossEntropy): its forward walks the tokens in chunks of
-LOSS_CHUNK_TOKENS (k = min(n, LOSS_CHUNK_TOKENS)), computing each chunk's fp32 logits, loss and
+Recipe.loss_chunk_tokens (k = min(n, loss_chunk_tokens)), computing each chunk's fp32 logits, loss and
 gradients (softmax - one-hot) at once, so no logits are saved. At its last chunk it holds the fp32
 logits/softmax (4·V·k), their compute-dtype cast (c·V·k, none in fp32), the gradient of its
 input (c·d·n) and an fp32 accumulator for lm_head's gradient (4·V·d; each chunk's c·V·d matmul
@@ -96,6 +96,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from . import arch
+from .recipe import TRAIN_PY, Recipe
 
 GIB = 1 << 30
 
@@ -104,17 +105,8 @@ MASTER_WEIGHT_BYTES = 4
 GRADIENT_BYTES = 4
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq
 
-# The generated train.py reduce-scatters after every micro-batch (as torchtitan does), so FSDP2
-# gradients stay sharded. True would model set_requires_gradient_sync(False) on all but the last
-# micro-batch: every rank then accumulates the full unsharded fp32 gradient (4·N bytes).
-FSDP_UNSHARDED_ACCUMULATION = False
-# The generated train.py wraps DDP with gradient_as_bucket_view=True: no second gradient copy.
-DDP_BUCKET_COPY = False
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids: the embedding saves its input, the loss its targets
-
-# Tokens per chunk of templates/model.py's fused output head and loss (its LOSS_CHUNK_TOKENS).
-LOSS_CHUNK_TOKENS = 4096
 
 ALLOCATOR_MARGIN = 0.10  # PyTorch's caching allocator: 5-15% fragmentation in practice
 CUDA_CONTEXT_BYTES = int(1.5 * GIB)  # CUDA context (~0.5 GiB), cuBLAS workspace, NCCL buffers
@@ -267,9 +259,9 @@ def head_activation_bytes_per_token(d_model, residual_bytes=2):
     return norm_bytes_per_token(d_model, residual_bytes) + 2 * INDEX_BYTES
 
 
-def loss_chunk_bytes(vocab_size, tokens, compute_bytes=2):
+def loss_chunk_bytes(vocab_size, tokens, compute_bytes=2, chunk_tokens=TRAIN_PY.loss_chunk_tokens):
     """The fused head's logits at its peak: one chunk's fp32 logits and their compute-dtype cast."""
-    chunk = np.minimum(tokens, LOSS_CHUNK_TOKENS)
+    chunk = np.minimum(tokens, chunk_tokens)
     return chunk * vocab_size * (FP32 + copy_bytes(compute_bytes))
 
 
@@ -290,17 +282,15 @@ def default_dtype(device: str) -> str:
 def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
                       gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
                       device: str = "cuda", compute_dtype: str | None = None,
-                      unsharded_accumulation: bool | None = None) -> MemoryBreakdown:
+                      recipe: Recipe = TRAIN_PY) -> MemoryBreakdown:
     """Predicted peak bytes on one device for one training step (see the module docstring).
 
     shape fields, micro_batch, world_size, gpus_per_node, activation_checkpointing and grad_accum
     may be numpy arrays that broadcast together; parallelism, device and compute_dtype are strings.
     With world_size 1 the generated train.py wraps nothing (one process, autocast): pass "ddp".
-    unsharded_accumulation: whether FSDP skips the reduce-scatter between micro-batches (default
-    FSDP_UNSHARDED_ACCUMULATION, what train.py does).
+    recipe: what train.py and model.py do (compiler/recipe.py); the generated defaults unless
+    given.
     """
-    if unsharded_accumulation is None:
-        unsharded_accumulation = FSDP_UNSHARDED_ACCUMULATION
     compute_dtype = compute_dtype or default_dtype(device)
     c = _dtype_bytes(compute_dtype)
     sharded = parallelism in ("fsdp", "hsdp")
@@ -321,7 +311,7 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     accumulating = np.asarray(grad_accum) > 1
     # Gradients at the loss and output-head moments: none yet on the first micro-batch
     # (zero_grad(set_to_none=True) freed them); the previous micro-batches' otherwise.
-    if sharded and unsharded_accumulation:
+    if sharded and not recipe.fsdp_reduce_scatter_every_micro_batch:
         # No reduce-scatter between micro-batches: every rank accumulates the full fp32 gradient,
         # reduced into its shard only after the last micro-batch.
         grads_accumulated = np.where(accumulating, GRADIENT_BYTES * n_params, 0.0)
@@ -331,7 +321,8 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
         grads_late = grads
     grads_step = grads  # at optimizer.step(): the reduced gradient (sharded under FSDP)
     if parallelism == "ddp":  # DDP's gradient buckets: a second fp32 gradient (no bucket view)
-        buckets = np.where((np.asarray(world_size) > 1) & DDP_BUCKET_COPY, GRADIENT_BYTES * n_params, 0.0)
+        second_copy = not recipe.ddp_bucket_view
+        buckets = np.where((np.asarray(world_size) > 1) & second_copy, GRADIENT_BYTES * n_params, 0.0)
         grads_accumulated, grads_late = grads_accumulated + buckets, grads_late + buckets
         grads_step = grads + buckets
 
@@ -351,7 +342,7 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     cast = copy_bytes(c)  # autocast's bf16 copy of an fp32 tensor
     loss_inputs = (r + copy_bytes(c, r)) * d * tokens
     grad_head_input = c * d * tokens
-    loss_logits = loss_chunk_bytes(V, tokens, c)
+    loss_logits = loss_chunk_bytes(V, tokens, c, recipe.loss_chunk_tokens)
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
     block_first = full_layer + c * (2 * f + 2 * d) * tokens

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import __version__, arch, laws, layout, solver
 from . import plan as P
 from .errors import UserError
+from .evaluate import Evaluation, HardwareView, evaluate
 from .spec import Spec
-from .trainplan import candidate_batch_tokens, layout_for, plan_training
+from .trainplan import candidate_batches, plan_training
 
 
 def _shape(spec: Spec, c: solver.Candidates, i: int) -> P.Shape:
@@ -70,16 +73,19 @@ def _constraints(v) -> dict[str, float]:
 MAX_NODES = 100_000  # the spec's own limit on hardware.nodes
 
 
-def _with_nodes(spec: Spec, nodes: int) -> Spec:
-    return spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"nodes": nodes})})
+def fits_on_nodes(spec: Spec, hardware: HardwareView, cands: solver.Candidates, nodes: int):
+    """Which of cands fit in memory on `nodes` nodes (each with its batch on that many ranks)."""
+    on_nodes = dataclasses.replace(hardware, nodes=nodes)
+    batch = candidate_batches(spec, cands, on_nodes.world_size)
+    return evaluate(cands.shapes(spec.model), on_nodes, batch).fits
 
 
-def fewest_nodes(spec: Spec, cands: solver.Candidates) -> int | None:
+def fewest_nodes(spec: Spec, hardware: HardwareView, cands: solver.Candidates) -> int | None:
     """The fewest hardware.nodes on which some of cands fits in memory, by the solver's own
-    memory constraint (None: not even on MAX_NODES). Doubling, then bisection."""
+    evaluation (None: not even on MAX_NODES). Doubling, then bisection."""
     def fits(nodes):
-        return bool(layout.memory_masks(_with_nodes(spec, nodes), cands)["memory"].any())
-    lo, hi = spec.hardware.nodes, spec.hardware.nodes + 1
+        return bool(fits_on_nodes(spec, hardware, cands, nodes).any())
+    lo, hi = hardware.nodes, hardware.nodes + 1
     while not fits(hi):
         if hi >= MAX_NODES:
             return None
@@ -90,35 +96,41 @@ def fewest_nodes(spec: Spec, cands: solver.Candidates) -> int | None:
     return hi
 
 
-def _nodes_fix(spec: Spec, cands: solver.Candidates) -> str:
+def _nodes_fix(spec: Spec, hardware: HardwareView, cands: solver.Candidates) -> str:
     """The fewest nodes that would hold some of cands (none fits now), and the smallest they hold."""
-    nodes = fewest_nodes(spec, cands)
+    nodes = fewest_nodes(spec, hardware, cands)
     if nodes is None:
         return f"not even {MAX_NODES:,} nodes would hold one: use larger GPUs"
-    fit = cands.take(layout.memory_masks(_with_nodes(spec, nodes), cands)["memory"])
+    fit = cands.take(fits_on_nodes(spec, hardware, cands, nodes))
     i = int(fit.n_params.argmin())
     return (f"hardware.nodes: {nodes} or more would hold {fit.n_layers[i]}L × {fit.d_model[i]} "
             f"(N {fit.n_params[i]:.3g})")
 
 
-def _memory_fix(spec: Spec, cands: solver.Candidates):
+def _memory_fix(spec: Spec, hardware: HardwareView, cands: solver.Candidates):
     """For solve_variant: explains the memory constraint for the shapes at idx, which satisfy the
     variant's other constraints."""
     hw = spec.hardware
     where = f"{hw.nodes} node(s) of {hw.gpus_per_node} {hw.device().name}"
     return lambda idx: (f"the shapes that satisfy the other constraints do not fit in memory on "
-                        f"{where}: " + _nodes_fix(spec, cands.take(idx)))
+                        f"{where}: " + _nodes_fix(spec, hardware, cands.take(idx)))
 
 
-def _nothing_fits(spec: Spec, cands: solver.Candidates) -> UserError:
+def _layout(spec: Spec, hardware: HardwareView, cands: solver.Candidates, evaluation: Evaluation,
+            i: int) -> layout.Layout:
+    return layout.from_evaluation(evaluation, i, cands.take([i]).shapes(spec.model), hardware)
+
+
+def _nothing_fits(spec: Spec, hardware: HardwareView, cands: solver.Candidates,
+                  evaluation: Evaluation) -> UserError:
     """No shape fits the hardware's memory: say why for the smallest, and the nearest fix."""
-    choice = _choice(spec, cands, int(cands.n_params.argmin()))
-    s, lay = choice.shape, layout_for(spec, choice)
+    i = int(cands.n_params.argmin())
+    s, lay = _shape(spec, cands, i), _layout(spec, hardware, cands, evaluation, i)
     fix = lay.fix or "use more or larger GPUs, or a shorter model.seq_len"
-    if not spec.hardware.device().is_cpu:
-        fix = _nodes_fix(spec, cands) + "; or " + fix
+    if hardware.device != "cpu":
+        fix = _nodes_fix(spec, hardware, cands) + "; or " + fix
     return UserError(f"no shape fits in memory; even the smallest ({s.n_layers}L × {s.d_model}, "
-                     f"N {choice.n_params:,}): {lay.problem}", field="hardware", fix=fix)
+                     f"N {int(cands.n_params[i]):,}): {lay.problem}", field="hardware", fix=fix)
 
 
 def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
@@ -141,22 +153,29 @@ def build_plan(spec: Spec) -> P.Plan:
     cands = solver.enumerate_candidates(spec, budget)
     if len(cands) == 0:
         raise solver.no_valid_shape(spec, budget)
-    # Time each candidate with the layout it will get (checkpointing where memory needs it); a
-    # throughput of 0 means nothing fits, which is the memory constraint.
-    throughput = layout.candidate_throughput(spec, cands)
-    memory_masks = layout.memory_masks(spec, cands, throughput)
-    cands = solver.with_throughput(spec, budget, cands, throughput)
-    cands = solver.with_batches(cands, candidate_batch_tokens(spec, cands))
+    # One evaluation of every candidate with the layout and batch it will get: memory (whether it
+    # fits is the memory constraint) and speed (checkpointing where memory needs it).
+    hardware = HardwareView.from_spec(spec)
+    shapes = cands.shapes(spec.model)
+    evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
+    cands = solver.with_throughput(spec, budget, cands, evaluation.tokens_per_second)
+    if budget.job_seconds is not None:  # a time budget's tokens follow the speed, the batch them
+        evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
+    seq_len = spec.model.seq_len
+    cands = solver.with_batches(cands, candidate_batches(spec, cands) * seq_len)
     law_info = _law(spec)
 
     hw, gpu = spec.hardware, spec.hardware.device()
-    if not memory_masks["memory"].any():
-        raise _nothing_fits(spec, cands)
+    if not evaluation.fits.any():
+        raise _nothing_fits(spec, hardware, cands, evaluation)
     variants = []
     for v in spec.variants:
-        result = solver.solve_variant(spec, v, cands, memory_masks, _memory_fix(spec, cands))
+        result = solver.solve_variant(spec, v, cands, {"memory": evaluation.fits},
+                                      _memory_fix(spec, hardware, cands))
         choice = _choice(spec, cands, result.pick)
-        training, memory, timing, reasons, provenance = plan_training(spec, choice)
+        lay = _layout(spec, hardware, cands, evaluation, result.pick)
+        training, memory, timing, reasons, provenance = plan_training(spec, choice, lay,
+                                                                      hardware.capacity)
         fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
         provenance.update({
             "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import arch, laws
 from .errors import UserError
+from .memory import ModelShape
 from .spec import MAX_CANDIDATES, MAX_D_MODEL, MAX_LAYERS, Spec, Variant
 
 SECONDS_PER_DAY = 86400.0
@@ -83,6 +84,12 @@ class Candidates:
 
     def __len__(self) -> int:
         return int(self.n_layers.size)
+
+    def shapes(self, model) -> ModelShape:
+        """The candidates as model shapes (arrays), with the spec's vocabulary and sequence."""
+        return ModelShape(self.n_layers, self.d_model, self.n_heads, self.n_kv_heads,
+                          self.head_dim, self.ffn_hidden, model.vocab_size, model.seq_len,
+                          model.tie_embeddings)
 
     def take(self, idx: np.ndarray) -> "Candidates":
         """The candidates at idx (indices or a boolean mask), every array alike."""
@@ -243,8 +250,12 @@ def enumerate_candidates(spec: Spec, budget: BudgetFlops) -> Candidates:
     n = arch.param_count(L, d, heads, kv, head_dim, f, m.vocab_size, m.tie_embeddings)
     keep = f > 0
     in_window = True if window is None else (n >= window[0]) & (n <= window[1])
-    if (keep & in_window).any():  # else the budget is below the smallest model: keep those
+    if (keep & in_window).any():
         keep &= in_window
+    elif "aspect" in s.model_fields_set and no_valid_shape(spec, budget).field.startswith(
+            "search.aspect"):  # the spec's aspect bounds exclude every shape the budget calls for
+        keep &= False
+    # else the budget is below the smallest model: keep those
     L, d, heads, kv, head_dim, f, n = (a[keep] for a in (L, d, heads, kv, head_dim, f, n))
 
     fpt_6n = arch.flops_per_token_6n(n)

@@ -9,9 +9,10 @@ import math
 
 import numpy as np
 
-from . import laws, layout
+from . import laws
 from . import plan as P
 from .errors import UserError
+from .layout import Layout
 from .memory import GIB
 from .spec import Spec
 
@@ -45,12 +46,13 @@ def batch_sequences(spec: Spec, compute, seq_len: int, world_size: int):
     return per_rank_seqs * world_size, granule.astype(np.int64)
 
 
-def candidate_batch_tokens(spec: Spec, c) -> np.ndarray:
-    """Tokens per optimizer step for every solver candidate, as plan_training will choose them."""
+def candidate_batches(spec: Spec, c, world_size: int | None = None) -> np.ndarray:
+    """Sequences per optimizer step for every solver candidate, as plan_training chooses them
+    (on world_size ranks, the spec's by default)."""
     m = spec.model
     compute = non_embedding_compute(c.fpt_exact, m.vocab_size, c.d_model, c.tokens)
-    seqs, _ = batch_sequences(spec, compute, m.seq_len, spec.hardware.world_size)
-    return seqs * m.seq_len
+    seqs, _ = batch_sequences(spec, compute, m.seq_len, world_size or spec.hardware.world_size)
+    return seqs
 
 
 def global_batch(spec: Spec, choice: P.Choice, world_size: int) -> tuple[int, str]:
@@ -81,23 +83,7 @@ def _four_digits(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def layout_for(spec: Spec, choice: P.Choice, batch_seqs: int | None = None) -> layout.Layout:
-    """The training layout of a pick on the spec's hardware (layout.plan_layout), fitting or not."""
-    hw, shape = spec.hardware, choice.shape
-    if batch_seqs is None:
-        batch_seqs, _ = global_batch(spec, choice, hw.world_size)
-    device, memory_bytes = layout.spec_memory_bytes(spec)
-    return layout.plan_layout(
-        n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
-        n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim, ffn_hidden=shape.ffn_hidden,
-        vocab_size=shape.vocab_size, seq_len=shape.seq_len, tie_embeddings=shape.tie_embeddings,
-        gpu_memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-        peak_flops=hw.device().peak_flops, mfu=hw.effective_mfu, global_batch_size=batch_seqs,
-        flops_per_token=choice.flops_per_token_exact,
-        activation_checkpointing=spec.training.activation_checkpointing, device=device)
-
-
-def _check_host_memory(spec: Spec, lay: layout.Layout) -> None:
+def _check_host_memory(spec: Spec, lay: Layout) -> None:
     """On the cpu pseudo-device the plan's memory is host RAM: SLURM's --mem (cluster.mem_per_node_gb,
     GiB as SLURM reads it) below it would kill the job."""
     hw, limit = spec.hardware, spec.cluster.mem_per_node_gb
@@ -112,7 +98,10 @@ def _check_host_memory(spec: Spec, lay: layout.Layout) -> None:
             fix=f"set cluster.mem_per_node_gb to at least {math.ceil(need / GIB)}, or leave it out")
 
 
-def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
+def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float
+                  ) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
+    """The plan of a pick whose layout (evaluate.py's, for the batch global_batch() gives) is
+    `lay`, on devices of `capacity` bytes."""
     hw, tr = spec.hardware, spec.training
     gpu = hw.device()
     world = hw.world_size
@@ -131,7 +120,7 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
                                   "(training.warmup_frac, training.max_warmup_iters)")
     provenance["min_lr"] = f"learning_rate × training.min_lr_ratio {tr.min_lr_ratio:g}"
 
-    lay = layout_for(spec, choice, batch_seqs)
+    assert lay.micro_batch_size * lay.grad_accum * world == batch_seqs or not lay.fits
     if not lay.fits:
         raise UserError(f"{lay.problem}", field="hardware",
                         fix=lay.fix or "use more or larger GPUs, or a shorter model.seq_len")
@@ -159,9 +148,7 @@ def plan_training(spec: Spec, choice: P.Choice) -> tuple[P.Training, P.Memory, P
     memory = P.Memory(parameters=mem["parameters"], gradients=mem["gradients"],
                       optimizer=mem["optimizer"], activations=mem["activations"],
                       logits=mem["logits"], other=mem["other"], total=mem["total"],
-                      capacity=layout.device_capacity(layout.spec_memory_bytes(spec)[1],
-                                                      hw.gpus_per_node, device),
-                      fits=lay.fits)
+                      capacity=capacity, fits=lay.fits)
 
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
     seconds = training.tokens_trained / lay.tokens_per_second

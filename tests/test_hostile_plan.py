@@ -206,12 +206,13 @@ def test_cpu_mem_per_node_below_the_plan_is_an_error_with_a_fix(tmp_path):
 def test_design_references_resolve_inside_the_repo():
     design = REPO / "docs" / "DESIGN.md"
     text = design.read_text()
-    for name in ("hardware.py", "arch.py", "memory.py", "layout.py"):
+    for name in ("hardware.py", "arch.py", "memory.py", "layout.py", "evaluate.py"):
         source = (REPO / "compiler" / name).read_text()
         for ref in re.findall(r"[\w/]*DESIGN\.md", source):
             assert ref == "docs/DESIGN.md", (name, ref)
     assert "/work/" not in text and "shared/" not in text
     for fact in ("81920 MiB", "(12 + 4·kv/h)·d + 8·f", "B_opt = 0.2920·C^0.3271", "6·(layer matmul"):
         assert fact in text
-    from llama3gen import layout
-    assert "skips FSDP's reduce-scatter" not in layout.min_memory.__doc__
+    from llama3gen import evaluate, layout, memory
+    for module in (evaluate, layout, memory):
+        assert "skips FSDP's reduce-scatter" not in module.__doc__

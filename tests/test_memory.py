@@ -28,6 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from _repo_files import REPO_ROOT, load_template_module
 from compiler import arch, layout, memory
+from compiler.evaluate import HardwareView, evaluate
 from compiler.memory import ModelShape
 
 model_py = load_template_module("model")
@@ -104,7 +105,7 @@ def tracked_steps(model, cfg, batch, grad_accum, fsdp, steps=2, fused=True):
         for _ in range(steps):
             for micro in range(grad_accum):
                 # train.py keeps FSDP2's gradient sync on: a reduce-scatter after every
-                # micro-batch, so gradients stay sharded (memory.FSDP_UNSHARDED_ACCUMULATION).
+                # micro-batch, so gradients stay sharded (Recipe.fsdp_reduce_scatter_every_micro_batch).
                 _, loss = model(x, y)
                 (loss / grad_accum).backward()
                 tracker.reset_mod_stats()  # the trackers follow one forward per module at a time
@@ -302,7 +303,6 @@ def test_fused_loss_peak_is_one_chunk_of_logits_and_the_head_gradient(monkeypatc
     tiny model has more than one); and the unfused eager formula it replaces, for scale."""
     chunk, tokens, d, vocab = 96, 256, 64, 3000
     monkeypatch.setattr(model_py, "LOSS_CHUNK_TOKENS", chunk)
-    monkeypatch.setattr(memory, "LOSS_CHUNK_TOKENS", chunk)
     torch.manual_seed(0)
     h = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, d, dtype=dtype, requires_grad=True)
@@ -315,10 +315,10 @@ def test_fused_loss_peak_is_one_chunk_of_logits_and_the_head_gradient(monkeypatc
         peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     c = 4 if dtype == torch.float32 else 2
     inputs = (tokens + vocab) * d * c  # h and weight, tracked as external
-    predicted = (memory.loss_chunk_bytes(vocab, tokens, c) + c * d * tokens  # logits, grad of h
+    predicted = (memory.loss_chunk_bytes(vocab, tokens, c, chunk) + c * d * tokens  # logits, grad of h
                  + memory.FP32 * vocab * d)  # lm_head's fp32 gradient accumulator
     if c == 2:  # backward's bf16 copy of that gradient is smaller than one chunk of logits
-        assert c * vocab * d < memory.loss_chunk_bytes(vocab, tokens, c)
+        assert c * vocab * d < memory.loss_chunk_bytes(vocab, tokens, c, chunk)
     # Bytes, not float values: no kernel rounding enters. What the prediction leaves out are
     # per-row temporaries of the chunk (its max, sum, log-sum-exp: O(chunk) floats against the
     # O(chunk·vocab) logits, 1/vocab of them, and small scalars); 3% covers those; a missing
@@ -330,16 +330,22 @@ def test_fused_loss_peak_is_one_chunk_of_logits_and_the_head_gradient(monkeypatc
 
 
 def test_memory_model_and_template_agree_on_the_loss_chunk():
-    assert memory.LOSS_CHUNK_TOKENS == model_py.LOSS_CHUNK_TOKENS
+    assert memory.TRAIN_PY.loss_chunk_tokens == model_py.LOSS_CHUNK_TOKENS
 
 
 # -----------------------------------------------------------------------------
 # (d) layout
 
 
+def view(hardware, gpus_per_node, nodes, activation_checkpointing="auto", device="cuda"):
+    return HardwareView(device=device, peak_flops=hardware["peak_flops"], mfu=hardware["mfu"],
+                        memory_bytes=hardware["gpu_memory_bytes"], gpus_per_node=gpus_per_node,
+                        nodes=nodes, activation_checkpointing=activation_checkpointing)
+
+
 def plan(shape, hardware, gpus_per_node, nodes, global_batch, seq_len=2048, **kw):
-    return layout.plan_layout(**shape, seq_len=seq_len, **hardware, gpus_per_node=gpus_per_node,
-                              nodes=nodes, global_batch_size=global_batch, **kw)
+    return layout.plan_layout(ModelShape(**shape, seq_len=seq_len),
+                              view(hardware, gpus_per_node, nodes, **kw), global_batch)
 
 
 def test_reference_1_5b_fits_with_fsdp_on_8_a100_80gb_without_checkpointing():
@@ -426,61 +432,63 @@ def test_global_batch_not_divisible_by_the_world_is_reported():
 def test_cpu_pseudo_device_uses_host_ram_shared_by_its_processes():
     tiny = dict(n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, ffn_hidden=192,
                 vocab_size=257)
-    lay = layout.plan_layout(**tiny, seq_len=128, gpu_memory_bytes=16 * GB, gpus_per_node=2,
-                             nodes=1, peak_flops=1e11, mfu=0.3, global_batch_size=8,
-                             device="cpu")
+    cpu = dict(peak_flops=1e11, mfu=0.3)
+    lay = plan(tiny, dict(cpu, gpu_memory_bytes=16 * GB), 2, 1, 8, seq_len=128, device="cpu")
     assert lay.fits and lay.world_size == 2 and not lay.activation_checkpointing
     assert lay.memory["context"] == memory.CPU_PROCESS_BYTES
     assert "per device" in lay.reasons[1]
     # 2 GB of host RAM for two processes: each gets 1 GB, less than the process overhead alone
-    small = layout.plan_layout(**tiny, seq_len=128, gpu_memory_bytes=2 * GB, gpus_per_node=2,
-                               nodes=1, peak_flops=1e11, mfu=0.3, global_batch_size=8,
-                               device="cpu")
+    small = plan(tiny, dict(cpu, gpu_memory_bytes=2 * GB), 2, 1, 8, seq_len=128, device="cpu")
     assert not small.fits and small.min_gpus is None and "host RAM" in small.fix
 
 
-def test_vectorised_fits_agrees_with_plan_layout_and_handles_a_million_candidates():
+def test_one_evaluation_agrees_with_the_layout_of_each_shape_and_scales():
+    """evaluate() over many shapes at once decides for each what plan_layout() (the same engine
+    on one shape) decides, and the screen of 100k shapes stays a vectorised pass."""
     rng = np.random.default_rng(0)
-    n = 1_000_000
+    n = 100_000
     d = 128 * rng.integers(8, 64, n)
     layers = rng.integers(8, 64, n)
     ffn = (3.5 * d // 256 * 256).astype(np.int64)
+    shapes = ModelShape(layers, d, d // 128, 8, 128, ffn, 128256, 2048)
+    batch = 8 * rng.choice([8, 12, 64, 96], n)  # several per-rank batches, evaluated by group
+    hw = view(A100_80GB, 8, 1)
     start = time.perf_counter()
-    ok = layout.fits(layers, d, d // 128, 8, 128, ffn, 128256, 2048,
-                     memory_bytes=80 * GB, world_size=8, gpus_per_node=8)
+    ev = evaluate(shapes, hw, batch)
     elapsed = time.perf_counter() - start
-    assert ok.shape == (n,) and ok.dtype == bool and 0 < ok.sum() < n
-    assert elapsed < 30, f"{elapsed:.1f} s for a million candidates"
-    tps = layout.tokens_per_second(layers[:1000], d[:1000], d[:1000] // 128, 8, 128, ffn[:1000],
-                                   128256, 2048, memory_bytes=80 * GB, world_size=8,
-                                   gpus_per_node=8, peak_flops=312e12, mfu=0.45)
-    assert ((tps > 0) == ok[:1000]).all()
-    # a candidate fits() accepts gets a plan that fits (micro-batch 1 with accumulation at worst)
-    for i in np.flatnonzero(ok)[:3].tolist() + np.flatnonzero(~ok)[:3].tolist():
-        lay = layout.plan_layout(n_layers=int(layers[i]), d_model=int(d[i]),
-                                 n_heads=int(d[i] // 128), n_kv_heads=8, head_dim=128,
-                                 ffn_hidden=int(ffn[i]), vocab_size=128256, seq_len=2048,
-                                 gpu_memory_bytes=80 * GB, gpus_per_node=8, nodes=1,
-                                 peak_flops=312e12, mfu=0.45, global_batch_size=512)
-        assert lay.fits == bool(ok[i])
+    assert ev.fits.shape == (n,) and ev.fits.dtype == bool and 0 < ev.fits.sum() < n
+    assert elapsed < 60, f"{elapsed:.1f} s for {n:,} candidates"
+    assert ((ev.tokens_per_second > 0) == ev.fits).all()
+    assert (ev.micro_batch * ev.grad_accum * 8 == batch).all()
+    for i in np.flatnonzero(ev.fits)[:3].tolist() + np.flatnonzero(~ev.fits)[:3].tolist():
+        one = dict(n_layers=int(layers[i]), d_model=int(d[i]), n_heads=int(d[i] // 128),
+                   n_kv_heads=8, head_dim=128, ffn_hidden=int(ffn[i]), vocab_size=128256)
+        lay = plan(one, A100_80GB, 8, 1, global_batch=int(batch[i]))
+        assert lay.fits == bool(ev.fits[i])
+        assert (lay.parallelism, lay.micro_batch_size, lay.activation_checkpointing) == (
+            ev.parallelism[i], ev.micro_batch[i], ev.activation_checkpointing[i])
+        assert lay.memory["total"] == ev.memory.total[i]
         if lay.fits:
-            exact = arch.flops_per_token_exact(int(layers[i]), int(d[i]), int(d[i] // 128), 8,
-                                               128, int(ffn[i]), 128256, 2048)
-            assert lay.tokens_per_second == pytest.approx(
-                tps[i] if i < 1000 else 8 * 312e12 * 0.45 / lay.hardware_flops_per_token)
+            exact = arch.flops_per_token_exact(**one, seq_len=2048)
+            assert lay.tokens_per_second == ev.tokens_per_second[i]
             assert lay.hardware_flops_per_token >= exact
 
 
-def test_memory_masks_on_the_reference_spec():
+def test_memory_constraint_on_the_reference_spec():
     from compiler import solver
     from compiler.spec import load_spec, parse_spec_text
+    from compiler.trainplan import candidate_batches
     spec, text = load_spec(REPO_ROOT / "specs" / "1.36e21.yaml")
     cands = solver.enumerate_candidates(spec, solver.budget_flops(spec))
-    mask = layout.memory_masks(spec, cands)["memory"]
+
+    def fits(s):
+        return evaluate(cands.shapes(s.model), HardwareView.from_spec(s),
+                        candidate_batches(s, cands)).fits
+    mask = fits(spec)
     assert mask.shape == (len(cands),) and mask.any()
     # a 16 GB GPU removes the largest candidates first
     small = parse_spec_text(text.replace("gpu: a100-80gb",
                                          "gpu: {name: small, bf16_tflops: 100, memory_gb: 16}"))
-    small_mask = layout.memory_masks(small, cands)["memory"]
+    small_mask = fits(small)
     assert small_mask.sum() < mask.sum()
     assert cands.n_params[small_mask].max() < cands.n_params[~small_mask].max()

@@ -1,0 +1,227 @@
+"""One evaluation of candidate shapes on the hardware: layout, memory and time, all vectorised.
+
+evaluate(shapes, hardware, global_batch) decides for every candidate at once how it trains
+(parallelism, micro-batch, accumulation, activation checkpointing), what that costs in memory per
+device at the step's peak, and how fast it runs. The solver screens every candidate with this one
+result and the pick is an index into it; layout.py only words the decision for the pick.
+
+The rules (docs/DESIGN.md, "Layout"), for each shape:
+1. No activation checkpointing unless it is needed to fit (or the spec asks for it): it
+   recomputes every block's forward in backward, one extra forward of the blocks.
+2. The micro-batch per rank is the largest divisor of the per-rank batch (global batch / world
+   size) that fits; gradient accumulation makes up the rest.
+3. The least sharding that reaches that micro-batch: DDP, else hybrid shard (a node shards,
+   nodes replicate), else FSDP full shard. One process (world size 1) wraps nothing ("ddp").
+Memory comes from memory.py for the Recipe train.py follows; time from the exact hardware FLOPs
+per token at the spec's MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from . import arch
+from .memory import MemoryBreakdown, ModelShape, Recipe, memory_per_device
+
+NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
+
+
+@dataclass(frozen=True)
+class HardwareView:
+    """What the planner needs of the spec's hardware, built once from the Spec (from_spec)."""
+
+    device: str  # "cuda", or "cpu" for the CPU pseudo-device
+    peak_flops: float  # per device, dense BF16 (the pseudo-device's fp32 assumption on CPU)
+    mfu: float
+    memory_bytes: float  # per GPU as the device reports it; on CPU the host RAM of a node
+    gpus_per_node: int
+    nodes: int
+    activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
+    recipe: Recipe = Recipe()
+
+    @classmethod
+    def from_spec(cls, spec) -> "HardwareView":
+        hw = spec.hardware
+        gpu = hw.device()
+        memory_bytes = gpu.memory_bytes
+        if gpu.is_cpu and hw.host_memory_gb:
+            memory_bytes = hw.host_memory_gb * 1e9
+        return cls(device="cpu" if gpu.is_cpu else "cuda", peak_flops=gpu.peak_flops,
+                   mfu=hw.effective_mfu, memory_bytes=memory_bytes,
+                   gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                   activation_checkpointing=spec.training.activation_checkpointing)
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def capacity(self) -> float:
+        """Bytes one rank may use: a GPU's memory, or a share of the node's host RAM on CPU."""
+        return self.memory_bytes / self.gpus_per_node if self.device == "cpu" else self.memory_bytes
+
+    @property
+    def parallelisms(self) -> tuple[str, ...]:
+        """The layouts to try, least sharding first."""
+        if self.world_size == 1:
+            return ("ddp",)
+        hybrid = ("hsdp",) if self.nodes > 1 and self.gpus_per_node > 1 else ()
+        return ("ddp", *hybrid, "fsdp")
+
+    @property
+    def frugal(self) -> str:
+        """The layout that needs least memory: full shard, or nothing to shard in one process."""
+        return "fsdp" if self.world_size > 1 else "ddp"
+
+    @property
+    def checkpointing_choices(self) -> tuple[bool, ...]:
+        return {"auto": (False, True), True: (True,), False: (False,)}[self.activation_checkpointing]
+
+    def tokens_per_second(self, hardware_flops_per_token):
+        return self.world_size * self.peak_flops * self.mfu / hardware_flops_per_token
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One entry per candidate shape. Where `fits` is False the layout fields describe the most
+    frugal layout tried (full shard, micro-batch 1, checkpointing if allowed) and `problem` says
+    why it does not fit."""
+
+    fits: np.ndarray  # bool
+    problem: np.ndarray  # "" where it fits, else NO_SPLIT or NO_FIT
+    parallelism: np.ndarray  # "ddp", "hsdp" or "fsdp"
+    per_rank_batch: np.ndarray  # sequences per rank per optimizer step
+    micro_batch: np.ndarray
+    grad_accum: np.ndarray
+    activation_checkpointing: np.ndarray  # bool
+    memory: MemoryBreakdown  # bytes per device at the step's peak, arrays
+    hardware_flops_per_token: np.ndarray  # exact FLOPs, + the recomputed forward with AC
+    tokens_per_second: np.ndarray  # whole job; 0 where nothing fits
+    options: dict  # {(parallelism, checkpointing): largest fitting micro-batch, 0 = none}
+
+    def __len__(self) -> int:
+        return int(self.fits.size)
+
+
+def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing):
+    """FLOPs the hardware executes per trained token: arch's exact count (3 forwards' worth),
+    plus, with activation checkpointing, one more forward of the blocks (not of lm_head)."""
+    s = shapes
+    exact = arch.flops_per_token_exact(s.n_layers, s.d_model, s.n_heads, s.n_kv_heads,
+                                       s.head_dim, s.ffn_hidden, s.vocab_size, s.seq_len)
+    forward_of_blocks = (2 * s.n_layers * arch.layer_matmul_params(
+        s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden)
+        + 4 * s.n_layers * s.seq_len * s.n_heads * s.head_dim)
+    return exact + np.where(activation_checkpointing, forward_of_blocks, 0)
+
+
+def divisors(n: int) -> np.ndarray:
+    small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
+    return np.array(sorted(set(small + [n // i for i in small])), dtype=np.int64)
+
+
+def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evaluation:
+    """Layout, memory and speed of every shape (module docstring); global_batch: sequences per
+    optimizer step, one per shape (or one for all)."""
+    count = np.broadcast(*[np.asarray(getattr(shapes, f.name)) for f in fields(shapes)]).size
+    global_batch = np.broadcast_to(np.asarray(global_batch, dtype=np.int64), (count,))
+    world = hardware.world_size
+    per_rank = global_batch // world
+    splits = (global_batch % world == 0) & (per_rank >= 1)
+
+    options = _largest_micro_batches(shapes, hardware, per_rank, splits)
+    undecided = splits.copy()
+    parallelism = np.full(count, hardware.frugal, dtype=object)
+    micro = np.ones(count, dtype=np.int64)
+    ac = np.full(count, hardware.activation_checkpointing is not False)
+    for checkpointing in hardware.checkpointing_choices:
+        best = np.max([options[(p, checkpointing)] for p in hardware.parallelisms], axis=0)
+        chosen = undecided & (best > 0)
+        for p in reversed(hardware.parallelisms):  # the first (least sharded) that reaches best
+            reaches = chosen & (options[(p, checkpointing)] == best)
+            parallelism[reaches] = p
+        micro[chosen], ac[chosen] = best[chosen], checkpointing
+        undecided &= ~chosen
+    fits = splits & ~undecided
+    # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
+    ac[~splits] = hardware.activation_checkpointing is True
+    accum = np.maximum(per_rank, 1) // micro
+    memory = _memory(shapes, hardware, parallelism, micro, ac, accum)
+    flops = hardware_flops_per_token(shapes, ac)
+    problem = np.where(fits, "", np.where(splits, NO_FIT, NO_SPLIT))
+    return Evaluation(fits=fits, problem=problem, parallelism=parallelism,
+                      per_rank_batch=np.maximum(per_rank, 1), micro_batch=micro, grad_accum=accum,
+                      activation_checkpointing=ac, memory=memory,
+                      hardware_flops_per_token=flops,
+                      tokens_per_second=np.where(fits, hardware.tokens_per_second(flops), 0.0),
+                      options=options)
+
+
+def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:
+    """The shapes at `index` (array fields only), as a column when extra_axis."""
+    def pick(value):
+        value = np.asarray(value)
+        if value.ndim == 0:
+            return value
+        value = value[index]
+        return value[:, None] if extra_axis else value
+    return ModelShape(**{f.name: pick(getattr(shapes, f.name)) for f in fields(shapes)
+                         if f.name != "tie_embeddings"}, tie_embeddings=shapes.tie_embeddings)
+
+
+def _largest_micro_batches(shapes, hardware, per_rank, splits) -> dict:
+    """{(parallelism, checkpointing): the largest divisor of each shape's per-rank batch that fits
+    in memory, 0 where none does}. Shapes that share a per-rank batch are evaluated together,
+    every divisor at once (memory is not monotone at the last divisor: no accumulation there)."""
+    count = per_rank.size
+    out = {(p, c): np.zeros(count, dtype=np.int64)
+           for c in hardware.checkpointing_choices for p in hardware.parallelisms}
+    for value in np.unique(per_rank[splits]):
+        index = np.flatnonzero(splits & (per_rank == value))
+        column = _take(shapes, index, extra_axis=True)
+        micro = divisors(int(value))[None, :]
+        for (p, c), largest in out.items():
+            total = memory_per_device(column, micro, parallelism=p, world_size=hardware.world_size,
+                                      gpus_per_node=hardware.gpus_per_node,
+                                      activation_checkpointing=c, grad_accum=value // micro,
+                                      device=hardware.device, recipe=hardware.recipe).total
+            largest[index] = np.where(total <= hardware.capacity, micro, 0).max(axis=1)
+    return out
+
+
+def _memory(shapes, hardware, parallelism, micro, ac, accum) -> MemoryBreakdown:
+    """The memory breakdown of each shape's chosen layout (one memory-model call per layout)."""
+    parts = {}
+    for p in np.unique(parallelism):
+        index = np.flatnonzero(parallelism == p)
+        parts[p] = (index, memory_per_device(
+            _take(shapes, index), micro[index], parallelism=str(p),
+            world_size=hardware.world_size, gpus_per_node=hardware.gpus_per_node,
+            activation_checkpointing=ac[index], grad_accum=accum[index], device=hardware.device,
+            recipe=hardware.recipe))
+    values = {}
+    for f in fields(MemoryBreakdown):
+        column = np.empty(parallelism.size, dtype=object if f.name == "phase" else np.float64)
+        for index, breakdown in parts.values():
+            column[index] = np.broadcast_to(getattr(breakdown, f.name), index.shape)
+        values[f.name] = column
+    return MemoryBreakdown(**values)
+
+
+def at(evaluation: Evaluation, i: int) -> dict:
+    """Candidate i's entry as plain Python values (memory as memory.MemoryBreakdown.as_dict())."""
+    memory = {f.name: getattr(evaluation.memory, f.name)[i] for f in fields(MemoryBreakdown)}
+    memory = {k: (v if k == "phase" else float(v)) for k, v in memory.items()}
+    memory["other"] = memory["working"] + memory["margin"] + memory["context"]
+    return dict(fits=bool(evaluation.fits[i]), problem=str(evaluation.problem[i]),
+                parallelism=str(evaluation.parallelism[i]),
+                per_rank_batch=int(evaluation.per_rank_batch[i]),
+                micro_batch=int(evaluation.micro_batch[i]), grad_accum=int(evaluation.grad_accum[i]),
+                activation_checkpointing=bool(evaluation.activation_checkpointing[i]),
+                memory=memory,
+                hardware_flops_per_token=float(evaluation.hardware_flops_per_token[i]),
+                tokens_per_second=float(evaluation.tokens_per_second[i]),
+                options={k: int(v[i]) for k, v in evaluation.options.items()})
