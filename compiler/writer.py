@@ -139,13 +139,11 @@ def compare(repo: Path, files: dict[str, bytes]) -> RepoState:
         else:
             state.stale.append(rel)
     for rel in sorted(set(old_manifest) - set(files)):
-        if _link_on_path(repo, rel) is None and _in_the_way(repo, rel) is None:
-            on_disk = _read(repo / rel)
-            if on_disk is None:
-                continue  # already gone
-            (state.obsolete if sha256(on_disk) == old_manifest[rel] else state.obsolete_edited).append(rel)
-        elif os.path.lexists(repo / rel):
-            state.obsolete_edited.append(rel)  # behind a link or replaced: not ours to delete
+        if _link_on_path(repo, rel) is not None:
+            state.obsolete.append(rel)  # compile refuses to delete through the link
+        elif _in_the_way(repo, rel) is None and (on_disk := _read(repo / rel)) is not None:
+            edited = sha256(on_disk) != old_manifest[rel]
+            (state.obsolete_edited if edited else state.obsolete).append(rel)
     return state
 
 
