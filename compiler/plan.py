@@ -211,6 +211,15 @@ class Job(PlanModel):
     default_variant: str
 
 
+class Recipe(PlanModel):
+    """What the plan's memory and speed assume train.py and model.py do (compiler/recipe.py);
+    written into config/<variant>.py, where the templates read it."""
+
+    loss_chunk_tokens: int
+    ddp_bucket_view: bool
+    fsdp_reduce_scatter_every_micro_batch: bool
+
+
 class Plan(PlanModel):
     llama3gen_version: str
     name: str
@@ -223,4 +232,5 @@ class Plan(PlanModel):
     frontier: list[FrontierPoint]
     variants: list[Variant]
     job: Job
+    recipe: Recipe
     warnings: list[str]  # what the user should know before trusting the numbers

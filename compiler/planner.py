@@ -224,5 +224,6 @@ def build_plan(spec: Spec) -> P.Plan:
         closed_form=P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
                               tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
         sensitivity=sensitivity, frontier=front, variants=variants, job=job,
+        recipe=P.Recipe(**hardware.recipe.as_dict()),
         warnings=extrapolation_warnings(spec, variants))
 

@@ -179,9 +179,10 @@ class Backbone(nn.Module):
         return self.norm(x)
 
 
-# Tokens per chunk of the fused output head and loss: the fp32 logits of one chunk are
-# LOSS_CHUNK_TOKENS × vocab × 4 bytes (2 GiB at LLaMA-3's 128,256), whatever the micro-batch.
-# llama3gen's memory model (compiler/memory.py) counts with the same number.
+# Tokens per chunk of the fused output head and loss, unless Llama(loss_chunk_tokens=...) says
+# otherwise (train.py passes its config's loss_chunk_tokens, the number llama3gen's memory model
+# counted with): the fp32 logits of one chunk are chunk × vocab × 4 bytes (2 GiB at LLaMA-3's
+# 128,256), whatever the micro-batch.
 LOSS_CHUNK_TOKENS = 4096
 
 
@@ -281,11 +282,12 @@ def linear_cross_entropy(h, weight, targets, chunk_tokens):
 class Llama(nn.Module):
     """HF: LlamaForCausalLM."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, loss_chunk_tokens: int | None = None):
         super().__init__()
         assert args.n_head % args.n_kv_head == 0, "n_kv_head must divide n_head"
         assert args.head_dim % 2 == 0, "RoPE rotates pairs of dimensions: head_dim must be even"
         self.args = args
+        self.loss_chunk_tokens = loss_chunk_tokens or LOSS_CHUNK_TOKENS
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         if args.tie_embeddings:  # one matrix for both ends; it then counts once in num_params()
@@ -328,7 +330,7 @@ class Llama(nn.Module):
         if targets is None:
             return self.lm_head(h), None
         loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                    LOSS_CHUNK_TOKENS)
+                                    self.loss_chunk_tokens)
         return None, loss
 
     def num_params(self):

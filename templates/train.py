@@ -97,6 +97,12 @@ parallelism = "fsdp"  # "fsdp", "hsdp" (shard in a node, replicate across) or "d
 activation_checkpointing = False
 compile = False
 seed = 1337
+# the recipe the plan's memory and speed assume (llama3gen's compiler/recipe.py); change it here
+# and re-check memory: the plan counted with these
+loss_chunk_tokens = 4096  # tokens per chunk of the fused output head + loss (model.py)
+ddp_bucket_view = True  # DDP gradients are views into its buckets (no second fp32 copy)
+fsdp_reduce_scatter_every_micro_batch = True  # False: sync the last micro-batch only (less
+# communication, but the full fp32 gradient on every rank until then)
 # the plan (for MFU and the finish-time estimate); 0 means unknown
 flops_per_token = 0
 peak_flops = 0.0
@@ -126,6 +132,7 @@ RULES = {
     "keep_last_ckpts": at_least(1),  # 0 would delete the checkpoint just saved
     "device": one_of("auto", "cuda", "cpu"), "dtype": one_of("bfloat16", "float32"),
     "parallelism": one_of("fsdp", "hsdp", "ddp"), "seed": at_least(0),
+    "loss_chunk_tokens": at_least(1),
     "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
     "max_nonfinite_steps": at_least(1),
@@ -308,7 +315,7 @@ def build_model(cfg, dev, world, start_from_hf):
     args = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)})
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with torch.device(dev):
-        model = Llama(args)
+        model = Llama(args, loss_chunk_tokens=cfg.loss_chunk_tokens)
     if start_from_hf:  # continued pre-training: every rank loads the full weights before wrapping
         load_init_from_hf(model, cfg.init_from_hf)
     layers = model.model.layers
@@ -324,7 +331,7 @@ def build_model(cfg, dev, world, start_from_hf):
         from torch.nn.parallel import DistributedDataParallel as DDP
         # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second fp32 copy.
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=cfg.ddp_bucket_view)
     elif sharded:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -355,15 +362,18 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def grad_sync(model, enabled):
-    """DDP: skip the gradient all-reduce on all but the last micro-step of an accumulation.
+def grad_sync(model, enabled, cfg):
+    """Skip the gradient reduction on all but the last micro-step of an accumulation: always
+    under DDP; under FSDP2 only if cfg.fsdp_reduce_scatter_every_micro_batch is False.
 
-    FSDP2 reduce-scatters after every micro-step instead (torchtitan's default): skipping it would
-    leave every rank holding the full unsharded fp32 gradient, 4 bytes per parameter, which for a
-    multi-billion model costs more memory than the communication it saves.
+    By default FSDP2 reduce-scatters after every micro-step (torchtitan's default): skipping it
+    leaves every rank holding the full unsharded fp32 gradient, 4 bytes per parameter, which for
+    a multi-billion model costs more memory than the communication it saves.
     """
-    if hasattr(model, "no_sync") and not enabled:  # DDP
-        return model.no_sync()
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync") and not cfg.fsdp_reduce_scatter_every_micro_batch:
+        model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
 
@@ -566,7 +576,7 @@ def main(argv):
         for micro in range(accum):
             x, y = train_data.batch(offsets[micro * cfg.micro_batch_size:
                                             (micro + 1) * cfg.micro_batch_size], dev)
-            with grad_sync(model, micro == accum - 1):
+            with grad_sync(model, micro == accum - 1, cfg):
                 with autocast:
                     _, loss = model(x, y)
                 (loss / accum).backward()

@@ -37,6 +37,7 @@ TINY_CONFIG = {
     "ckpt_interval": 10, "keep_last_ckpts": 10,
     "device": "cpu", "dtype": "float32", "parallelism": "fsdp",
     "activation_checkpointing": False, "compile": False, "seed": 1337,
+    "loss_chunk_tokens": 4096, "ddp_bucket_view": True, "fsdp_reduce_scatter_every_micro_batch": True,
     "flops_per_token": 0, "peak_flops": 1e11, "planned_mfu": 0.3, "init_from_hf": "",
 }
 

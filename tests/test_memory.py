@@ -492,3 +492,31 @@ def test_memory_constraint_on_the_reference_spec():
     small_mask = fits(small)
     assert small_mask.sum() < mask.sum()
     assert cands.n_params[small_mask].max() < cands.n_params[~small_mask].max()
+
+
+def test_the_recipe_is_what_train_py_does_and_moves_the_memory_it_names():
+    """compiler/recipe.py's defaults are train.py's (the compiler writes them into every config,
+    train.py and model.py read them), and each switch changes the memory by the term it names."""
+    from compiler.recipe import TRAIN_PY, Recipe
+    train_py = (REPO_ROOT / "templates" / "train.py").read_text()
+    for key, value in TRAIN_PY.as_dict().items():
+        assert f"\n{key} = {value!r}" in train_py, key
+    assert TRAIN_PY.loss_chunk_tokens == model_py.LOSS_CHUNK_TOKENS
+    shape = ModelShape(**REFERENCE_1_5B, seq_len=2048)
+    n = shape.n_params()
+
+    def total(parallelism, **recipe):
+        return memory.memory_per_device(shape, 2, parallelism=parallelism, world_size=8,
+                                        gpus_per_node=8, grad_accum=4,
+                                        recipe=Recipe(**recipe)).total
+    # FSDP syncing only the last micro-batch: the full fp32 gradient (4·N) on every rank instead
+    # of its 1/8 shard, at the peak (the model states dominate it at this micro-batch; 2% allows
+    # the peak to move to another moment of the step; float64 arithmetic, no kernels involved)
+    synced_late = total("fsdp", fsdp_reduce_scatter_every_micro_batch=False) - total("fsdp")
+    assert synced_late == pytest.approx(4 * n * (1 - 1 / 8) * (1 + memory.ALLOCATOR_MARGIN),
+                                        rel=0.02)
+    # DDP without bucket views: a second fp32 gradient (4·N)
+    assert total("ddp", ddp_bucket_view=False) - total("ddp") == pytest.approx(
+        4 * n * (1 + memory.ALLOCATOR_MARGIN), rel=0.02)
+    # a larger loss chunk: more logits at the loss's peak, never fewer
+    assert total("fsdp", loss_chunk_tokens=8192) >= total("fsdp")

@@ -200,13 +200,13 @@ def test_init_and_meta_materialisation():
 
 @pytest.mark.parametrize("chunk_tokens", [4096, 7], ids=["one-chunk", "chunks-of-7"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_loss_and_gradients_equal_transformers_own_loss(monkeypatch, tie, chunk_tokens):
+def test_loss_and_gradients_equal_transformers_own_loss(tie, chunk_tokens):
     """The fused head + cross-entropy (model.LinearCrossEntropy) against transformers' own
     shifted-label loss and its autograd gradients, parameter by parameter, with ignored targets
     and with chunks that do not divide the token count."""
-    monkeypatch.setattr(model_py, "LOSS_CHUNK_TOKENS", chunk_tokens)
     torch.manual_seed(0)
-    model = model_py.Llama(tiny_args(4, 2, tie, ("ratio", (3.5, 32))))
+    model = model_py.Llama(tiny_args(4, 2, tie, ("ratio", (3.5, 32))), loss_chunk_tokens=chunk_tokens)
+    assert model.loss_chunk_tokens == chunk_tokens
     hf = hf_twin(model.args, model)
     tokens = torch.randint(0, 256, (2, 17))
     ignored = torch.zeros_like(tokens, dtype=torch.bool)

@@ -129,6 +129,19 @@ def test_two_ranks_match_single_process(repo, single_run, parallelism):
                          start_step=10)
 
 
+def test_fsdp_syncing_only_the_last_micro_batch_trains_the_same(repo, single_run):
+    """The recipe's other FSDP2 policy (fsdp_reduce_scatter_every_micro_batch=False: gradients
+    accumulate unsharded and are reduce-scattered once per step) is the same arithmetic: 2 ranks
+    × micro 2 × accumulation 2 match the single process within the bounds of RELATIVE_TOLERANCE."""
+    out = "out/fsdp_sync_late"
+    stdout = run_train(repo, "config/tiny.py", f"--out_dir={out}", "--parallelism=fsdp",
+                       "--micro_batch_size=2", "--fsdp_reduce_scatter_every_micro_batch=False",
+                       nproc=2).stdout
+    assert "2 × 2 × 2 accum" in stdout
+    assert_same_training(single_run, repo / out, range(1, 41), checkpoint.load_model_weights,
+                         start_step=10)
+
+
 def test_activation_checkpointing_recomputes_the_same_numbers(repo, single_run):
     """Recomputing block activations in backward changes memory, not results (bit for bit on
     CPU), and leaves parameter names alone."""

@@ -732,7 +732,8 @@ def export_checkpoint(opts):
     """What the command line does, once its arguments are checked."""
     ckpt_dir = resolve_checkpoint(opts.ckpt)
     settings = read_run_config(ckpt_dir, opts.config)
-    args = model_args_from(settings, opts.config or f"{ckpt_dir}/{checkpoint.TRAIN_STATE}")
+    args = model_args_from(settings, f"--config {opts.config}" if opts.config
+                           else f"{ckpt_dir}/{checkpoint.TRAIN_STATE}")
     if opts.config:
         check_config_matches(args, ckpt_dir, opts.config)
     data_dir = opts.data_dir or settings.get("data_dir")

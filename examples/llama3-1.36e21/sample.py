@@ -103,7 +103,7 @@ def load_model(ckpt=None, config=None, hf=None):
         raise ValueError("give --ckpt (a checkpoint or out_dir) or --hf (an export directory)")
     ckpt_dir = resolve_checkpoint(ckpt)
     settings = read_run_config(ckpt_dir, config)
-    args = model_args_from(settings, config or ckpt_dir)
+    args = model_args_from(settings, f"--config {config}" if config else ckpt_dir)
     if config:
         check_config_matches(args, ckpt_dir, config)
     state_dict = read_checkpoint(ckpt_dir)

@@ -55,6 +55,11 @@ activation_checkpointing = False
 compile = True  # spec: training.compile
 seed = 1337
 
+# --- recipe: what the plan's memory and speed assume this code does (llama3gen compiler/recipe.py) ---
+loss_chunk_tokens = 4096  # tokens per chunk of model.py's fused output head + loss
+ddp_bucket_view = True  # DDP gradients as views into its buckets: no second fp32 copy
+fsdp_reduce_scatter_every_micro_batch = True  # False: sync the last micro-batch only (full fp32 gradients meanwhile)
+
 # --- MFU accounting: the plan's numbers, so logs compare achieved with planned ---
 flops_per_token = 17142644736  # exact training FLOPs per token (compiler/arch.py)
 peak_flops = 312000000000000.0  # A100-80GB dense bf16 peak per device
