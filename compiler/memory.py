@@ -279,6 +279,20 @@ def default_dtype(device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
+@dataclass(frozen=True)
+class Moment:
+    """What is live at one moment of the step besides the weights and AdamW moments, in bytes
+    per device (arrays broadcast over the candidates)."""
+
+    gradients: object
+    activations: object
+    logits: object
+    working: object
+
+    def total(self):
+        return self.gradients + self.activations + self.logits + self.working
+
+
 def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
                       gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
                       device: str = "cuda", compute_dtype: str | None = None,
@@ -291,45 +305,100 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     recipe: what train.py and model.py do (compiler/recipe.py); the generated defaults unless
     given.
     """
-    compute_dtype = compute_dtype or default_dtype(device)
-    c = _dtype_bytes(compute_dtype)
+    c = _dtype_bytes(compute_dtype or default_dtype(device))
     sharded = parallelism in ("fsdp", "hsdp")
     shard = shard_degree(parallelism, world_size, gpus_per_node)
+    n_params = np.asarray(shape.n_params(), dtype=np.float64)
+    params, grads, optim = model_state_bytes(n_params, shard)
+    units = _units(shape)
+    gradients = _gradient_moments(parallelism, grads, n_params, shard, units, grad_accum,
+                                  world_size, recipe)
+    moments = _moments(shape, units, gradients, micro_batch, c, sharded,
+                       np.asarray(activation_checkpointing, dtype=bool),
+                       np.asarray(grad_accum) > 1, recipe)
+    return _at_peak(moments, params, optim, device)
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Parameters of the units FSDP2 gathers one at a time (as floats, broadcast over shapes)."""
+
+    block: np.ndarray  # one transformer block, matmuls and norms
+    block_matmuls: np.ndarray  # its matmul weights only (what autocast copies)
+    head: np.ndarray  # lm_head
+    root: np.ndarray  # embedding, final norm and lm_head (the embedding's matrix once if tied)
+
+
+def _units(s: ModelShape) -> _Units:
+    d, h, kv, dh, f, V = s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden, s.vocab_size
+    as_float = lambda x: np.asarray(x, dtype=np.float64)
+    return _Units(block=as_float(block_params(d, h, kv, dh, f)),
+                  block_matmuls=as_float(arch.layer_matmul_params(d, h, kv, dh, f)),
+                  head=as_float(V * d),
+                  root=as_float(arch.embedding_params(d, V, s.tie_embeddings) + d))
+
+
+def _gradient_moments(parallelism, grads, n_params, shard, units, grad_accum, world_size, recipe):
+    """Gradients live at each moment, beyond those the moment itself produces:
+    {"accumulated": during the loss and the output head (none on the first micro-batch:
+    zero_grad(set_to_none=True) freed them; the earlier micro-batches' otherwise), "late": once
+    backward has produced them all, "step": at optimizer.step() (the reduced gradient)}."""
+    accumulating = np.asarray(grad_accum) > 1
+    if parallelism != "ddp" and not recipe.fsdp_reduce_scatter_every_micro_batch:
+        # No reduce-scatter between micro-batches: every rank accumulates the full fp32 gradient,
+        # reduced into its shard only after the last micro-batch.
+        accumulated = np.where(accumulating, GRADIENT_BYTES * n_params, 0.0)
+        late = np.where(accumulating, GRADIENT_BYTES * n_params, grads)
+    else:
+        accumulated, late = np.where(accumulating, grads, 0.0), grads
+    step = grads
+    if parallelism == "ddp":  # DDP's gradient buckets: a second fp32 gradient (no bucket view)
+        second_copy = not recipe.ddp_bucket_view
+        buckets = np.where((np.asarray(world_size) > 1) & second_copy, GRADIENT_BYTES * n_params, 0.0)
+        accumulated, late, step = accumulated + buckets, late + buckets, grads + buckets
+    return {"accumulated": accumulated, "late": late, "step": step, "shard": shard}
+
+
+def _working_copies(sharded, c, ac, accumulating, n_layers, u: _Units):
+    """Transient copies of weights and gradients at each moment (module docstring)."""
+    cast = copy_bytes(c)  # autocast's bf16 copy of an fp32 tensor
+    if sharded:
+        # The root unit (embedding, final norm, lm_head) stays gathered from its forward to the end
+        # of backward; the last block is gathered again (prefetched) as backward starts; in a
+        # block's backward the next one is prefetched; a unit's unsharded grads come in the compute
+        # dtype and are copied to fp32 for the reduce-scatter.
+        gathered = c * u.root + c * u.block
+        # A block's backward starts with the next block prefetched; it ends with its own
+        # unsharded gradients, in bf16 and copied to fp32 for the reduce-scatter.
+        block_start = gathered + c * u.head + c * u.block
+        # lm_head's gradient: an fp32 accumulator, then the bf16 gradient handed to FSDP (its
+        # copy to fp32 comes at the root's reduce-scatter, at the end of backward).
+        return {"loss": gathered + FP32 * u.head, "head": gathered + (FP32 + cast) * u.head,
+                "block_start": block_start, "block_end": block_start + (c + FP32) * u.block,
+                "root": c * u.root + (c + FP32) * u.root}
+    # autocast's bf16 copies of the block weights, saved by forward (none in fp32, none kept
+    # with checkpointing but the block being recomputed). lm_head's copy lives only inside the
+    # fused loss's forward, beside the fp32 gradient accumulator (and a bf16 matmul result per
+    # chunk); in fp32 the accumulator is the gradient backward returns.
+    cached = cast * np.where(ac, 0.0, n_layers * u.block_matmuls)
+    # A block's backward ends with its weight gradients: in bf16 under autocast, then fp32;
+    # the fp32 one becomes .grad (counted in gradients) unless it is added to an earlier one.
+    block_start = cached + np.where(ac, cast * u.block_matmuls, 0.0)
+    return {"loss": cached + (cast + FP32) * u.head, "head": cached + FP32 * u.head,
+            "block_start": block_start,
+            "block_end": block_start + cast * u.block + np.where(accumulating, FP32 * u.block, 0.0),
+            "root": FP32 * u.root}  # the embedding's fp32 gradient
+
+
+def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, accumulating, recipe):
+    """{name: Moment} for the seven moments of the step whose largest total is the peak."""
     # FSDP2 casts the weights to the compute dtype, so the residual stream is in it too; DDP under
     # autocast (and fp32 training) keeps fp32 weights and an fp32 residual stream.
     r = c if sharded else FP32
-    ac = np.asarray(activation_checkpointing, dtype=bool)
-
-    s = shape
     d, h, kv, dh, f, V = s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden, s.vocab_size
     L = np.asarray(s.n_layers, dtype=np.float64)
     seq = np.asarray(s.seq_len, dtype=np.float64)
     tokens = np.asarray(micro_batch, dtype=np.float64) * seq
-    n_params = np.asarray(s.n_params(), dtype=np.float64)
-
-    params, grads, optim = model_state_bytes(n_params, shard)
-    accumulating = np.asarray(grad_accum) > 1
-    # Gradients at the loss and output-head moments: none yet on the first micro-batch
-    # (zero_grad(set_to_none=True) freed them); the previous micro-batches' otherwise.
-    if sharded and not recipe.fsdp_reduce_scatter_every_micro_batch:
-        # No reduce-scatter between micro-batches: every rank accumulates the full fp32 gradient,
-        # reduced into its shard only after the last micro-batch.
-        grads_accumulated = np.where(accumulating, GRADIENT_BYTES * n_params, 0.0)
-        grads_late = np.where(accumulating, GRADIENT_BYTES * n_params, grads)
-    else:
-        grads_accumulated = np.where(accumulating, grads, 0.0)
-        grads_late = grads
-    grads_step = grads  # at optimizer.step(): the reduced gradient (sharded under FSDP)
-    if parallelism == "ddp":  # DDP's gradient buckets: a second fp32 gradient (no bucket view)
-        second_copy = not recipe.ddp_bucket_view
-        buckets = np.where((np.asarray(world_size) > 1) & second_copy, GRADIENT_BYTES * n_params, 0.0)
-        grads_accumulated, grads_late = grads_accumulated + buckets, grads_late + buckets
-        grads_step = grads + buckets
-
-    block = np.asarray(block_params(d, h, kv, dh, f), dtype=np.float64)
-    block_matmuls = np.asarray(arch.layer_matmul_params(d, h, kv, dh, f), dtype=np.float64)
-    head = np.asarray(V * d, dtype=np.float64)  # lm_head
-    root = np.asarray(arch.embedding_params(d, V, s.tie_embeddings) + d, dtype=np.float64)
 
     full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r) * tokens
                   + rope_bytes_per_position(dh, c) * seq)
@@ -339,7 +408,6 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
     # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
     # (compute dtype) are live besides one chunk's logits; in its backward, only that gradient.
-    cast = copy_bytes(c)  # autocast's bf16 copy of an fp32 tensor
     loss_inputs = (r + copy_bytes(c, r)) * d * tokens
     grad_head_input = c * d * tokens
     loss_logits = loss_chunk_bytes(V, tokens, c, recipe.loss_chunk_tokens)
@@ -347,77 +415,52 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
     block_first = full_layer + c * (2 * f + 2 * d) * tokens
     block_live = (L - 1) * kept_layer + block_first
+    working = _working_copies(sharded, c, ac, accumulating, L, u)
 
-    if sharded:
-        # The root unit (embedding, final norm, lm_head) stays gathered from its forward to the end
-        # of backward; the last block is gathered again (prefetched) as backward starts; in a
-        # block's backward the next one is prefetched; a unit's unsharded grads come in the compute
-        # dtype and are copied to fp32 for the reduce-scatter.
-        gathered = c * root + c * block
-        # lm_head's gradient: an fp32 accumulator, then the bf16 gradient handed to FSDP (its
-        # copy to fp32 comes at the root's reduce-scatter, at the end of backward).
-        working_loss = gathered + FP32 * head
-        working_head = gathered + (FP32 + cast) * head
-        # A block's backward starts with the next block prefetched; it ends with its own
-        # unsharded gradients, in bf16 and copied to fp32 for the reduce-scatter.
-        working_block_start = gathered + c * head + c * block
-        working_block_end = working_block_start + (c + FP32) * block
-        working_root = c * root + (c + FP32) * root
-    else:
-        # autocast's bf16 copies of the block weights, saved by forward (none in fp32, none kept
-        # with checkpointing but the block being recomputed). lm_head's copy lives only inside the
-        # fused loss's forward, beside the fp32 gradient accumulator (and a bf16 matmul result per
-        # chunk); in fp32 the accumulator is the gradient backward returns.
-        cached = cast * np.where(ac, 0.0, L * block_matmuls)
-        working_loss = cached + (cast + FP32) * head
-        working_head = cached + FP32 * head
-        # A block's backward ends with its weight gradients: in bf16 under autocast, then fp32;
-        # the fp32 one becomes .grad (counted in gradients) unless it is added to an earlier one.
-        working_block_start = cached + np.where(ac, cast * block_matmuls, 0.0)
-        working_block_end = (working_block_start + cast * block
-                             + np.where(accumulating, FP32 * block, 0.0))
-        working_root = FP32 * root  # the embedding's fp32 gradient
-    # The most activations are live as the last block's backward starts; as it ends, its own
-    # activations are gone and its weight gradients have come. Gradients present then, beyond
-    # earlier micro-batches': lm_head's (DDP; FSDP keeps the root's unsharded until the end of
-    # backward, under working) and, at the end, the block's.
-    new_head = 0.0 if sharded else GRADIENT_BYTES * head
-    grads_block_start = np.where(accumulating, grads_late, grads_accumulated + new_head)
-    grads_block_end = np.where(accumulating, grads_late,
-                               grads_accumulated + new_head + GRADIENT_BYTES * block / shard)
+    # Gradients present as the last block's backward starts and ends, beyond earlier
+    # micro-batches': lm_head's (DDP; FSDP keeps the root's unsharded until the end of backward,
+    # under working) and, at the end, the block's.
+    accumulated, late, shard = g["accumulated"], g["late"], g["shard"]
+    new_head = 0.0 if sharded else GRADIENT_BYTES * u.head
+    grads_block_start = np.where(accumulating, late, accumulated + new_head)
+    grads_block_end = np.where(accumulating, late,
+                               accumulated + new_head + GRADIENT_BYTES * u.block / shard)
     # As the first block's backward starts, every gradient but its own and the embedding's (and,
     # under FSDP, the root unit's) is there.
-    not_yet = block + (root if sharded else root - head)
-    grads_first = np.where(accumulating, grads_late, grads_late - GRADIENT_BYTES * not_yet / shard)
+    not_yet = u.block + (u.root if sharded else u.root - u.head)
+    grads_first = np.where(accumulating, late, late - GRADIENT_BYTES * not_yet / shard)
     # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
     # under activation checkpointing were measured to stay until the block's backward ends.
     block_end = np.where(ac, block_first, c * d * tokens)  # else: the residual stream's gradient
     zero = np.zeros_like(tokens)
-    # (gradients, activations, logits, working) at each moment of the step; the peak is the
-    # largest sum.
-    phases = {
-        "loss forward": (grads_accumulated, layers_saved + head_saved + loss_inputs,
-                         loss_logits + grad_head_input, working_loss),
+    return {
+        "loss forward": Moment(accumulated, layers_saved + head_saved + loss_inputs,
+                               loss_logits + grad_head_input, working["loss"]),
         # backward hands the input's gradient back in the input's dtype: under autocast, an fp32
         # copy of the bf16 one
-        "output head backward": (grads_accumulated, layers_saved + head_saved + grad_head_input,
-                                 copy_bytes(r, c) * d * tokens, working_head),
-        "last block backward": (grads_block_start, block_live, zero, working_block_start),
-        "end of last block backward": (grads_block_end, (L - 1) * kept_layer + block_end, zero,
-                                       working_block_end),
-        "first block backward": (grads_first, block_first, zero, working_block_start),
-        "end of backward": (grads_late, zero, zero, working_root),
+        "output head backward": Moment(accumulated, layers_saved + head_saved + grad_head_input,
+                                       copy_bytes(r, c) * d * tokens, working["head"]),
+        "last block backward": Moment(grads_block_start, block_live, zero, working["block_start"]),
+        "end of last block backward": Moment(grads_block_end, (L - 1) * kept_layer + block_end,
+                                             zero, working["block_end"]),
+        "first block backward": Moment(grads_first, block_first, zero, working["block_start"]),
+        "end of backward": Moment(late, zero, zero, working["root"]),
         # train.py's fused AdamW (CUDA and CPU) updates in place, without temporaries
-        "optimizer step": (grads_step, zero, zero, zero),
+        "optimizer step": Moment(g["step"], zero, zero, zero),
     }
-    names = list(phases)
-    sums = np.stack(np.broadcast_arrays(*[sum(np.broadcast_arrays(*p)) for p in phases.values()]))
-    peak = np.argmax(sums, axis=0)
 
-    def pick(i):
-        return np.choose(peak, np.broadcast_arrays(*[p[i] for p in phases.values()]))
 
-    grads, activations, logits, working = pick(0), pick(1), pick(2), pick(3)
+def _at_peak(moments: dict, params, optim, device) -> MemoryBreakdown:
+    """The breakdown at the moment with the largest total (per candidate)."""
+    names = list(moments)
+    totals = np.stack(np.broadcast_arrays(*[m.total() for m in moments.values()]))
+    peak = np.argmax(totals, axis=0)
+
+    def pick(part):
+        return np.choose(peak, np.broadcast_arrays(*[getattr(m, part) for m in moments.values()]))
+
+    grads, activations, logits, working = (pick(p) for p in ("gradients", "activations",
+                                                               "logits", "working"))
     tracked = params + grads + optim + activations + logits + working
     margin = ALLOCATOR_MARGIN * tracked
     context = np.full_like(tracked, CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES)
