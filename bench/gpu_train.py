@@ -172,7 +172,6 @@ def measure(opts) -> dict:
     # The plan's predictions.
     hw = lock["hardware"]
     timing, training = plan_variant["timing"], plan_variant["training"]
-    hardware_fpt = timing["hardware_flops"] / training["tokens_trained"]  # + recompute if AC
     peak_here = sheet_peak or measured_peak
     result = {
         "variant": opts.variant, "device": device_name, "torch": torch.__version__,
@@ -189,9 +188,9 @@ def measure(opts) -> dict:
         "measured_mm_tflops": measured_peak / 1e12,
         "mfu": achieved / sheet_peak if sheet_peak else None,
         "mfu_vs_measured_mm": achieved / measured_peak,
-        "plan_gpu": hw["gpu"], "plan_mfu": hw["mfu"],
+        "plan_gpu": hw["gpu"], "plan_mfu": timing["mfu"],
         "plan_tokens_per_s_per_gpu": timing["tokens_per_second"] / hw["world_size"],
-        "plan_mfu_tokens_per_s_here": hw["mfu"] * peak_here / hardware_fpt,
+        "plan_mfu_tokens_per_s_here": timing["mfu"] * peak_here / cfg.flops_per_token,
         "plan_micro_batch": training["micro_batch_size"],
         "plan_memory_gib": plan_variant["memory"]["total"] / GIB,
         "plan_memory_layout": f"{training['parallelism']} × {training['world_size']}",

@@ -23,8 +23,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from . import arch
+from . import arch, hardware as catalog
+from .hardware import Interconnect
 from .memory import MemoryBreakdown, ModelShape, Recipe, memory_per_device
+from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
 
@@ -35,10 +37,12 @@ class HardwareView:
 
     device: str  # "cuda", or "cpu" for the CPU pseudo-device
     peak_flops: float  # per device, dense BF16 (the pseudo-device's fp32 assumption on CPU)
-    mfu: float
     memory_bytes: float  # per GPU as the device reports it; on CPU the host RAM of a node
     gpus_per_node: int
     nodes: int
+    kernel_efficiency: float  # fraction of peak the compute reaches (hardware.kernel_efficiency)
+    interconnect: Interconnect
+    mfu: float | None = None  # a measured MFU (spec: hardware.mfu) replaces the step-time model
     activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
     recipe: Recipe = Recipe()
 
@@ -49,9 +53,14 @@ class HardwareView:
         memory_bytes = gpu.memory_bytes
         if gpu.is_cpu and hw.host_memory_gb:
             memory_bytes = hw.host_memory_gb * 1e9
+        link = catalog.interconnect(gpu)
+        if hw.interconnect is not None:
+            link = Interconnect(hw.interconnect.intra_node_GBps, hw.interconnect.inter_node_GBps,
+                                "spec: hardware.interconnect")
+        efficiency, _ = catalog.kernel_efficiency(gpu, spec.training.compile)
         return cls(device="cpu" if gpu.is_cpu else "cuda", peak_flops=gpu.peak_flops,
-                   mfu=hw.effective_mfu, memory_bytes=memory_bytes,
-                   gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                   memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                   kernel_efficiency=efficiency, interconnect=link, mfu=hw.mfu,
                    activation_checkpointing=spec.training.activation_checkpointing)
 
     @property
@@ -80,8 +89,6 @@ class HardwareView:
     def checkpointing_choices(self) -> tuple[bool, ...]:
         return {"auto": (False, True), True: (True,), False: (False,)}[self.activation_checkpointing]
 
-    def tokens_per_second(self, hardware_flops_per_token):
-        return self.world_size * self.peak_flops * self.mfu / hardware_flops_per_token
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,9 @@ class Evaluation:
     activation_checkpointing: np.ndarray  # bool
     memory: MemoryBreakdown  # bytes per device at the step's peak, arrays
     hardware_flops_per_token: np.ndarray  # exact FLOPs, + the recomputed forward with AC
+    step: StepTime  # seconds per optimizer step and their parts (steptime.py)
     tokens_per_second: np.ndarray  # whole job; 0 where nothing fits
+    mfu: np.ndarray  # exact FLOPs per token × tokens/s / (world × peak): the plan's MFU
     options: dict  # {(parallelism, checkpointing): largest fitting micro-batch, 0 = none}
 
     def __len__(self) -> int:
@@ -132,32 +141,76 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     per_rank = global_batch // world
     splits = (global_batch % world == 0) & (per_rank >= 1)
 
+    per_rank = np.maximum(per_rank, 1)
     options = _largest_micro_batches(shapes, hardware, per_rank, splits)
     undecided = splits.copy()
     parallelism = np.full(count, hardware.frugal, dtype=object)
     micro = np.ones(count, dtype=np.int64)
     ac = np.full(count, hardware.activation_checkpointing is not False)
     for checkpointing in hardware.checkpointing_choices:
-        best = np.max([options[(p, checkpointing)] for p in hardware.parallelisms], axis=0)
-        chosen = undecided & (best > 0)
-        for p in reversed(hardware.parallelisms):  # the first (least sharded) that reaches best
-            reaches = chosen & (options[(p, checkpointing)] == best)
-            parallelism[reaches] = p
-        micro[chosen], ac[chosen] = best[chosen], checkpointing
+        # The fastest layout at its largest fitting micro-batch; on a tie (a measured MFU times
+        # every layout alike) the larger micro-batch, then the least sharding (tried first).
+        best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
+        for p in hardware.parallelisms:
+            m = options[(p, checkpointing)]
+            speed = np.where(m > 0, _timed(shapes, hardware, p, np.maximum(m, 1), per_rank,
+                                           checkpointing)[1], 0.0)
+            better = (speed > best_speed) | ((speed == best_speed) & (m > best_micro))
+            better &= undecided & (m > 0)
+            parallelism[better], best_speed[better], best_micro[better] = p, speed[better], m[better]
+        chosen = undecided & (best_micro > 0)
+        micro[chosen], ac[chosen] = best_micro[chosen], checkpointing
         undecided &= ~chosen
     fits = splits & ~undecided
     # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
     ac[~splits] = hardware.activation_checkpointing is True
-    accum = np.maximum(per_rank, 1) // micro
+    accum = per_rank // micro
     memory = _memory(shapes, hardware, parallelism, micro, ac, accum)
+    step, tokens_per_second = np.zeros(count), np.zeros(count)
+    parts = {name: np.zeros(count) for name in ("compute", "exposed_comm", "comm")}
+    for p in np.unique(parallelism):
+        index = np.flatnonzero(parallelism == p)
+        timed, speed = _timed(_take(shapes, index), hardware, str(p), micro[index],
+                              per_rank[index], ac[index])
+        for name in parts:
+            parts[name][index] = np.broadcast_to(getattr(timed, name), index.shape)
+        tokens_per_second[index] = speed
     flops = hardware_flops_per_token(shapes, ac)
+    exact = hardware_flops_per_token(shapes, False)
+    tokens_per_second = np.where(fits, tokens_per_second, 0.0)
     problem = np.where(fits, "", np.where(splits, NO_FIT, NO_SPLIT))
     return Evaluation(fits=fits, problem=problem, parallelism=parallelism,
-                      per_rank_batch=np.maximum(per_rank, 1), micro_batch=micro, grad_accum=accum,
+                      per_rank_batch=per_rank, micro_batch=micro, grad_accum=accum,
                       activation_checkpointing=ac, memory=memory,
-                      hardware_flops_per_token=flops,
-                      tokens_per_second=np.where(fits, hardware.tokens_per_second(flops), 0.0),
+                      hardware_flops_per_token=flops, step=StepTime(**parts),
+                      tokens_per_second=tokens_per_second,
+                      mfu=exact * tokens_per_second / (world * hardware.peak_flops),
                       options=options)
+
+
+def _timed(shapes, hardware: HardwareView, parallelism: str, micro, per_rank, ac):
+    """(StepTime, tokens/s of the job) of the shapes in one layout (steptime.py), or at the
+    spec's measured MFU when it gives one."""
+    flops = hardware_flops_per_token(shapes, ac)
+    world = hardware.world_size
+    step_tokens = per_rank * world * np.asarray(shapes.seq_len)
+    if hardware.mfu is not None:  # measured: compute at that MFU, nothing more to expose
+        speed = world * hardware.peak_flops * hardware.mfu / flops
+        zero = np.zeros_like(speed)
+        return StepTime(step_tokens / speed, zero, zero), speed
+    s = shapes
+    root = arch.embedding_params(s.d_model, s.vocab_size, s.tie_embeddings) + s.d_model
+    timed = step_time(parallelism, n_params=s.n_params(), root_params=root, n_layers=s.n_layers,
+                      flops_per_token_exact=hardware_flops_per_token(s, False),
+                      hardware_flops_per_token=flops,
+                      tokens_per_micro_batch=np.asarray(micro) * np.asarray(s.seq_len),
+                      grad_accum=per_rank // np.asarray(micro), world_size=world,
+                      gpus_per_node=hardware.gpus_per_node, peak_flops=hardware.peak_flops,
+                      kernel_efficiency=hardware.kernel_efficiency,
+                      interconnect=hardware.interconnect,
+                      reduce_scatter_every_micro_batch=(
+                          hardware.recipe.fsdp_reduce_scatter_every_micro_batch))
+    return timed, step_tokens / timed.total
 
 
 def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:
@@ -224,4 +277,8 @@ def at(evaluation: Evaluation, i: int) -> dict:
                 memory=memory,
                 hardware_flops_per_token=float(evaluation.hardware_flops_per_token[i]),
                 tokens_per_second=float(evaluation.tokens_per_second[i]),
+                mfu=float(evaluation.mfu[i]), step_seconds=float(evaluation.step.total[i]),
+                compute_seconds=float(evaluation.step.compute[i]),
+                exposed_comm_seconds=float(evaluation.step.exposed_comm[i]),
+                comm_seconds=float(evaluation.step.comm[i]),
                 options={k: int(v[i]) for k, v in evaluation.options.items()})

@@ -71,5 +71,70 @@ CATALOG: dict[str, GPU] = {
 }
 
 
+@dataclass(frozen=True)
+class Interconnect:
+    """Per-GPU bandwidth, one direction, in GB/s (1e9 bytes/s), of the two tiers a collective can
+    cross: to the other GPUs of the node, and the node's fabric (one NIC per GPU)."""
+
+    intra_node_GBps: float
+    inter_node_GBps: float
+    source: str
+
+
+# Link rates from the datasheets (bidirectional NVLink figures halved); the fabric is what
+# clusters of each card typically have per GPU, an assumption a spec can override
+# (hardware.interconnect).
+INTERCONNECT: dict[str, Interconnect] = {
+    "a100-40gb": Interconnect(300, 25, "NVLink 3: 600 GB/s per GPU both ways (A100 datasheet); "
+                              "fabric 200 Gb/s HDR InfiniBand per GPU (DGX A100; assumption)"),
+    "a100-80gb": Interconnect(300, 25, "NVLink 3: 600 GB/s per GPU both ways (A100 datasheet); "
+                              "fabric 200 Gb/s HDR InfiniBand per GPU (DGX A100; assumption)"),
+    "h100-sxm": Interconnect(450, 50, "NVLink 4: 900 GB/s per GPU both ways (H100 datasheet); "
+                             "fabric 400 Gb/s NDR InfiniBand per GPU (DGX H100; assumption)"),
+    "h100-pcie": Interconnect(64, 50, "PCIe Gen5 x16: 128 GB/s both ways, no NVLink bridge "
+                              "assumed; fabric 400 Gb/s per GPU (assumption)"),
+    "h200": Interconnect(450, 50, "NVLink 4: 900 GB/s per GPU both ways (H200 datasheet); "
+                         "fabric 400 Gb/s NDR InfiniBand per GPU (DGX H200; assumption)"),
+    "b200": Interconnect(900, 50, "NVLink 5: 1.8 TB/s per GPU both ways (B200 datasheet); "
+                         "fabric 400 Gb/s per GPU (DGX B200; assumption)"),
+    "mi300x": Interconnect(448, 50, "Infinity Fabric: 7 links of 64 GB/s one way (MI300X "
+                           "datasheet, 896 GB/s aggregate); fabric 400 Gb/s per GPU (assumption)"),
+    "l40s": Interconnect(32, 12.5, "PCIe Gen4 x16: 64 GB/s both ways, no NVLink (L40S datasheet);"
+                         " fabric 100 Gb/s per GPU (assumption)"),
+    "cpu": Interconnect(5, 1.25, "assumption: gloo over shared memory inside a host, 10 GbE "
+                        "between hosts"),
+}
+CUSTOM_INTERCONNECT = Interconnect(32, 12.5, "assumption for a custom GPU: PCIe Gen4 in the "
+                                   "node, 100 Gb/s per GPU between nodes")
+
+# The fraction of the dense peak a GPU's compute reaches in the generated train.py when nothing
+# waits on the network: the MFU of a one-GPU run. (eager, torch.compile)
+KERNEL_EFFICIENCY: dict[str, tuple[float, float, str]] = {
+    "a100-80gb": (0.57, 0.68, "published: IBM fms-fsdp, Llama-2 7B on 128 A100-80GB with HSDP "
+                  "(57% MFU eager, 68% with torch.compile; bench/published_throughput.json); "
+                  "not measured with the generated train.py"),
+    "a100-40gb": (0.57, 0.68, "published for the A100-80GB (same compute): IBM fms-fsdp, Llama-2 "
+                  "7B, 57% eager / 68% compiled; not measured with the generated train.py"),
+    "h100-sxm": (0.385, 0.475, "measured on one H200 with the generated train.py (bench/README.md, "
+                 "2026-11-28: 36.9-40.4% eager, 47.2-47.9% compiled; same SXM compute as H100)"),
+    "h200": (0.385, 0.475, "measured on one H200 with the generated train.py (bench/README.md, "
+             "2026-11-28: 36.9-40.4% eager, 47.2-47.9% compiled)"),
+}
+
+
+def kernel_efficiency(gpu: GPU, compiled: bool) -> tuple[float, str]:
+    """(fraction of peak, where it comes from): a measurement where there is one, else the
+    catalog's default MFU as an assumption."""
+    known = KERNEL_EFFICIENCY.get(gpu.name.lower())
+    if known is not None:
+        return known[1 if compiled else 0], known[2]
+    return gpu.default_mfu, (f"assumption: the catalog's typical MFU for {gpu.name} "
+                             "(not measured with the generated train.py)")
+
+
+def interconnect(gpu: GPU) -> Interconnect:
+    return INTERCONNECT.get(gpu.name.lower(), CUSTOM_INTERCONNECT)
+
+
 def lookup(name: str) -> GPU | None:
     return CATALOG.get(name.lower())

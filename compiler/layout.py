@@ -35,6 +35,10 @@ class Layout:
     memory: dict  # memory.MemoryBreakdown.as_dict(), bytes per device
     tokens_per_second: float  # whole job
     hardware_flops_per_token: float  # exact FLOPs per token (+ the recomputed forward with AC)
+    mfu: float = 0.0  # predicted (steptime.py), or the spec's measured one
+    step_seconds: float = 0.0  # per optimizer step: compute + exposed communication
+    compute_seconds: float = 0.0
+    exposed_comm_seconds: float = 0.0
     reasons: tuple = ()  # one sentence per choice
     problem: str = ""
     fix: str = ""
@@ -52,12 +56,14 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
                     hardware: HardwareView) -> Layout:
     """Candidate i of an evaluation (shape: its fields as scalars), with the reasons or the fix."""
     e = at(evaluation, i)
-    tokens_per_second = hardware.tokens_per_second(e["hardware_flops_per_token"])
     lay = Layout(fits=e["fits"], parallelism=e["parallelism"], world_size=hardware.world_size,
                  micro_batch_size=e["micro_batch"], grad_accum=e["grad_accum"],
                  activation_checkpointing=e["activation_checkpointing"], memory=e["memory"],
-                 tokens_per_second=tokens_per_second,
+                 tokens_per_second=e["tokens_per_second"],
                  hardware_flops_per_token=e["hardware_flops_per_token"],
+                 mfu=e["mfu"], step_seconds=e["step_seconds"],
+                 compute_seconds=e["compute_seconds"],
+                 exposed_comm_seconds=e["exposed_comm_seconds"],
                  options={f"{p}{'+ac' if ac else ''}": m for (p, ac), m in e["options"].items()})
     global_batch = e["per_rank_batch"] * hardware.world_size
     if e["problem"] == NO_SPLIT:

@@ -118,6 +118,11 @@ class Training(PlanModel):
 
 class Timing(PlanModel):
     tokens_per_second: float  # whole job
+    mfu: float  # exact FLOPs per token × tokens/s / (GPUs × peak)
+    mfu_source: str  # predicted by compiler/steptime.py, or the spec's measured hardware.mfu
+    step_seconds: float  # one optimizer step: compute + exposed communication
+    compute_seconds: float
+    exposed_comm_seconds: float  # communication on the critical path, per step
     hardware_flops: float  # FLOPs the GPUs execute, recomputation included
     days: float
     gpu_hours: float
@@ -163,7 +168,12 @@ class Hardware(PlanModel):
     gpus_per_node: int
     nodes: int
     world_size: int
-    mfu: float
+    mfu: float | None  # the spec's measured hardware.mfu; None: predicted per variant (Timing)
+    kernel_efficiency: float  # fraction of peak compute reaches when nothing waits on the network
+    kernel_efficiency_source: str
+    intra_node_GBps: float  # per GPU, one direction
+    inter_node_GBps: float
+    interconnect_source: str
     usd_per_gpu_hour: float | None
     source: str
 

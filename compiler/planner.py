@@ -8,6 +8,7 @@ from . import __version__, arch, laws, layout, solver
 from . import plan as P
 from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate
+from .hardware import kernel_efficiency
 from .spec import Spec
 from .trainplan import candidate_batches, plan_training
 
@@ -174,8 +175,8 @@ def build_plan(spec: Spec) -> P.Plan:
                                       _memory_fix(spec, hardware, cands))
         choice = _choice(spec, cands, result.pick)
         lay = _layout(spec, hardware, cands, evaluation, result.pick)
-        training, memory, timing, reasons, provenance = plan_training(spec, choice, lay,
-                                                                      hardware.capacity)
+        training, memory, timing, reasons, provenance = plan_training(
+            spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
         fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
         provenance.update({
             "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
@@ -217,10 +218,13 @@ def build_plan(spec: Spec) -> P.Plan:
         budget=P.Budget(flops=budget.flops, convention=budget.convention, source=budget.source),
         hardware=P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
                             gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-                            world_size=hw.world_size, mfu=hw.effective_mfu,
-                            usd_per_gpu_hour=hw.usd_per_gpu_hour,
-                            source=gpu.source + ("; catalog default MFU" if hw.mfu is None
-                                                 else "; MFU from the spec")),
+                            world_size=hw.world_size, mfu=hw.mfu,
+                            kernel_efficiency=hardware.kernel_efficiency,
+                            kernel_efficiency_source=kernel_efficiency(gpu, spec.training.compile)[1],
+                            intra_node_GBps=hardware.interconnect.intra_node_GBps,
+                            inter_node_GBps=hardware.interconnect.inter_node_GBps,
+                            interconnect_source=hardware.interconnect.source,
+                            usd_per_gpu_hour=hw.usd_per_gpu_hour, source=gpu.source),
         closed_form=P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
                               tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
         sensitivity=sensitivity, frontier=front, variants=variants, job=job,

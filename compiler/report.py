@@ -46,7 +46,10 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"(params {mem.parameters / 2**30:.1f}, grads {mem.gradients / 2**30:.1f}, "
         f"AdamW {mem.optimizer / 2**30:.1f}, activations {mem.activations / 2**30:.1f}, "
         f"logits {mem.logits / 2**30:.1f}, other {mem.other / 2**30:.1f})",
-        f"  throughput         {tm.tokens_per_second:,.0f} tokens/s at MFU {plan.hardware.mfu:g}",
+        f"  throughput         {tm.tokens_per_second:,.0f} tokens/s, MFU {tm.mfu:.1%} "
+        f"({tm.mfu_source})",
+        f"  step               {tm.step_seconds:.3g} s = compute {tm.compute_seconds:.3g} s + "
+        f"exposed communication {tm.exposed_comm_seconds:.3g} s",
         f"  time               {duration(tm.days)}, {tm.gpu_hours:,.1f} GPU-hours"
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else ""),
         "",

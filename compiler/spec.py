@@ -113,6 +113,13 @@ class CustomGPU(StrictModel):
         return value
 
 
+class Interconnect(StrictModel):
+    """Per-GPU bandwidth in GB/s, one direction: inside a node, and between nodes."""
+
+    intra_node_GBps: Annotated[float, Field(gt=0, le=1e5, allow_inf_nan=False)]
+    inter_node_GBps: Annotated[float, Field(gt=0, le=1e5, allow_inf_nan=False)]
+
+
 class Hardware(StrictModel):
     gpu: Union[str, CustomGPU] = "a100-80gb"
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] = 8
@@ -121,6 +128,7 @@ class Hardware(StrictModel):
     usd_per_gpu_hour: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
     cpus_per_gpu: Annotated[int, Field(ge=1, le=1024)] = 8
     host_memory_gb: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
+    interconnect: Interconnect | None = None  # overrides the catalog's (hardware.INTERCONNECT)
 
     @field_validator("gpu")
     @classmethod

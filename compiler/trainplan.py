@@ -98,10 +98,11 @@ def _check_host_memory(spec: Spec, lay: Layout) -> None:
             fix=f"set cluster.mem_per_node_gb to at least {math.ceil(need / GIB)}, or leave it out")
 
 
-def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float
+def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
+                  hardware_efficiency: float
                   ) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
     """The plan of a pick whose layout (evaluate.py's, for the batch global_batch() gives) is
-    `lay`, on devices of `capacity` bytes."""
+    `lay`, on devices of `capacity` bytes whose compute reaches hardware_efficiency of peak."""
     hw, tr = spec.hardware, spec.training
     gpu = hw.device()
     world = hw.world_size
@@ -153,12 +154,26 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
     seconds = training.tokens_trained / lay.tokens_per_second
     gpu_hours = seconds / 3600 * world
-    timing = P.Timing(tokens_per_second=lay.tokens_per_second, hardware_flops=hardware_flops,
+    measured = hw.mfu is not None
+    timing = P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu,
+                      mfu_source="spec: hardware.mfu (measured)" if measured else
+                      "predicted: compiler/steptime.py (compute + exposed communication)",
+                      step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
+                      exposed_comm_seconds=lay.exposed_comm_seconds, hardware_flops=hardware_flops,
                       days=seconds / 86400, gpu_hours=gpu_hours,
                       cost_usd=None if hw.usd_per_gpu_hour is None else gpu_hours * hw.usd_per_gpu_hour)
-    provenance["timing"] = (
-        f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.effective_mfu:g} / "
-        f"{lay.hardware_flops_per_token:,.0f} hardware FLOPs per token (exact convention"
-        + (", + one forward of the blocks for activation recomputation" if lay.activation_checkpointing else "")
-        + "); days = tokens trained / tokens/s")
+    recompute = (", + one forward of the blocks for activation recomputation"
+                 if lay.activation_checkpointing else "")
+    if measured:
+        provenance["timing"] = (
+            f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.mfu:g} (spec, "
+            f"measured) / {lay.hardware_flops_per_token:,.0f} hardware FLOPs per token (exact "
+            f"convention{recompute}); days = tokens trained / tokens/s")
+    else:
+        provenance["timing"] = (
+            f"tokens/s = global batch tokens / step time; step = compute {lay.compute_seconds:.3g} s "
+            f"({lay.hardware_flops_per_token:,.0f} hardware FLOPs per token{recompute}, at "
+            f"{hardware_efficiency:.1%} of {gpu.bf16_tflops:g} TFLOP/s) + exposed communication "
+            f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}); "
+            f"predicted MFU {lay.mfu:.1%}; days = tokens trained / tokens/s")
     return training, memory, timing, list(lay.reasons), provenance

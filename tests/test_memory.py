@@ -28,6 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from _repo_files import REPO_ROOT, load_template_module
 from compiler import arch, layout, memory
+from compiler import hardware as catalog
 from compiler.evaluate import HardwareView, evaluate
 from compiler.memory import ModelShape
 
@@ -338,7 +339,11 @@ def test_memory_model_and_template_agree_on_the_loss_chunk():
 
 
 def view(hardware, gpus_per_node, nodes, activation_checkpointing="auto", device="cuda"):
+    """A HardwareView timed at a measured MFU (hardware["mfu"]): compute only, as these layout
+    tests reason about memory; tests/test_steptime.py times communication."""
     return HardwareView(device=device, peak_flops=hardware["peak_flops"], mfu=hardware["mfu"],
+                        kernel_efficiency=hardware["mfu"],
+                        interconnect=catalog.interconnect(catalog.lookup("a100-80gb")),
                         memory_bytes=hardware["gpu_memory_bytes"], gpus_per_node=gpus_per_node,
                         nodes=nodes, activation_checkpointing=activation_checkpointing)
 

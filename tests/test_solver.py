@@ -77,16 +77,19 @@ search: {layers: {min: 4, max: 48}, hidden: {min: 512, max: 6144, step: 128}}
 
 
 def test_params_and_days_constraints_respected():
-    spec = parse_spec_text(BASE + """
+    # a day limit just under what the unconstrained pick takes must move the pick
+    unconstrained = build_plan(parse_spec_text(BASE)).variants[0].timing.days
+    limit = round(0.99 * unconstrained, 3)
+    spec = parse_spec_text(BASE + f"""
 variants:
   - name: small
-    params: {max: 1.0e9}
+    params: {{max: 1.0e9}}
   - name: quick
-    max_days: 10
+    max_days: {limit}
 """)
     plan = build_plan(spec)
     assert variant(plan, "small").choice.n_params <= 1e9
-    assert variant(plan, "quick").timing.days <= 10
+    assert variant(plan, "quick").timing.days <= limit
     assert variant(plan, "quick").stats.removed_by["max_days"] > 0
     assert variant(plan, "small").stats.removed_by["params.max"] > 0
 

@@ -63,5 +63,5 @@ fsdp_reduce_scatter_every_micro_batch = True  # False: sync the last micro-batch
 # --- MFU accounting: the plan's numbers, so logs compare achieved with planned ---
 flops_per_token = 11327766528  # exact training FLOPs per token (compiler/arch.py)
 peak_flops = 312000000000000.0  # A100-80GB dense bf16 peak per device
-planned_mfu = 0.45  # spec: hardware.mfu
+planned_mfu = 0.45  # spec: hardware.mfu (measured)
 init_from_hf = ''  # a Hugging Face Llama directory to start from (continued pre-training)

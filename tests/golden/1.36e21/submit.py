@@ -17,6 +17,7 @@ editing the values below.
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ class Train:
                    LOCAL_RANK=str(dist.local_rank), LOCAL_WORLD_SIZE=str(dist.local_world_size))
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         command = [sys.executable, "train.py", f"config/{self.variant}.py", *self.overrides]
-        print(f"rank {dist.rank}/{dist.world_size}: {' '.join(command)}", flush=True)
+        print(f"rank {dist.rank}/{dist.world_size}: {shlex.join(command)}", flush=True)
         self.process = subprocess.Popen(command, cwd=self.repo_dir, env=env)
         # Poll rather than wait(): submitit's signal handler runs checkpoint() in this thread, and
         # its wait() would deadlock on the lock a blocked wait() here holds.
@@ -130,7 +131,7 @@ def main(argv=None):
         for key, value in parameters.items():
             print(f"  {key} = {value!r}")
         print(f"  max_num_timeout = {MAX_TIMEOUT_REQUEUES!r}")
-        print(f"each task runs: {' '.join(command)}")
+        print(f"each task runs: {shlex.join(command)}")  # quoted: copy-paste runs it
         return 0
 
     import submitit

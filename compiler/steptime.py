@@ -1,0 +1,103 @@
+"""The time of one optimizer step: compute, plus the communication that does not hide behind it.
+
+Vectorised over candidates. Per rank and optimizer step of `accum` micro-batches:
+
+compute   hardware FLOPs of the rank's tokens at the GPU's kernel efficiency (the fraction of the
+          dense peak its matmuls and attention reach when nothing waits on the network;
+          hardware.KERNEL_EFFICIENCY says where each figure comes from). Backward is 2/3 of the
+          exact FLOPs, plus the recomputed forward under activation checkpointing.
+collectives, ring algorithm (NCCL's for large messages): over n ranks at per-GPU bandwidth B,
+          all-gather and reduce-scatter of S bytes take S·(n−1)/n / B and all-reduce twice that
+          (Thakur et al. 2005; the JAX scaling book's "All-gather / reduce-scatter cost"). B is the
+          tier the group crosses: NVLink/PCIe when it lies inside a node, the node's fabric per
+          GPU when it spans nodes, times COLLECTIVE_EFFICIENCY.
+DDP       one all-reduce of the fp32 gradients (4·N bytes) per step (train.py skips it on all but
+          the last micro-batch); its buckets overlap with that micro-batch's backward: exposed is
+          what exceeds it.
+FSDP2     per micro-batch, all-gathers of the bf16 weights (2·N) for forward and again for
+          backward (reshard after forward), and a reduce-scatter of fp32 gradients (4·N); once
+          per step when the recipe syncs only the last micro-batch. Block i+1's all-gather is
+          prefetched behind block i (Ultra-Scale Playbook, "ZeRO-3 overlap"): forward's gathers
+          hide behind forward compute, backward's gathers and reduce-scatters behind backward;
+          what exceeds the compute is exposed, and so is the first unit, which nothing precedes
+          (the root unit: embedding and lm_head, large at a 128k vocabulary).
+HSDP      the same within a node (n = GPUs per node), plus an all-reduce across the nodes of each
+          rank's gradient shard (4·N / GPUs per node) per micro-batch, behind backward as well.
+Not modelled: the optimizer step (memory-bound, about 16 bytes per local parameter read and
+written), data loading, stragglers and failures. A spec's hardware.mfu, measured on the user's
+own cluster, replaces the whole model (compute at that MFU, nothing exposed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BF16, FP32 = 2, 4
+# nccl-tests' bus bandwidth on large messages reaches about 80% of the link rate on NVLink and
+# InfiniBand (assumption, as the Ultra-Scale Playbook's measured all-reduce figures suggest).
+COLLECTIVE_EFFICIENCY = 0.8
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step on one rank, arrays over the candidates."""
+
+    compute: np.ndarray
+    exposed_comm: np.ndarray  # communication on the critical path
+    comm: np.ndarray  # all communication, hidden or not
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.compute + self.exposed_comm
+
+
+def ring_seconds(kind: str, size_bytes, ranks, bandwidth_bytes_per_s):
+    """A ring collective's time: all_gather / reduce_scatter S·(n−1)/n / B, all_reduce twice it."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    factor = {"all_gather": 1.0, "reduce_scatter": 1.0, "all_reduce": 2.0}[kind]
+    return factor * np.asarray(size_bytes) * (ranks - 1) / ranks / bandwidth_bytes_per_s
+
+
+def group_bandwidth(ranks, gpus_per_node, interconnect):
+    """Bytes/s per GPU of a collective over `ranks` consecutive ranks: inside a node over its
+    NVLink/PCIe, else bound by the fabric."""
+    intra = interconnect.intra_node_GBps * 1e9 * COLLECTIVE_EFFICIENCY
+    inter = interconnect.inter_node_GBps * 1e9 * COLLECTIVE_EFFICIENCY
+    return np.where(np.asarray(ranks) <= gpus_per_node, intra, inter)
+
+
+def step_time(parallelism, *, n_params, root_params, n_layers, flops_per_token_exact,
+              hardware_flops_per_token, tokens_per_micro_batch, grad_accum, world_size,
+              gpus_per_node, peak_flops, kernel_efficiency, interconnect,
+              reduce_scatter_every_micro_batch=True) -> StepTime:
+    """Step time of the candidates under one parallelism ("ddp", "fsdp" or "hsdp"; world size 1:
+    no communication). root_params: the FSDP root unit (embedding, final norm, lm_head)."""
+    flops_per_s = peak_flops * kernel_efficiency
+    compute_mb = hardware_flops_per_token * tokens_per_micro_batch / flops_per_s
+    forward_mb = flops_per_token_exact / 3 * tokens_per_micro_batch / flops_per_s
+    backward_mb = compute_mb - forward_mb
+    accum = np.asarray(grad_accum, dtype=np.float64)
+    zero = np.zeros_like(compute_mb)
+    if world_size == 1:
+        return StepTime(accum * compute_mb, zero, zero)
+    n = np.asarray(n_params, dtype=np.float64)
+    if parallelism == "ddp":
+        bandwidth = group_bandwidth(world_size, gpus_per_node, interconnect)
+        all_reduce = ring_seconds("all_reduce", FP32 * n, world_size, bandwidth)
+        exposed = np.maximum(0.0, all_reduce - backward_mb)
+        return StepTime(accum * compute_mb, exposed, all_reduce)
+    shard = world_size if parallelism == "fsdp" else min(gpus_per_node, world_size)
+    bandwidth = group_bandwidth(shard, gpus_per_node, interconnect)
+    gather = ring_seconds("all_gather", BF16 * n, shard, bandwidth)
+    scatter = ring_seconds("reduce_scatter", FP32 * n, shard, bandwidth)
+    if parallelism == "hsdp" and world_size > shard:  # the shards' all-reduce across nodes
+        across = group_bandwidth(world_size, gpus_per_node, interconnect)
+        scatter = scatter + ring_seconds("all_reduce", FP32 * n / shard, world_size // shard,
+                                         across)
+    syncs = accum if reduce_scatter_every_micro_batch else np.ones_like(accum)
+    first_unit = gather * np.maximum(np.asarray(root_params) / n, 1.0 / np.asarray(n_layers))
+    exposed_mb = (np.maximum(0.0, gather - forward_mb) + first_unit
+                  + np.maximum(0.0, gather + scatter * syncs / accum - backward_mb))
+    return StepTime(accum * compute_mb, accum * exposed_mb, accum * 2 * gather + syncs * scatter)

@@ -1,0 +1,126 @@
+"""The step-time model (compiler/steptime.py): collectives by hand, overlap rules, and the scale
+behaviour a plan must show (issue #17 part 2). Published throughput is compared in
+bench/steptime.py (run by tests/test_bench_smoke.py)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from compiler import hardware as catalog
+from compiler.evaluate import HardwareView, evaluate
+from compiler.hardware import Interconnect
+from compiler.memory import ModelShape
+from compiler.steptime import COLLECTIVE_EFFICIENCY, group_bandwidth, ring_seconds, step_time
+
+LINK = Interconnect(intra_node_GBps=100, inter_node_GBps=10, source="test")
+GB = 1e9
+
+
+def test_ring_collectives_by_hand():
+    # 8 GB over 8 ranks at 100 GB/s: each rank sends and receives 7/8 of it once (all-gather,
+    # reduce-scatter) or twice (all-reduce = reduce-scatter + all-gather)
+    assert ring_seconds("all_gather", 8 * GB, 8, 100 * GB) == pytest.approx(0.07)
+    assert ring_seconds("reduce_scatter", 8 * GB, 8, 100 * GB) == pytest.approx(0.07)
+    assert ring_seconds("all_reduce", 8 * GB, 8, 100 * GB) == pytest.approx(0.14)
+    assert ring_seconds("all_reduce", 8 * GB, 1, 100 * GB) == 0  # nothing to exchange
+
+
+def test_a_group_inside_a_node_uses_nvlink_and_one_across_nodes_the_fabric():
+    bw = group_bandwidth(np.array([2, 8, 16]), 8, LINK)
+    assert list(bw) == [100 * GB * COLLECTIVE_EFFICIENCY] * 2 + [10 * GB * COLLECTIVE_EFFICIENCY]
+
+
+def _one(parallelism, *, world, accum=1, tokens=1000, n=1e9, flops_per_token=6e9, root=0.0,
+         layers=10, per_node=8, reduce_every=True):
+    return step_time(parallelism, n_params=n, root_params=root, n_layers=layers,
+                     flops_per_token_exact=flops_per_token,
+                     hardware_flops_per_token=flops_per_token, tokens_per_micro_batch=tokens,
+                     grad_accum=accum, world_size=world, gpus_per_node=per_node,
+                     peak_flops=1e15, kernel_efficiency=0.5, interconnect=LINK,
+                     reduce_scatter_every_micro_batch=reduce_every)
+
+
+def test_ddp_exposes_only_the_all_reduce_beyond_the_last_backward():
+    # compute per micro-batch: 1000 tokens × 6e9 FLOPs / 5e14 FLOP/s = 12 ms, backward 8 ms;
+    # the all-reduce of 4 GB of fp32 gradients over 8 GPUs at 80 GB/s: 2 × 4e9 × 7/8 / 8e10 = 87.5 ms
+    t = _one("ddp", world=8, accum=4)
+    assert t.compute == pytest.approx(4 * 0.012)
+    assert t.comm == pytest.approx(0.0875)
+    assert t.exposed_comm == pytest.approx(0.0875 - 0.008)
+    # a long backward hides it entirely
+    assert _one("ddp", world=8, tokens=100_000).exposed_comm == 0
+    assert _one("ddp", world=1).comm == 0  # one process: no wrapper, no collective
+
+
+def test_fsdp_gathers_and_reduce_scatters_per_micro_batch_behind_compute():
+    # per micro-batch: two all-gathers of 2 GB (bf16) and a reduce-scatter of 4 GB (fp32) over 8
+    # ranks at 80 GB/s: 21.875 ms each gather, 43.75 ms the reduce-scatter
+    gather, scatter = 2e9 * 7 / 8 / 8e10, 4e9 * 7 / 8 / 8e10
+    t = _one("fsdp", world=8, accum=2, tokens=1000)  # forward 4 ms, backward 8 ms
+    first_unit = gather / 10  # no root here: the first block, 1/10 of the weights
+    exposed_mb = (gather - 0.004) + first_unit + (gather + scatter - 0.008)
+    assert t.exposed_comm == pytest.approx(2 * exposed_mb)
+    assert t.comm == pytest.approx(2 * (2 * gather + scatter))
+    # syncing only the last micro-batch reduce-scatters once per step
+    late = _one("fsdp", world=8, accum=2, tokens=1000, reduce_every=False)
+    assert late.comm == pytest.approx(2 * 2 * gather + scatter)
+    # enough compute hides everything but the first unit's gather
+    hidden = _one("fsdp", world=8, tokens=100_000)
+    assert hidden.exposed_comm == pytest.approx(first_unit)
+
+
+def test_hsdp_all_reduces_the_shards_across_nodes():
+    # 2 nodes × 8: shard within the node over NVLink, then all-reduce 4 GB / 8 across 2 nodes
+    # at 8 GB/s: 2 × 0.5e9 × 1/2 / 8e9 = 62.5 ms per micro-batch, behind backward
+    t, fsdp_in_node = _one("hsdp", world=16), _one("fsdp", world=8)
+    assert t.comm - fsdp_in_node.comm == pytest.approx(0.0625)
+
+
+# The reference's optimal pick: 25 layers × 2048, as in specs/1.36e21.yaml
+PICK = ModelShape(25, 2048, 16, 8, 128, 7168, 128256, 2048)
+
+
+def a100s(nodes, **kw):
+    gpu = catalog.lookup("a100-80gb")
+    return HardwareView(device="cuda", peak_flops=gpu.peak_flops, memory_bytes=gpu.memory_bytes,
+                        gpus_per_node=8, nodes=nodes, kernel_efficiency=0.57,
+                        interconnect=catalog.interconnect(gpu), **kw)
+
+
+def test_per_gpu_throughput_falls_when_the_collective_leaves_the_node_and_the_batch_shrinks():
+    """The same global batch (1152 sequences) on 1, 16 and 144 nodes: the FSDP collectives move
+    from NVLink (300 GB/s) to the fabric (25 GB/s) and each GPU's share shrinks to one sequence,
+    so the exposed communication grows and the per-GPU throughput falls."""
+    per_gpu = []
+    for nodes in (1, 16, 144):
+        ev = evaluate(PICK, a100s(nodes), 1152)
+        assert ev.fits[0]
+        per_gpu.append(ev.tokens_per_second[0] / (8 * nodes))
+        if nodes == 1:
+            assert ev.step.exposed_comm[0] < 0.02 * ev.step.total[0]  # hidden on one node
+    assert per_gpu[0] > per_gpu[1] > per_gpu[2]
+    assert per_gpu[2] < 0.8 * per_gpu[0]
+    # a measured MFU times every layout alike: no such fall, which is why the model exists
+    flat = [evaluate(PICK, a100s(n, mfu=0.45), 1152).tokens_per_second[0] / (8 * n)
+            for n in (1, 144)]
+    assert flat[0] == pytest.approx(flat[1])
+
+
+def test_a_small_model_on_one_node_keeps_fsdp_or_ddp_and_mfu_is_an_output():
+    ev = evaluate(PICK, a100s(1), 1152)
+    assert ev.parallelism[0] in ("fsdp", "ddp")
+    # MFU is exact FLOPs × tokens/s / (GPUs × peak): below the kernel efficiency by what is exposed
+    assert ev.mfu[0] == pytest.approx(0.57 * ev.step.compute[0] / ev.step.total[0], rel=1e-9)
+
+
+def test_the_interconnect_of_a_spec_overrides_the_catalog():
+    from compiler.spec import parse_spec_text
+    spec = parse_spec_text("name: x\nbudget: {flops: 1e21}\nhardware:\n  gpu: h100-sxm\n"
+                           "  interconnect: {intra_node_GBps: 450, inter_node_GBps: 100}\n")
+    view = HardwareView.from_spec(spec)
+    assert (view.interconnect.intra_node_GBps, view.interconnect.inter_node_GBps) == (450, 100)
+    assert view.interconnect.source == "spec: hardware.interconnect"
+    default = HardwareView.from_spec(parse_spec_text("name: x\nbudget: {flops: 1e21}\n"))
+    assert default.interconnect == catalog.interconnect(catalog.lookup("a100-80gb"))
+    assert dataclasses.replace(default, mfu=None).mfu is None
