@@ -84,11 +84,11 @@ class Interconnect:
 # Link rates from the datasheets (bidirectional NVLink figures halved); the fabric is what
 # clusters of each card typically have per GPU, an assumption a spec can override
 # (hardware.interconnect).
+_A100_LINKS = Interconnect(300, 25, "NVLink 3: 600 GB/s per GPU both ways (A100 datasheet); "
+                          "fabric 200 Gb/s HDR InfiniBand per GPU (DGX A100; assumption)")
 INTERCONNECT: dict[str, Interconnect] = {
-    "a100-40gb": Interconnect(300, 25, "NVLink 3: 600 GB/s per GPU both ways (A100 datasheet); "
-                              "fabric 200 Gb/s HDR InfiniBand per GPU (DGX A100; assumption)"),
-    "a100-80gb": Interconnect(300, 25, "NVLink 3: 600 GB/s per GPU both ways (A100 datasheet); "
-                              "fabric 200 Gb/s HDR InfiniBand per GPU (DGX A100; assumption)"),
+    "a100-40gb": _A100_LINKS,
+    "a100-80gb": _A100_LINKS,
     "h100-sxm": Interconnect(450, 50, "NVLink 4: 900 GB/s per GPU both ways (H100 datasheet); "
                              "fabric 400 Gb/s NDR InfiniBand per GPU (DGX H100; assumption)"),
     "h100-pcie": Interconnect(64, 50, "PCIe Gen5 x16: 128 GB/s both ways, no NVLink bridge "
@@ -107,14 +107,14 @@ INTERCONNECT: dict[str, Interconnect] = {
 CUSTOM_INTERCONNECT = Interconnect(32, 12.5, "assumption for a custom GPU: PCIe Gen4 in the "
                                    "node, 100 Gb/s per GPU between nodes")
 
+_A100_EFFICIENCY = (0.57, 0.68, "published: IBM fms-fsdp, Llama-2 7B on 128 A100-80GB with HSDP "
+                    "(57% MFU eager, 68% with torch.compile; bench/published_throughput.json); "
+                    "not measured with the generated train.py")
 # The fraction of the dense peak a GPU's compute reaches in the generated train.py when nothing
 # waits on the network: the MFU of a one-GPU run. (eager, torch.compile)
 KERNEL_EFFICIENCY: dict[str, tuple[float, float, str]] = {
-    "a100-80gb": (0.57, 0.68, "published: IBM fms-fsdp, Llama-2 7B on 128 A100-80GB with HSDP "
-                  "(57% MFU eager, 68% with torch.compile; bench/published_throughput.json); "
-                  "not measured with the generated train.py"),
-    "a100-40gb": (0.57, 0.68, "published for the A100-80GB (same compute): IBM fms-fsdp, Llama-2 "
-                  "7B, 57% eager / 68% compiled; not measured with the generated train.py"),
+    "a100-80gb": _A100_EFFICIENCY,
+    "a100-40gb": _A100_EFFICIENCY,  # the same compute as the 80 GB card
     "h100-sxm": (0.385, 0.475, "measured on one H200 with the generated train.py (bench/README.md, "
                  "2026-11-28: 36.9-40.4% eager, 47.2-47.9% compiled; same SXM compute as H100)"),
     "h200": (0.385, 0.475, "measured on one H200 with the generated train.py (bench/README.md, "
