@@ -14,6 +14,9 @@ Each check compares the model with a reference that does not come from it:
     vocabulary 32000) within 3% either way. The margin and CUDA context are not tracked by
     PyTorch and are left out of the comparison (memory.tracked_bytes).
 (d) layout picks on the reference hardware.
+pytest.approx without rel= (default 1e-6) compares float64 arithmetic of the memory or speed
+model computed two ways (numpy, no torch kernels), equal to ~1e-15; 1e-6 is far above that and
+far below a real discrepancy.
 """
 
 import time

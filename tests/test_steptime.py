@@ -1,6 +1,12 @@
 """The step-time model (compiler/steptime.py): collectives by hand, overlap rules, and the scale
 behaviour a plan must show (issue #17 part 2). Published throughput is compared in
-bench/steptime.py (run by tests/test_bench_smoke.py)."""
+bench/steptime.py (run by tests/test_bench_smoke.py).
+
+Tolerances: pytest.approx without rel= uses its default, 1e-6 relative. Every such comparison
+here is float64 arithmetic (numpy and Python, no torch kernels) of the same quantity computed two
+ways, which agree to ~1e-15: 1e-6 is far above that and far below any real discrepancy (a wrong
+term moves these numbers by percents). Bounds that are not about rounding say why beside them.
+"""
 
 import dataclasses
 
