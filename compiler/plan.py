@@ -142,6 +142,7 @@ class Variant(PlanModel):
     timing: Timing
     layout_reasons: list[str]
     provenance: dict[str, str]
+    epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given)
 
 
 class Law(PlanModel):

@@ -134,6 +134,29 @@ def _nothing_fits(spec: Spec, hardware: HardwareView, cands: solver.Candidates,
                      f"N {int(cands.n_params[i]):,}): {lay.problem}", field="hardware", fix=fix)
 
 
+# Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models"): up to about 4 epochs
+# repeated tokens are worth nearly as much as fresh ones; the returns vanish around 16.
+MANY_EPOCHS = 4
+
+
+def epoch_warnings(variants: list[P.Variant]) -> list[str]:
+    """Runs that read their data more than once (the scaling laws assume each token once)."""
+    out = []
+    for v in variants:
+        if v.epochs is None or v.epochs <= 1:
+            continue
+        if v.epochs > MANY_EPOCHS:
+            out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: LOUD WARNING: past "
+                       f"about {MANY_EPOCHS} epochs repeated tokens are worth markedly less than "
+                       "fresh ones and the returns vanish near 16 (Muennighoff et al. 2023), so "
+                       "the predicted loss is optimistic; find more data or a smaller budget")
+        else:
+            out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: the laws assume "
+                       "each token once; up to about 4 epochs repeated data is worth nearly as "
+                       "much (Muennighoff et al. 2023)")
+    return out
+
+
 def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
     """Picks outside the ranges the law was fitted on: their losses are extrapolations."""
     law = spec.search.law()
@@ -190,7 +213,8 @@ def build_plan(spec: Spec) -> P.Plan:
                                 feasible=result.feasible, near_optimal=result.near_optimal,
                                 removed_by=result.removed_by),
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
-            layout_reasons=reasons, provenance=provenance))
+            layout_reasons=reasons, provenance=provenance,
+            epochs=None if spec.data is None else training.tokens_trained / spec.data.unique_tokens))
 
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
@@ -229,5 +253,5 @@ def build_plan(spec: Spec) -> P.Plan:
                               tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
         sensitivity=sensitivity, frontier=front, variants=variants, job=job,
         recipe=P.Recipe(**hardware.recipe.as_dict()),
-        warnings=extrapolation_warnings(spec, variants))
+        warnings=extrapolation_warnings(spec, variants) + epoch_warnings(variants))
 

@@ -380,6 +380,13 @@ class Training(StrictModel):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1337
 
 
+class Data(StrictModel):
+    """What the training data holds: its unique tokens (data/prepare.py's meta.json
+    n_train_tokens), so the plan can say how many passes over it the run makes."""
+
+    unique_tokens: Annotated[int, Field(ge=1, le=10**16)]
+
+
 class Spec(StrictModel):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     budget: Budget
@@ -390,6 +397,7 @@ class Spec(StrictModel):
         default_factory=_default_variants)
     cluster: Cluster = Cluster()
     training: Training = Training()
+    data: Data | None = None
 
     @model_validator(mode="after")
     def _consistent(self):

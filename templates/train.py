@@ -12,10 +12,11 @@ What happens:
   FSDP2 (`fully_shard` per block, then the root; "hsdp" shards within a node and replicates
   across nodes) or DDP; bf16 on CUDA; optional torch.compile and activation checkpointing,
   block by block;
-- every optimizer step sees global_batch_size sequences of block_size tokens, drawn at random
-  offsets from train.bin by a generator seeded with (seed, step) alone. Rank r takes its slice of
-  that step's sequences and splits it into micro-batches (gradient accumulation), so the tokens a
-  step sees do not depend on the number of ranks and a run resumes anywhere at any step;
+- every optimizer step reads the next global_batch_size of train.bin's sequences, each sequence
+  once per epoch in a seeded order (dataset.py), a pure function of (seed, step). Rank r takes
+  its slice of that step's sequences and splits it into micro-batches (gradient accumulation), so
+  the tokens a step sees do not depend on the number of ranks and a run resumes anywhere at any
+  step; the log counts epochs and the distinct tokens read;
 - AdamW (weight decay on 2-D weights only), linear warmup then cosine or WSD decay, gradient
   clipping; a step whose loss or gradient norm is not finite is skipped, and the run stops after
   max_nonfinite_steps such steps in a row;
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+from dataset import TokenData, TrainSequences, check_same_data, read_meta
 from configurator import (
     ANY_TEXT, NOT_EMPTY, ConfigError, at_least, between, even_at_least, greater_than, load_config,
     one_of,
@@ -108,6 +110,7 @@ flops_per_token = 0
 peak_flops = 0.0
 planned_mfu = 0.0
 init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
+allow_data_change = False  # resume even if train.bin is not the one the checkpoint trained on
 max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
@@ -195,68 +198,6 @@ def any_rank(flag, dev):
     t = torch.tensor([int(flag)], device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-# -----------------------------------------------------------------------------
-# Data: random sequences, a pure function of (seed, step)
-
-
-def read_meta(data_dir):
-    """(vocab_size, largest token id) from data/prepare.py's meta.json."""
-    path = os.path.join(data_dir, "meta.json")
-    redo = f"run data/prepare.py --out_dir {data_dir} (README.md, step 2)"
-    if not os.path.isfile(path):
-        raise ConfigError(f"no prepared data: {path} is missing; {redo} first")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise ConfigError(f"{path} is unreadable ({e}); {redo} again") from None
-    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
-    max_id = meta.get("max_token_id", vocab - 1) if isinstance(vocab, int) else None
-    if not all(type(n) is int and n >= 0 for n in (vocab, max_id)):
-        raise ConfigError(f"{path} has no valid vocab_size and max_token_id (non-negative "
-                          f"integers); {redo} again")
-    return vocab, max_id
-
-
-class TokenData:
-    """train.bin / val.bin of data/prepare.py, read through a memory map."""
-
-    def __init__(self, data_dir, split, block_size):
-        path = os.path.join(data_dir, f"{split}.bin")
-        size = os.path.getsize(path) if os.path.isfile(path) else None
-        if size is None or size % 4:  # flat uint32 ids (docs/CONTRACT.md)
-            what = "is missing" if size is None else f"has {size} bytes, not a whole uint32 count"
-            raise ConfigError(f"{path} {what}; run data/prepare.py --out_dir {data_dir} again")
-        # A sequence and its next-token targets need block_size + 1 tokens (+1 for a choice).
-        if size // 4 < block_size + 2:
-            more = "more text" + (" or a larger --val_fraction" if split == "val" else "")
-            raise ConfigError(f"{path} has {size // 4} tokens, fewer than block_size + 2 = "
-                              f"{block_size + 2}: give data/prepare.py {more}, or lower block_size")
-        self.tokens = np.memmap(path, dtype=np.uint32, mode="r")
-        self.block_size = block_size
-
-    def offsets(self, rng, count):
-        return rng.integers(0, len(self.tokens) - self.block_size, size=count)
-
-    def batch(self, offsets, dev):
-        """Inputs and next-token targets, (len(offsets), block_size) int64 each."""
-        rows = np.stack([self.tokens[o:o + self.block_size + 1] for o in offsets]).astype(np.int64)
-        x = torch.from_numpy(rows[:, :-1].copy())
-        y = torch.from_numpy(rows[:, 1:].copy())
-        if dev.type == "cuda":
-            x = x.pin_memory().to(dev, non_blocking=True)
-            y = y.pin_memory().to(dev, non_blocking=True)
-        return x, y
-
-
-def step_offsets(train, cfg, step, rank, world):
-    """This rank's share of global step `step`'s sequences (their start offsets)."""
-    rng = np.random.default_rng([cfg.seed, 0, step])  # the stream for step `step` of this seed
-    offsets = train.offsets(rng, cfg.global_batch_size)
-    per_rank = cfg.global_batch_size // world
-    return offsets[rank * per_rank:(rank + 1) * per_rank]
 
 
 # -----------------------------------------------------------------------------
@@ -484,8 +425,12 @@ def main(argv):
     if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
         raise ConfigError(f"{cfg.data_dir}: tokenizer has {vocab} ids (largest used "
                           f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
-    train_data = TokenData(cfg.data_dir, "train", cfg.block_size)
+    train_data = TrainSequences(cfg.data_dir, cfg.block_size, cfg.seed)
     val_data = TokenData(cfg.data_dir, "val", cfg.block_size)
+    if train_data.count < cfg.global_batch_size:
+        raise ConfigError(f"{train_data.path} holds {train_data.count} sequences of block_size + 1 "
+                          f"tokens, fewer than one global batch ({cfg.global_batch_size}): give "
+                          "data/prepare.py more text, or lower global_batch_size")
 
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -529,11 +474,16 @@ def main(argv):
         state = checkpoint.load(latest, model, optimizer, log)
         step, tokens_seen = state["step"], state["tokens_seen"]
         saved = state["config"]
+        check_same_data(state.get("data", {}), train_data, cfg.allow_data_change)
         changed = [k for k in ("seed", "global_batch_size", "block_size", "data_dir")
                    if saved.get(k) != cfg[k]]
         log(f"resumed from {latest} at step {step}" +
             (f" (WARNING: {', '.join(changed)} changed: the data order differs from the saved run)"
              if changed else ""))
+    epochs = train_data.epochs_after(cfg.max_iters, cfg.global_batch_size)
+    log(f"data: {train_data.count:,} sequences of {cfg.block_size} + 1 tokens in "
+        f"{train_data.path}; {cfg.max_iters} steps read {epochs:.3g} epochs"
+        + (" (WARNING: more than one pass over the data)" if epochs > 1 else ""))
 
     # --- the plan, for MFU and finish time
     plan_s = None
@@ -549,8 +499,11 @@ def main(argv):
 
     def save_checkpoint():
         train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
-                       "data": {"sampler": "uniform offsets, numpy default_rng([seed, 0, step])",
-                                "next_step": step, "n_train_tokens": len(train_data.tokens)}}
+                       "data": {"sampler": "each sequence once per epoch, numpy "
+                                           "default_rng([seed, 2, epoch]).permutation (dataset.py)",
+                                "next_step": step, "n_train_tokens": len(train_data.tokens),
+                                "sequences": train_data.count,
+                                "epoch": train_data.epochs_after(step, cfg.global_batch_size)}}
         t0 = time.time()
         path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
                                keep_last=cfg.keep_last_ckpts, log=log)
@@ -571,7 +524,8 @@ def main(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        offsets = step_offsets(train_data, cfg, step, rank, world)
+        offsets = train_data.starts(
+            train_data.step_sequences(step, cfg.global_batch_size, rank, world))
         loss_sum = torch.zeros((), device=dev)  # summed on the device: no sync per micro-step
         for micro in range(accum):
             x, y = train_data.batch(offsets[micro * cfg.micro_batch_size:
@@ -613,10 +567,12 @@ def main(argv):
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             tokens_per_s = interval_tokens / interval_time
+            epoch = train_data.epochs_after(step, cfg.global_batch_size)
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen}
+                      "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen, "epoch": epoch,
+                      "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size)}
             line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
-                    f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s")
+                    f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
             if cfg.flops_per_token and cfg.peak_flops:
                 mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
                 record["mfu"] = mfu

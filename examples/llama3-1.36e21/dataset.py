@@ -1,0 +1,135 @@
+"""The data train.py reads: every training sequence once per epoch, in a seeded order.
+
+train.bin (data/prepare.py: uint32 token ids, documents joined by the end-of-document id) is cut
+into K = (tokens - 1) // block_size sequences of block_size + 1 tokens that overlap by one token:
+inputs tokens[k·T : (k+1)·T], targets the same shifted by one. Consecutive sequences tile the
+corpus, so every token but the first is a target exactly once per epoch (Megatron's GPT dataset
+cuts the same way). Sequences are not aligned to documents: one may span a boundary, which the
+end-of-document id marks (as in nanoGPT and torchtitan); aligning would waste the tails.
+
+Order: epoch e visits the K sequences in the permutation numpy.random.default_rng([seed, 2, e])
+draws. Optimizer steps consume that stream global_batch_size sequences at a time (a step may span
+the end of one epoch and the start of the next), and rank r takes its contiguous share of a
+step's sequences. It is all a pure function of (seed, step): a run resumes at any step, on any
+number of ranks, and reads exactly the sequences an uninterrupted run would have.
+
+Validation reads a fixed set of random windows of val.bin (TokenData.offsets), the same at every
+evaluation, so val losses are comparable along a run.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from configurator import ConfigError
+
+ORDER_STREAM = 2  # default_rng([seed, ORDER_STREAM, epoch]): the training order's own stream
+
+
+def read_meta(data_dir):
+    """(vocab_size, largest token id) from data/prepare.py's meta.json."""
+    path = os.path.join(data_dir, "meta.json")
+    redo = f"run data/prepare.py --out_dir {data_dir} (README.md, step 2)"
+    if not os.path.isfile(path):
+        raise ConfigError(f"no prepared data: {path} is missing; {redo} first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"{path} is unreadable ({e}); {redo} again") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    max_id = meta.get("max_token_id", vocab - 1) if isinstance(vocab, int) else None
+    if not all(type(n) is int and n >= 0 for n in (vocab, max_id)):
+        raise ConfigError(f"{path} has no valid vocab_size and max_token_id (non-negative "
+                          f"integers); {redo} again")
+    return vocab, max_id
+
+
+class TokenData:
+    """train.bin / val.bin of data/prepare.py, read through a memory map."""
+
+    def __init__(self, data_dir, split, block_size):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size is None or size % 4:  # flat uint32 ids (docs/CONTRACT.md)
+            what = "is missing" if size is None else f"has {size} bytes, not a whole uint32 count"
+            raise ConfigError(f"{path} {what}; run data/prepare.py --out_dir {data_dir} again")
+        # A sequence and its next-token targets need block_size + 1 tokens (+1 for a choice).
+        if size // 4 < block_size + 2:
+            more = "more text" + (" or a larger --val_fraction" if split == "val" else "")
+            raise ConfigError(f"{path} has {size // 4} tokens, fewer than block_size + 2 = "
+                              f"{block_size + 2}: give data/prepare.py {more}, or lower block_size")
+        self.path = path
+        self.tokens = np.memmap(path, dtype=np.uint32, mode="r")
+        self.block_size = block_size
+
+    def offsets(self, rng, count):
+        """Random window starts (validation)."""
+        return rng.integers(0, len(self.tokens) - self.block_size, size=count)
+
+    def batch(self, offsets, dev):
+        """Inputs and next-token targets, (len(offsets), block_size) int64 each."""
+        rows = np.stack([self.tokens[o:o + self.block_size + 1] for o in offsets]).astype(np.int64)
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(rows[:, 1:].copy())
+        if dev.type == "cuda":
+            x = x.pin_memory().to(dev, non_blocking=True)
+            y = y.pin_memory().to(dev, non_blocking=True)
+        return x, y
+
+
+class TrainSequences(TokenData):
+    """train.bin as K sequences read in a seeded order, each once per epoch (module docstring)."""
+
+    def __init__(self, data_dir, block_size, seed):
+        super().__init__(data_dir, "train", block_size)
+        self.count = (len(self.tokens) - 1) // block_size  # K
+        self.seed = seed
+        self._orders = {}  # epoch -> permutation; the two most recent are kept
+
+    def order(self, epoch):
+        """The permutation of the K sequences that epoch `epoch` reads."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            rng = np.random.default_rng([self.seed, ORDER_STREAM, epoch])
+            self._orders[epoch] = rng.permutation(self.count)
+        return self._orders[epoch]
+
+    def step_sequences(self, step, global_batch_size, rank=0, world=1):
+        """The sequence indices rank `rank` of `world` reads at global step `step` (0-based)."""
+        per_rank = global_batch_size // world
+        first = step * global_batch_size + rank * per_rank
+        slots = np.arange(first, first + per_rank, dtype=np.int64)
+        epochs, positions = np.divmod(slots, self.count)
+        out = np.empty(per_rank, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mine = epochs == epoch
+            out[mine] = self.order(int(epoch))[positions[mine]]
+        return out
+
+    def starts(self, sequences):
+        """Token offsets of the given sequences, for batch()."""
+        return np.asarray(sequences, dtype=np.int64) * self.block_size
+
+    def epochs_after(self, steps, global_batch_size):
+        """Epochs (fractional) that `steps` optimizer steps read."""
+        return steps * global_batch_size / self.count
+
+    def unique_tokens_after(self, steps, global_batch_size):
+        """Distinct training tokens (targets) `steps` optimizer steps have read."""
+        return min(steps * global_batch_size, self.count) * self.block_size
+
+
+def check_same_data(saved, train, allow_change):
+    """Refuse to resume onto another train.bin than the checkpoint's (`saved`: its data state):
+    the step would point into other sequences. allow_change: the user's say-so."""
+    then = saved.get("n_train_tokens")
+    if then is None or then == len(train.tokens) or allow_change:
+        return
+    raise ConfigError(f"{train.path} has {len(train.tokens):,} tokens, but the checkpoint was "
+                      f"trained on {then:,}: resuming would read other sequences than the saved "
+                      "step says; point data_dir at the run's data, or pass "
+                      "--allow_data_change=True to continue on this data anyway")
