@@ -114,6 +114,26 @@ def cmd_submit(args) -> int:
                   use_sbatch=args.sbatch, overrides=args.overrides)
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate, report, write_calibration, write_svg
+    doc, plan, variant = calibrate(Path(args.run_dir), args.variant)
+    if args.output:
+        write_calibration(Path(args.output), doc)
+    if args.svg:
+        write_svg(Path(args.svg), Path(args.run_dir), doc, plan, variant)
+    if args.json:
+        print(json.dumps(doc, sort_keys=True, indent=2))
+    else:
+        sys.stdout.write(report(doc))
+        for label, path in (("calibration", args.output), ("figure", args.svg)):
+            if path:
+                print(f"wrote {label} {path}")
+        if args.output:
+            print(f"use it: `hardware: {{calibration: {args.output}}}` in a spec (a path relative "
+                  "to the spec file), then `llama3gen compile`")
+    return 0
+
+
 def _nonempty_path(text: str) -> str:
     # An empty -o is falsy: it silently fell back to ./<name>. Refuse it, naming the option.
     if not text:
@@ -154,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo")
     p.add_argument("--spec", help="compare against this spec (default: the one in the lock file)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("calibrate", help="compare a run's measured speed with its plan; write a "
+                       "calibration file for the next plan")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's out_dir inside a generated repo")
+    p.add_argument("--variant", help="the variant the run trained (default: the one of its shape)")
+    p.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    p.add_argument("-o", "--output", type=_nonempty_path, metavar="CALIBRATION.json",
+                   help="write the calibration file a spec names as hardware.calibration")
+    p.add_argument("--svg", type=_nonempty_path, metavar="FILE",
+                   help="write the loss and tokens/s against the plan as SVG")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema")
     p.set_defaults(func=cmd_schema)

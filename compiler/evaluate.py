@@ -42,7 +42,7 @@ class HardwareView:
     nodes: int
     kernel_efficiency: float  # fraction of peak the compute reaches (hardware.kernel_efficiency)
     interconnect: Interconnect
-    mfu: float | None = None  # a measured MFU (spec: hardware.mfu) replaces the step-time model
+    mfu: float | None = None  # measured (hardware.mfu or .calibration): replaces the step-time model
     activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
     recipe: Recipe = Recipe()
 
@@ -60,7 +60,7 @@ class HardwareView:
         efficiency, _ = catalog.kernel_efficiency(gpu, spec.training.compile)
         return cls(device="cpu" if gpu.is_cpu else "cuda", peak_flops=gpu.peak_flops,
                    memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-                   kernel_efficiency=efficiency, interconnect=link, mfu=hw.mfu,
+                   kernel_efficiency=efficiency, interconnect=link, mfu=hw.measured_mfu,
                    activation_checkpointing=spec.training.activation_checkpointing)
 
     @property

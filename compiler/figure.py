@@ -88,3 +88,86 @@ def isoflop_svg(plan: Plan) -> str:
         out.append(f'<text x="{LEFT + 15}" y="{y}">{escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+# --- planned against achieved (llama3gen calibrate --svg) -----------------------------------
+
+PANEL_WIDTH, PANEL_HEIGHT = 420, 320
+CALIBRATION_DESC = "written by llama3gen calibrate"  # how calibrate knows a file it may replace
+
+
+def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned: float,
+           planned_label: str, y_label: str, y_format) -> list[str]:
+    """One plot: `series` (step, value) as a line, `planned` as a dashed horizontal line."""
+    left, right, top, bottom = x_left + 70, x_left + PANEL_WIDTH - 15, 70, PANEL_HEIGHT - 45
+    steps = [s for s, _ in series] or [0.0]
+    values = [v for _, v in series] + [planned]
+    s0, s1 = min(steps), max(steps)
+    if s1 == s0:
+        s0, s1 = s0 - 1, s1 + 1
+    v0, v1 = min(values), max(values)
+    pad = (v1 - v0) * 0.08 or abs(v1) * 0.08 or 1.0
+    v0, v1 = v0 - pad, v1 + pad
+
+    def px(step: float) -> float:
+        return left + (step - s0) / (s1 - s0) * (right - left)
+
+    def py(value: float) -> float:
+        return top + (v1 - value) / (v1 - v0) * (bottom - top)
+
+    out = [f'<text x="{_fmt((left + right) / 2)}" y="{top - 28}" text-anchor="middle" '
+           f'font-size="13">{escape(title)}</text>',
+           f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>']
+    for k in range(5):
+        v = v0 + (v1 - v0) * k / 4
+        out.append(f'<line x1="{left - 5}" y1="{_fmt(py(v))}" x2="{left}" y2="{_fmt(py(v))}" '
+                   'stroke="black"/>')
+        out.append(f'<text x="{left - 8}" y="{_fmt(py(v) + 4)}" text-anchor="end">'
+                   f'{escape(y_format(v))}</text>')
+    for k in range(5):
+        s = s0 + (s1 - s0) * k / 4
+        out.append(f'<line x1="{_fmt(px(s))}" y1="{bottom}" x2="{_fmt(px(s))}" y2="{bottom + 5}" '
+                   'stroke="black"/>')
+        out.append(f'<text x="{_fmt(px(s))}" y="{bottom + 18}" text-anchor="middle">'
+                   f'{s:.0f}</text>')
+    out.append(f'<text x="{_fmt((left + right) / 2)}" y="{PANEL_HEIGHT - 8}" '
+               'text-anchor="middle">optimizer step</text>')
+    mid = (top + bottom) / 2
+    out.append(f'<text x="{_fmt(x_left + 14)}" y="{_fmt(mid)}" text-anchor="middle" '
+               f'transform="rotate(-90 {_fmt(x_left + 14)} {_fmt(mid)})">{escape(y_label)}</text>')
+    out.append(f'<line x1="{left}" y1="{_fmt(py(planned))}" x2="{right}" y2="{_fmt(py(planned))}" '
+               f'stroke="{PALETTE[0]}" stroke-dasharray="6 4" stroke-width="1.5"/>')
+    if len(series) > 1:
+        path = " ".join(f"{_fmt(px(s))},{_fmt(py(v))}" for s, v in series)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{PALETTE[1]}" stroke-width="1.5"/>')
+    for s, v in series:
+        out.append(f'<circle cx="{_fmt(px(s))}" cy="{_fmt(py(v))}" r="2" fill="{PALETTE[1]}"/>')
+    for k, (label, colour) in enumerate(((planned_label, PALETTE[0]), ("measured", PALETTE[1]))):
+        y = top - 14 + 12 * k - 6
+        out.append(f'<rect x="{left + 4}" y="{y - 8}" width="10" height="3" fill="{colour}"/>')
+        out.append(f'<text x="{left + 18}" y="{y}" font-size="11">{escape(label)}</text>')
+    return out
+
+
+def calibration_svg(run: str, variant_name: str, losses: list[tuple[float, float]],
+                    planned_loss: float, speeds: list[tuple[float, float]],
+                    planned_speed: float, benchmark_speed: float | None = None) -> str:
+    """The training loss of a run beside the plan's predicted final loss, and its tokens/s beside
+    the plan's: two panels, deterministic (no dates, fixed number formatting)."""
+    width = 2 * PANEL_WIDTH
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{PANEL_HEIGHT}" '
+           f'viewBox="0 0 {width} {PANEL_HEIGHT}" font-family="sans-serif" font-size="12">',
+           f'<desc>{CALIBRATION_DESC}</desc>',
+           f'<rect width="{width}" height="{PANEL_HEIGHT}" fill="white"/>',
+           f'<text x="{width // 2}" y="18" text-anchor="middle" font-size="14">'
+           f'{escape(run)}: planned ({escape(variant_name)}) against achieved</text>']
+    out += _panel(0, "training loss", losses, planned_loss,
+                  f"predicted final loss {planned_loss:.4f}", "loss", lambda v: f"{v:.3f}")
+    label = f"planned {planned_speed:,.0f} tokens/s"
+    if benchmark_speed is not None:
+        label += f"; benchmark {benchmark_speed:,.0f}"
+    out += _panel(PANEL_WIDTH, "throughput", speeds, planned_speed, label, "tokens/s",
+                  lambda v: si(v, 3))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      ValidationInfo, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from . import hardware, laws
@@ -129,6 +129,37 @@ class Hardware(StrictModel):
     cpus_per_gpu: Annotated[int, Field(ge=1, le=1024)] = 8
     host_memory_gb: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
     interconnect: Interconnect | None = None  # overrides the catalog's (hardware.INTERCONNECT)
+    # A `llama3gen calibrate -o` file, relative to the spec file: its measured MFU replaces the
+    # step-time model's (compiler/calibrate.py); read once here, kept in _calibration.
+    calibration: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    _calibration: dict | None = PrivateAttr(default=None)
+
+    @field_validator("calibration")
+    @classmethod
+    def _readable_calibration(cls, value, info: ValidationInfo):
+        if value is not None:
+            _calibration_file(value, info)  # its errors point at the key
+        return value
+
+    @model_validator(mode="after")
+    def _one_measured_mfu(self, info: ValidationInfo):
+        if self.mfu is not None and self.calibration is not None:
+            raise _invalid("mfu_and_calibration", "hardware.mfu and hardware.calibration both give "
+                           "a measured MFU", "keep one: hardware.calibration (its file holds the "
+                           "MFU a run measured) or hardware.mfu")
+        if self.calibration is not None:
+            self._calibration = _calibration_file(self.calibration, info)
+        return self
+
+    @property
+    def calibration_data(self) -> dict | None:
+        """The calibration file's contents (compiler/calibrate.py), when the spec names one."""
+        return self._calibration
+
+    @property
+    def measured_mfu(self) -> float | None:
+        """A measured MFU: the spec's hardware.mfu or its calibration's; None: predict it."""
+        return self._calibration["mfu"] if self._calibration else self.mfu
 
     @field_validator("gpu")
     @classmethod
@@ -151,7 +182,19 @@ class Hardware(StrictModel):
 
     @property
     def effective_mfu(self) -> float:
-        return self.mfu if self.mfu is not None else self.device().default_mfu
+        measured = self.measured_mfu
+        return measured if measured is not None else self.device().default_mfu
+
+
+def _calibration_file(name: str, info: ValidationInfo) -> dict:
+    """hardware.calibration read relative to the spec's directory (cwd for text without a file)."""
+    from .calibrate import load_calibration
+    base = Path((info.context or {}).get("spec_dir") or ".")
+    try:
+        return load_calibration(base / name)
+    except ValueError as exc:
+        raise _invalid("calibration_file", str(exc), "write one with `llama3gen calibrate RUN_DIR "
+                       "-o FILE` and give its path relative to the spec file") from None
 
 
 class FFNLlama3(StrictModel):
@@ -513,8 +556,9 @@ def _is_type_tag(part: str) -> bool:
         or part.startswith(("function-", "constrained-", "tagged-union"))
 
 
-def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
-    """Parse and validate YAML text; every failure is a UserError with a position."""
+def parse_spec_text(text: str, path: str = "<spec>", spec_dir: str | Path | None = None) -> Spec:
+    """Parse and validate YAML text; every failure is a UserError with a position. Files the spec
+    names (hardware.calibration) are relative to spec_dir (default: the working directory)."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise UserError(f"spec is larger than {MAX_BYTES // 1024} KiB", where=path,
                         fix="a spec is a few lines of YAML; check you passed the right file")
@@ -541,7 +585,7 @@ def parse_spec_text(text: str, path: str = "<spec>") -> Spec:
         raise UserError("a spec is a YAML mapping with at least `name` and `budget`", where=path,
                         fix="start from specs/1.36e21.yaml or specs/tiny-cpu.yaml")
     try:
-        return Spec.model_validate(data)
+        return Spec.model_validate(data, context={"spec_dir": spec_dir})
     except ValidationError as exc:
         raise _first_error(exc, root, data, path) from None
     except RecursionError:
@@ -638,7 +682,7 @@ def load_spec(path: str | Path) -> tuple[Spec, str]:
     except UnicodeDecodeError as exc:
         raise UserError(f"spec is not UTF-8 text (byte {exc.start})", where=shown,
                         fix="save the spec as UTF-8") from None
-    return parse_spec_text(text, shown), text
+    return parse_spec_text(text, shown, p.parent), text
 
 
 def json_schema() -> dict:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import laws
+from . import calibrate, laws
 from . import plan as P
 from .errors import UserError
 from .layout import Layout
@@ -154,10 +154,11 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
     seconds = training.tokens_trained / lay.tokens_per_second
     gpu_hours = seconds / 3600 * world
-    measured = hw.mfu is not None
-    timing = P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu,
-                      mfu_source="spec: hardware.mfu (measured)" if measured else
-                      "predicted: compiler/steptime.py (compute + exposed communication)",
+    measured = hw.measured_mfu is not None  # hardware.mfu, or hardware.calibration's
+    source = ("predicted: compiler/steptime.py (compute + exposed communication)" if not measured
+              else "spec: hardware.mfu (measured)" if hw.calibration is None
+              else calibrate.mfu_source(hw.calibration_data, hw.calibration, shape, training))
+    timing = P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu, mfu_source=source,
                       step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
                       exposed_comm_seconds=lay.exposed_comm_seconds, hardware_flops=hardware_flops,
                       days=seconds / 86400, gpu_hours=gpu_hours,
@@ -166,8 +167,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
                  if lay.activation_checkpointing else "")
     if measured:
         provenance["timing"] = (
-            f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.mfu:g} (spec, "
-            f"measured) / {lay.hardware_flops_per_token:,.0f} hardware FLOPs per token (exact "
+            f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.measured_mfu:g} "
+            f"(measured: {hw.calibration or 'spec'}) / {lay.hardware_flops_per_token:,.0f} hardware FLOPs per token (exact "
             f"convention{recompute}); days = tokens trained / tokens/s")
     else:
         provenance["timing"] = (

@@ -1,0 +1,444 @@
+"""`llama3gen calibrate RUN_DIR`: what a run measured against what its plan predicted, and the
+calibration file through which the next plan uses the measurement.
+
+RUN_DIR is a run's out_dir (train.py's metrics.jsonl, docs/CONTRACT.md "metrics.jsonl") inside a
+generated repo; the repo's llama3gen.lock.json holds the plan. The measurement is the run's
+`--benchmark_iters` record when it has one, else the median of its logged steps after the first
+WARMUP_RECORDS (compilation and warm-up). A spec names the file as `hardware: {calibration: FILE}`:
+the plan then trains at the measured MFU instead of the step-time model's (evaluate.py), and every
+variant's timing.mfu_source cites the file and the run. MFU is per device and per FLOP, so it
+carries over to another shape or layout; the source string says when it did.
+
+Only the standard library and the compiler's own modules: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from . import __version__, arch
+from .errors import UserError
+
+KIND = "llama3gen calibration"
+FORMAT = 1
+METRICS = "metrics.jsonl"
+LOCK_NAME = "llama3gen.lock.json"
+WARMUP_RECORDS = 3  # logged records left out without a benchmark record (compile, warm-up)
+SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
+              "tie_embeddings", "block_size")
+
+
+def _error(message: str, where: str, fix: str) -> UserError:
+    return UserError(message, where=where, fix=fix)
+
+
+# --- reading the run --------------------------------------------------------------------------
+
+
+def find_repo(run_dir: Path) -> Path:
+    """The generated repo holding run_dir: the nearest directory upwards with a lock file."""
+    for d in (run_dir, *run_dir.parents):
+        if (d / LOCK_NAME).is_file():
+            return d
+    raise _error(f"not inside a generated repo: no {LOCK_NAME} in it or any directory above",
+                 str(run_dir), "pass a run's out_dir inside the repo `llama3gen compile` wrote, "
+                 "e.g. REPO/out/<variant>")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records. A last line cut short by a crash is left out; any other line
+    that is not a JSON object is an error naming it."""
+    path = run_dir / METRICS
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise _error(f"no {METRICS} here", str(run_dir),
+                     "pass the out_dir of a run of train.py (it writes out_dir/metrics.jsonl); "
+                     "e.g. run `python train.py config/<variant>.py --benchmark_iters=20` first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _error(f"cannot read {METRICS}: {exc}", str(path), "check the file") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):
+                break
+            raise _error(f"line {number} is not a JSON object", str(path),
+                         "metrics.jsonl holds one JSON object per line, as train.py writes it")
+        records.append(record)
+    return records
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _train_state_config(run_dir: Path) -> dict:
+    """The config saved in the run's newest checkpoint (train_state.json), or {}."""
+    for state in sorted((run_dir / "checkpoints").glob("step_*/train_state.json"), reverse=True):
+        try:
+            config = json.loads(state.read_text(encoding="utf-8")).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return {}
+
+
+def measure(run_dir: Path, records: list[dict]) -> dict:
+    """What the run measured: the last benchmark record, else the median of the logged steps of
+    the last start that logged any, after its first WARMUP_RECORDS."""
+    segments, current = [], []
+    for r in records:
+        if r.get("event") == "start":
+            current = [r]
+            segments.append(current)
+        else:
+            if not segments:
+                segments.append(current)
+            current.append(r)
+    benchmarks = [r for r in records if r.get("event") == "benchmark"
+                  and _number(r.get("tokens_per_s")) and _number(r.get("step_time_s"))]
+    start = {}
+    if benchmarks:
+        bench = benchmarks[-1]
+        for seg in segments:
+            if bench in seg and seg[0].get("event") == "start":
+                start = seg[0]
+        config = start.get("config") or _train_state_config(run_dir)
+        return {"tokens_per_second": bench["tokens_per_s"], "step_time_s": bench["step_time_s"],
+                "mfu": _number(bench.get("mfu")),
+                "peak_memory_bytes": _number(bench.get("max_memory_reserved")),
+                "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
+                "how": f"benchmark record: {bench.get('steps')} timed steps",
+                "world_size": bench.get("world_size"), "device": bench.get("device"),
+                "gpu": bench.get("gpu"), "shape": bench.get("shape") or _shape(config),
+                "layout": bench.get("layout") or _layout(config, start),
+                "date": bench.get("time") or start.get("time"), "config": config}
+    logged = []
+    for seg in reversed(segments):
+        logged = [r for r in seg if "event" not in r and _number(r.get("tokens_per_s"))]
+        if logged:
+            start = seg[0] if seg and seg[0].get("event") == "start" else {}
+            break
+    if not logged:
+        raise _error(f"{METRICS} has no logged training steps (no record with tokens_per_s)",
+                     str(run_dir / METRICS), "train for at least one log_interval, or run "
+                     "train.py with --benchmark_iters=N")
+    kept = logged[min(WARMUP_RECORDS, len(logged) - 1):]
+    config = start.get("config") or _train_state_config(run_dir)
+    tokens_per_step = (config.get("global_batch_size") or 0) * (config.get("block_size") or 0)
+
+    def median(key):
+        values = [_number(r.get(key)) for r in kept]
+        return statistics.median(values) if values and None not in values else None
+    tokens_per_second = median("tokens_per_s")
+    step_time = median("step_time_s") or (tokens_per_step / tokens_per_second
+                                           if tokens_per_step else None)
+    peaks = [_number(r.get("max_memory_reserved")) for r in logged]
+    allocated = [_number(r.get("max_memory_allocated")) for r in logged]
+    steps = [r.get("step") for r in kept]
+    return {"tokens_per_second": tokens_per_second, "step_time_s": step_time,
+            "mfu": median("mfu"),
+            "peak_memory_bytes": max([p for p in peaks if p is not None], default=None),
+            "peak_memory_allocated_bytes": max([p for p in allocated if p is not None],
+                                               default=None),
+            "how": (f"median of {len(kept)} logged records (steps {steps[0]}-{steps[-1]}; the "
+                    f"first {len(logged) - len(kept)} left out as warm-up)"),
+            "world_size": start.get("world_size") or None, "device": start.get("device"),
+            "gpu": start.get("gpu"), "shape": _shape(config),
+            "layout": _layout(config, start), "date": start.get("time"), "config": config}
+
+
+def _shape(config: dict) -> dict | None:
+    shape = {k: config.get(k) for k in SHAPE_KEYS}
+    return shape if None not in shape.values() else None
+
+
+def _layout(config: dict, start: dict) -> dict | None:
+    if not config:
+        return None
+    world = start.get("world_size") or 1
+    return {"parallelism": config.get("parallelism") if world > 1 else "none",
+            "global_batch_size": config.get("global_batch_size"),
+            "micro_batch_size": config.get("micro_batch_size"), "grad_accum": start.get("grad_accum"),
+            "activation_checkpointing": config.get("activation_checkpointing"),
+            "compile": config.get("compile"), "dtype": config.get("dtype")}
+
+
+# --- the plan it is compared with -------------------------------------------------------------
+
+
+def _plan_shape(variant) -> dict:
+    s = variant.choice.shape
+    return {"n_layer": s.n_layers, "n_embd": s.d_model, "n_head": s.n_heads,
+            "n_kv_head": s.n_kv_heads, "head_dim": s.head_dim, "ffn_hidden": s.ffn_hidden,
+            "vocab_size": s.vocab_size, "tie_embeddings": s.tie_embeddings, "block_size": s.seq_len}
+
+
+def _plan_layout(variant) -> dict:
+    t = variant.training
+    return {"parallelism": t.parallelism if t.world_size > 1 else "none",
+            "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
+            "grad_accum": t.grad_accum, "activation_checkpointing": t.activation_checkpointing,
+            "compile": t.compile, "dtype": t.dtype}
+
+
+def pick_variant(plan, measured: dict, repo: Path, run_dir: Path, name: str | None):
+    """The plan's variant the run trained: --variant, else the one of the run's shape, else the
+    one whose out_dir (out/<variant>) the run wrote."""
+    by_name = {v.name: v for v in plan.variants}
+    if name is not None:
+        if name not in by_name:
+            raise _error(f"--variant {name!r} is not a variant of plan {plan.name}", str(repo),
+                         f"one of: {', '.join(by_name)}")
+        return by_name[name]
+    same_shape = [v for v in plan.variants if measured["shape"] == _plan_shape(v)]
+    if len(same_shape) == 1:
+        return same_shape[0]
+    out_dir = (measured["config"] or {}).get("out_dir")
+    for v in same_shape or plan.variants:
+        if out_dir == f"out/{v.name}" or run_dir.resolve() == (repo / "out" / v.name).resolve():
+            return v
+    if len(plan.variants) == 1:
+        return plan.variants[0]
+    raise _error("cannot tell which variant this run trained (its shape and out_dir match none, "
+                 "or several)", str(run_dir), f"pass --variant, one of: {', '.join(by_name)}")
+
+
+def shape_text(shape: dict | None) -> str:
+    if not shape:
+        return "an unrecorded shape"
+    return (f"{shape['n_layer']}L × d {shape['n_embd']} ({shape['n_head']}/{shape['n_kv_head']} "
+            f"heads × {shape['head_dim']}, FFN {shape['ffn_hidden']}, V {shape['vocab_size']}, "
+            f"T {shape['block_size']})")
+
+
+def layout_text(world, layout: dict | None) -> str:
+    if not layout:
+        return f"{world} rank(s)"
+    ac = ", activation checkpointing" if layout.get("activation_checkpointing") else ""
+    compiled = ", compiled" if layout.get("compile") else ""
+    return (f"{world} rank(s) {layout.get('parallelism')}, micro-batch "
+            f"{layout.get('micro_batch_size')} × accum {layout.get('grad_accum')}{ac}{compiled}")
+
+
+# --- calibrate ---------------------------------------------------------------------------------
+
+
+def _namespace(value):
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    return [_namespace(v) for v in value] if isinstance(value, list) else value
+
+
+def _read_plan(repo: Path):
+    """The lock's plan, read for the fields used here only (attribute access, as on a Plan), so
+    that a repo compiled by another llama3gen version with other plan fields still reads."""
+    from .render import read_lock
+    plan = _namespace(read_lock(repo).get("plan"))
+    try:
+        for v in plan.variants:
+            v.name, v.choice.shape.n_layers, v.choice.loss, v.memory.total, v.training.world_size
+            v.timing.tokens_per_second, v.timing.mfu, v.timing.step_seconds, v.timing.mfu_source
+        plan.name, plan.hardware.peak_tflops, plan.hardware.gpu
+    except (AttributeError, TypeError) as exc:
+        raise _error(f"{LOCK_NAME} holds no plan this llama3gen can read ({exc})",
+                     str(repo / LOCK_NAME), "re-compile the repo with this llama3gen") from None
+    return plan
+
+
+def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, object, object]:
+    """(calibration document, plan, variant) for the run in run_dir."""
+    if not run_dir.is_dir():
+        raise _error("not a directory", str(run_dir), "pass a run's out_dir, e.g. REPO/out/<variant>")
+    run_dir = run_dir.resolve()
+    repo = find_repo(run_dir)
+    records = read_metrics(run_dir)
+    plan = _read_plan(repo)
+    measured = measure(run_dir, records)
+    variant = pick_variant(plan, measured, repo, run_dir, variant_name)
+    world = measured["world_size"] or 1
+    peak = plan.hardware.peak_tflops * 1e12
+    if measured["mfu"] is None and measured["shape"]:  # train.py logs MFU only with peak_flops set
+        s = measured["shape"]
+        fpt = arch.flops_per_token_exact(s["n_layer"], s["n_embd"], s["n_head"], s["n_kv_head"],
+                                         s["head_dim"], s["ffn_hidden"], s["vocab_size"],
+                                         s["block_size"])
+        measured["mfu"] = float(fpt) * measured["tokens_per_second"] / (world * peak)
+    if measured["mfu"] is None:
+        raise _error("the run's records give no MFU and no model shape to compute it from",
+                     str(run_dir / METRICS), "run train.py with the repo's config/<variant>.py")
+    t = variant.timing
+    run = f"{plan.name}:{run_dir.relative_to(repo).as_posix()}"
+    doc = {
+        "kind": KIND, "format": FORMAT, "llama3gen_version": __version__,
+        "tokens_per_second": measured["tokens_per_second"], "mfu": measured["mfu"],
+        "step_time_s": measured["step_time_s"], "peak_memory_bytes": measured["peak_memory_bytes"],
+        "peak_memory_allocated_bytes": measured["peak_memory_allocated_bytes"],
+        "measured_on": {
+            "run": run, "run_dir": str(run_dir), "how": measured["how"],
+            "date": measured["date"], "device": measured["device"],
+            "gpu": measured["gpu"] or (plan.hardware.gpu if measured["device"] != "cpu" else "cpu"),
+            "world_size": world, "peak_flops": peak, "variant": variant.name,
+            "shape": measured["shape"], "layout": measured["layout"]},
+        "planned": {"tokens_per_second": t.tokens_per_second, "mfu": t.mfu,
+                    "step_time_s": t.step_seconds, "peak_memory_bytes": variant.memory.total,
+                    "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
+                    "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
+    }
+    return doc, plan, variant
+
+
+def comparison_rows(doc: dict) -> list[tuple[str, float | None, float | None, str]]:
+    """(quantity, planned, measured, unit) for the table."""
+    p = doc["planned"]
+    return [("tokens/s", p["tokens_per_second"], doc["tokens_per_second"], "tokens"),
+            ("MFU", p["mfu"], doc["mfu"], "fraction"),
+            ("step time", p["step_time_s"], doc["step_time_s"], "seconds"),
+            ("peak memory / device", p["peak_memory_bytes"], doc["peak_memory_bytes"], "bytes")]
+
+
+def _shown(value, unit: str) -> str:
+    if value is None:
+        return "not measured"
+    return {"tokens": f"{value:,.0f}", "fraction": f"{value:.1%}", "seconds": f"{value:.4g} s",
+            "bytes": f"{value / 2**30:.2f} GiB"}[unit]
+
+
+def report(doc: dict) -> str:
+    m, p = doc["measured_on"], doc["planned"]
+    lines = [f"run {m['run']} ({m['how']}; {m['date'] or 'date not recorded'})",
+             f"  measured on {layout_text(m['world_size'], m['layout'])}, {m['gpu']}, "
+             f"{shape_text(m['shape'])}",
+             f"  planned for {layout_text(p['world_size'], p['layout'])}, variant {m['variant']}",
+             "", f"{'':<22}{'planned':>14}{'measured':>16}{'measured/planned':>18}"]
+    for name, planned, measured, unit in comparison_rows(doc):
+        ratio = f"{measured / planned:.3f}" if measured is not None and planned else "-"
+        lines.append(f"{name:<22}{_shown(planned, unit):>14}{_shown(measured, unit):>16}"
+                     f"{ratio:>18}")
+    if m["world_size"] != p["world_size"]:
+        lines.append(f"note: the run used {m['world_size']} rank(s), the plan {p['world_size']}: "
+                     "tokens/s and step time are of different jobs; MFU is per device")
+    lines.append("note: planned memory includes the allocator margin and the per-process context "
+                 "(compiler/memory.py); measured is torch.cuda.max_memory_reserved")
+    return "\n".join(lines) + "\n"
+
+
+def _is_calibration(text: str) -> bool:
+    try:
+        return json.loads(text).get("kind") == KIND
+    except (ValueError, AttributeError):
+        return False
+
+
+def _is_our_svg(text: str) -> bool:
+    from .figure import CALIBRATION_DESC
+    return text.startswith("<svg ") and f"<desc>{CALIBRATION_DESC}</desc>" in text
+
+
+def write_file(path: Path, text: str, ours) -> None:
+    """Write aside, then os.replace: never half-written, never through a symbolic link, never
+    over a file this tool did not write (`ours(text)` says whether it did)."""
+    if path.is_symlink():
+        raise _error("is a symbolic link; calibrate writes no file through one", str(path),
+                     "give a path to a regular file")
+    if path.exists():
+        try:
+            mine = path.is_file() and ours(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            mine = False
+        if not mine:
+            raise _error("exists and is not a file `llama3gen calibrate` wrote; not overwriting it",
+                         str(path), "choose another path, or move the file away")
+    parent = path.parent
+    if not parent.is_dir():
+        raise _error("its directory does not exist", str(path), "create the directory first")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _error(f"cannot write it: {exc.strerror}", str(path),
+                     "check the directory's permissions") from None
+
+
+def write_calibration(path: Path, doc: dict) -> None:
+    write_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", _is_calibration)
+
+
+def write_svg(path: Path, run_dir: Path, doc: dict, plan, variant) -> None:
+    """The loss curve beside the predicted final loss, tokens/s beside the plan's (figure.py)."""
+    from .figure import calibration_svg
+    last = {}  # step -> record; a step logged twice (a re-run after a resume) keeps its last
+    for r in read_metrics(run_dir):
+        if "event" not in r and _number(r.get("step")) is not None:
+            last.setdefault(r["step"], {}).update(r)
+    steps = sorted(last)
+    losses = [(float(s), last[s]["loss"]) for s in steps if _number(last[s].get("loss")) is not None]
+    speeds = [(float(s), last[s]["tokens_per_s"]) for s in steps
+              if _number(last[s].get("tokens_per_s")) is not None]
+    bench = doc["tokens_per_second"] if doc["measured_on"]["how"].startswith("benchmark") else None
+    text = calibration_svg(doc["measured_on"]["run"], variant.name, losses, variant.choice.loss,
+                           speeds, variant.timing.tokens_per_second, bench)
+    write_file(path, text, _is_our_svg)
+
+
+# --- a spec's hardware.calibration -------------------------------------------------------------
+
+
+def load_calibration(path: Path) -> dict:
+    """A calibration file for a spec; ValueError (one line) when it cannot be used."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"calibration file {str(path)!r} not found (a path relative to the spec "
+                         "file; `llama3gen calibrate RUN_DIR -o FILE` writes one)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration file {str(path)!r}: {exc}") from None
+    except ValueError:
+        raise ValueError(f"calibration file {str(path)!r} is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a llama3gen calibration file (format {FORMAT}; "
+                         "`llama3gen calibrate RUN_DIR -o FILE` writes one)")
+    mfu = _number(doc.get("mfu"))
+    if mfu is None or mfu <= 0 or not isinstance(doc.get("measured_on"), dict):
+        raise ValueError(f"calibration file {str(path)!r}: mfu must be a number > 0 "
+                         f"(got {doc.get('mfu')!r}) and measured_on an object")
+    return doc
+
+
+def mfu_source(doc: dict, file: str, shape, training) -> str:
+    """timing.mfu_source of a variant planned with a calibration: the file, the run, and whether
+    the MFU came from another shape or layout."""
+    m = doc["measured_on"]
+    text = (f"calibration {file}: MFU {doc['mfu']:.4g} measured by run {m.get('run')} "
+            f"({m.get('how')}, {m.get('date') or 'date not recorded'}) on {m.get('world_size')} "
+            f"× {m.get('gpu')}")
+    here = {"n_layer": shape.n_layers, "n_embd": shape.d_model, "n_head": shape.n_heads,
+            "n_kv_head": shape.n_kv_heads, "head_dim": shape.head_dim,
+            "ffn_hidden": shape.ffn_hidden, "vocab_size": shape.vocab_size,
+            "tie_embeddings": shape.tie_embeddings, "block_size": shape.seq_len}
+    if m.get("shape") != here:
+        text += f"; MFU measured on {shape_text(m.get('shape'))}, applied to this shape"
+    layout = m.get("layout") or {}
+    parallelism = training.parallelism if training.world_size > 1 else "none"
+    if (m.get("world_size") != training.world_size or layout.get("parallelism") != parallelism
+            or layout.get("micro_batch_size") != training.micro_batch_size
+            or bool(layout.get("activation_checkpointing")) != training.activation_checkpointing):
+        text += (f"; measured on {layout_text(m.get('world_size'), layout)}, applied to "
+                 f"{training.world_size} rank(s) {parallelism}, micro-batch "
+                 f"{training.micro_batch_size}")
+    return text
