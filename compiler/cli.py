@@ -114,6 +114,51 @@ def cmd_submit(args) -> int:
                   use_sbatch=args.sbatch, overrides=args.overrides)
 
 
+def cmd_fit(args) -> int:
+    from . import fit
+    target = args.target
+    if args.spec:
+        from .solver import budget_flops
+        from .spec import load_spec
+        target = budget_flops(load_spec(args.spec)[0]).flops
+    runs, excluded = [], []
+    for source in args.sources:
+        got, bad = fit.read_csv(source)
+        runs += got
+        excluded += bad
+    runs, excluded = fit.select_runs(runs, excluded, args.exclude_worst, ", ".join(args.sources))
+    result = fit.fit(runs, excluded, target_flops=target, bootstrap=args.bootstrap, seed=args.seed)
+    if args.output:
+        fit.write_law(Path(args.output), result)
+    if args.json:
+        print(json.dumps(result.to_json(), sort_keys=True, indent=2))
+    else:
+        sys.stdout.write(fit.report(result))
+        if args.output:
+            print(f"law written to {args.output}")
+    return 0
+
+
+def _flops(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of FLOPs; give e.g. 1e22")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 2") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate, report, write_calibration, write_svg
     doc, plan, variant = calibrate(Path(args.run_dir), args.variant)
@@ -200,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
     p.add_argument("--sbatch", action="store_true", help="use scripts/train.sbatch, not submitit")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("fit", help="fit a scaling law on sweep runs (CSV params,tokens,loss)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="CSV: params,tokens,loss[,flops]")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", type=_flops, metavar="FLOPS", help="budget to extrapolate to")
+    where.add_argument("--spec", help="take the target budget from this spec")
+    p.add_argument("--exclude-worst", type=_count, default=0, metavar="K",
+                   help="drop the K highest-loss runs (named in the report)")
+    p.add_argument("--bootstrap", type=_count, default=1000, metavar="B",
+                   help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--seed", type=_count, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the fit as JSON")
+    p.add_argument("-o", "--output", type=_nonempty_path, metavar="LAW.json",
+                   help="write the fitted law (for search.scaling_law: {file: LAW.json})")
+    p.set_defaults(func=cmd_fit)
     return parser
 
 
