@@ -127,6 +127,20 @@ class Timing(PlanModel):
     days: float
     gpu_hours: float
     cost_usd: float | None
+    # Goodput (compiler/goodput.py): days above are pure training; these add failures and saves.
+    failures_per_gpu_hour: float  # per device; 0: failures not modelled
+    job_mtbf_s: float | None  # the job's mean time between failures; None when the rate is 0
+    checkpoint_bytes: float  # fp32 weights + AdamW's two moments
+    checkpoint_write_GBps: float  # the job's aggregate storage bandwidth
+    checkpoint_write_s: float  # one save; training waits for it
+    young_daly_interval_s: float | None  # √(2 · write time · MTBF); None when the rate is 0
+    young_daly_interval_steps: int | None  # that, in whole steps within [1, max_iters]
+    checkpoint_interval_s: float  # training.ckpt_interval steps, in seconds
+    checkpoint_saves: int  # saves in the whole run, the final one included
+    restart_s: float  # per failure
+    expected_failures: float
+    goodput: float  # pure training time / wall clock
+    wall_clock_days: float  # days + checkpoint writes + lost work and restarts
 
 
 class Variant(PlanModel):

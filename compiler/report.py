@@ -8,6 +8,24 @@ from .units import duration, si
 RULE = "=" * 88
 
 
+def goodput_lines(v: Variant) -> list[str]:
+    """Checkpoints, failures and the wall clock they make (compiler/goodput.py)."""
+    t, tm = v.training, v.timing
+    save = (f"  checkpoint         {tm.checkpoint_bytes / 1e9:.3g} GB, {tm.checkpoint_write_s:.3g} s to write at "
+            f"{tm.checkpoint_write_GBps:.3g} GB/s; every {t.ckpt_interval:,} steps "
+            f"({duration(tm.checkpoint_interval_s / 86400)}; {v.provenance.get('ckpt_interval', '')})")
+    if tm.job_mtbf_s is None:
+        return [save, "  goodput            1 (cluster.failures_per_gpu_hour 0: failures not modelled)"]
+    return [
+        save,
+        f"  failures           {tm.failures_per_gpu_hour:.3g} per device-hour → job MTBF "
+        f"{duration(tm.job_mtbf_s / 86400)}; {tm.expected_failures:.3g} expected, "
+        f"{tm.restart_s:g} s restart each",
+        f"  Young–Daly         √(2 · write · MTBF) = {duration(tm.young_daly_interval_s / 86400)} "
+        f"= {tm.young_daly_interval_steps:,} steps",
+        f"  goodput            {tm.goodput:.2%} → wall clock {duration(tm.wall_clock_days)} "
+        f"(checkpoint writes, lost work and restarts included)",
+    ]
 
 
 def variant_block(plan: Plan, v: Variant) -> str:
@@ -53,7 +71,8 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  step               {tm.step_seconds:.3g} s = compute {tm.compute_seconds:.3g} s + "
         f"exposed communication {tm.exposed_comm_seconds:.3g} s",
         f"  time               {duration(tm.days)}, {tm.gpu_hours:,.1f} GPU-hours"
-        + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else ""),
+        + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else "") + " (training only)",
+        *goodput_lines(v),
         "",
         "TOP CANDIDATES (ranked by loss, then time):",
         f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",

@@ -372,6 +372,12 @@ class Cluster(StrictModel):
     signal_before_s: Annotated[int, Field(ge=10, le=3600)] = 120
     time_limit: Annotated[str, Field(pattern=TIME_LIMIT_PATTERN)] = "48:00:00"
     mem_per_node_gb: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    # Goodput (compiler/goodput.py); left out: the defaults it states. Failures per device-hour
+    # (0: none, the old fixed checkpoint interval), aggregate checkpoint write GB/s of the job,
+    # seconds a restart after a failure costs.
+    failures_per_gpu_hour: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    checkpoint_write_GBps: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
+    restart_s: Annotated[int, Field(ge=0, le=86400)] | None = None
 
     @field_validator("time_limit")
     @classmethod

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from . import goodput as G
 from . import calibrate, laws
 from . import plan as P
 from .errors import UserError
@@ -98,6 +99,52 @@ def _check_host_memory(spec: Spec, lay: Layout) -> None:
             fix=f"set cluster.mem_per_node_gb to at least {math.ceil(need / GIB)}, or leave it out")
 
 
+def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_seconds: float
+             ) -> tuple[G.Goodput, dict[str, str]]:
+    """The checkpoint interval (Young–Daly) and the goodput of the pick, with provenance."""
+    cl, tr, world = spec.cluster, spec.training, spec.hardware.world_size
+    rate, rate_why = G.failure_rate(cl.failures_per_gpu_hour)
+    GBps, GBps_why = G.write_bandwidth(cl.checkpoint_write_GBps, world)
+    restart = G.DEFAULT_RESTART_S if cl.restart_s is None else cl.restart_s
+    sharded = world > 1 and lay.parallelism in ("fsdp", "hsdp")  # as train.py decides
+    old_rule = max(1, min(1000, max_iters // 10))
+    g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, world_size=world,
+                       train_seconds=train_seconds, max_iters=max_iters, write_GBps=GBps,
+                       failures_per_gpu_hour=rate, restart_seconds=restart,
+                       ckpt_interval=tr.ckpt_interval, default_interval=old_rule)
+    how = (f"DCP: each of {world} ranks writes its {g.checkpoint_bytes_per_rank:.3g} bytes at "
+           "once, sharing the bandwidth" if sharded else "rank 0 writes it all")
+    why = {
+        "failures_per_gpu_hour": rate_why + ("; 0: failures not modelled" if rate == 0 else ""),
+        "checkpoint_write_s": (
+            f"{g.checkpoint_bytes:.4g} bytes ({G.CHECKPOINT_BYTES_PER_PARAM} per parameter: "
+            f"checkpoint.py's fp32 weights + AdamW's two fp32 moments) / {GBps:.3g} GB/s "
+            f"({GBps_why}); {how}"),
+        "restart_s": ("spec: cluster.restart_s" if cl.restart_s is not None else
+                      f"default (assumption): {restart} s to requeue, start and load a checkpoint"),
+    }
+    step = train_seconds / max_iters
+    if g.mtbf_seconds is not None:
+        why["job_mtbf_s"] = f"3600 / ({world} devices × {rate:.4g} failures per device-hour)"
+        why["young_daly_interval"] = (
+            f"√(2 · write {g.write_seconds:.3g} s · MTBF {g.mtbf_seconds:.4g} s) = "
+            f"{g.young_daly_seconds:.4g} s = {g.young_daly_steps} steps of {step:.3g} s, within "
+            f"[1, max_iters] (Young 1974; Daly 2006)")
+    if tr.ckpt_interval is not None:
+        why["ckpt_interval"] = "spec: training.ckpt_interval"
+    elif g.mtbf_seconds is not None:
+        why["ckpt_interval"] = "the Young–Daly interval"
+    else:
+        why["ckpt_interval"] = "max_iters // 10, at most 1000 (no failures modelled)"
+    why["goodput"] = (
+        "no failures modelled: wall clock = training time" if g.mtbf_seconds is None else
+        f"training {train_seconds:.4g} s / wall {g.wall_clock_seconds:.4g} s; wall = (training + "
+        f"{g.saves} saves × {g.write_seconds:.3g} s) / (1 − (restart {restart} s + half of "
+        f"interval {g.interval_seconds:.4g} s + write) / MTBF {g.mtbf_seconds:.4g} s); "
+        f"{g.expected_failures:.3g} expected failures (compiler/goodput.py)")
+    return g, why
+
+
 def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
                   hardware_efficiency: float
                   ) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
@@ -130,7 +177,9 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
     provenance["layout"] = "compiler/layout.py: " + "; ".join(lay.reasons)
 
     eval_interval = tr.eval_interval or max(1, min(1000, max_iters // 10))
-    ckpt_interval = tr.ckpt_interval or max(1, min(1000, max_iters // 10))
+    seconds = max_iters * batch_tokens / lay.tokens_per_second
+    good, why = _goodput(spec, choice, lay, max_iters, seconds)
+    provenance.update(why)
     is_cpu = device == "cpu"
     training = P.Training(
         parallelism=lay.parallelism, world_size=world, global_batch_size=batch_seqs,
@@ -141,7 +190,7 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
         grad_clip=tr.grad_clip, activation_checkpointing=lay.activation_checkpointing,
         compile=tr.compile, dtype="float32" if is_cpu else "bfloat16",
         device="cpu" if is_cpu else "cuda", eval_interval=eval_interval, eval_iters=tr.eval_iters,
-        log_interval=min(LOG_INTERVAL, max_iters), ckpt_interval=ckpt_interval,
+        log_interval=min(LOG_INTERVAL, max_iters), ckpt_interval=good.interval_steps,
         keep_last_ckpts=tr.keep_last_ckpts, seed=tr.seed, init_std=0.02)
     provenance["init_std"] = "0.02, as GPT-2, nanoGPT and torchtitan's LLaMA (assumption)"
 
@@ -152,7 +201,6 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
                       capacity=capacity, fits=lay.fits)
 
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
-    seconds = training.tokens_trained / lay.tokens_per_second
     gpu_hours = seconds / 3600 * world
     measured = hw.measured_mfu is not None  # hardware.mfu, or hardware.calibration's
     source = ("predicted: compiler/steptime.py (compute + exposed communication)" if not measured
@@ -162,7 +210,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
                       step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
                       exposed_comm_seconds=lay.exposed_comm_seconds, hardware_flops=hardware_flops,
                       days=seconds / 86400, gpu_hours=gpu_hours,
-                      cost_usd=None if hw.usd_per_gpu_hour is None else gpu_hours * hw.usd_per_gpu_hour)
+                      cost_usd=None if hw.usd_per_gpu_hour is None else gpu_hours * hw.usd_per_gpu_hour,
+                      **good.timing_fields())
     recompute = (", + one forward of the blocks for activation recomputation"
                  if lay.activation_checkpointing else "")
     if measured:

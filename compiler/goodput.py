@@ -1,0 +1,149 @@
+"""Goodput: the share of the wall clock that trains, once failures and checkpoints are counted.
+
+Pure arithmetic on one pick (docs/DESIGN.md, "Goodput"). A job of W devices fails, on average,
+every M = 1 / (W · failures per device-hour) hours. Every checkpoint stops training for its
+write time δ; every failure costs a restart R and the work since the last checkpoint. Checkpointing
+every τ seconds of training minimises the sum at τ ≈ √(2·δ·M) (Young 1974; Daly 2006).
+
+Per failure the work lost is, on average, half a segment (τ of training + δ of writing): failures
+are uniform in time. The failures themselves happen during the whole wall clock, lost work and
+restarts included, so
+
+    wall = (T + saves·δ) / (1 − (R + (τ + δ)/2) / M),    goodput = T / wall,
+
+with T the pure training time (timing.days) and saves the checkpoints train.py writes
+(every ckpt_interval steps and at the end).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import UserError
+
+# Llama 3 paper (Grattafiori et al. 2024, §3.3.4): 419 unexpected interruptions in a 54-day
+# snapshot of pre-training on 16,384 H100s (78% hardware: GPUs, HBM, hosts, network).
+LLAMA3_INTERRUPTIONS, LLAMA3_DAYS, LLAMA3_GPUS = 419, 54, 16384
+DEFAULT_FAILURES_PER_GPU_HOUR = LLAMA3_INTERRUPTIONS / (LLAMA3_DAYS * 24 * LLAMA3_GPUS)
+FAILURES_SOURCE = (f"Llama 3 paper §3.3.4: {LLAMA3_INTERRUPTIONS} unexpected interruptions in "
+                   f"{LLAMA3_DAYS} days on {LLAMA3_GPUS:,} GPUs = {LLAMA3_INTERRUPTIONS} / "
+                   f"({LLAMA3_DAYS}·24·{LLAMA3_GPUS}) per GPU-hour")
+
+# Llama 3 paper §3.3.1: Tectonic sustains 2 TB/s for the 16,384-GPU cluster. Its per-GPU share,
+# scaled to the job, is the default: storage is assumed to grow with the cluster.
+LLAMA3_STORAGE_GBPS = 2000.0
+DEFAULT_WRITE_GBPS_PER_GPU = LLAMA3_STORAGE_GBPS / LLAMA3_GPUS
+
+DEFAULT_RESTART_S = 600  # assumption: requeue, process start, NCCL init, checkpoint load
+
+# What checkpoint.py writes: the model's fp32 weights and AdamW's two fp32 moments (exp_avg,
+# exp_avg_sq); gradients are not saved, RNG and train state are a few kilobytes.
+CHECKPOINT_BYTES_PER_PARAM = 12
+
+
+@dataclass(frozen=True)
+class Goodput:
+    failures_per_gpu_hour: float  # per device
+    write_GBps: float  # the job's aggregate storage bandwidth
+    restart_seconds: float
+    checkpoint_bytes: float  # the whole checkpoint
+    checkpoint_bytes_per_rank: float  # what the busiest writer writes
+    write_seconds: float  # δ
+    mtbf_seconds: float | None  # M; None: failures not modelled (rate 0)
+    young_daly_seconds: float | None  # √(2·δ·M)
+    young_daly_steps: int | None  # that many steps, within [1, max_iters]
+    interval_steps: int  # the plan's ckpt_interval (the spec's training.ckpt_interval wins)
+    interval_seconds: float  # τ = interval_steps × step time
+    saves: int  # checkpoints in the whole run, the final one included
+    expected_failures: float
+    goodput: float
+    wall_clock_seconds: float
+
+    def timing_fields(self) -> dict:
+        """The goodput fields of the Plan's Timing (compiler/plan.py)."""
+        return dict(
+            failures_per_gpu_hour=self.failures_per_gpu_hour, job_mtbf_s=self.mtbf_seconds,
+            checkpoint_bytes=self.checkpoint_bytes, checkpoint_write_GBps=self.write_GBps,
+            checkpoint_write_s=self.write_seconds, young_daly_interval_s=self.young_daly_seconds,
+            young_daly_interval_steps=self.young_daly_steps,
+            checkpoint_interval_s=self.interval_seconds, checkpoint_saves=self.saves,
+            restart_s=self.restart_seconds, expected_failures=self.expected_failures,
+            goodput=self.goodput, wall_clock_days=self.wall_clock_seconds / 86400)
+
+
+def failure_rate(spec_rate: float | None) -> tuple[float, str]:
+    """Failures per device-hour, and where the number comes from."""
+    if spec_rate is not None:
+        return spec_rate, "spec: cluster.failures_per_gpu_hour"
+    return DEFAULT_FAILURES_PER_GPU_HOUR, f"default: {FAILURES_SOURCE}"
+
+
+def write_bandwidth(spec_GBps: float | None, world_size: int) -> tuple[float, str]:
+    """Aggregate checkpoint write bandwidth of the job, GB/s, and where it comes from."""
+    if spec_GBps is not None:
+        return spec_GBps, "spec: cluster.checkpoint_write_GBps (aggregate, per job)"
+    return (DEFAULT_WRITE_GBPS_PER_GPU * world_size,
+            f"default (assumption): Llama 3's storage share per GPU, {LLAMA3_STORAGE_GBPS:g} GB/s "
+            f"sustained over {LLAMA3_GPUS:,} GPUs (§3.3.1) = {DEFAULT_WRITE_GBPS_PER_GPU:.3g} GB/s, "
+            f"× {world_size} devices")
+
+
+def young_daly_interval(write_seconds: float, mtbf_seconds: float) -> float:
+    """Seconds of training between checkpoints that minimise the expected loss: √(2·δ·M)."""
+    return math.sqrt(2 * write_seconds * mtbf_seconds)
+
+
+def wall_clock(train_seconds: float, saves: int, write_seconds: float, interval_seconds: float,
+               mtbf_seconds: float | None, restart_seconds: float) -> float:
+    """Expected wall-clock seconds (module docstring); train_seconds without failures (M None).
+
+    Raises UserError when a failure is expected before a checkpoint can save the work."""
+    if mtbf_seconds is None:
+        return train_seconds
+    loss_per_failure = restart_seconds + (interval_seconds + write_seconds) / 2
+    left = 1 - loss_per_failure / mtbf_seconds
+    wall = (train_seconds + saves * write_seconds) / left if left > 0 else math.inf
+    if not math.isfinite(wall):
+        raise UserError(
+            f"the job is expected to fail every {mtbf_seconds:,.0f} s, sooner than it restarts "
+            f"({restart_seconds:g} s) and redoes the work since its last checkpoint (half of "
+            f"{interval_seconds:.4g} s between checkpoints, {write_seconds:.3g} s each to write): "
+            "it would never finish", field="cluster.failures_per_gpu_hour",
+            fix="use fewer devices, faster storage (cluster.checkpoint_write_GBps), a shorter "
+                "cluster.restart_s, or the cluster's own failures_per_gpu_hour (0: no failures)")
+    return wall
+
+
+def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds: float,
+                 max_iters: int, write_GBps: float, failures_per_gpu_hour: float,
+                 restart_seconds: float, ckpt_interval: int | None,
+                 default_interval: int) -> Goodput:
+    """The checkpoint interval and goodput of one pick.
+
+    write_GBps is the job's aggregate storage bandwidth. Sharded (DCP), every rank writes its
+    1/world share at once, but they share that bandwidth: the write takes the whole checkpoint's
+    bytes over it either way (unsharded, rank 0 writes everything, assumed to reach it too).
+    ckpt_interval: the spec's, which wins; default_interval: the rule when failures are off."""
+    total = float(CHECKPOINT_BYTES_PER_PARAM) * n_params
+    per_rank = total / world_size if sharded else total
+    write_s = total / (write_GBps * 1e9)
+    step_s = train_seconds / max_iters
+    mtbf_s = yd_s = yd_steps = None
+    if failures_per_gpu_hour > 0:
+        mtbf_s = 3600 / (failures_per_gpu_hour * world_size)
+        yd_s = young_daly_interval(write_s, mtbf_s)
+        # clamp before int(): τ / step can exceed any int64 on tiny steps
+        steps = yd_s / step_s if step_s > 0 else math.inf
+        yd_steps = int(max(1, min(max_iters, round(min(steps, 1e18)))))
+    interval = ckpt_interval or (yd_steps if yd_steps is not None else default_interval)
+    interval_s = interval * step_s
+    saves = math.ceil(max_iters / interval)  # train.py also saves at the last step
+    wall = wall_clock(train_seconds, saves, write_s, interval_s, mtbf_s, restart_seconds)
+    return Goodput(
+        failures_per_gpu_hour=failures_per_gpu_hour, write_GBps=write_GBps,
+        restart_seconds=float(restart_seconds), checkpoint_bytes=total, checkpoint_bytes_per_rank=per_rank, write_seconds=write_s,
+        mtbf_seconds=mtbf_s, young_daly_seconds=yd_s, young_daly_steps=yd_steps,
+        interval_steps=interval, interval_seconds=interval_s, saves=saves,
+        expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
+        goodput=train_seconds / wall if wall > 0 else 1.0, wall_clock_seconds=wall)

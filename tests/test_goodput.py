@@ -1,0 +1,143 @@
+"""Goodput (issue #18, item 4): the Young–Daly checkpoint interval, the expected goodput and the
+wall clock, by hand and through the planner; failure rate 0 keeps the old interval rule."""
+
+import ast
+import math
+import subprocess
+import sys
+
+import pytest
+
+from llama3gen import goodput as G
+from llama3gen.planner import build_plan
+from llama3gen.render import render_files
+from llama3gen.spec import parse_spec_text
+
+# Float64 arithmetic of a dozen operations, in another order than goodput.py's: 1e-12 relative
+# is a thousand times the rounding error and far below any modelling difference.
+EXACT = 1e-12
+
+TINY = """name: tiny
+budget: {flops: 5.0e12}
+hardware: {gpu: cpu, gpus_per_node: 2, nodes: 1, cpus_per_gpu: 1}
+model: {vocab_size: 257, seq_len: 128, head_dim: 32, kv_heads: 2,
+        ffn: {llama3_multiplier: 1.3, multiple_of: 32}}
+search: {layers: {min: 2, max: 8}, hidden: {min: 64, max: 256, step: 32}, aspect: {min: 8, max: 128}}
+training: {compile: false}
+variants: [{name: optimal}]
+"""
+
+
+def gpu_spec(flops, nodes, cluster=""):
+    return (f"name: job\nbudget: {{flops: {flops}}}\n"
+            f"hardware: {{gpu: h100-sxm, gpus_per_node: 8, nodes: {nodes}}}\n"
+            f"variants: [{{name: optimal}}]\n" + (f"cluster: {{{cluster}}}\n" if cluster else ""))
+
+
+def plan_of(text):
+    return build_plan(parse_spec_text(text, "test.yaml"))
+
+
+def test_young_daly_and_goodput_by_hand():
+    # 1e9 parameters on 8 ranks, 2 GB/s, 1e-4 failures per GPU-hour, 10,000 steps of 100 s.
+    g = G.plan_goodput(n_params=10**9, sharded=True, world_size=8, train_seconds=1e6,
+                       max_iters=10_000, write_GBps=2.0, failures_per_gpu_hour=1e-4,
+                       restart_seconds=600, ckpt_interval=None, default_interval=1000)
+    assert g.checkpoint_bytes == 12e9  # fp32 weights + AdamW's exp_avg and exp_avg_sq
+    assert g.checkpoint_bytes_per_rank == 1.5e9
+    assert g.write_seconds == pytest.approx(6.0, rel=EXACT)  # 12 GB / 2 GB/s
+    assert g.mtbf_seconds == pytest.approx(4.5e6, rel=EXACT)  # 3600 s / (8 · 1e-4)
+    assert g.young_daly_seconds == pytest.approx(math.sqrt(2 * 6 * 4.5e6), rel=EXACT)  # 7348.5 s
+    assert g.young_daly_steps == g.interval_steps == 73  # 7348.5 s / 100 s per step, rounded
+    assert g.interval_seconds == pytest.approx(7300, rel=EXACT)
+    assert g.saves == 137  # ceil(10,000 / 73): the last step saves too
+    wall = (1e6 + 137 * 6) / (1 - (600 + (7300 + 6) / 2) / 4.5e6)
+    assert g.wall_clock_seconds == pytest.approx(wall, rel=EXACT)
+    assert g.goodput == pytest.approx(1e6 / wall, rel=EXACT)
+    assert g.goodput == pytest.approx(0.998234, abs=5e-7)  # 1e6 / 1,001,768.8, six digits by hand
+    assert g.expected_failures == pytest.approx(wall / 4.5e6, rel=EXACT)
+
+
+def test_the_interval_stays_within_the_run():
+    common = dict(n_params=10**9, sharded=False, world_size=1, write_GBps=2.0, restart_seconds=0,
+                  failures_per_gpu_hour=1e-4, default_interval=1000)
+    short = G.plan_goodput(train_seconds=100.0, max_iters=10, ckpt_interval=None, **common)
+    assert short.interval_steps == 10 and short.saves == 1  # √(2·6·3.6e7) s ≫ the 100 s run
+    slow = G.plan_goodput(train_seconds=1e6, max_iters=10, ckpt_interval=None, **common)
+    assert slow.interval_steps == 1  # one step (1e5 s) outlasts the Young–Daly interval (2e4 s)
+    given = G.plan_goodput(train_seconds=1e6, max_iters=10, ckpt_interval=4, **common)
+    assert given.interval_steps == 4 and given.saves == 3 and given.young_daly_steps == 1
+
+
+def test_the_default_rate_is_llama3s():
+    assert G.DEFAULT_FAILURES_PER_GPU_HOUR == 419 / (54 * 24 * 16384)
+    plan = plan_of(TINY)
+    tm = plan.variants[0].timing
+    assert tm.failures_per_gpu_hour == 419 / (54 * 24 * 16384)
+    assert tm.job_mtbf_s == pytest.approx(3600 / (2 * 419 / (54 * 24 * 16384)), rel=EXACT)
+    prov = plan.variants[0].provenance
+    for key in ("failures_per_gpu_hour", "checkpoint_write_s", "restart_s", "job_mtbf_s",
+                "young_daly_interval", "ckpt_interval", "goodput"):
+        assert prov[key], key
+    assert "419" in prov["failures_per_gpu_hour"] and "assumption" in prov["restart_s"]
+
+
+def test_failure_rate_zero_keeps_the_old_interval():
+    for text in (TINY, gpu_spec(1.36e21, 1)):  # max_iters // 10, and the 1000-step cap
+        off = plan_of(text + "cluster: {failures_per_gpu_hour: 0}\n")
+        on = plan_of(text)
+        t, tm = off.variants[0].training, off.variants[0].timing
+        assert t.ckpt_interval == max(1, min(1000, t.max_iters // 10))
+        assert tm.goodput == 1 and tm.wall_clock_days == tm.days and tm.expected_failures == 0
+        assert tm.job_mtbf_s is None and tm.young_daly_interval_s is None
+        # only the checkpoint interval and the goodput fields differ
+        assert off.variants[0].training.model_copy(update={"ckpt_interval": 0}) == \
+            on.variants[0].training.model_copy(update={"ckpt_interval": 0})
+        assert tm.days == on.variants[0].timing.days
+    assert max(1, min(1000, t.max_iters // 10)) == 1000  # the GPU spec reached the cap
+
+
+def test_a_large_job_checkpoints_more_often_and_loses_more():
+    small = plan_of(gpu_spec(1.36e21, 1)).variants[0].timing
+    large = plan_of(gpu_spec(1e24, 128)).variants[0].timing
+    assert large.young_daly_interval_s < small.young_daly_interval_s
+    assert large.checkpoint_interval_s < small.checkpoint_interval_s
+    assert large.goodput < small.goodput < 1
+    assert large.expected_failures > small.expected_failures
+    assert large.wall_clock_days > large.days
+
+
+def test_the_generated_config_has_the_plans_interval(tmp_path):
+    text = gpu_spec(1.36e21, 1)
+    for spec_text in (text, text + "training: {ckpt_interval: 7}\n"):
+        plan = build_plan(parse_spec_text(spec_text, "test.yaml"))
+        files = render_files(plan, spec_text)
+        v = plan.variants[0]
+        config = ast.parse(files[f"config/{v.name}.py"].decode())
+        values = {n.targets[0].id: ast.literal_eval(n.value) for n in config.body
+                  if isinstance(n, ast.Assign)}
+        assert values["ckpt_interval"] == v.training.ckpt_interval
+        assert f"{v.timing.goodput:.2%}" in files["README.md"].decode()
+    assert v.training.ckpt_interval == 7 and v.provenance["ckpt_interval"] == "spec: training.ckpt_interval"
+    assert v.timing.young_daly_interval_steps != 7  # the spec won over the rule
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "llama3gen.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_solve_reports_goodput_and_a_hopeless_job_is_a_clear_error(tmp_path):
+    (tmp_path / "ok.yaml").write_text(gpu_spec(1.36e21, 1, "checkpoint_write_GBps: 2.5, restart_s: 300"))
+    r = cli("solve", "ok.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Young–Daly" in r.stdout and "goodput" in r.stdout and "at 2.5 GB/s" in r.stdout
+    assert "300 s restart each" in r.stdout
+    # one failure per GPU-hour on 8 GPUs: every 450 s, shorter than a 600 s restart
+    (tmp_path / "bad.yaml").write_text(gpu_spec(1.36e21, 1, "failures_per_gpu_hour: 1"))
+    r = cli("compile", "bad.yaml", "-o", "out", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()  # the error, and the UserError's fix
+    assert len(lines) == 2 and lines[0].startswith("error: bad.yaml: ") and "Traceback" not in r.stderr
+    assert "cluster.failures_per_gpu_hour" in r.stderr and "never finish" in r.stderr
+    assert not (tmp_path / "out").exists()
