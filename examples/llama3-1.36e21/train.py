@@ -21,7 +21,11 @@ What happens:
   clipping; a step whose loss or gradient norm is not finite is skipped, and the run stops after
   max_nonfinite_steps such steps in a row;
 - logs (stdout, and out_dir/metrics.jsonl, appended line by line): loss, lr, grad norm, tokens/s,
-  MFU against the plan, and a re-estimated finish time; val loss every eval_interval steps;
+  step time, MFU against the plan, peak CUDA memory, and a re-estimated finish time; val loss
+  every eval_interval steps;
+- --benchmark_iters=N: a short run to measure speed before the long one: warm up, time N steps,
+  write one "benchmark" record to metrics.jsonl (what `llama3gen calibrate` reads) and exit 0
+  without evaluating or checkpointing;
 - checkpoints (checkpoint.py) every ckpt_interval steps and at the end; at start the run resumes
   from the newest checkpoint in out_dir that verifies (or starts from init_from_hf);
 - SIGTERM or SIGUSR1 (preemption, SLURM's warning signal): save at the next step boundary and
@@ -112,6 +116,7 @@ planned_mfu = 0.0
 init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
 allow_data_change = False  # resume even if train.bin is not the one the checkpoint trained on
 max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
+benchmark_iters = 0  # > 0: warm up, time this many steps, write a "benchmark" record, exit (no checkpoint)
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
@@ -138,7 +143,7 @@ RULES = {
     "loss_chunk_tokens": at_least(1),
     "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
-    "max_nonfinite_steps": at_least(1),
+    "max_nonfinite_steps": at_least(1), "benchmark_iters": at_least(0),
 }
 RELATIONS = [  # (key, test, what is allowed): settings that must agree with each other
     ("n_kv_head", lambda c: c["n_head"] % c["n_kv_head"] == 0, "a divisor of n_head ({n_head})"),
@@ -149,6 +154,7 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
 PARALLELISM_NAMES = {"fsdp": "FSDP2", "hsdp": "HSDP (FSDP2 on a nodes × GPUs mesh)", "ddp": "DDP"}
 DUPLICATE_SIGNAL_WINDOW_S = 5.0  # repeats of a signal this soon are the same request
 MFU_WARN_FRACTION = 0.5  # warn when achieved MFU is below this fraction of planned_mfu
+BENCHMARK_WARMUP_STEPS = 3  # untimed steps before a benchmark: compilation, allocator, caches
 
 
 class Config(dict):
@@ -399,6 +405,41 @@ class Metrics:
             self.file.close()
 
 
+def peak_memory(dev):
+    """The CUDA caching allocator's peaks since the start, in bytes; None where not measured (CPU)."""
+    if dev.type != "cuda":
+        return {"max_memory_allocated": None, "max_memory_reserved": None}
+    return {"max_memory_allocated": torch.cuda.max_memory_allocated(dev),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(dev)}
+
+
+def sync(dev):
+    """Wait for the device's queued work, so a clock read after it has timed that work."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def benchmark_record(cfg, world, dev, accum, steps, seconds):
+    """The summary of --benchmark_iters: speed over the timed steps and what it ran on."""
+    tokens_per_s = steps * cfg.global_batch_size * cfg.block_size / seconds
+    record = {"event": "benchmark", "steps": steps, "seconds": seconds,
+              "step_time_s": seconds / steps, "tokens_per_s": tokens_per_s,
+              "mfu": (cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
+                      if cfg.flops_per_token and cfg.peak_flops else None),
+              "planned_mfu": cfg.planned_mfu or None, **peak_memory(dev),
+              "world_size": world, "device": dev.type,
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+              "shape": {k: cfg[k] for k in (*MODEL_SHAPE_KEYS, "block_size")},
+              "layout": {"parallelism": cfg.parallelism if world > 1 else "none",
+                         "global_batch_size": cfg.global_batch_size,
+                         "micro_batch_size": cfg.micro_batch_size, "grad_accum": accum,
+                         "activation_checkpointing": cfg.activation_checkpointing,
+                         "compile": cfg.compile, "dtype": cfg.dtype if dev.type == "cuda"
+                         else "float32"},
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return record
+
+
 def format_duration(seconds):
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -495,7 +536,9 @@ def main(argv):
             f"{format_duration(plan_s)}")
 
     metrics = Metrics(cfg.out_dir, master)
-    metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""))
+    metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""),
+                  device=dev.type, grad_accum=accum, config=dict(cfg),
+                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def save_checkpoint():
         train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
@@ -515,10 +558,19 @@ def main(argv):
     nonfinite_in_a_row = 0
     last_saved = step if latest else None
     steps_timed, time_in_steps = 0, 0.0  # for tokens/s and the finish estimate
-    interval_tokens, interval_time = 0, 0.0
+    interval_tokens, interval_time, interval_steps = 0, 0.0, 0
     warned_mfu = False
     status = 0
-    while step < cfg.max_iters:
+    # --benchmark_iters=N: after a few warm-up steps, time N steps; no evaluation, no checkpoint
+    benchmark = cfg.benchmark_iters > 0
+    start_step = step
+    timed_from = step + min(BENCHMARK_WARMUP_STEPS, cfg.benchmark_iters)
+    last_step = timed_from + cfg.benchmark_iters if benchmark else cfg.max_iters
+    benchmark_t0 = None
+    while step < last_step:
+        if benchmark and step == timed_from:
+            sync(dev)
+            benchmark_t0 = time.time()
         t0 = time.time()
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -554,6 +606,7 @@ def main(argv):
         time_in_steps += dt
         interval_tokens += tokens_per_step
         interval_time += dt
+        interval_steps += 1
 
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             log(f"ERROR: stopping at step {step}: {nonfinite_in_a_row} steps in a row had a "
@@ -565,12 +618,15 @@ def main(argv):
             status = 1
             break
 
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+        if step % cfg.log_interval == 0 or step == last_step:
             tokens_per_s = interval_tokens / interval_time
             epoch = train_data.epochs_after(step, cfg.global_batch_size)
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen, "epoch": epoch,
+                      "tokens_per_s": tokens_per_s, "step_time_s": interval_time / interval_steps,
+                      "tokens_seen": tokens_seen, "epoch": epoch,
                       "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size)}
+            if dev.type == "cuda":
+                record.update(peak_memory(dev))
             line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
                     f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
             if cfg.flops_per_token and cfg.peak_flops:
@@ -584,7 +640,7 @@ def main(argv):
             line += f" | eta {format_duration(eta_s)}"
             metrics.write(**record)  # first the durable record, then the console
             log(line)
-            interval_tokens, interval_time = 0, 0.0
+            interval_tokens, interval_time, interval_steps = 0, 0.0, 0
             # The first interval holds compilation and warm-up; judge MFU after it, warn once.
             if ("mfu" in record and cfg.planned_mfu and not warned_mfu
                     and steps_timed > cfg.log_interval
@@ -597,23 +653,32 @@ def main(argv):
                 metrics.write(event="mfu_below_plan", step=step, mfu=record["mfu"],
                               planned_mfu=cfg.planned_mfu)
 
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+        if not benchmark and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             val_loss = evaluate(model, val_data, cfg, rank, world, dev, autocast)
             log(f"step {step}: val loss {val_loss:.4f}")
             metrics.write(step=step, val_loss=val_loss)
 
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
+        if not benchmark and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
             save_checkpoint()
             last_saved = step
 
         if any_rank(stop.signal is not None, dev):  # every rank stops at the same step
-            if last_saved != step:
+            if last_saved != step and not benchmark:
                 save_checkpoint()
             log(f"stopping at step {step} after a signal; exit {EXIT_REQUEUE} (requeue to resume)")
             metrics.write(event="requeue", step=step)
             status = EXIT_REQUEUE
             break
 
+    if benchmark and status == 0:
+        sync(dev)
+        record = benchmark_record(cfg, world, dev, accum, cfg.benchmark_iters,
+                                  time.time() - benchmark_t0)
+        metrics.write(**record)
+        log(f"benchmark: {record['steps']} steps after {timed_from - start_step} warm-up: "
+            f"{record['step_time_s']:.3f} s/step, {record['tokens_per_s']:,.0f} tok/s"
+            + (f", MFU {record['mfu']:.1%}" if record["mfu"] is not None else "")
+            + f"; recorded in {cfg.out_dir}/metrics.jsonl (llama3gen calibrate reads it)")
     metrics.close()
     return status
 

@@ -44,7 +44,7 @@ grad_clip = 1.0  # spec: training.grad_clip
 eval_interval = 1000
 eval_iters = 20
 log_interval = 10
-ckpt_interval = 1000
+ckpt_interval = 1143
 keep_last_ckpts = 3
 
 # --- system: fsdp over 8 ranks (compiler/layout.py) ---
