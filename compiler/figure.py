@@ -92,14 +92,14 @@ def isoflop_svg(plan: Plan) -> str:
 
 # --- planned against achieved (llama3gen calibrate --svg) -----------------------------------
 
-PANEL_WIDTH, PANEL_HEIGHT = 420, 320
+PANEL_WIDTH, PANEL_HEIGHT = 420, 330
 CALIBRATION_DESC = "written by llama3gen calibrate"  # how calibrate knows a file it may replace
 
 
 def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned: float,
            planned_label: str, y_label: str, y_format) -> list[str]:
     """One plot: `series` (step, value) as a line, `planned` as a dashed horizontal line."""
-    left, right, top, bottom = x_left + 70, x_left + PANEL_WIDTH - 15, 70, PANEL_HEIGHT - 45
+    left, right, top, bottom = x_left + 70, x_left + PANEL_WIDTH - 15, 84, PANEL_HEIGHT - 45
     steps = [s for s, _ in series] or [0.0]
     values = [v for _, v in series] + [planned]
     s0, s1 = min(steps), max(steps)
@@ -115,7 +115,7 @@ def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned
     def py(value: float) -> float:
         return top + (v1 - value) / (v1 - v0) * (bottom - top)
 
-    out = [f'<text x="{_fmt((left + right) / 2)}" y="{top - 28}" text-anchor="middle" '
+    out = [f'<text x="{_fmt((left + right) / 2)}" y="{top - 46}" text-anchor="middle" '
            f'font-size="13">{escape(title)}</text>',
            f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>']
@@ -144,8 +144,8 @@ def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned
     for s, v in series:
         out.append(f'<circle cx="{_fmt(px(s))}" cy="{_fmt(py(v))}" r="2" fill="{PALETTE[1]}"/>')
     for k, (label, colour) in enumerate(((planned_label, PALETTE[0]), ("measured", PALETTE[1]))):
-        y = top - 14 + 12 * k - 6
-        out.append(f'<rect x="{left + 4}" y="{y - 8}" width="10" height="3" fill="{colour}"/>')
+        y = top - 26 + 13 * k  # legend rows between the panel's title and its plot
+        out.append(f'<rect x="{left + 4}" y="{y - 5}" width="10" height="3" fill="{colour}"/>')
         out.append(f'<text x="{left + 18}" y="{y}" font-size="11">{escape(label)}</text>')
     return out
 

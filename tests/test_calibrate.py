@@ -1,0 +1,234 @@
+"""Calibration (issue #18 parts 1-3): a real benchmark run of the tiny spec's repo on this CPU,
+`llama3gen calibrate` of it, and a re-compile that plans at the measured MFU.
+
+One module-scoped fixture compiles specs/tiny-cpu.yaml, prepares the stdlib corpus and runs
+`train.py config/optimal.py --benchmark_iters=5` in one process (a few seconds); every test reads
+that run.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.dom.minidom
+from pathlib import Path
+
+import pytest
+
+from _train_fixtures import prepare_data, read_metrics, run_train, subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SPEC = ROOT / "specs" / "tiny-cpu.yaml"
+BENCH_ITERS = 5
+WARMUP = min(3, BENCH_ITERS)  # train.py's BENCHMARK_WARMUP_STEPS
+# The lock file keeps floats to 10 significant digits (render.LOCK_FLOAT_DIGITS): relative error at
+# most 5e-10 per number, and the plan's arithmetic on them is float64 (~1e-15). Two rounded numbers
+# compared: 1e-9 holds; a calibration that was not applied misses by the whole speed ratio.
+LOCK_ROUNDING = 1e-9
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llama3gen.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_user_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+
+
+def lock_plan(repo):
+    return json.loads((Path(repo) / "llama3gen.lock.json").read_text())["plan"]
+
+
+def variant(plan, name):
+    return next(v for v in plan["variants"] if v["name"] == name)
+
+
+def calibrated_spec(directory, calibration_name="calibration.json", extra=""):
+    """specs/tiny-cpu.yaml with `calibration:` (and `extra`) under hardware, in `directory`."""
+    text = TINY_SPEC.read_text()
+    assert "\n  nodes: 1\n" in text
+    text = text.replace("\n  nodes: 1\n", f"\n  nodes: 1\n  calibration: {calibration_name}\n{extra}")
+    path = Path(directory) / "calibrated.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(repo, run_dir, calibration JSON from --json, the calibration file, work dir)."""
+    work = tmp_path_factory.mktemp("calibrate")
+    repo = work / "repo"
+    result = cli("compile", TINY_SPEC, "-o", repo)
+    assert result.returncode == 0, result.stderr
+    prepare_data(repo, "data/shards")
+    run_train(repo, "config/optimal.py", f"--benchmark_iters={BENCH_ITERS}", timeout=300)
+    run_dir = repo / "out" / "optimal"
+    specs = work / "specs"
+    specs.mkdir()
+    result = cli("calibrate", run_dir, "--json", "-o", specs / "calibration.json",
+                 "--svg", work / "first.svg")
+    assert result.returncode == 0, result.stderr
+    return repo, run_dir, json.loads(result.stdout), specs / "calibration.json", work
+
+
+def test_benchmark_writes_one_summary_and_no_checkpoint(run):
+    repo, run_dir, _, _, _ = run
+    records = read_metrics(run_dir)
+    benchmarks = [r for r in records if r.get("event") == "benchmark"]
+    assert len(benchmarks) == 1
+    b = benchmarks[0]
+    assert b["steps"] == BENCH_ITERS and b["world_size"] == 1 and b["device"] == "cpu"
+    assert b["step_time_s"] == pytest.approx(b["seconds"] / BENCH_ITERS, rel=1e-12)  # float64
+    assert b["max_memory_allocated"] is None and b["max_memory_reserved"] is None  # CPU
+    config = (repo / "config" / "optimal.py").read_text()
+    assert f"n_layer = {b['shape']['n_layer']}\n" in config
+    assert f"micro_batch_size = {b['layout']['micro_batch_size']}" in config
+    # Warm-up plus timed steps were trained, then it stopped: no evaluation, no checkpoint.
+    logged = [r for r in records if "event" not in r and "loss" in r]
+    assert logged[-1]["step"] == WARMUP + BENCH_ITERS
+    assert all(r["step_time_s"] > 0 and "max_memory_allocated" not in r for r in logged)
+    assert not any("val_loss" in r for r in records)
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_negative_benchmark_iters_is_refused(run):
+    repo = run[0]
+    proc = subprocess.run([sys.executable, "train.py", "config/optimal.py", "--benchmark_iters=-1"],
+                          cwd=repo, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "benchmark_iters" in proc.stderr, proc.stderr
+
+
+def test_calibration_holds_the_measurement_and_what_it_ran_on(run):
+    repo, run_dir, doc, path, _ = run
+    assert json.loads(path.read_text()) == doc
+    bench = next(r for r in read_metrics(run_dir) if r.get("event") == "benchmark")
+    assert doc["tokens_per_second"] == bench["tokens_per_s"]
+    assert doc["step_time_s"] == bench["step_time_s"]
+    assert doc["mfu"] == bench["mfu"]
+    assert doc["peak_memory_bytes"] is None  # not measured on CPU
+    on = doc["measured_on"]
+    assert on["run"] == "tiny-cpu:out/optimal" and on["variant"] == "optimal"
+    assert on["world_size"] == 1 and on["gpu"] == "cpu" and on["date"] == bench["time"]
+    assert on["shape"] == bench["shape"] and on["layout"] == bench["layout"]
+    planned = variant(lock_plan(repo), "optimal")
+    assert doc["planned"]["tokens_per_second"] == planned["timing"]["tokens_per_second"]
+
+
+def test_report_table_has_each_ratio(run):
+    _, run_dir, doc, _, _ = run
+    result = cli("calibrate", run_dir)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    ratio = doc["tokens_per_second"] / doc["planned"]["tokens_per_second"]
+    assert rows["tokens/s"].split()[-1] == f"{ratio:.3f}"
+    assert rows["MFU"].split()[-1] == f"{doc['mfu'] / doc['planned']['mfu']:.3f}"
+    assert "step time" in rows and "not measured" in rows["peak memory / device"]
+    assert "the run used 1 rank(s), the plan 2" in result.stdout
+
+
+def test_recompile_plans_at_the_measured_speed_and_cites_the_run(run):
+    repo, _, doc, calibration, work = run
+    spec = calibrated_spec(calibration.parent)
+    new = work / "repo-calibrated"
+    result = cli("compile", spec, "-o", new)
+    assert result.returncode == 0, result.stderr
+    plan = lock_plan(new)
+    optimal = variant(plan, "optimal")
+    world = plan["hardware"]["world_size"]
+    # The same shape without activation checkpointing: hardware FLOPs per token are the exact
+    # ones train.py's MFU used, so tokens/s = world × peak × MFU / FLOPs = world × measured/rank.
+    assert optimal["training"]["activation_checkpointing"] is False
+    assert optimal["timing"]["tokens_per_second"] == pytest.approx(
+        world * doc["tokens_per_second"] / doc["measured_on"]["world_size"], rel=LOCK_ROUNDING)
+    assert optimal["timing"]["mfu"] == pytest.approx(doc["mfu"], rel=LOCK_ROUNDING)
+    source = optimal["timing"]["mfu_source"]
+    assert "calibration calibration.json" in source and "tiny-cpu:out/optimal" in source
+    assert "applied to this shape" not in source and "applied to 2 rank(s)" in source
+    other = variant(plan, "chinchilla")  # 3 layers: the MFU carries over, and says so
+    assert other["choice"]["shape"]["n_layers"] != optimal["choice"]["shape"]["n_layers"]
+    assert "applied to this shape" in other["timing"]["mfu_source"]
+    assert other["timing"]["mfu"] == pytest.approx(doc["mfu"], rel=LOCK_ROUNDING)
+    assert f"planned_mfu = {round(doc['mfu'], 4)!r}" in (new / "config/optimal.py").read_text()
+
+    # check: the old repo against the new spec is stale exactly where the outputs differ.
+    result = cli("check", repo, "--spec", spec)
+    assert result.returncode == 1, result.stdout + result.stderr
+    stale = {line.split(": ", 1)[1] for line in result.stdout.splitlines()
+             if line.startswith("stale: ")}
+    differ = {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()
+              and (repo / p.relative_to(new)).read_bytes() != p.read_bytes()}
+    assert stale == differ and {"config/optimal.py", "llama3gen.lock.json"} <= stale
+    assert "train.py" not in stale and "model.py" not in stale
+
+
+def test_svg_is_deterministic_and_plots_plan_beside_run(run):
+    repo, run_dir, _, _, work = run
+    second = work / "second.svg"
+    result = cli("calibrate", run_dir, "--svg", second)
+    assert result.returncode == 0, result.stderr
+    assert second.read_bytes() == (work / "first.svg").read_bytes()
+    text = second.read_text()
+    xml.dom.minidom.parseString(text)  # well-formed
+    optimal = variant(lock_plan(repo), "optimal")
+    assert f"predicted final loss {optimal['choice']['loss']:.4f}" in text
+    assert f"planned {optimal['timing']['tokens_per_second']:,.0f} tokens/s" in text
+    assert text.count("stroke-dasharray") == 2  # the two planned lines
+    # calibrate replaces its own figure, never another file.
+    other = work / "notes.svg"
+    other.write_text("<svg>mine</svg>\n")
+    assert_user_error(cli("calibrate", run_dir, "--svg", other), "not overwriting")
+    assert other.read_text() == "<svg>mine</svg>\n"
+
+
+def test_median_of_logged_steps_without_a_benchmark(run):
+    repo, run_dir, _, _, _ = run
+    logged_dir = repo / "out" / "logged"
+    logged_dir.mkdir()
+    start = next(r for r in read_metrics(run_dir) if r.get("event") == "start")
+    speeds = [10.0, 20.0, 30.0, 4000.0, 5000.0, 6000.0]  # the first three are warm-up
+    lines = [json.dumps(start)] + [json.dumps({"step": 10 * (i + 1), "loss": 3.0, "tokens_per_s": s,
+                                               "step_time_s": 4096 / s}) for i, s in enumerate(speeds)]
+    (logged_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 70, "lo')
+    result = cli("calibrate", logged_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["tokens_per_second"] == 5000.0 and doc["step_time_s"] == 4096 / 5000.0
+    assert doc["measured_on"]["variant"] == "optimal"  # by its shape
+    assert "median of 3 logged records" in doc["measured_on"]["how"]
+
+
+def test_bad_inputs_are_one_message_and_exit_2(run):
+    repo, run_dir, _, calibration, work = run
+    empty = repo / "out" / "empty"
+    empty.mkdir()
+    assert_user_error(cli("calibrate", empty), "no metrics.jsonl")
+    (empty / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0}) + "\n")
+    assert_user_error(cli("calibrate", empty), "no logged training steps")
+    outside = work / "not-a-repo"
+    shutil.copytree(run_dir, outside)
+    assert_user_error(cli("calibrate", outside), "not inside a generated repo")
+    assert_user_error(cli("calibrate", work / "missing"), "not a directory")
+    foreign = work / "foreign.json"
+    foreign.write_text('{"mine": true}\n')
+    assert_user_error(cli("calibrate", run_dir, "-o", foreign), "not overwriting")
+    assert foreign.read_text() == '{"mine": true}\n'
+
+    both = work / "both"
+    both.mkdir()
+    shutil.copy(calibration, both / "calibration.json")
+    spec = calibrated_spec(both, extra="  mfu: 0.4\n")
+    assert_user_error(cli("compile", spec, "-o", work / "never"), "hardware.mfu",
+                      "hardware.calibration")
+    assert not (work / "never").exists()
+    missing = work / "missing-calibration"
+    missing.mkdir()
+    assert_user_error(cli("solve", calibrated_spec(missing)), "hardware.calibration",
+                      "not found")
+    garbage = work / "garbage"
+    garbage.mkdir()
+    (garbage / "calibration.json").write_text('{"kind": "something else"}\n')
+    assert_user_error(cli("solve", calibrated_spec(garbage)), "not a llama3gen calibration file")
