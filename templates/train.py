@@ -422,22 +422,21 @@ def sync(dev):
 def benchmark_record(cfg, world, dev, accum, steps, seconds):
     """The summary of --benchmark_iters: speed over the timed steps and what it ran on."""
     tokens_per_s = steps * cfg.global_batch_size * cfg.block_size / seconds
-    record = {"event": "benchmark", "steps": steps, "seconds": seconds,
-              "step_time_s": seconds / steps, "tokens_per_s": tokens_per_s,
-              "mfu": (cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
-                      if cfg.flops_per_token and cfg.peak_flops else None),
-              "planned_mfu": cfg.planned_mfu or None, **peak_memory(dev),
-              "world_size": world, "device": dev.type,
-              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-              "shape": {k: cfg[k] for k in (*MODEL_SHAPE_KEYS, "block_size")},
-              "layout": {"parallelism": cfg.parallelism if world > 1 else "none",
-                         "global_batch_size": cfg.global_batch_size,
-                         "micro_batch_size": cfg.micro_batch_size, "grad_accum": accum,
-                         "activation_checkpointing": cfg.activation_checkpointing,
-                         "compile": cfg.compile, "dtype": cfg.dtype if dev.type == "cuda"
-                         else "float32"},
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return record
+    return {"event": "benchmark", "steps": steps, "seconds": seconds,
+            "step_time_s": seconds / steps, "tokens_per_s": tokens_per_s,
+            "mfu": (cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
+                    if cfg.flops_per_token and cfg.peak_flops else None),
+            "planned_mfu": cfg.planned_mfu or None, **peak_memory(dev),
+            "world_size": world, "device": dev.type,
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "shape": {k: cfg[k] for k in (*MODEL_SHAPE_KEYS, "block_size")},
+            "layout": {"parallelism": cfg.parallelism if world > 1 else "none",
+                       "global_batch_size": cfg.global_batch_size,
+                       "micro_batch_size": cfg.micro_batch_size, "grad_accum": accum,
+                       "activation_checkpointing": cfg.activation_checkpointing,
+                       "compile": cfg.compile,
+                       "dtype": cfg.dtype if dev.type == "cuda" else "float32"},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def format_duration(seconds):
