@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .laws import ScalingLaw
+from .laws import LAW_FORMAT, ScalingLaw
 
 HUBER_DELTA = 1e-3
 N_LAW_PARAMS = 5  # E, A, B, alpha, beta
@@ -437,8 +437,6 @@ class FitResult:
                 "runs": {"used": len(self.runs), "excluded": [e.to_json() for e in self.excluded]},
                 "warnings": self.warnings}
 
-
-LAW_FORMAT = "llama3gen-law/1"
 
 
 def _interval(samples) -> tuple[float, float]:

@@ -77,6 +77,39 @@ CATALOG: dict[str, ScalingLaw] = {
 
 DEFAULT_LAW = "besiroglu2024"
 
+# A law fitted by `llama3gen fit -o LAW.json` (compiler/fit.py), named in a spec by
+# search.scaling_law: {file: LAW.json}.
+LAW_FORMAT = "llama3gen-law/1"
+
+
+def load_law_file(path, label: str | None = None) -> ScalingLaw:
+    """The law in a `llama3gen fit` file; ValueError (one line) when it cannot be used. `label`:
+    the path as the spec wrote it, for the citation (the same whatever the working directory)."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"law file {str(path)!r} not found (a path relative to the spec file; "
+                         "`llama3gen fit RUNS.csv -o FILE` writes one)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read law file {str(path)!r}: {exc}") from None
+    except ValueError:
+        raise ValueError(f"law file {str(path)!r} is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a llama3gen law file (format {LAW_FORMAT}; "
+                         "`llama3gen fit RUNS.csv -o FILE` writes one)")
+    values = [doc.get(k) for k in ("E", "A", "B", "alpha", "beta")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               and v > 0 for v in values):
+        raise ValueError(f"law file {str(path)!r}: E, A, B, alpha and beta must be positive "
+                         f"numbers (got {values})")
+    ranges = [tuple(doc[k]) if isinstance(doc.get(k), list) and len(doc[k]) == 2 else None
+              for k in ("fit_params", "fit_tokens")]
+    citation = f"{doc.get('citation') or 'fitted by llama3gen fit'}; file {label or path}"
+    return ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
+
 
 @dataclass(frozen=True)
 class TokensPerParamRule:

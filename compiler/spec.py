@@ -276,6 +276,32 @@ class TokensPerParamLaw(StrictModel):
     tokens_per_param: Annotated[float, Field(ge=1e-3, le=1e6, allow_inf_nan=False)]
 
 
+class FileLaw(StrictModel):
+    # A `llama3gen fit -o` file, relative to the spec file (docs/FIT.md); read once here.
+    file: Annotated[str, Field(min_length=1, max_length=4096)]
+    _law: laws.ScalingLaw | None = PrivateAttr(default=None)
+
+    @field_validator("file")
+    @classmethod
+    def _readable(cls, value, info: ValidationInfo):
+        _law_file(value, info)  # its errors point at the key
+        return value
+
+    @model_validator(mode="after")
+    def _read(self, info: ValidationInfo):
+        self._law = _law_file(self.file, info)
+        return self
+
+
+def _law_file(name: str, info: ValidationInfo) -> laws.ScalingLaw:
+    base = Path((info.context or {}).get("spec_dir") or ".")
+    try:
+        return laws.load_law_file(base / name, name)
+    except ValueError as exc:
+        raise _invalid("law_file", str(exc), "write one with `llama3gen fit RUNS.csv -o FILE` "
+                       "and give its path relative to the spec file") from None
+
+
 class Search(StrictModel):
     layers: Union[IntRange, IntChoices] = IntRange(min=4, max=64)
     hidden: Union[IntRange, IntChoices] = IntRange(min=256, max=8192, step=128)
@@ -283,7 +309,7 @@ class Search(StrictModel):
     # ratios of about 20-200; the LLaMA-3 family sits at 100-128. The laws do not see shape, so the
     # bounds keep the search where they were fitted.
     aspect: Bounds = Bounds(min=32, max=192)
-    scaling_law: Union[str, CustomLaw, TokensPerParamLaw] = laws.DEFAULT_LAW
+    scaling_law: Union[str, CustomLaw, TokensPerParamLaw, FileLaw] = laws.DEFAULT_LAW
     flops: Literal["6N", "exact"] = "6N"
     top_k: Annotated[int, Field(ge=1, le=1000)] = 10
     # Shapes whose loss is within this fraction of the best are treated as equally good; among
@@ -312,6 +338,8 @@ class Search(StrictModel):
     def law(self):
         if isinstance(self.scaling_law, str):
             return laws.CATALOG[self.scaling_law]
+        if isinstance(self.scaling_law, FileLaw):
+            return self.scaling_law._law
         if isinstance(self.scaling_law, TokensPerParamLaw):
             return laws.TokensPerParamRule(self.scaling_law.tokens_per_param,
                                            laws.CATALOG[laws.DEFAULT_LAW])

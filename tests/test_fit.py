@@ -309,3 +309,31 @@ def test_bench_fit_quick():
                           cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "llama3gen fit: 40 runs, 50 bootstrap resamples:" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- a spec uses the law
+
+def test_spec_plans_with_the_fitted_law(noisy_csv, tmp_path):
+    """search.scaling_law: {file: LAW.json}, relative to the spec's directory, not the cwd."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    assert cli(noisy_csv, "--bootstrap", 20, "-o", specs / "law.json").returncode == 0
+    fitted = json.loads((specs / "law.json").read_text())
+    text = (REPO_ROOT / "specs" / "1.36e21.yaml").read_text()
+    lines = [l for l in text.splitlines() if not l.strip().startswith("scaling_law:")]
+    at = lines.index("search:") + 1
+    spec = specs / "spec.yaml"
+    spec.write_text("\n".join(lines[:at] + ["  scaling_law: {file: law.json}"] + lines[at:]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "llama3gen.cli", "solve", str(spec), "--json"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    law = json.loads(proc.stdout)["law"]
+    assert [law[k] for k in KEYS] == [fitted[k] for k in KEYS]
+    assert law["citation"] == fitted["citation"] + "; file law.json"
+    assert law["citation"].startswith("fitted by llama3gen fit on 40 runs (budgets 1e+17, ")
+
+    spec.write_text(spec.read_text().replace("{file: law.json}", "{file: missing.json}"))
+    proc = subprocess.run([sys.executable, "-m", "llama3gen.cli", "solve", str(spec)],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "search.scaling_law.file: law file" in proc.stderr and "not found" in proc.stderr
