@@ -242,7 +242,7 @@ def build_plan(spec: Spec) -> P.Plan:
         budget=P.Budget(flops=budget.flops, convention=budget.convention, source=budget.source),
         hardware=P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
                             gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-                            world_size=hw.world_size, mfu=hw.mfu,
+                            world_size=hw.world_size, mfu=hw.measured_mfu,
                             kernel_efficiency=hardware.kernel_efficiency,
                             kernel_efficiency_source=kernel_efficiency(gpu, spec.training.compile)[1],
                             intra_node_GBps=hardware.interconnect.intra_node_GBps,

@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 import checkpoint
 from dataset import TokenData, TrainSequences, check_same_data, read_meta
+from parallelize import check_tensor_parallel, grad_norm_and_clip, parallelize
 from configurator import (
     ANY_TEXT, NOT_EMPTY, ConfigError, at_least, between, even_at_least, greater_than, load_config,
     one_of,
@@ -115,6 +116,7 @@ peak_flops = 0.0
 planned_mfu = 0.0
 init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
 allow_data_change = False  # resume even if train.bin is not the one the checkpoint trained on
+tensor_parallel = 1  # ranks of a node that split each block (parallelize.py); divides the node
 max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
 benchmark_iters = 0  # > 0: warm up, time this many steps, write a "benchmark" record, exit (no checkpoint)
 # -----------------------------------------------------------------------------
@@ -140,7 +142,7 @@ RULES = {
     "keep_last_ckpts": at_least(1),  # 0 would delete the checkpoint just saved
     "device": one_of("auto", "cuda", "cpu"), "dtype": one_of("bfloat16", "float32"),
     "parallelism": one_of("fsdp", "hsdp", "ddp"), "seed": at_least(0),
-    "loss_chunk_tokens": at_least(1),
+    "loss_chunk_tokens": at_least(1), "tensor_parallel": at_least(1),
     "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
     "max_nonfinite_steps": at_least(1), "benchmark_iters": at_least(0),
@@ -258,7 +260,7 @@ def load_init_from_hf(model, hf_dir):
 
 
 def build_model(cfg, dev, world, start_from_hf):
-    """The model, with activation checkpointing, compile and DDP/FSDP2 applied as configured."""
+    """The model, with activation checkpointing, compile and its parallelism applied."""
     args = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)})
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with torch.device(dev):
@@ -273,29 +275,7 @@ def build_model(cfg, dev, world, start_from_hf):
     if cfg.compile:  # block by block, in place (parameter names do not change)
         for block in layers:
             block.compile()
-    sharded = world > 1 and cfg.parallelism in ("fsdp", "hsdp")
-    if world > 1 and cfg.parallelism == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second fp32 copy.
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                    gradient_as_bucket_view=cfg.ddp_bucket_view)
-    elif sharded:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = None
-        if dev.type == "cuda" and cfg.dtype == "bfloat16":  # bf16 compute, fp32 gradient reduction
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if cfg.parallelism == "hsdp":  # shard within each node, replicate across nodes
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            mesh = init_device_mesh(dev.type, (world // per_node, per_node),
-                                    mesh_dim_names=("replicate", "shard"))
-        else:
-            mesh = init_device_mesh(dev.type, (world,))
-        kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
-        for block in layers:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
-    return model, sharded
+    return parallelize(model, cfg, dev, world)  # TP, then DDP or FSDP2 (parallelize.py)
 
 
 def make_optimizer(model, cfg):
@@ -305,6 +285,11 @@ def make_optimizer(model, cfg):
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.tensor_parallel > 1:  # plain, TP and FSDP parameters on several meshes: no fused or
+        # multi-tensor kernel takes them together, so step one parameter at a time (the same
+        # two groups as every other layout, so a checkpoint resumes on any layout)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                 foreach=False)
     # fused: one kernel per parameter (CUDA and CPU) instead of a dozen elementwise passes
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
@@ -457,10 +442,16 @@ def main(argv):
     master = rank == 0
 
     # --- checks that need the world size or the data
-    if cfg.global_batch_size % (world * cfg.micro_batch_size):
+    problem = check_tensor_parallel(cfg, world)
+    if problem:
+        raise ConfigError(problem)
+    # The ranks of a tensor-parallel group read the same data: data_rank of data_world.
+    data_rank, data_world = rank // cfg.tensor_parallel, world // cfg.tensor_parallel
+    if cfg.global_batch_size % (data_world * cfg.micro_batch_size):
         raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
-                          f"world size {world} × micro_batch_size {cfg.micro_batch_size}")
-    accum = cfg.global_batch_size // (world * cfg.micro_batch_size)
+                          f"data-parallel size {data_world} × micro_batch_size "
+                          f"{cfg.micro_batch_size}")
+    accum = cfg.global_batch_size // (data_world * cfg.micro_batch_size)
     vocab, max_id = read_meta(cfg.data_dir)
     if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
         raise ConfigError(f"{cfg.data_dir}: tokenizer has {vocab} ids (largest used "
@@ -495,17 +486,19 @@ def main(argv):
         check_checkpoint_shape(latest, cfg)
     start_from_hf = bool(cfg.init_from_hf) and not latest
 
-    model, sharded = build_model(cfg, dev, world, start_from_hf)
+    model, sharded, fsdp = build_model(cfg, dev, world, start_from_hf)
     optimizer = make_optimizer(model, cfg)
     # FSDP2 applies bf16 through its MixedPrecisionPolicy; DDP / one process use autocast.
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not sharded
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not fsdp
                 else contextlib.nullcontext())
     n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
     tokens_per_step = cfg.global_batch_size * cfg.block_size
-    layout = PARALLELISM_NAMES[cfg.parallelism] if world > 1 else "one process"
+    layout = PARALLELISM_NAMES[cfg.parallelism] if data_world > 1 else "one process"
+    if cfg.tensor_parallel > 1:
+        layout = f"tensor parallel {cfg.tensor_parallel}" + (f" × {layout}" if data_world > 1 else "")
     log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
         f"{world} rank(s) on {dev.type}, {layout}; {tokens_per_step:,} tokens/step = "
-        f"{world} × {cfg.micro_batch_size} × {accum} accum × {cfg.block_size}")
+        f"{data_world} × {cfg.micro_batch_size} × {accum} accum × {cfg.block_size}")
     if start_from_hf:
         log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
 
@@ -576,7 +569,7 @@ def main(argv):
             group["lr"] = lr
 
         offsets = train_data.starts(
-            train_data.step_sequences(step, cfg.global_batch_size, rank, world))
+            train_data.step_sequences(step, cfg.global_batch_size, data_rank, data_world))
         loss_sum = torch.zeros((), device=dev)  # summed on the device: no sync per micro-step
         for micro in range(accum):
             x, y = train_data.batch(offsets[micro * cfg.micro_batch_size:
@@ -587,7 +580,8 @@ def main(argv):
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
         loss_value = all_reduce_mean(loss_sum / accum, dev)
-        grad_norm = clip_and_norm(model, cfg.grad_clip)
+        grad_norm = (grad_norm_and_clip(model, cfg.grad_clip) if cfg.tensor_parallel > 1
+                     else clip_and_norm(model, cfg.grad_clip))
 
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             optimizer.step()
@@ -653,7 +647,7 @@ def main(argv):
                               planned_mfu=cfg.planned_mfu)
 
         if not benchmark and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-            val_loss = evaluate(model, val_data, cfg, rank, world, dev, autocast)
+            val_loss = evaluate(model, val_data, cfg, data_rank, data_world, dev, autocast)
             log(f"step {step}: val loss {val_loss:.4f}")
             metrics.write(step=step, val_loss=val_loss)
 

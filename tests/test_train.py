@@ -129,6 +129,64 @@ def test_two_ranks_match_single_process(repo, single_run, parallelism):
                          start_step=10)
 
 
+@pytest.mark.parametrize("ranks, parallelism", [(2, "fsdp"), (4, "fsdp")],
+                         ids=["tp2", "fsdp2xtp2"])
+def test_tensor_parallel_trains_as_one_process_does(repo, single_run, ranks, parallelism):
+    """Tensor parallelism (parallelize.py) over 2 ranks, and FSDP2 over 2 groups × TP 2 on 4
+    ranks (a 2-D mesh), at the same global batch: the loss curve and weights of one process,
+    within the bounds of RELATIVE_TOLERANCE (another reduction order: TP all-reduces the
+    partial sums of o_proj and down_proj). The sharded checkpoint reads back as full tensors."""
+    out = f"out/tp_{ranks}"
+    stdout = run_train(repo, "config/tiny.py", f"--out_dir={out}", f"--parallelism={parallelism}",
+                       "--tensor_parallel=2", nproc=ranks).stdout
+    assert "tensor parallel 2" in stdout
+    assert f"{ranks // 2} × 4 × {2 // (ranks // 2)} accum" in stdout
+    assert checkpoint.verify(repo / out / "checkpoints/step_00000040")["format"] == "dcp"
+    assert_same_training(single_run, repo / out, range(1, 41), checkpoint.load_model_weights,
+                         start_step=10)
+
+
+def test_a_tensor_parallel_checkpoint_resumes_on_one_process(repo, single_run):
+    """Saved at TP 2 after step 20, resumed by one process: DCP gathers the shards."""
+    import shutil
+    run_train(repo, "config/tiny.py", "--out_dir=out/tp_resume", "--tensor_parallel=2",
+              "--max_iters=40", "--ckpt_interval=20", nproc=2)
+    shutil.rmtree(repo / "out/tp_resume/checkpoints/step_00000040")
+    resumed = run_train(repo, "config/tiny.py", "--out_dir=out/tp_resume")
+    assert "saved by 2 ranks, resumed on 1" in resumed.stdout and "at step 20" in resumed.stdout
+    assert_same_training(single_run, repo / "out/tp_resume", range(21, 41),
+                         checkpoint.load_model_weights, start_step=20)
+    # and the TP checkpoint exports to exactly its own weights
+    from safetensors.torch import load_file
+    tp_ckpt = repo / "out/tp_resume/checkpoints/step_00000020"
+    subprocess.run([sys.executable, "export_hf.py", "--config", "config/tiny.py", "--out",
+                    str(repo / "hf_tp"), "--ckpt", str(tp_ckpt)], cwd=repo, check=True,
+                   env=subprocess_env(), capture_output=True)
+    exported = {}
+    for shard in sorted((repo / "hf_tp").glob("*.safetensors")):
+        exported.update(load_file(shard))
+    saved = checkpoint.load_model_weights(tp_ckpt)
+    assert sorted(exported) == sorted(saved)
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_tensor_parallel_that_cannot_split_is_a_config_error(repo):
+    from _train_fixtures import TINY_CONFIG
+    parallelize = load_template_module("parallelize")
+
+    class Cfg(dict):  # train.py's Config: keys as attributes
+        __getattr__ = dict.__getitem__
+    cfg = Cfg(TINY_CONFIG, tensor_parallel=2, parallelism="ddp")
+    assert parallelize.check_tensor_parallel(cfg, 2) is None  # one data-parallel group: no DDP
+    assert "not 'ddp'" in parallelize.check_tensor_parallel(cfg, 4)
+    cfg = Cfg(TINY_CONFIG, tensor_parallel=2, n_kv_head=1, n_head=4)
+    assert "does not divide n_kv_head=1" in parallelize.check_tensor_parallel(cfg, 2)
+    proc = run_train(repo, "config/tiny.py", "--out_dir=out/tp_bad", "--tensor_parallel=2",
+                     check=False)  # one process: nothing to split over
+    assert proc.returncode == 2 and "does not divide the world size 1" in proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
 def test_fsdp_syncing_only_the_last_micro_batch_trains_the_same(repo, single_run):
     """The recipe's other FSDP2 policy (fsdp_reduce_scatter_every_micro_batch=False: gradients
     accumulate unsharded and are reduce-scattered once per step) is the same arithmetic: 2 ranks

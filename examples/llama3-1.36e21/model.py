@@ -119,12 +119,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        # -1 heads: under tensor parallelism (parallelize.py) each rank holds a slice of them
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = causal_attention(q, k, v)
-        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

@@ -51,6 +51,7 @@ keep_last_ckpts = 3
 device = 'cuda'
 dtype = 'bfloat16'
 parallelism = 'fsdp'
+tensor_parallel = 1  # ranks of a node splitting each block (parallelize.py); the planner does not choose TP yet
 activation_checkpointing = False
 compile = True  # spec: training.compile
 seed = 1337

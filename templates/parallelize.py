@@ -1,0 +1,126 @@
+"""How train.py spreads the model over the ranks: tensor parallelism, DDP or FSDP2, their meshes.
+
+As torchtitan's parallelize.py: train.py builds the plain model and calls parallelize(); nothing
+else in the training loop depends on the layout.
+
+- Tensor parallelism (tensor_parallel = t > 1; Megatron-LM, Shoeybi et al. 2019, through
+  PyTorch's DTensor `parallelize_module`): inside each block q/k/v and gate/up are split by
+  output columns and o/down by input rows, so each of the t ranks of a tensor group holds 1/t of
+  the block's heads and of its SwiGLU width, and a block costs two all-reduces forward and two
+  backward. The embedding, the norms and the fused output head + loss stay replicated in the
+  group (they see the same replicated activations, so they compute the same numbers and get the
+  same gradients on every rank of the group): the fused loss stays exact. Tensor groups are
+  consecutive ranks, i.e. inside a node. Not done: sequence parallelism of the norms.
+- Data parallelism over the world / t groups: DDP (replicated), FSDP2 full shard, or HSDP
+  (shard inside a node, replicate across nodes), composed with TP on a 2-D mesh (data × tensor).
+"""
+
+import math
+import os
+
+import torch
+
+
+def tensor_parallel_plan():
+    """The block's modules and how each is split (names as in model.py)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    return {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel()}
+
+
+def check_tensor_parallel(cfg, world):
+    """Why tensor_parallel cannot split this model over these ranks, or None."""
+    t = cfg.tensor_parallel
+    if world % t:
+        return f"tensor_parallel={t} does not divide the world size {world}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if t > 1 and per_node % t:
+        return f"tensor_parallel={t} does not divide the {per_node} ranks of a node"
+    for key in ("n_head", "n_kv_head", "ffn_hidden"):
+        if cfg[key] % t:
+            return f"tensor_parallel={t} does not divide {key}={cfg[key]}"
+    if t > 1 and world > t and cfg.parallelism == "ddp":
+        return (f"tensor_parallel={t} over {world} ranks composes with parallelism='fsdp' or "
+                "'hsdp', not 'ddp'")
+    return None
+
+
+def parallelize(model, cfg, dev, world):
+    """Apply TP, then DDP or FSDP2, as cfg says. Returns (model, sharded, fsdp): sharded when the
+    parameters are DTensors (FSDP2 or TP), which checkpoint.py then saves with DCP; fsdp when
+    FSDP2 wraps it (its MixedPrecisionPolicy then does bf16, not autocast)."""
+    t = cfg.tensor_parallel
+    data_parallel = world // t
+    mesh = None
+    if t > 1 or (data_parallel > 1 and cfg.parallelism in ("fsdp", "hsdp")):
+        mesh = _mesh(dev, data_parallel, t, cfg.parallelism)
+    if t > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+        for block in model.model.layers:
+            parallelize_module(block, mesh["tp"], tensor_parallel_plan())
+    sharded = t > 1
+    if data_parallel > 1 and cfg.parallelism == "ddp":  # t == 1 (check_tensor_parallel)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second fp32 copy.
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                    gradient_as_bucket_view=cfg.ddp_bucket_view)
+    elif data_parallel > 1:
+        _fully_shard(model, cfg, dev, mesh)
+        return model, True, True
+    return model, sharded, False
+
+
+def _mesh(dev, data_parallel, t, parallelism):
+    """The device mesh: (data,), (data, tp), or for HSDP (replicate, shard[, tp])."""
+    from torch.distributed.device_mesh import init_device_mesh
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", data_parallel * t)) // t
+    if parallelism == "hsdp" and data_parallel > per_node:
+        shape, names = (data_parallel // per_node, per_node), ("replicate", "shard")
+    else:
+        shape, names = (data_parallel,), ("dp",)
+    return init_device_mesh(dev.type, shape + (t,), mesh_dim_names=names + ("tp",))
+
+
+def _fully_shard(model, cfg, dev, mesh):
+    """FSDP2 over the data-parallel dimensions of the mesh, block by block, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    names = [n for n in mesh.mesh_dim_names if n != "tp"]
+    data_mesh = mesh[tuple(names)] if len(names) > 1 else mesh[names[0]]
+    kwargs = {"mesh": data_mesh}
+    if dev.type == "cuda" and cfg.dtype == "bfloat16":  # bf16 compute, fp32 gradient reduction
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def grad_norm_and_clip(model, max_norm):
+    """The gradient norm over all ranks, then clipping to max_norm when > 0.
+
+    Parameters may be plain tensors (replicated), FSDP2 shards, TP shards or both: each rank sums
+    the squares of its local pieces and the sum is reduced over the mesh dimensions along which a
+    parameter is sharded, never along those it is replicated on (that would count it twice)."""
+    from torch.distributed.tensor import DTensor
+    total = None
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad
+        if isinstance(g, DTensor):
+            local = g.to_local().float().pow(2).sum()
+            for dim, placement in enumerate(g.placements):
+                if not placement.is_replicate():  # Shard, FSDP's _StridedShard under TP, Partial
+                    torch.distributed.all_reduce(local, group=g.device_mesh.get_group(dim))
+        else:
+            local = g.float().pow(2).sum()
+        total = local if total is None else total + local
+    norm = math.sqrt(total.item()) if total is not None else 0.0
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
