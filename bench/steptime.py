@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from compiler import arch, hardware  # noqa: E402
-from compiler.evaluate import hardware_flops_per_token  # noqa: E402
+from compiler import hardware  # noqa: E402
+from compiler.evaluate import HardwareView, hardware_flops_per_token, time_layout  # noqa: E402
 from compiler.memory import ModelShape  # noqa: E402
-from compiler.steptime import step_time  # noqa: E402
 
 ROWS = Path(__file__).resolve().parent / "published_throughput.json"
 CALIBRATION = {"fms-fsdp_llama2-7b_128xa100-80gb_hsdp_compile",
@@ -49,21 +48,16 @@ def predict(row) -> tuple[float, float, str]:
     gpu = hardware.lookup(row["gpu"])
     shape = shape_of(row)
     gpus, per_node = row["gpus"], row.get("gpus_per_node") or 8
-    micro = row["micro_batch_sequences"]
-    accum = row["global_batch_sequences"] // (gpus * micro)
-    ac = bool(row["activation_checkpointing"])
     efficiency, _ = hardware.kernel_efficiency(gpu, bool(row["torch_compile"]))
+    view = HardwareView(device="cuda", peak_flops=gpu.peak_flops, memory_bytes=gpu.memory_bytes,
+                        gpus_per_node=per_node, nodes=gpus // per_node,
+                        kernel_efficiency=efficiency, interconnect=hardware.interconnect(gpu))
     parallelism = SHARDING[row["sharding"]]
-    s = shape
-    root = arch.embedding_params(s.d_model, s.vocab_size, False) + s.d_model
-    timed = step_time(parallelism, n_params=s.n_params(), root_params=root, n_layers=s.n_layers,
-                      flops_per_token_exact=hardware_flops_per_token(s, False),
-                      hardware_flops_per_token=hardware_flops_per_token(s, ac),
-                      tokens_per_micro_batch=micro * s.seq_len, grad_accum=accum,
-                      world_size=gpus, gpus_per_node=per_node, peak_flops=gpu.peak_flops,
-                      kernel_efficiency=efficiency, interconnect=hardware.interconnect(gpu))
-    per_gpu = float(micro * accum * s.seq_len / timed.total)
-    mfu = float(hardware_flops_per_token(s, False)) * per_gpu / gpu.peak_flops
+    _, speed = time_layout(shape, view, parallelism, row["micro_batch_sequences"],
+                           row["global_batch_sequences"] // gpus,
+                           bool(row["activation_checkpointing"]))
+    per_gpu = float(speed) / gpus
+    mfu = float(hardware_flops_per_token(shape, False)) * per_gpu / gpu.peak_flops
     return per_gpu, mfu, parallelism
 
 

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 from . import __version__, arch
 from .errors import UserError
+from .jsonfile import read_json
 
 KIND = "llama3gen calibration"
 FORMAT = 1
@@ -401,15 +402,7 @@ def write_svg(path: Path, run_dir: Path, doc: dict, plan, variant) -> None:
 
 def load_calibration(path: Path) -> dict:
     """A calibration file for a spec; ValueError (one line) when it cannot be used."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"calibration file {str(path)!r} not found (a path relative to the spec "
-                         "file; `llama3gen calibrate RUN_DIR -o FILE` writes one)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read calibration file {str(path)!r}: {exc}") from None
-    except ValueError:
-        raise ValueError(f"calibration file {str(path)!r} is not JSON") from None
+    doc = read_json(path, "calibration", "llama3gen calibrate RUN_DIR -o FILE")
     if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a llama3gen calibration file (format {FORMAT}; "
                          "`llama3gen calibrate RUN_DIR -o FILE` writes one)")

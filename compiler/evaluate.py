@@ -147,14 +147,17 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     parallelism = np.full(count, hardware.frugal, dtype=object)
     micro = np.ones(count, dtype=np.int64)
     ac = np.full(count, hardware.activation_checkpointing is not False)
+    timed = {}  # (parallelism, checkpointing) -> time_layout at the largest fitting micro-batch
     for checkpointing in hardware.checkpointing_choices:
         # The fastest layout at its largest fitting micro-batch; on a tie (a measured MFU times
         # every layout alike) the larger micro-batch, then the least sharding (tried first).
         best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
         for p in hardware.parallelisms:
             m = options[(p, checkpointing)]
-            speed = np.where(m > 0, _timed(shapes, hardware, p, np.maximum(m, 1), per_rank,
-                                           checkpointing)[1], 0.0)
+            # micro-batch 1 where none fits: the frugal layout a shape that fits nowhere reports
+            timed[(p, checkpointing)] = time_layout(shapes, hardware, p, np.maximum(m, 1),
+                                                    per_rank, checkpointing)
+            speed = np.where(m > 0, timed[(p, checkpointing)][1], 0.0)
             better = (speed > best_speed) | ((speed == best_speed) & (m > best_micro))
             better &= undecided & (m > 0)
             parallelism[better], best_speed[better], best_micro[better] = p, speed[better], m[better]
@@ -166,15 +169,14 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     ac[~splits] = hardware.activation_checkpointing is True
     accum = per_rank // micro
     memory = _memory(shapes, hardware, parallelism, micro, ac, accum)
-    step, tokens_per_second = np.zeros(count), np.zeros(count)
+    # Each shape's chosen (or, where nothing fits, frugal) layout was timed above: pick it.
+    tokens_per_second = np.zeros(count)
     parts = {name: np.zeros(count) for name in ("compute", "exposed_comm", "comm")}
-    for p in np.unique(parallelism):
-        index = np.flatnonzero(parallelism == p)
-        timed, speed = _timed(_take(shapes, index), hardware, str(p), micro[index],
-                              per_rank[index], ac[index])
+    for (p, checkpointing), (step, speed) in timed.items():
+        index = (parallelism == p) & (ac == checkpointing)
         for name in parts:
-            parts[name][index] = np.broadcast_to(getattr(timed, name), index.shape)
-        tokens_per_second[index] = speed
+            parts[name][index] = np.broadcast_to(getattr(step, name), (count,))[index]
+        tokens_per_second[index] = np.broadcast_to(speed, (count,))[index]
     flops = hardware_flops_per_token(shapes, ac)
     exact = hardware_flops_per_token(shapes, False)
     tokens_per_second = np.where(fits, tokens_per_second, 0.0)
@@ -188,7 +190,7 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
                       options=options)
 
 
-def _timed(shapes, hardware: HardwareView, parallelism: str, micro, per_rank, ac):
+def time_layout(shapes, hardware: HardwareView, parallelism: str, micro, per_rank, ac):
     """(StepTime, tokens/s of the job) of the shapes in one layout (steptime.py), or at the
     spec's measured MFU when it gives one."""
     flops = hardware_flops_per_token(shapes, ac)

@@ -85,18 +85,11 @@ LAW_FORMAT = "llama3gen-law/1"
 def load_law_file(path, label: str | None = None) -> ScalingLaw:
     """The law in a `llama3gen fit` file; ValueError (one line) when it cannot be used. `label`:
     the path as the spec wrote it, for the citation (the same whatever the working directory)."""
-    import json
     from pathlib import Path
+
+    from .jsonfile import read_json
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"law file {str(path)!r} not found (a path relative to the spec file; "
-                         "`llama3gen fit RUNS.csv -o FILE` writes one)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read law file {str(path)!r}: {exc}") from None
-    except ValueError:
-        raise ValueError(f"law file {str(path)!r} is not JSON") from None
+    doc = read_json(path, "law", "llama3gen fit RUNS.csv -o FILE")
     if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT:
         raise ValueError(f"{str(path)!r} is not a llama3gen law file (format {LAW_FORMAT}; "
                          "`llama3gen fit RUNS.csv -o FILE` writes one)")
