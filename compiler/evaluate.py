@@ -10,10 +10,14 @@ The rules (docs/DESIGN.md, "Layout"), for each shape:
    recomputes every block's forward in backward, one extra forward of the blocks.
 2. The micro-batch per rank is the largest divisor of the per-rank batch (global batch / world
    size) that fits; gradient accumulation makes up the rest.
-3. The least sharding that reaches that micro-batch: DDP, else hybrid shard (a node shards,
-   nodes replicate), else FSDP full shard. One process (world size 1) wraps nothing ("ddp").
-Memory comes from memory.py for the Recipe train.py follows; time from the exact hardware FLOPs
-per token at the spec's MFU.
+3. Among the layouts (tensor-parallel degree t of 1, 2, 4 or 8 ranks inside a node that
+   divides the heads, the KV heads and the SwiGLU width; then DDP, hybrid shard or FSDP full
+   shard over the world / t data ranks), the fastest by steptime.py at its largest fitting
+   micro-batch. On a tie (a measured MFU times every layout alike) the smaller t, then the larger
+   micro-batch, then the least sharding. One data rank wraps nothing ("ddp"); tensor
+   parallelism composes with FSDP or HSDP, not with DDP (templates/parallelize.py).
+Memory comes from memory.py for the Recipe train.py follows; time from steptime.py, or from the
+spec's measured MFU.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .memory import MemoryBreakdown, ModelShape, Recipe, memory_per_device
 from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
+TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)  # within a node: NVLink domains are 8 GPUs
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class HardwareView:
     interconnect: Interconnect
     mfu: float | None = None  # measured (hardware.mfu or .calibration): replaces the step-time model
     activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
+    tensor_parallel: object = "auto"  # "auto" or a fixed degree (training.tensor_parallel)
     recipe: Recipe = Recipe()
 
     @classmethod
@@ -61,7 +67,8 @@ class HardwareView:
         return cls(device="cpu" if gpu.is_cpu else "cuda", peak_flops=gpu.peak_flops,
                    memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
                    kernel_efficiency=efficiency, interconnect=link, mfu=hw.measured_mfu,
-                   activation_checkpointing=spec.training.activation_checkpointing)
+                   activation_checkpointing=spec.training.activation_checkpointing,
+                   tensor_parallel=spec.training.tensor_parallel)
 
     @property
     def world_size(self) -> int:
@@ -73,17 +80,28 @@ class HardwareView:
         return self.memory_bytes / self.gpus_per_node if self.device == "cpu" else self.memory_bytes
 
     @property
-    def parallelisms(self) -> tuple[str, ...]:
-        """The layouts to try, least sharding first."""
-        if self.world_size == 1:
-            return ("ddp",)
-        hybrid = ("hsdp",) if self.nodes > 1 and self.gpus_per_node > 1 else ()
-        return ("ddp", *hybrid, "fsdp")
+    def tensor_parallel_degrees(self) -> tuple[int, ...]:
+        """The tensor-parallel degrees to try, smallest first: those that divide a node."""
+        if self.tensor_parallel != "auto":
+            return (self.tensor_parallel,)
+        return tuple(t for t in TENSOR_PARALLEL_DEGREES
+                     if t == 1 or (self.gpus_per_node % t == 0 and self.world_size > 1))
 
-    @property
-    def frugal(self) -> str:
-        """The layout that needs least memory: full shard, or nothing to shard in one process."""
-        return "fsdp" if self.world_size > 1 else "ddp"
+    def parallelisms(self, tensor_parallel: int = 1) -> tuple[str, ...]:
+        """The data-parallel layouts to try beside tensor parallelism t, least sharding first."""
+        per_node = self.gpus_per_node // tensor_parallel
+        if self.world_size == tensor_parallel:
+            return ("ddp",)  # one data rank: no wrapper
+        hybrid = ("hsdp",) if self.nodes > 1 and per_node > 1 else ()
+        return ("ddp",) * (tensor_parallel == 1) + hybrid + ("fsdp",)
+
+    def frugal(self, tensor_parallel: int = 1) -> str:
+        """The layout that needs least memory: full shard, or nothing to shard in one data rank."""
+        return "fsdp" if self.world_size > tensor_parallel else "ddp"
+
+    def layouts(self):
+        """(t, parallelism) pairs to try, in the tie-break order."""
+        return [(t, p) for t in self.tensor_parallel_degrees for p in self.parallelisms(t)]
 
     @property
     def checkpointing_choices(self) -> tuple[bool, ...]:
@@ -94,42 +112,57 @@ class HardwareView:
 @dataclass(frozen=True)
 class Evaluation:
     """One entry per candidate shape. Where `fits` is False the layout fields describe the most
-    frugal layout tried (full shard, micro-batch 1, checkpointing if allowed) and `problem` says
-    why it does not fit."""
+    frugal layout tried (full shard, the largest tensor-parallel degree, micro-batch 1,
+    checkpointing if allowed) and `problem` says why it does not fit."""
 
     fits: np.ndarray  # bool
     problem: np.ndarray  # "" where it fits, else NO_SPLIT or NO_FIT
-    parallelism: np.ndarray  # "ddp", "hsdp" or "fsdp"
-    per_rank_batch: np.ndarray  # sequences per rank per optimizer step
+    parallelism: np.ndarray  # "ddp", "hsdp" or "fsdp": over the world / tensor_parallel data ranks
+    tensor_parallel: np.ndarray  # ranks of a node that split each block (1: none)
+    per_rank_batch: np.ndarray  # sequences per data rank per optimizer step
     micro_batch: np.ndarray
     grad_accum: np.ndarray
     activation_checkpointing: np.ndarray  # bool
     memory: MemoryBreakdown  # bytes per device at the step's peak, arrays
-    hardware_flops_per_token: np.ndarray  # exact FLOPs, + the recomputed forward with AC
+    hardware_flops_per_token: np.ndarray  # executed: + the recomputed forward, + TP's replicas
     step: StepTime  # seconds per optimizer step and their parts (steptime.py)
     tokens_per_second: np.ndarray  # whole job; 0 where nothing fits
     mfu: np.ndarray  # exact FLOPs per token × tokens/s / (world × peak): the plan's MFU
-    options: dict  # {(parallelism, checkpointing): largest fitting micro-batch, 0 = none}
+    options: dict  # {(parallelism, tensor_parallel, checkpointing): largest fitting micro-batch}
+    speeds: dict  # the same keys: tokens/s at that micro-batch, 0 where none fits
 
     def __len__(self) -> int:
         return int(self.fits.size)
 
 
-def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing):
+def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing, tensor_parallel=1,
+                             forward_only=False):
     """FLOPs the hardware executes per trained token: arch's exact count (3 forwards' worth),
-    plus, with activation checkpointing, one more forward of the blocks (not of lm_head)."""
+    plus, with activation checkpointing, one more forward of the blocks (not of lm_head), plus,
+    under tensor parallelism t, the t − 1 replicas of the output head every rank of a tensor
+    group computes. forward_only: the forward's share (a third of the exact count)."""
     s = shapes
     exact = arch.flops_per_token_exact(s.n_layers, s.d_model, s.n_heads, s.n_kv_heads,
                                        s.head_dim, s.ffn_hidden, s.vocab_size, s.seq_len)
+    head_replicas = 6 * (np.asarray(tensor_parallel) - 1) * np.asarray(s.vocab_size) * s.d_model
+    if forward_only:
+        return exact / 3 + head_replicas / 3
     forward_of_blocks = (2 * s.n_layers * arch.layer_matmul_params(
         s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden)
         + 4 * s.n_layers * s.seq_len * s.n_heads * s.head_dim)
-    return exact + np.where(activation_checkpointing, forward_of_blocks, 0)
+    return exact + np.where(activation_checkpointing, forward_of_blocks, 0) + head_replicas
 
 
 def divisors(n: int) -> np.ndarray:
     small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
     return np.array(sorted(set(small + [n // i for i in small])), dtype=np.int64)
+
+
+def splits_blocks(shapes: ModelShape, tensor_parallel: int) -> np.ndarray:
+    """Whether t divides the heads, the KV heads and the SwiGLU width (parallelize.py's check)."""
+    t = tensor_parallel
+    return ((np.asarray(shapes.n_heads) % t == 0) & (np.asarray(shapes.n_kv_heads) % t == 0)
+            & (np.asarray(shapes.ffn_hidden) % t == 0))
 
 
 def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evaluation:
@@ -138,78 +171,101 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     count = np.broadcast(*[np.asarray(getattr(shapes, f.name)) for f in fields(shapes)]).size
     global_batch = np.broadcast_to(np.asarray(global_batch, dtype=np.int64), (count,))
     world = hardware.world_size
-    per_rank = global_batch // world
-    splits = (global_batch % world == 0) & (per_rank >= 1)
-
-    per_rank = np.maximum(per_rank, 1)
-    options = _largest_micro_batches(shapes, hardware, per_rank, splits)
-    undecided = splits.copy()
-    parallelism = np.full(count, hardware.frugal, dtype=object)
-    micro = np.ones(count, dtype=np.int64)
+    per_rank, usable, options = {}, {}, {}
+    for t in hardware.tensor_parallel_degrees:
+        data_world = world // t
+        per_rank[t] = np.maximum(global_batch // data_world, 1)
+        usable[t] = ((global_batch % data_world == 0) & (global_batch >= data_world)
+                     & splits_blocks(shapes, t))
+        options.update(_largest_micro_batches(shapes, hardware, t, per_rank[t], usable[t]))
+    splits = np.logical_or.reduce(list(usable.values()))
+    # Where nothing fits, the most frugal layout: the largest usable degree, full shard.
+    frugal_t = np.full(count, hardware.tensor_parallel_degrees[0], dtype=np.int64)
+    for t in hardware.tensor_parallel_degrees:
+        frugal_t[usable[t]] = t
+    parallelism = np.array([hardware.frugal(t) for t in frugal_t], dtype=object)
+    tensor_parallel, micro = frugal_t.copy(), np.ones(count, dtype=np.int64)
     ac = np.full(count, hardware.activation_checkpointing is not False)
-    timed = {}  # (parallelism, checkpointing) -> time_layout at the largest fitting micro-batch
+    undecided = splits.copy()
+    timed = {}  # (parallelism, t, checkpointing) -> time_layout at the largest fitting micro-batch
+    speeds = {}
     for checkpointing in hardware.checkpointing_choices:
-        # The fastest layout at its largest fitting micro-batch; on a tie (a measured MFU times
-        # every layout alike) the larger micro-batch, then the least sharding (tried first).
         best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
-        for p in hardware.parallelisms:
-            m = options[(p, checkpointing)]
+        best_t = np.zeros(count, dtype=np.int64)
+        for t, p in hardware.layouts():
+            m = options[(p, t, checkpointing)]
             # micro-batch 1 where none fits: the frugal layout a shape that fits nowhere reports
-            timed[(p, checkpointing)] = time_layout(shapes, hardware, p, np.maximum(m, 1),
-                                                    per_rank, checkpointing)
-            speed = np.where(m > 0, timed[(p, checkpointing)][1], 0.0)
-            better = (speed > best_speed) | ((speed == best_speed) & (m > best_micro))
+            timed[(p, t, checkpointing)] = time_layout(shapes, hardware, p, t, np.maximum(m, 1),
+                                                       per_rank[t], checkpointing)
+            speed = np.where(m > 0, timed[(p, t, checkpointing)][1], 0.0)
+            speeds[(p, t, checkpointing)] = speed
+            better = (speed > best_speed) | ((speed == best_speed) & (t == best_t)
+                                             & (m > best_micro))
             better &= undecided & (m > 0)
-            parallelism[better], best_speed[better], best_micro[better] = p, speed[better], m[better]
+            parallelism[better], tensor_parallel[better] = p, t
+            best_speed[better], best_micro[better], best_t[better] = speed[better], m[better], t
         chosen = undecided & (best_micro > 0)
         micro[chosen], ac[chosen] = best_micro[chosen], checkpointing
         undecided &= ~chosen
     fits = splits & ~undecided
     # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
     ac[~splits] = hardware.activation_checkpointing is True
-    accum = per_rank // micro
-    memory = _memory(shapes, hardware, parallelism, micro, ac, accum)
-    # Each shape's chosen (or, where nothing fits, frugal) layout was timed above: pick it.
-    tokens_per_second = np.zeros(count)
-    parts = {name: np.zeros(count) for name in ("compute", "exposed_comm", "comm")}
-    for (p, checkpointing), (step, speed) in timed.items():
-        index = (parallelism == p) & (ac == checkpointing)
-        for name in parts:
-            parts[name][index] = np.broadcast_to(getattr(step, name), (count,))[index]
-        tokens_per_second[index] = np.broadcast_to(speed, (count,))[index]
-    flops = hardware_flops_per_token(shapes, ac)
+    batch = np.choose(np.searchsorted(hardware.tensor_parallel_degrees, tensor_parallel),
+                      [per_rank[t] for t in hardware.tensor_parallel_degrees])
+    accum = batch // micro
+    memory = _memory(shapes, hardware, parallelism, tensor_parallel, micro, ac, accum)
+    step, tokens_per_second = _chosen_times(timed, parallelism, tensor_parallel, ac, count)
     exact = hardware_flops_per_token(shapes, False)
     tokens_per_second = np.where(fits, tokens_per_second, 0.0)
     problem = np.where(fits, "", np.where(splits, NO_FIT, NO_SPLIT))
     return Evaluation(fits=fits, problem=problem, parallelism=parallelism,
-                      per_rank_batch=per_rank, micro_batch=micro, grad_accum=accum,
-                      activation_checkpointing=ac, memory=memory,
-                      hardware_flops_per_token=flops, step=StepTime(**parts),
-                      tokens_per_second=tokens_per_second,
+                      tensor_parallel=tensor_parallel, per_rank_batch=batch, micro_batch=micro,
+                      grad_accum=accum, activation_checkpointing=ac, memory=memory,
+                      hardware_flops_per_token=hardware_flops_per_token(shapes, ac,
+                                                                        tensor_parallel),
+                      step=step, tokens_per_second=tokens_per_second,
                       mfu=exact * tokens_per_second / (world * hardware.peak_flops),
-                      options=options)
+                      options=options, speeds=speeds)
 
 
-def time_layout(shapes, hardware: HardwareView, parallelism: str, micro, per_rank, ac):
+def _chosen_times(timed: dict, parallelism, tensor_parallel, ac, count):
+    """Each shape's chosen (or, where nothing fits, frugal) layout was timed: pick its entry."""
+    tokens_per_second = np.zeros(count)
+    parts = {name: np.zeros(count) for name in ("compute", "exposed_comm", "comm")}
+    for (p, t, checkpointing), (step, speed) in timed.items():
+        index = (parallelism == p) & (tensor_parallel == t) & (ac == checkpointing)
+        for name in parts:
+            parts[name][index] = np.broadcast_to(getattr(step, name), (count,))[index]
+        tokens_per_second[index] = np.broadcast_to(speed, (count,))[index]
+    return StepTime(**parts), tokens_per_second
+
+
+def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_parallel: int, micro,
+                per_rank, ac):
     """(StepTime, tokens/s of the job) of the shapes in one layout (steptime.py), or at the
-    spec's measured MFU when it gives one."""
-    flops = hardware_flops_per_token(shapes, ac)
+    spec's measured MFU when it gives one. per_rank: sequences per data rank and step."""
+    t = tensor_parallel
+    flops = hardware_flops_per_token(shapes, ac, t)
     world = hardware.world_size
-    step_tokens = per_rank * world * np.asarray(shapes.seq_len)
+    step_tokens = per_rank * (world // t) * np.asarray(shapes.seq_len)
     if hardware.mfu is not None:  # measured: compute at that MFU, nothing more to expose
         speed = world * hardware.peak_flops * hardware.mfu / flops
         zero = np.zeros_like(speed)
         return StepTime(step_tokens / speed, zero, zero), speed
     s = shapes
     root = arch.embedding_params(s.d_model, s.vocab_size, s.tie_embeddings) + s.d_model
-    timed = step_time(parallelism, n_params=s.n_params(), root_params=root, n_layers=s.n_layers,
-                      flops_per_token_exact=hardware_flops_per_token(s, False),
+    local = s.n_params() - np.asarray(s.n_layers) * arch.layer_matmul_params(
+        s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden) * (t - 1) / t
+    timed = step_time(parallelism, n_params=local, root_params=root, n_layers=s.n_layers,
+                      d_model=s.d_model,
+                      forward_flops_per_token=hardware_flops_per_token(s, False, t, True),
                       hardware_flops_per_token=flops,
                       tokens_per_micro_batch=np.asarray(micro) * np.asarray(s.seq_len),
                       grad_accum=per_rank // np.asarray(micro), world_size=world,
                       gpus_per_node=hardware.gpus_per_node, peak_flops=hardware.peak_flops,
                       kernel_efficiency=hardware.kernel_efficiency,
-                      interconnect=hardware.interconnect,
+                      interconnect=hardware.interconnect, tensor_parallel=t,
+                      activation_checkpointing=ac,
                       reduce_scatter_every_micro_batch=(
                           hardware.recipe.fsdp_reduce_scatter_every_micro_batch))
     return timed, step_tokens / timed.total
@@ -227,40 +283,42 @@ def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:
                          if f.name != "tie_embeddings"}, tie_embeddings=shapes.tie_embeddings)
 
 
-def _largest_micro_batches(shapes, hardware, per_rank, splits) -> dict:
-    """{(parallelism, checkpointing): the largest divisor of each shape's per-rank batch that fits
-    in memory, 0 where none does}. Shapes that share a per-rank batch are evaluated together,
-    every divisor at once (memory is not monotone at the last divisor: no accumulation there)."""
-    count = per_rank.size
-    out = {(p, c): np.zeros(count, dtype=np.int64)
-           for c in hardware.checkpointing_choices for p in hardware.parallelisms}
-    for value in np.unique(per_rank[splits]):
-        index = np.flatnonzero(splits & (per_rank == value))
+def _largest_micro_batches(shapes, hardware, tensor_parallel, per_rank, usable) -> dict:
+    """{(parallelism, t, checkpointing): the largest divisor of each shape's per-rank batch that
+    fits in memory, 0 where none does (or t cannot split it)}. Shapes that share a per-rank batch
+    are evaluated together, every divisor at once (memory is not monotone at the last divisor:
+    no accumulation there)."""
+    t, count = tensor_parallel, per_rank.size
+    out = {(p, t, c): np.zeros(count, dtype=np.int64)
+           for c in hardware.checkpointing_choices for p in hardware.parallelisms(t)}
+    for value in np.unique(per_rank[usable]):
+        index = np.flatnonzero(usable & (per_rank == value))
         column = _take(shapes, index, extra_axis=True)
         micro = divisors(int(value))[None, :]
-        for (p, c), largest in out.items():
+        for (p, _, c), largest in out.items():
             total = memory_per_device(column, micro, parallelism=p, world_size=hardware.world_size,
                                       gpus_per_node=hardware.gpus_per_node,
                                       activation_checkpointing=c, grad_accum=value // micro,
-                                      device=hardware.device, recipe=hardware.recipe).total
+                                      device=hardware.device, recipe=hardware.recipe,
+                                      tensor_parallel=t).total
             largest[index] = np.where(total <= hardware.capacity, micro, 0).max(axis=1)
     return out
 
 
-def _memory(shapes, hardware, parallelism, micro, ac, accum) -> MemoryBreakdown:
+def _memory(shapes, hardware, parallelism, tensor_parallel, micro, ac, accum) -> MemoryBreakdown:
     """The memory breakdown of each shape's chosen layout (one memory-model call per layout)."""
-    parts = {}
-    for p in np.unique(parallelism):
-        index = np.flatnonzero(parallelism == p)
-        parts[p] = (index, memory_per_device(
-            _take(shapes, index), micro[index], parallelism=str(p),
+    parts = []
+    for p, t in sorted({(str(p), int(t)) for p, t in zip(parallelism, tensor_parallel)}):
+        index = np.flatnonzero((parallelism == p) & (tensor_parallel == t))
+        parts.append((index, memory_per_device(
+            _take(shapes, index), micro[index], parallelism=p,
             world_size=hardware.world_size, gpus_per_node=hardware.gpus_per_node,
             activation_checkpointing=ac[index], grad_accum=accum[index], device=hardware.device,
-            recipe=hardware.recipe))
+            recipe=hardware.recipe, tensor_parallel=t)))
     values = {}
     for f in fields(MemoryBreakdown):
         column = np.empty(parallelism.size, dtype=object if f.name == "phase" else np.float64)
-        for index, breakdown in parts.values():
+        for index, breakdown in parts:
             column[index] = np.broadcast_to(getattr(breakdown, f.name), index.shape)
         values[f.name] = column
     return MemoryBreakdown(**values)
@@ -273,6 +331,7 @@ def at(evaluation: Evaluation, i: int) -> dict:
     memory["other"] = memory["working"] + memory["margin"] + memory["context"]
     return dict(fits=bool(evaluation.fits[i]), problem=str(evaluation.problem[i]),
                 parallelism=str(evaluation.parallelism[i]),
+                tensor_parallel=int(evaluation.tensor_parallel[i]),
                 per_rank_batch=int(evaluation.per_rank_batch[i]),
                 micro_batch=int(evaluation.micro_batch[i]), grad_accum=int(evaluation.grad_accum[i]),
                 activation_checkpointing=bool(evaluation.activation_checkpointing[i]),
@@ -283,4 +342,5 @@ def at(evaluation: Evaluation, i: int) -> dict:
                 compute_seconds=float(evaluation.step.compute[i]),
                 exposed_comm_seconds=float(evaluation.step.exposed_comm[i]),
                 comm_seconds=float(evaluation.step.comm[i]),
-                options={k: int(v[i]) for k, v in evaluation.options.items()})
+                options={k: int(v[i]) for k, v in evaluation.options.items()},
+                speeds={k: float(v[i]) for k, v in evaluation.speeds.items()})

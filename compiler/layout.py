@@ -27,7 +27,7 @@ class Layout:
     not fit and `fix` the nearest change that would."""
 
     fits: bool
-    parallelism: str  # "ddp", "hsdp" or "fsdp" (docs/CONTRACT.md)
+    parallelism: str  # "ddp", "hsdp" or "fsdp" (docs/CONTRACT.md), over the data ranks
     world_size: int
     micro_batch_size: int
     grad_accum: int
@@ -39,12 +39,14 @@ class Layout:
     step_seconds: float = 0.0  # per optimizer step: compute + exposed communication
     compute_seconds: float = 0.0
     exposed_comm_seconds: float = 0.0
+    tensor_parallel: int = 1  # ranks of a node splitting each block
     reasons: tuple = ()  # one sentence per choice
     problem: str = ""
     fix: str = ""
     min_gpus: int | None = None  # fewest GPUs that would fit, when more GPUs is the fix
     max_seq_len: int | None = None  # longest sequence that would fit, when that is the fix
-    options: dict = field(default_factory=dict)  # largest fitting micro-batch per (parallelism, AC)
+    options: dict = field(default_factory=dict)  # largest fitting micro-batch per option_name
+    speeds: dict = field(default_factory=dict)  # predicted tokens/s per option_name (0: no fit)
 
 
 def plan_layout(shape: ModelShape, hardware: HardwareView, global_batch: int) -> Layout:
@@ -64,8 +66,10 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
                  mfu=e["mfu"], step_seconds=e["step_seconds"],
                  compute_seconds=e["compute_seconds"],
                  exposed_comm_seconds=e["exposed_comm_seconds"],
-                 options={f"{p}{'+ac' if ac else ''}": m for (p, ac), m in e["options"].items()})
-    global_batch = e["per_rank_batch"] * hardware.world_size
+                 tensor_parallel=e["tensor_parallel"],
+                 options={option_name(p, t, ac): m for (p, t, ac), m in e["options"].items()},
+                 speeds={option_name(p, t, ac): v for (p, t, ac), v in e["speeds"].items()})
+    global_batch = e["per_rank_batch"] * hardware.world_size // lay.tensor_parallel
     if e["problem"] == NO_SPLIT:
         return dataclasses.replace(
             lay, problem=f"the global batch of {global_batch} sequences does not split evenly "
@@ -79,6 +83,14 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
     return dataclasses.replace(lay, reasons=_reasons(lay, hardware, e["per_rank_batch"]))
 
 
+def option_name(parallelism: str, tensor_parallel: int, checkpointing: bool) -> str:
+    """"fsdp", "fsdp+tp4", "fsdp+tp4+ac", "tp8" (one data rank): a layout as Layout.options
+    names it."""
+    tp = f"tp{tensor_parallel}" if tensor_parallel > 1 else ""
+    data = "" if tp and parallelism == "ddp" else parallelism  # TP composes with DDP only alone
+    return "+".join(part for part in (data, tp, "ac" if checkpointing else "") if part)
+
+
 def _gib(x):
     return f"{x / GIB:.1f} GiB"
 
@@ -88,12 +100,16 @@ def _unit(hardware: HardwareView) -> str:
 
 
 def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, ...]:
-    world, unit = hardware.world_size, _unit(hardware)
+    unit, t = _unit(hardware), lay.tensor_parallel
+    data_ranks = hardware.world_size // t
     micro, mem = lay.micro_batch_size, lay.memory
-    reasons = [_parallelism_reason(lay.parallelism, hardware, micro, mem["parameters"])]
+    reasons = [_parallelism_reason(lay, hardware)]
+    if len(hardware.tensor_parallel_degrees) > 1 or t > 1:
+        reasons.append(_tensor_parallel_reason(lay, hardware))
     reasons.append(
         f"micro-batch {micro} per rank: the largest divisor of the per-rank batch "
-        f"{per_rank} (= {per_rank * world} / {world} ranks) that fits "
+        f"{per_rank} (= {per_rank * data_ranks} / {data_ranks} "
+        f"{'data ' if t > 1 else ''}ranks) that fits "
         f"({_gib(mem['total'])} of {_gib(hardware.capacity)} per {unit}); "
         f"gradient accumulation {lay.grad_accum}")
     setting = hardware.activation_checkpointing
@@ -113,46 +129,71 @@ def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, .
     return tuple(reasons)
 
 
-def _parallelism_reason(par, hardware: HardwareView, micro, parameters):
-    world, gpus_per_node, nodes = hardware.world_size, hardware.gpus_per_node, hardware.nodes
-    if world == 1:
+def _parallelism_reason(lay: Layout, hardware: HardwareView):
+    par, t, micro = lay.parallelism, lay.tensor_parallel, lay.micro_batch_size
+    gpus_per_node, nodes = hardware.gpus_per_node, hardware.nodes
+    data_ranks = hardware.world_size // t
+    if hardware.world_size == 1:
         return "one process: no data-parallel wrapper (parallelism is ignored by train.py)"
+    if data_ranks == 1:
+        return (f"one data rank (the {t} GPUs are one tensor group): no data-parallel wrapper "
+                "(parallelism is ignored by train.py)")
     if par == "ddp":
-        return (f"DDP: the replicated model states ({_gib(4 * parameters)} with gradients and "
-                f"AdamW) leave room for micro-batch {micro}, as much as sharding would allow, so "
-                "FSDP would only add all-gathers")
+        return (f"DDP: the replicated model states ({_gib(4 * lay.memory['parameters'])} with "
+                f"gradients and AdamW) leave room for micro-batch {micro}, as much as sharding "
+                "would allow, so FSDP would only add all-gathers")
     if par == "hsdp":
-        return (f"HSDP (hybrid shard): sharded over the {gpus_per_node} GPUs of a node and "
-                f"replicated across {nodes} nodes reaches micro-batch {micro}, as full sharding "
-                "would, and keeps the all-gathers inside the node")
-    return (f"FSDP full shard over {world} GPUs: less sharding fits a smaller micro-batch or "
-            "none")
+        return (f"HSDP (hybrid shard): sharded over the {gpus_per_node // t} data ranks of a node "
+                f"and replicated across {nodes} nodes reaches micro-batch {micro}, as full "
+                "sharding would, and keeps the all-gathers inside the node")
+    over = f"{data_ranks} data ranks" if t > 1 else f"{data_ranks} GPUs"
+    return f"FSDP full shard over {over}: less sharding fits a smaller micro-batch or none"
 
 
-def _frugal_total(shape, hardware, ac, world_size=None, grad_accum=1, seq_len=None):
+def _tensor_parallel_reason(lay: Layout, hardware: HardwareView):
+    """Why this tensor-parallel degree: the predicted speeds of the best layouts tried."""
+    mine = option_name(lay.parallelism, lay.tensor_parallel, lay.activation_checkpointing)
+    others = sorted(((v, k) for k, v in lay.speeds.items() if v > 0 and k != mine), reverse=True)
+    named = ", ".join(f"{k} {v / lay.tokens_per_second:.0%}" for v, k in others[:3])
+    what = (f"tensor parallel {lay.tensor_parallel}: each block's heads and SwiGLU width split "
+            f"over {lay.tensor_parallel} GPUs of a node (parallelize.py)"
+            if lay.tensor_parallel > 1 else "no tensor parallelism")
+    if hardware.tensor_parallel != "auto":
+        return what + ", as the spec asks (training.tensor_parallel)"
+    return (f"{what}: the fastest layout that fits by compiler/steptime.py ({mine}, "
+            f"{lay.tokens_per_second:,.0f} tokens/s)" + (f"; the next, at their own largest "
+                                                         f"micro-batch: {named}" if named else ""))
+
+
+def _frugal_total(shape, hardware, ac, tensor_parallel, world_size=None, grad_accum=1,
+                  seq_len=None):
     """Bytes per device of micro-batch 1 in the most frugal layout (vectorised over world_size)."""
     world = hardware.world_size if world_size is None else world_size
     if seq_len is not None:
         shape = dataclasses.replace(shape, seq_len=seq_len)
-    return memory_per_device(shape, 1, parallelism=hardware.frugal if world_size is None else "fsdp",
-                             world_size=world, gpus_per_node=hardware.gpus_per_node,
-                             activation_checkpointing=ac, grad_accum=grad_accum,
-                             device=hardware.device, recipe=hardware.recipe).total
+    frugal = hardware.frugal(tensor_parallel) if world_size is None else "fsdp"
+    return memory_per_device(shape, 1, parallelism=frugal, world_size=world,
+                             gpus_per_node=hardware.gpus_per_node, activation_checkpointing=ac,
+                             grad_accum=grad_accum, device=hardware.device,
+                             recipe=hardware.recipe, tensor_parallel=tensor_parallel).total
 
 
 def _no_fit(shape, hardware: HardwareView, lay: Layout):
     """Nothing fits: why the most frugal layout fails, and the nearest fix.
     Returns (problem, fix, min_gpus, max_seq_len)."""
     world, unit, capacity = hardware.world_size, _unit(hardware), hardware.capacity
-    ac, mem, accum = lay.activation_checkpointing, lay.memory, lay.grad_accum
+    ac, mem, accum, t = lay.activation_checkpointing, lay.memory, lay.grad_accum, lay.tensor_parallel
     how = f"micro-batch 1{' with activation checkpointing' if ac else ''}"
     where = f"FSDP full shard over {world} GPUs" if world > 1 else f"one {unit}"
+    if t > 1:
+        where = (f"tensor parallel {t}" + (f" × FSDP full shard over {world // t} data ranks"
+                                           if world > t else f" over {world} GPUs"))
     states = mem["parameters"] + mem["gradients"] + mem["optimizer"]
     problem = (f"even {how} and {where} needs {_gib(mem['total'])} per {unit}, more than its "
                f"{_gib(capacity)} (model states {_gib(states)}, activations "
                f"{_gib(mem['activations'])}, logits {_gib(mem['logits'])}); a smaller "
                "micro-batch is impossible")
-    if not ac and _frugal_total(shape, hardware, True, grad_accum=accum) <= capacity:
+    if not ac and _frugal_total(shape, hardware, True, t, grad_accum=accum) <= capacity:
         return problem, "turn on activation checkpointing (training.activation_checkpointing: auto)", \
             None, None
     fix, min_gpus, max_seq = "", None, None
@@ -160,15 +201,16 @@ def _no_fit(shape, hardware: HardwareView, lay: Layout):
         # More GPUs: the model states shrink with the shard degree, activations do not. Each
         # world size gets its own accumulation (global batch / world at micro-batch 1).
         worlds = np.arange(world + 1, MAX_GPUS_SEARCHED + 1)
+        worlds = worlds[worlds % t == 0]
         per_world_accum = np.maximum(1, accum * world // worlds)
-        ok = _frugal_total(shape, hardware, ac, worlds, per_world_accum) <= capacity
+        ok = _frugal_total(shape, hardware, ac, t, worlds, per_world_accum) <= capacity
         if ok.any():
             min_gpus = int(worlds[ok][0])
             fix = (f"more GPUs: at least {min_gpus} (= {math.ceil(min_gpus / hardware.gpus_per_node)}"
                    f" nodes of {hardware.gpus_per_node}) with FSDP full shard")
     seq = shape.seq_len // 2
     while seq >= MIN_SEQ_LEN_SUGGESTED:
-        if _frugal_total(shape, hardware, ac, grad_accum=accum, seq_len=seq) <= capacity:
+        if _frugal_total(shape, hardware, ac, t, grad_accum=accum, seq_len=seq) <= capacity:
             max_seq = int(seq)
             fix += ("; or " if fix else "") + (f"shorter sequences: seq_len {max_seq} fits on the "
                                                f"current {world} {unit}(s)")
@@ -179,5 +221,6 @@ def _no_fit(shape, hardware: HardwareView, lay: Layout):
                f"{hardware.gpus_per_node} process(es); or a smaller model (another variant)")
     if not fix:
         fix = ("a smaller model (another variant, or a lower params.max): no number of GPUs "
-               f"or sequence length down to {MIN_SEQ_LEN_SUGGESTED} holds this one")
+               f"or sequence length down to {MIN_SEQ_LEN_SUGGESTED} holds this one; it would "
+               "need pipeline or context parallelism, which llama3gen does not generate")
     return problem, fix, min_gpus, max_seq

@@ -213,17 +213,19 @@ def norm_bytes_per_token(d_model, residual_bytes):
 
 
 def layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn_hidden,
-                                     compute_bytes=2, residual_bytes=2):
+                                     compute_bytes=2, residual_bytes=2, tensor_parallel=1):
     """Bytes one block saves for backward per token, without recomputation (module docstring).
 
     Korthikanti et al. 2022's s·b·h·(34 + 5·a·s/h), adapted to LLaMA-3: RMSNorm, GQA, RoPE, SwiGLU,
-    flash/SDPA attention, no dropout.
+    flash/SDPA attention, no dropout. Under tensor parallelism t (without sequence parallelism,
+    Korthikanti's Sec. 4.2.1), a rank keeps 1/t of the heads' and the SwiGLU's tensors; the norms
+    and the inputs of the column-parallel matmuls are the replicated residual stream.
     """
-    c = compute_bytes
+    c, t = compute_bytes, tensor_parallel
     q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
     norms = 2 * norm_bytes_per_token(d_model, residual_bytes)
-    attention = c * (d_model + q_width + 2 * kv_width + q_width) + FP32 * n_heads
-    mlp = c * (d_model + 4 * ffn_hidden)
+    attention = c * d_model + (c * (q_width + 2 * kv_width + q_width) + FP32 * n_heads) / t
+    mlp = c * d_model + c * 4 * ffn_hidden / t
     return norms + attention + mlp
 
 
@@ -296,44 +298,52 @@ class Moment:
 def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
                       gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
                       device: str = "cuda", compute_dtype: str | None = None,
-                      recipe: Recipe = TRAIN_PY) -> MemoryBreakdown:
+                      recipe: Recipe = TRAIN_PY, tensor_parallel=1) -> MemoryBreakdown:
     """Predicted peak bytes on one device for one training step (see the module docstring).
 
     shape fields, micro_batch, world_size, gpus_per_node, activation_checkpointing and grad_accum
     may be numpy arrays that broadcast together; parallelism, device and compute_dtype are strings.
     With world_size 1 the generated train.py wraps nothing (one process, autocast): pass "ddp".
+    tensor_parallel t: consecutive ranks (inside a node) that split each block's matmuls
+    (templates/parallelize.py); data parallelism runs over world_size / t ranks, "ddp" only
+    where that is 1 (no data-parallel wrapper then).
     recipe: what train.py and model.py do (compiler/recipe.py); the generated defaults unless
     given.
     """
     c = _dtype_bytes(compute_dtype or default_dtype(device))
+    t = np.asarray(tensor_parallel)
+    data_world = np.asarray(world_size) // t
     sharded = parallelism in ("fsdp", "hsdp")
-    shard = shard_degree(parallelism, world_size, gpus_per_node)
-    n_params = np.asarray(shape.n_params(), dtype=np.float64)
+    shard = shard_degree(parallelism, data_world, np.maximum(gpus_per_node // t, 1))
+    units = _units(shape, t)
+    # A rank of a tensor group holds 1/t of every block's matmuls, all else whole.
+    n_params = np.asarray(shape.n_params(), dtype=np.float64) - (
+        np.asarray(shape.n_layers) * units.block_matmuls * (t - 1))
     params, grads, optim = model_state_bytes(n_params, shard)
-    units = _units(shape)
     gradients = _gradient_moments(parallelism, grads, n_params, shard, units, grad_accum,
-                                  world_size, recipe)
+                                  data_world, recipe)
     moments = _moments(shape, units, gradients, micro_batch, c, sharded,
                        np.asarray(activation_checkpointing, dtype=bool),
-                       np.asarray(grad_accum) > 1, recipe)
+                       np.asarray(grad_accum) > 1, recipe, t)
     return _at_peak(moments, params, optim, device)
 
 
 @dataclass(frozen=True)
 class _Units:
-    """Parameters of the units FSDP2 gathers one at a time (as floats, broadcast over shapes)."""
+    """Parameters of the units FSDP2 gathers one at a time, on one rank of a tensor group (as
+    floats, broadcast over shapes)."""
 
-    block: np.ndarray  # one transformer block, matmuls and norms
-    block_matmuls: np.ndarray  # its matmul weights only (what autocast copies)
+    block: np.ndarray  # one transformer block, its share of the matmuls and the whole norms
+    block_matmuls: np.ndarray  # its share of the matmul weights only (what autocast copies)
     head: np.ndarray  # lm_head
     root: np.ndarray  # embedding, final norm and lm_head (the embedding's matrix once if tied)
 
 
-def _units(s: ModelShape) -> _Units:
+def _units(s: ModelShape, tensor_parallel=1) -> _Units:
     d, h, kv, dh, f, V = s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden, s.vocab_size
     as_float = lambda x: np.asarray(x, dtype=np.float64)
-    return _Units(block=as_float(block_params(d, h, kv, dh, f)),
-                  block_matmuls=as_float(arch.layer_matmul_params(d, h, kv, dh, f)),
+    matmuls = as_float(arch.layer_matmul_params(d, h, kv, dh, f)) / tensor_parallel
+    return _Units(block=matmuls + 2 * as_float(d), block_matmuls=matmuls,
                   head=as_float(V * d),
                   root=as_float(arch.embedding_params(d, V, s.tie_embeddings) + d))
 
@@ -390,7 +400,8 @@ def _working_copies(sharded, c, ac, accumulating, n_layers, u: _Units):
             "root": FP32 * u.root}  # the embedding's fp32 gradient
 
 
-def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, accumulating, recipe):
+def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, accumulating, recipe,
+             t=1):
     """{name: Moment} for the seven moments of the step whose largest total is the peak."""
     # FSDP2 casts the weights to the compute dtype, so the residual stream is in it too; DDP under
     # autocast (and fp32 training) keeps fp32 weights and an fp32 residual stream.
@@ -400,7 +411,7 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     seq = np.asarray(s.seq_len, dtype=np.float64)
     tokens = np.asarray(micro_batch, dtype=np.float64) * seq
 
-    full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r) * tokens
+    full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens
                   + rope_bytes_per_position(dh, c) * seq)
     kept_layer = np.where(ac, checkpoint_bytes_per_token(d, r) * tokens, full_layer)
     layers_saved = L * kept_layer
@@ -413,7 +424,7 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     loss_logits = loss_chunk_bytes(V, tokens, c, recipe.loss_chunk_tokens)
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
-    block_first = full_layer + c * (2 * f + 2 * d) * tokens
+    block_first = full_layer + c * (2 * f / t + 2 * d) * tokens
     block_live = (L - 1) * kept_layer + block_first
     working = _working_copies(sharded, c, ac, accumulating, L, u)
 

@@ -87,7 +87,7 @@ class Memory(PlanModel):
 
 class Training(PlanModel):
     parallelism: str  # "fsdp", "hsdp" or "ddp"
-    tensor_parallel: int = 1  # ranks splitting each block; the planner does not choose TP yet
+    tensor_parallel: int = 1  # ranks of a node splitting each block (compiler/evaluate.py)
     world_size: int
     global_batch_size: int  # sequences per optimizer step
     global_batch_tokens: int

@@ -449,6 +449,9 @@ class Training(StrictModel):
     beta2: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.95
     grad_clip: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0
     activation_checkpointing: Literal["auto", True, False] = "auto"
+    # Ranks of a node that split each block (templates/parallelize.py): "auto" lets the planner
+    # choose 1, 2, 4 or 8 by predicted speed within memory; a number fixes it.
+    tensor_parallel: Annotated[Literal["auto", 1, 2, 4, 8], NotBool] = "auto"
     compile: bool = True
     eval_interval: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
     eval_iters: Annotated[int, Field(ge=1, le=100_000)] = 20
@@ -482,6 +485,11 @@ class Spec(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        t, per_node = self.training.tensor_parallel, self.hardware.gpus_per_node
+        if t != "auto" and t > 1 and per_node % t:
+            raise _invalid("tensor_parallel_node", f"training.tensor_parallel {t} does not divide "
+                           f"hardware.gpus_per_node {per_node}: a tensor group lies inside a node",
+                           "a degree that divides the GPUs of a node, or \"auto\"")
         return self
 
 

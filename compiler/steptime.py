@@ -23,6 +23,17 @@ FSDP2     per micro-batch, all-gathers of the bf16 weights (2·N) for forward an
           (the root unit: embedding and lm_head, large at a 128k vocabulary).
 HSDP      the same within a node (n = GPUs per node), plus an all-reduce across the nodes of each
           rank's gradient shard (4·N / GPUs per node) per micro-batch, behind backward as well.
+TP        tensor parallelism over t consecutive ranks of a node (Megatron-LM, Shoeybi et al. 2019,
+          Sec. 3): each rank computes 1/t of every block (its heads, its share of the SwiGLU
+          width) and the whole replicated rest (the output head and loss: every rank of the group
+          computes them for the same tokens). A block costs two all-reduces of its activations
+          (tokens · d in the compute dtype) in forward (after o_proj and down_proj) and two in
+          backward (the gradients of the attention's and the MLP's inputs), two more when
+          activation checkpointing recomputes the forward. They sit on the critical path: each
+          one's result is the next matmul's input (no asynchronous TP in train.py). Data
+          parallelism then runs over world / t ranks holding 1/t of the blocks' weights each;
+          its groups stride over the tensor groups, so they leave the node as soon as the data
+          ranks do.
 Not modelled: the optimizer step (memory-bound, about 16 bytes per local parameter read and
 written), data loading, stragglers and failures. A spec's hardware.mfu, measured on the user's
 own cluster, replaces the whole model (compute at that MFU, nothing exposed).
@@ -61,43 +72,64 @@ def ring_seconds(kind: str, size_bytes, ranks, bandwidth_bytes_per_s):
 
 
 def group_bandwidth(ranks, gpus_per_node, interconnect):
-    """Bytes/s per GPU of a collective over `ranks` consecutive ranks: inside a node over its
-    NVLink/PCIe, else bound by the fabric."""
+    """Bytes/s per GPU of a collective whose group spans `ranks` consecutive ranks: inside a node
+    over its NVLink/PCIe, else bound by the fabric."""
     intra = interconnect.intra_node_GBps * 1e9 * COLLECTIVE_EFFICIENCY
     inter = interconnect.inter_node_GBps * 1e9 * COLLECTIVE_EFFICIENCY
     return np.where(np.asarray(ranks) <= gpus_per_node, intra, inter)
 
 
-def step_time(parallelism, *, n_params, root_params, n_layers, flops_per_token_exact,
+def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_flops_per_token,
               hardware_flops_per_token, tokens_per_micro_batch, grad_accum, world_size,
-              gpus_per_node, peak_flops, kernel_efficiency, interconnect,
-              reduce_scatter_every_micro_batch=True) -> StepTime:
-    """Step time of the candidates under one parallelism ("ddp", "fsdp" or "hsdp"; world size 1:
-    no communication). root_params: the FSDP root unit (embedding, final norm, lm_head)."""
+              gpus_per_node, peak_flops, kernel_efficiency, interconnect, tensor_parallel=1,
+              activation_checkpointing=False, reduce_scatter_every_micro_batch=True) -> StepTime:
+    """Step time of the candidates under one parallelism ("ddp", "fsdp" or "hsdp"; one data rank:
+    no data-parallel communication) and tensor-parallel degree t.
+
+    n_params: parameters one rank of a tensor group holds (its 1/t of the blocks' matmuls);
+    root_params: the FSDP root unit (embedding, final norm, lm_head); the FLOPs per token are
+    those the whole tensor group executes (the replicated output head t times), forward's and
+    forward + backward's (with the recomputation under checkpointing)."""
+    t = np.asarray(tensor_parallel, dtype=np.float64)
     flops_per_s = peak_flops * kernel_efficiency
-    compute_mb = hardware_flops_per_token * tokens_per_micro_batch / flops_per_s
-    forward_mb = flops_per_token_exact / 3 * tokens_per_micro_batch / flops_per_s
+    compute_mb = hardware_flops_per_token * tokens_per_micro_batch / t / flops_per_s
+    forward_mb = forward_flops_per_token * tokens_per_micro_batch / t / flops_per_s
     backward_mb = compute_mb - forward_mb
     accum = np.asarray(grad_accum, dtype=np.float64)
-    zero = np.zeros_like(compute_mb)
-    if world_size == 1:
-        return StepTime(accum * compute_mb, zero, zero)
+    tp = _tensor_parallel_seconds(tokens_per_micro_batch, d_model, n_layers, t,
+                                  activation_checkpointing, gpus_per_node, interconnect)
+    compute = accum * compute_mb
+    data_world = world_size // np.asarray(tensor_parallel)
+    if np.all(data_world == 1):
+        return StepTime(compute, accum * tp, accum * tp)
     n = np.asarray(n_params, dtype=np.float64)
     if parallelism == "ddp":
         bandwidth = group_bandwidth(world_size, gpus_per_node, interconnect)
-        all_reduce = ring_seconds("all_reduce", FP32 * n, world_size, bandwidth)
+        all_reduce = ring_seconds("all_reduce", FP32 * n, data_world, bandwidth)
         exposed = np.maximum(0.0, all_reduce - backward_mb)
-        return StepTime(accum * compute_mb, exposed, all_reduce)
-    shard = world_size if parallelism == "fsdp" else min(gpus_per_node, world_size)
-    bandwidth = group_bandwidth(shard, gpus_per_node, interconnect)
+        return StepTime(compute, exposed + accum * tp, all_reduce + accum * tp)
+    shard = data_world if parallelism == "fsdp" else np.minimum(gpus_per_node // t, data_world)
+    bandwidth = group_bandwidth(shard * t, gpus_per_node, interconnect)
     gather = ring_seconds("all_gather", BF16 * n, shard, bandwidth)
     scatter = ring_seconds("reduce_scatter", FP32 * n, shard, bandwidth)
-    if parallelism == "hsdp" and world_size > shard:  # the shards' all-reduce across nodes
+    if parallelism == "hsdp":  # the shards' all-reduce across nodes
         across = group_bandwidth(world_size, gpus_per_node, interconnect)
-        scatter = scatter + ring_seconds("all_reduce", FP32 * n / shard, world_size // shard,
-                                         across)
+        scatter = scatter + np.where(data_world > shard, ring_seconds(
+            "all_reduce", FP32 * n / shard, data_world // shard, across), 0.0)
     syncs = accum if reduce_scatter_every_micro_batch else np.ones_like(accum)
     first_unit = gather * np.maximum(np.asarray(root_params) / n, 1.0 / np.asarray(n_layers))
     exposed_mb = (np.maximum(0.0, gather - forward_mb) + first_unit
                   + np.maximum(0.0, gather + scatter * syncs / accum - backward_mb))
-    return StepTime(accum * compute_mb, accum * exposed_mb, accum * 2 * gather + syncs * scatter)
+    return StepTime(compute, accum * (exposed_mb + tp),
+                    accum * (2 * gather + tp) + syncs * scatter)
+
+
+def _tensor_parallel_seconds(tokens_per_micro_batch, d_model, n_layers, t, checkpointing,
+                             gpus_per_node, interconnect):
+    """One micro-batch's TP all-reduces, all on the critical path (module docstring): 4 per
+    block, 6 with the recomputed forward, of tokens · d activations in bf16 over t ranks."""
+    per_block = 4 + 2 * np.asarray(checkpointing, dtype=np.float64)
+    size = BF16 * np.asarray(tokens_per_micro_batch, dtype=np.float64) * np.asarray(d_model)
+    bandwidth = group_bandwidth(t, gpus_per_node, interconnect)
+    one = np.where(t > 1, ring_seconds("all_reduce", size, t, bandwidth), 0.0)
+    return np.asarray(n_layers) * per_block * one

@@ -168,7 +168,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
                                   "(training.warmup_frac, training.max_warmup_iters)")
     provenance["min_lr"] = f"learning_rate × training.min_lr_ratio {tr.min_lr_ratio:g}"
 
-    assert lay.micro_batch_size * lay.grad_accum * world == batch_seqs or not lay.fits
+    assert (lay.micro_batch_size * lay.grad_accum * (world // lay.tensor_parallel) == batch_seqs
+            or not lay.fits)
     if not lay.fits:
         raise UserError(f"{lay.problem}", field="hardware",
                         fix=lay.fix or "use more or larger GPUs, or a shorter model.seq_len")
@@ -182,7 +183,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
     provenance.update(why)
     is_cpu = device == "cpu"
     training = P.Training(
-        parallelism=lay.parallelism, world_size=world, global_batch_size=batch_seqs,
+        parallelism=lay.parallelism, tensor_parallel=lay.tensor_parallel, world_size=world,
+        global_batch_size=batch_seqs,
         global_batch_tokens=batch_tokens, micro_batch_size=lay.micro_batch_size,
         grad_accum=lay.grad_accum, max_iters=max_iters, tokens_trained=float(max_iters * batch_tokens),
         learning_rate=lr, min_lr=_four_digits(lr * tr.min_lr_ratio), lr_schedule=tr.schedule, warmup_iters=warmup,

@@ -341,14 +341,17 @@ def test_memory_model_and_template_agree_on_the_loss_chunk():
 # (d) layout
 
 
-def view(hardware, gpus_per_node, nodes, activation_checkpointing="auto", device="cuda"):
+def view(hardware, gpus_per_node, nodes, activation_checkpointing="auto", device="cuda",
+         tensor_parallel=1):
     """A HardwareView timed at a measured MFU (hardware["mfu"]): compute only, as these layout
-    tests reason about memory; tests/test_steptime.py times communication."""
+    tests reason about memory; tests/test_steptime.py times communication. Without tensor
+    parallelism unless asked ("auto": the planner's search)."""
     return HardwareView(device=device, peak_flops=hardware["peak_flops"], mfu=hardware["mfu"],
                         kernel_efficiency=hardware["mfu"],
                         interconnect=catalog.interconnect(catalog.lookup("a100-80gb")),
                         memory_bytes=hardware["gpu_memory_bytes"], gpus_per_node=gpus_per_node,
-                        nodes=nodes, activation_checkpointing=activation_checkpointing)
+                        nodes=nodes, activation_checkpointing=activation_checkpointing,
+                        tensor_parallel=tensor_parallel)
 
 
 def plan(shape, hardware, gpus_per_node, nodes, global_batch, seq_len=2048, **kw):
@@ -411,6 +414,22 @@ def test_checkpointing_only_when_needed_and_its_cost_is_one_more_forward_of_the_
     assert not forbidden.fits and "activation checkpointing" in forbidden.fix
 
 
+def test_tensor_parallelism_instead_of_recomputation_when_it_is_cheaper():
+    """The same 8B at 8192 tokens with the planner's TP search: splitting the blocks over 2 GPUs
+    halves their activations, so it fits without recomputation. At a measured MFU TP costs only
+    its replicated output head (6·V·d FLOPs per token per extra rank: 3% of 8B's exact FLOPs),
+    recomputation a third of the blocks' FLOPs: TP wins, and the reasons say by how much."""
+    lay = plan(LLAMA3_8B, A100_80GB, 8, 1, global_batch=64, seq_len=8192, tensor_parallel="auto")
+    assert lay.fits and lay.tensor_parallel == 2 and not lay.activation_checkpointing
+    exact = arch.flops_per_token_exact(**LLAMA3_8B, seq_len=8192)
+    lm_head = 6 * LLAMA3_8B["vocab_size"] * LLAMA3_8B["d_model"]
+    assert lay.hardware_flops_per_token == exact + lm_head  # the second rank's copy of the head
+    assert lay.speeds["fsdp+ac"] == pytest.approx(8 * 312e12 * 0.45 / (exact + (exact - lm_head) / 3))
+    assert lay.speeds["fsdp+ac"] < lay.tokens_per_second
+    assert lay.micro_batch_size * lay.grad_accum * 4 == 64  # 4 data ranks of 2
+    assert any("tensor parallel 2" in r and "fsdp+ac" in r for r in lay.reasons)
+
+
 def test_ddp_when_sharding_buys_nothing_and_hsdp_across_nodes():
     small = dict(n_layers=12, d_model=768, n_heads=6, n_kv_heads=2, head_dim=128,
                  ffn_hidden=2048, vocab_size=32000)
@@ -435,6 +454,9 @@ def test_micro_batch_divides_the_per_rank_batch(global_batch):
 def test_global_batch_not_divisible_by_the_world_is_reported():
     lay = plan(REFERENCE_1_5B, A100_80GB, 8, 1, global_batch=1001)
     assert not lay.fits and "multiple of 8" in lay.fix
+    # with the TP search, 1001 still splits over no data-parallel degree but one: TP 8
+    lay = plan(REFERENCE_1_5B, A100_80GB, 8, 1, global_batch=1001, tensor_parallel="auto")
+    assert lay.fits and lay.tensor_parallel == 8 and lay.micro_batch_size * lay.grad_accum == 1001
 
 
 def test_cpu_pseudo_device_uses_host_ram_shared_by_its_processes():

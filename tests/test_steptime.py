@@ -38,12 +38,13 @@ def test_a_group_inside_a_node_uses_nvlink_and_one_across_nodes_the_fabric():
 
 
 def _one(parallelism, *, world, accum=1, tokens=1000, n=1e9, flops_per_token=6e9, root=0.0,
-         layers=10, per_node=8, reduce_every=True):
+         layers=10, per_node=8, reduce_every=True, tp=1, d_model=4096, ac=False):
     return step_time(parallelism, n_params=n, root_params=root, n_layers=layers,
-                     flops_per_token_exact=flops_per_token,
+                     d_model=d_model, forward_flops_per_token=flops_per_token / 3,
                      hardware_flops_per_token=flops_per_token, tokens_per_micro_batch=tokens,
                      grad_accum=accum, world_size=world, gpus_per_node=per_node,
                      peak_flops=1e15, kernel_efficiency=0.5, interconnect=LINK,
+                     tensor_parallel=tp, activation_checkpointing=ac,
                      reduce_scatter_every_micro_batch=reduce_every)
 
 
@@ -83,6 +84,24 @@ def test_hsdp_all_reduces_the_shards_across_nodes():
     assert t.comm - fsdp_in_node.comm == pytest.approx(0.0625)
 
 
+def test_tensor_parallel_all_reduces_by_hand_on_the_critical_path():
+    # 8 GPUs as one tensor group (one data rank): each rank computes 1/8 of the micro-batch's
+    # 6e9 FLOPs per token: 1000 × 6e9 / 8 / 5e14 = 1.5 ms. Per block, 4 all-reduces of the
+    # activations, 1000 tokens × 4096 × 2 bytes = 8.192 MB, over 8 ranks at 80 GB/s:
+    # 2 × 8.192e6 × 7/8 / 8e10 = 179.2 µs each; 10 blocks: 7.168 ms, all exposed.
+    t = _one("ddp", world=8, tp=8, tokens=1000, d_model=4096, layers=10)
+    assert t.compute == pytest.approx(1.5e-3)
+    assert t.exposed_comm == pytest.approx(10 * 4 * 2 * 8.192e6 * 7 / 8 / 8e10)
+    assert t.comm == t.exposed_comm
+    # recomputing the forward under activation checkpointing repeats its two all-reduces
+    assert _one("ddp", world=8, tp=8, ac=True).comm == pytest.approx(t.comm * 6 / 4)
+    # with 2 data ranks across 2 nodes the FSDP gathers of each rank's 1/8 of the weights cross
+    # the fabric: 2 × 1e9 / 8... here n is already the rank's share: 2e9 bytes × 1/2 / 8 GB/s
+    two_nodes = _one("fsdp", world=16, tp=8, tokens=1000, d_model=4096, layers=10)
+    gather = 2e9 * (1 / 2) / 8e9
+    assert two_nodes.comm == pytest.approx(2 * gather + 4e9 * (1 / 2) / 8e9 + t.comm)
+
+
 # The reference's optimal pick: 25 layers × 2048, as in specs/1.36e21.yaml
 PICK = ModelShape(25, 2048, 16, 8, 128, 7168, 128256, 2048)
 
@@ -115,7 +134,7 @@ def test_per_gpu_throughput_falls_when_the_collective_leaves_the_node_and_the_ba
 
 def test_a_small_model_on_one_node_keeps_fsdp_or_ddp_and_mfu_is_an_output():
     ev = evaluate(PICK, a100s(1), 1152)
-    assert ev.parallelism[0] in ("fsdp", "ddp")
+    assert ev.parallelism[0] in ("fsdp", "ddp") and ev.tensor_parallel[0] == 1
     # MFU is exact FLOPs × tokens/s / (GPUs × peak): below the kernel efficiency by what is exposed
     assert ev.mfu[0] == pytest.approx(0.57 * ev.step.compute[0] / ev.step.total[0], rel=1e-9)
 
