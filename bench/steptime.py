@@ -53,7 +53,7 @@ def predict(row) -> tuple[float, float, str]:
                         gpus_per_node=per_node, nodes=gpus // per_node,
                         kernel_efficiency=efficiency, interconnect=hardware.interconnect(gpu))
     parallelism = SHARDING[row["sharding"]]
-    _, speed = time_layout(shape, view, parallelism, row["micro_batch_sequences"],
+    _, speed = time_layout(shape, view, parallelism, 1, row["micro_batch_sequences"],
                            row["global_batch_sequences"] // gpus,
                            bool(row["activation_checkpointing"]))
     per_gpu = float(speed) / gpus

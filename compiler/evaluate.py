@@ -6,16 +6,16 @@ device at the step's peak, and how fast it runs. The solver screens every candid
 result and the pick is an index into it; layout.py only words the decision for the pick.
 
 The rules (docs/DESIGN.md, "Layout"), for each shape:
-1. No activation checkpointing unless it is needed to fit (or the spec asks for it): it
-   recomputes every block's forward in backward, one extra forward of the blocks.
-2. The micro-batch per rank is the largest divisor of the per-rank batch (global batch / world
-   size) that fits; gradient accumulation makes up the rest.
-3. Among the layouts (tensor-parallel degree t of 1, 2, 4 or 8 ranks inside a node that
-   divides the heads, the KV heads and the SwiGLU width; then DDP, hybrid shard or FSDP full
-   shard over the world / t data ranks), the fastest by steptime.py at its largest fitting
-   micro-batch. On a tie (a measured MFU times every layout alike) the smaller t, then the larger
-   micro-batch, then the least sharding. One data rank wraps nothing ("ddp"); tensor
-   parallelism composes with FSDP or HSDP, not with DDP (templates/parallelize.py).
+1. A layout is a tensor-parallel degree t (1, 2, 4 or 8 ranks inside a node, dividing the heads,
+   the KV heads and the SwiGLU width), a data-parallel layout over the world / t data ranks
+   (DDP, hybrid shard or FSDP full shard; one data rank wraps nothing, "ddp"; tensor parallelism
+   composes with FSDP or HSDP, not with DDP: templates/parallelize.py) and activation
+   checkpointing on or off (as the spec allows; it recomputes every block's forward in backward).
+2. In each layout the micro-batch per rank is the largest divisor of the per-rank batch (global
+   batch / data ranks) that fits; gradient accumulation makes up the rest.
+3. The fastest layout by steptime.py wins. On a tie (a measured MFU times every layout alike but
+   for their FLOPs) no checkpointing, then the smaller t, then the larger micro-batch, then the
+   least sharding.
 Memory comes from memory.py for the Recipe train.py follows; time from steptime.py, or from the
 spec's measured MFU.
 """
@@ -184,29 +184,27 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     for t in hardware.tensor_parallel_degrees:
         frugal_t[usable[t]] = t
     parallelism = np.array([hardware.frugal(t) for t in frugal_t], dtype=object)
-    tensor_parallel, micro = frugal_t.copy(), np.ones(count, dtype=np.int64)
+    tensor_parallel = frugal_t.copy()
     ac = np.full(count, hardware.activation_checkpointing is not False)
-    undecided = splits.copy()
-    timed = {}  # (parallelism, t, checkpointing) -> time_layout at the largest fitting micro-batch
-    speeds = {}
+    timed, speeds = {}, {}  # (parallelism, t, checkpointing) -> at its largest fitting micro-batch
+    best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
+    best_t, best_ac = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
     for checkpointing in hardware.checkpointing_choices:
-        best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
-        best_t = np.zeros(count, dtype=np.int64)
         for t, p in hardware.layouts():
-            m = options[(p, t, checkpointing)]
+            key = (p, t, checkpointing)
+            m = options[key]
             # micro-batch 1 where none fits: the frugal layout a shape that fits nowhere reports
-            timed[(p, t, checkpointing)] = time_layout(shapes, hardware, p, t, np.maximum(m, 1),
-                                                       per_rank[t], checkpointing)
-            speed = np.where(m > 0, timed[(p, t, checkpointing)][1], 0.0)
-            speeds[(p, t, checkpointing)] = speed
+            timed[key] = time_layout(shapes, hardware, p, t, np.maximum(m, 1), per_rank[t],
+                                     checkpointing)
+            speeds[key] = speed = np.where(m > 0, timed[key][1], 0.0)
             better = (speed > best_speed) | ((speed == best_speed) & (t == best_t)
-                                             & (m > best_micro))
-            better &= undecided & (m > 0)
-            parallelism[better], tensor_parallel[better] = p, t
-            best_speed[better], best_micro[better], best_t[better] = speed[better], m[better], t
-        chosen = undecided & (best_micro > 0)
-        micro[chosen], ac[chosen] = best_micro[chosen], checkpointing
-        undecided &= ~chosen
+                                             & (checkpointing == best_ac) & (m > best_micro))
+            better &= m > 0
+            parallelism[better], tensor_parallel[better], ac[better] = p, t, checkpointing
+            best_speed[better], best_micro[better] = speed[better], m[better]
+            best_t[better], best_ac[better] = t, checkpointing
+    micro = np.where(best_micro > 0, best_micro, 1)
+    undecided = best_micro == 0
     fits = splits & ~undecided
     # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
     ac[~splits] = hardware.activation_checkpointing is True

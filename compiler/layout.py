@@ -116,6 +116,11 @@ def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, .
     if lay.activation_checkpointing and setting is True:
         reasons.append("activation checkpointing: on, as the spec asks; recomputing each block "
                        "in backward costs one extra forward (~33% more block compute)")
+    elif lay.activation_checkpointing and _fastest_without_checkpointing(lay):
+        fastest, speed = _fastest_without_checkpointing(lay)
+        reasons.append("activation checkpointing: on, though it costs one extra forward of the "
+                       f"blocks: without it the fastest layout ({fastest}) is predicted at "
+                       f"{speed:,.0f} tokens/s, {speed / lay.tokens_per_second:.0%} of this one")
     elif lay.activation_checkpointing:
         reasons.append("activation checkpointing: on, because without it not even micro-batch "
                        "1 fits; recomputing each block in backward costs one extra forward "
@@ -127,6 +132,12 @@ def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, .
         reasons.append("activation checkpointing: off, not needed to fit (it would cost ~33% "
                        "more block compute)")
     return tuple(reasons)
+
+
+def _fastest_without_checkpointing(lay: Layout):
+    """(name, tokens/s) of the fastest layout that fits without checkpointing, or None."""
+    fitting = [(v, k) for k, v in lay.speeds.items() if v > 0 and not k.endswith("ac")]
+    return max(fitting)[::-1] if fitting else None
 
 
 def _parallelism_reason(lay: Layout, hardware: HardwareView):

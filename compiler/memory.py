@@ -217,13 +217,14 @@ def layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn
     """Bytes one block saves for backward per token, without recomputation (module docstring).
 
     Korthikanti et al. 2022's s·b·h·(34 + 5·a·s/h), adapted to LLaMA-3: RMSNorm, GQA, RoPE, SwiGLU,
-    flash/SDPA attention, no dropout. Under tensor parallelism t (without sequence parallelism,
-    Korthikanti's Sec. 4.2.1), a rank keeps 1/t of the heads' and the SwiGLU's tensors; the norms
-    and the inputs of the column-parallel matmuls are the replicated residual stream.
+    flash/SDPA attention, no dropout. Under tensor and sequence parallelism t (Korthikanti's Sec.
+    4.2.2, as templates/parallelize.py does it) a rank keeps 1/t of the heads' and the SwiGLU's
+    tensors and normalises 1/t of the tokens; the column-parallel matmuls save their gathered
+    input, the whole sequence (Megatron-LM re-gathers it in backward instead; DTensor keeps it).
     """
     c, t = compute_bytes, tensor_parallel
     q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
-    norms = 2 * norm_bytes_per_token(d_model, residual_bytes)
+    norms = 2 * norm_bytes_per_token(d_model, residual_bytes) / t
     attention = c * d_model + (c * (q_width + 2 * kv_width + q_width) + FP32 * n_heads) / t
     mlp = c * d_model + c * 4 * ffn_hidden / t
     return norms + attention + mlp
@@ -254,11 +255,12 @@ def checkpoint_bytes_per_token(d_model, residual_bytes=2):
     return residual_bytes * d_model
 
 
-def head_activation_bytes_per_token(d_model, residual_bytes=2):
-    """Outside the blocks, saved for backward: the final RMSNorm's tensors and the token ids (the
-    embedding's input, the targets). The fused loss saves no activation of its own; it keeps the
-    gradient of its input instead (see memory_per_device)."""
-    return norm_bytes_per_token(d_model, residual_bytes) + 2 * INDEX_BYTES
+def head_activation_bytes_per_token(d_model, residual_bytes=2, tensor_parallel=1):
+    """Outside the blocks, saved for backward: the final RMSNorm's tensors (on 1/t of the tokens
+    under sequence parallelism) and the token ids (the embedding's input, the targets). The fused
+    loss saves no activation of its own; it keeps the gradient of its input instead (see
+    memory_per_device)."""
+    return norm_bytes_per_token(d_model, residual_bytes) / tensor_parallel + 2 * INDEX_BYTES
 
 
 def loss_chunk_bytes(vocab_size, tokens, compute_bytes=2, chunk_tokens=TRAIN_PY.loss_chunk_tokens):
@@ -413,9 +415,11 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
 
     full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens
                   + rope_bytes_per_position(dh, c) * seq)
-    kept_layer = np.where(ac, checkpoint_bytes_per_token(d, r) * tokens, full_layer)
+    # Under sequence parallelism the residual stream, the final norm and a block's input are
+    # split t ways; the token ids are not.
+    kept_layer = np.where(ac, checkpoint_bytes_per_token(d, r) / t * tokens, full_layer)
     layers_saved = L * kept_layer
-    head_saved = head_activation_bytes_per_token(d, r) * tokens
+    head_saved = head_activation_bytes_per_token(d, r, t) * tokens
     # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
     # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
     # (compute dtype) are live besides one chunk's logits; in its backward, only that gradient.
@@ -424,7 +428,9 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     loss_logits = loss_chunk_bytes(V, tokens, c, recipe.loss_chunk_tokens)
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
-    block_first = full_layer + c * (2 * f / t + 2 * d) * tokens
+    # (under sequence parallelism: the hidden pair's 1/t, the gathered input's gradient whole
+    # before its reduce-scatter, the residual's 1/t)
+    block_first = full_layer + c * (2 * f / t + d + d / t) * tokens
     block_live = (L - 1) * kept_layer + block_first
     working = _working_copies(sharded, c, ac, accumulating, L, u)
 
@@ -442,7 +448,7 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     grads_first = np.where(accumulating, late, late - GRADIENT_BYTES * not_yet / shard)
     # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
     # under activation checkpointing were measured to stay until the block's backward ends.
-    block_end = np.where(ac, block_first, c * d * tokens)  # else: the residual stream's gradient
+    block_end = np.where(ac, block_first, c * d / t * tokens)  # else: the residual's gradient
     zero = np.zeros_like(tokens)
     return {
         "loss forward": Moment(accumulated, layers_saved + head_saved + loss_inputs,

@@ -56,7 +56,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  tie-break          {v.tie_break}",
         "",
         "TRAINING PLAN:",
-        f"  layout             {t.parallelism} over {t.world_size} devices, micro-batch {t.micro_batch_size} × "
+        f"  layout             {t.parallelism}{f' × tensor parallel {t.tensor_parallel}' if t.tensor_parallel > 1 else ''} over {t.world_size} devices, micro-batch {t.micro_batch_size} × "
         f"accum {t.grad_accum}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}",
         f"  global batch       {t.global_batch_size} × {s.seq_len} = {t.global_batch_tokens:,} tokens "
         f"({v.provenance.get('global_batch_size', '')})",

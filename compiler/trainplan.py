@@ -226,6 +226,7 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
             f"tokens/s = global batch tokens / step time; step = compute {lay.compute_seconds:.3g} s "
             f"({lay.hardware_flops_per_token:,.0f} hardware FLOPs per token{recompute}, at "
             f"{hardware_efficiency:.1%} of {gpu.bf16_tflops:g} TFLOP/s) + exposed communication "
-            f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}); "
+            f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}"
+            f"{f' × tensor parallel {lay.tensor_parallel}' if lay.tensor_parallel > 1 else ''}); "
             f"predicted MFU {lay.mfu:.1%}; days = tokens trained / tokens/s")
     return training, memory, timing, list(lay.reasons), provenance

@@ -261,6 +261,42 @@ def test_fsdp2_bf16_step_matches_fsdpmemtracker(fake_mesh, checkpointing, grad_a
     assert_close_to_tracked(memory.tracked_bytes(predicted), peak["Total"], 0.97, 1.10)
 
 
+@pytest.fixture(scope="module")
+def fake_tp_mesh(fake_mesh):
+    """The same 8 fake ranks as 4 data-parallel groups × tensor parallel 2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("dp", "tp"))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fsdp2_with_tensor_and_sequence_parallelism_matches_fsdpmemtracker(
+        fake_tp_mesh, checkpointing, grad_accum):
+    """templates/parallelize.py's TP 2 (with sequence parallelism) inside FSDP2 over 4 data
+    ranks, as train.py applies them: one rank's tracked peak against memory_per_device with
+    tensor_parallel=2 (the same -3% / +10% bounds as the other tiny models)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize = load_template_module("parallelize")
+    model = build(TINY, checkpointing)
+    for block in model.model.layers:
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        parallelize_module(block, fake_tp_mesh["tp"], parallelize.tensor_parallel_plan())
+    parallelize_module(model.model, fake_tp_mesh["tp"], parallelize.backbone_plan())
+    parallelize_module(model.model, fake_tp_mesh["tp"], parallelize._gather_backbone_output())
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=fake_tp_mesh["dp"], mp_policy=mp)
+    fully_shard(model, mesh=fake_tp_mesh["dp"], mp_policy=mp)
+    # parameters on two meshes: train.py's per-parameter AdamW (no fused kernel takes them)
+    peak, _, _ = tracked_steps(model, TINY, TINY_BATCH, grad_accum, fsdp=True, fused=False)
+    predicted = memory.memory_per_device(
+        tiny_shape(), TINY_BATCH, parallelism="fsdp", world_size=WORLD, gpus_per_node=WORLD,
+        activation_checkpointing=checkpointing, grad_accum=grad_accum, device="cpu",
+        compute_dtype="bfloat16", tensor_parallel=2)
+    assert_close_to_tracked(memory.tracked_bytes(predicted), peak["Total"], 0.97, 1.10)
+
+
 @pytest.mark.parametrize("checkpointing,grad_accum", [(False, 2), (True, 1)])
 def test_fsdp2_at_realistic_proportions_under_fake_tensors(fake_mesh, checkpointing, grad_accum):
     """No real compute: FakeTensorMode gives every tensor its size without data, so a model whose

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from compiler import hardware as catalog
-from compiler.evaluate import HardwareView, evaluate
+from compiler.evaluate import HardwareView, evaluate, time_layout
 from compiler.hardware import Interconnect
 from compiler.memory import ModelShape
 from compiler.steptime import COLLECTIVE_EFFICIENCY, group_bandwidth, ring_seconds, step_time
@@ -149,3 +149,46 @@ def test_the_interconnect_of_a_spec_overrides_the_catalog():
     default = HardwareView.from_spec(parse_spec_text("name: x\nbudget: {flops: 1e21}\n"))
     assert default.interconnect == catalog.interconnect(catalog.lookup("a100-80gb"))
     assert dataclasses.replace(default, mfu=None).mfu is None
+
+
+def h100s(nodes, inter_node_GBps=None):
+    gpu = catalog.lookup("h100-sxm")
+    link = catalog.interconnect(gpu)
+    if inter_node_GBps is not None:
+        link = Interconnect(link.intra_node_GBps, inter_node_GBps, "test")
+    return HardwareView(device="cuda", peak_flops=gpu.peak_flops, memory_bytes=gpu.memory_bytes,
+                        gpus_per_node=8, nodes=nodes, kernel_efficiency=0.385, interconnect=link)
+
+
+# Llama 3 70B's shape (Dubey et al. 2024, Table 3) at sequence 8192
+LLAMA3_70B = ModelShape(80, 8192, 64, 8, 128, 28672, 128256, 8192)
+
+
+def test_a_70b_model_at_8192_on_32_nodes_picks_tensor_parallelism_where_the_fabric_allows():
+    """Without tensor parallelism even micro-batch 1 of 70B at 8192 tokens needs activation
+    checkpointing (a third more block compute). TP 8 with sequence parallelism splits the
+    activations 8 ways and fits without it, at micro-batch 1, where each FSDP gather and
+    reduce-scatter over the 32 data ranks serves only 8192 tokens of 1/8 of the compute. On an
+    800 Gb/s fabric per GPU (IBM fms-fsdp's H100 cluster) those collectives mostly hide and TP 8
+    wins; on the catalog's 400 Gb/s NDR they do not, and FSDP with recomputation at micro-batch
+    2 (twice the tokens per gather) is predicted faster. Both are the model's own numbers."""
+    fast = evaluate(LLAMA3_70B, h100s(32, inter_node_GBps=100), 2048)
+    assert fast.fits[0] and fast.tensor_parallel[0] == 8 and not fast.activation_checkpointing[0]
+    assert fast.tokens_per_second[0] > fast.speeds[("fsdp", 1, True)][0]
+    assert fast.speeds[("fsdp", 1, False)][0] == 0  # no TP: does not fit without recomputation
+    ndr = evaluate(LLAMA3_70B, h100s(32), 2048)
+    assert ndr.tensor_parallel[0] == 1 and ndr.activation_checkpointing[0]
+    tp8 = ndr.speeds[("fsdp", 8, False)][0]
+    assert 0 < tp8 < ndr.tokens_per_second[0]
+    step, _ = time_layout(LLAMA3_70B, h100s(32), "fsdp", 8, 1, 64, False)
+    assert step.exposed_comm > 0.3 * step.compute  # FSDP collectives at micro-batch 1
+
+
+def test_a_model_too_large_for_fsdp_alone_gets_tensor_parallelism():
+    """The issue's 6.3e24 FLOPs on 256 nodes of H100 at 8192 tokens: its 287B pick (90 layers ×
+    15872) fits on no layout without TP (FSDP over 2048 GPUs still holds every layer's
+    activations); with TP the planner trains it."""
+    shape = ModelShape(90, 15872, 248, 8, 64, 55040, 128256, 8192)
+    ev = evaluate(shape, h100s(256), 4096)
+    assert ev.fits[0] and ev.tensor_parallel[0] > 1
+    assert all(ev.speeds[(p, 1, ac)][0] == 0 for p in ("ddp", "hsdp", "fsdp") for ac in (False, True))

@@ -6,11 +6,15 @@ else in the training loop depends on the layout.
 - Tensor parallelism (tensor_parallel = t > 1; Megatron-LM, Shoeybi et al. 2019, through
   PyTorch's DTensor `parallelize_module`): inside each block q/k/v and gate/up are split by
   output columns and o/down by input rows, so each of the t ranks of a tensor group holds 1/t of
-  the block's heads and of its SwiGLU width, and a block costs two all-reduces forward and two
-  backward. The embedding, the norms and the fused output head + loss stay replicated in the
-  group (they see the same replicated activations, so they compute the same numbers and get the
-  same gradients on every rank of the group): the fused loss stays exact. Tensor groups are
-  consecutive ranks, i.e. inside a node. Not done: sequence parallelism of the norms.
+  the block's heads and of its SwiGLU width. With sequence parallelism (Korthikanti et al. 2022,
+  Sec. 4.2.2) the residual stream between the matmuls is split by sequence position: each rank
+  keeps and normalises 1/t of the tokens, an all-gather brings the whole sequence to the
+  attention and the MLP, and o/down reduce-scatter their partial sums back into the rank's
+  tokens; that moves as many bytes as the plain two all-reduces per block, and the norms'
+  activations shrink t-fold. The embedding and the fused output head + loss stay replicated in
+  the group: the embedding's output is sliced into the rank's tokens, and the final norm's output
+  is gathered again, so the head computes the same numbers on every rank of the group and the
+  fused loss stays exact. Tensor groups are consecutive ranks, i.e. inside a node.
 - Data parallelism over the world / t groups: DDP (replicated), FSDP2 full shard, or HSDP
   (shard inside a node, replicate across nodes), composed with TP on a 2-D mesh (data × tensor).
 """
@@ -22,12 +26,38 @@ import torch
 
 
 def tensor_parallel_plan():
-    """The block's modules and how each is split (names as in model.py)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-    return {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+    """The block's modules and how each is split (names as in model.py); the residual stream
+    enters and leaves a block split by sequence (Shard(1)), whole (Replicate) inside."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel)
+    whole = dict(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
+    return {"input_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(**whole),  # (x, cos, sin): gather x's sequence
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel()}
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}
+
+
+def backbone_plan():
+    """Around the blocks: the replicated embedding's output is sliced into each rank's tokens
+    (its gradient all-gathered back, so the embedding's stays whole), the final norm works on
+    them, and its output is gathered whole again for the replicated output head."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleOutput, SequenceParallel
+    return {"embed_tokens": PrepareModuleOutput(output_layouts=Replicate(),
+                                                desired_output_layouts=Shard(1)),
+            "norm": SequenceParallel()}
+
+
+def _gather_backbone_output():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleOutput
+    return PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate())
 
 
 def check_tensor_parallel(cfg, world):
@@ -38,7 +68,7 @@ def check_tensor_parallel(cfg, world):
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if t > 1 and per_node % t:
         return f"tensor_parallel={t} does not divide the {per_node} ranks of a node"
-    for key in ("n_head", "n_kv_head", "ffn_hidden"):
+    for key in ("n_head", "n_kv_head", "ffn_hidden", "block_size"):  # block_size: sequence parallel
         if cfg[key] % t:
             return f"tensor_parallel={t} does not divide {key}={cfg[key]}"
     if t > 1 and world > t and cfg.parallelism == "ddp":
@@ -58,8 +88,11 @@ def parallelize(model, cfg, dev, world):
         mesh = _mesh(dev, data_parallel, t, cfg.parallelism)
     if t > 1:
         from torch.distributed.tensor.parallel import parallelize_module
-        for block in model.model.layers:
+        for block in model.model.layers:  # inside the activation-checkpointing wrapper, if any
+            block = getattr(block, "_checkpoint_wrapped_module", block)
             parallelize_module(block, mesh["tp"], tensor_parallel_plan())
+        parallelize_module(model.model, mesh["tp"], backbone_plan())
+        parallelize_module(model.model, mesh["tp"], _gather_backbone_output())
     sharded = t > 1
     if data_parallel > 1 and cfg.parallelism == "ddp":  # t == 1 (check_tensor_parallel)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -103,12 +136,18 @@ def grad_norm_and_clip(model, max_norm):
     Parameters may be plain tensors (replicated), FSDP2 shards, TP shards or both: each rank sums
     the squares of its local pieces and the sum is reduced over the mesh dimensions along which a
     parameter is sharded, never along those it is replicated on (that would count it twice)."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate
     total = None
     for p in model.parameters():
         if p.grad is None:
             continue
         g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            # a replicated weight applied to sequence-split tokens (the norms under sequence
+            # parallelism): each rank holds its tokens' part of the gradient; sum them now, so
+            # the norm, the clipping and AdamW see the whole gradient
+            g = p.grad = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl
+                                                        for pl in g.placements])
         if isinstance(g, DTensor):
             local = g.to_local().float().pow(2).sum()
             for dim, placement in enumerate(g.placements):
