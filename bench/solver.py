@@ -35,6 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_SPEC = REPO_ROOT / "specs" / "1.36e21.yaml"
 
 WALL_TARGET_S = 1.0
+SOLVE_TARGET_S = 0.5  # issue #17: solve stays under 0.5 s with the layout search over TP degrees
 RATE_TARGET = 1e6
 
 
@@ -210,6 +211,21 @@ def profile_command(env: dict, argv: list[str], rows: int = 20) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def time_planning(spec_path, runs: int) -> list[float]:
+    """Seconds of build_plan alone (imports done, the first call's caches warm)."""
+    from llama3gen.planner import build_plan
+    from llama3gen.spec import load_spec
+    spec = load_spec(spec_path)
+    spec = spec[0] if isinstance(spec, tuple) else spec
+    build_plan(spec)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        build_plan(spec)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="repetitions of each CLI command")
@@ -239,11 +255,13 @@ def main(argv=None) -> int:
         shutil.rmtree(out_dir, ignore_errors=True)
     baseline = time_command([sys.executable, "-c", "pass"], args.runs, env)
 
-    solve_ok = statistics.median(solve_times) <= WALL_TARGET_S
+    solve_ok = statistics.median(solve_times) <= SOLVE_TARGET_S
     compile_ok = statistics.median(compile_times) <= WALL_TARGET_S
     print(f"python -c pass (interpreter start)   {spread(baseline)}")
     print(f"llama3gen solve                      {spread(solve_times)}   "
-          f"target ≤ {WALL_TARGET_S:g} s: {verdict(solve_ok)}")
+          f"target ≤ {SOLVE_TARGET_S:g} s: {verdict(solve_ok)}")
+    print(f"  of which planning in process   {spread(time_planning(args.spec, args.runs))}"
+          "   (compiler/planner.build_plan: search, one evaluation of every candidate's layouts)")
     print(f"llama3gen compile -o NEW_DIR         {spread(compile_times)}   "
           f"target ≤ {WALL_TARGET_S:g} s: {verdict(compile_ok)}")
 
