@@ -226,6 +226,28 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
                       options=options, speeds=speeds)
 
 
+LARGEST_WORLD = 1 << 17  # "any number of GPUs", for fits_at_any_scale
+
+
+def fits_at_any_scale(shapes: ModelShape, hardware: HardwareView) -> np.ndarray:
+    """Whether some number of these nodes could hold each shape with the layouts train.py has:
+    micro-batch 1, FSDP over LARGEST_WORLD GPUs (model states nearly gone), the largest tensor-
+    parallel degree that splits it, checkpointing where allowed. Where not, the activations of
+    one sequence alone exceed a GPU: only pipeline or context parallelism would help."""
+    degrees = [t for t in TENSOR_PARALLEL_DEGREES
+               if t == 1 or (hardware.gpus_per_node % t == 0 and hardware.world_size > 1)]
+    fits = np.zeros(np.broadcast(*[np.asarray(getattr(shapes, f.name))
+                                   for f in fields(shapes)]).size, dtype=bool)
+    for t in degrees:
+        total = memory_per_device(shapes, 1, parallelism="fsdp", world_size=LARGEST_WORLD,
+                                  gpus_per_node=hardware.gpus_per_node,
+                                  activation_checkpointing=hardware.activation_checkpointing
+                                  is not False, device=hardware.device, recipe=hardware.recipe,
+                                  tensor_parallel=t).total
+        fits |= splits_blocks(shapes, t) & (np.asarray(total) <= hardware.capacity)
+    return fits
+
+
 def _chosen_times(timed: dict, parallelism, tensor_parallel, ac, count):
     """Each shape's chosen (or, where nothing fits, frugal) layout was timed: pick its entry."""
     tokens_per_second = np.zeros(count)

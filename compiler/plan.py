@@ -55,6 +55,8 @@ class SearchStats(PlanModel):
     feasible: int  # also satisfying the variant's constraints
     near_optimal: int  # within the near-optimal loss band of the best
     removed_by: dict[str, int]  # constraint → shapes it removed (among valid shapes)
+    # of the shapes memory removed, those no number of GPUs would hold (evaluate.fits_at_any_scale)
+    need_pipeline_or_context_parallel: int = 0
 
 
 class Choice(PlanModel):

@@ -7,7 +7,7 @@ import dataclasses
 from . import __version__, arch, laws, layout, solver
 from . import plan as P
 from .errors import UserError
-from .evaluate import Evaluation, HardwareView, evaluate
+from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale
 from .hardware import kernel_efficiency
 from .spec import Spec
 from .trainplan import candidate_batches, plan_training
@@ -190,6 +190,7 @@ def build_plan(spec: Spec) -> P.Plan:
     law_info = _law(spec)
 
     hw, gpu = spec.hardware, spec.hardware.device()
+    beyond = int((~evaluation.fits & ~fits_at_any_scale(shapes, hardware)).sum())
     if not evaluation.fits.any():
         raise _nothing_fits(spec, hardware, cands, evaluation)
     variants = []
@@ -211,7 +212,8 @@ def build_plan(spec: Spec) -> P.Plan:
             top=_top(cands, result),
             stats=P.SearchStats(enumerated=cands.enumerated, valid_shapes=len(cands),
                                 feasible=result.feasible, near_optimal=result.near_optimal,
-                                removed_by=result.removed_by),
+                                removed_by=result.removed_by,
+                                need_pipeline_or_context_parallel=beyond),
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
             layout_reasons=reasons, provenance=provenance,
             epochs=None if spec.data is None else training.tokens_trained / spec.data.unique_tokens))

@@ -90,6 +90,10 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  shapes enumerated (layers × hidden)  {st.enumerated:,}",
         f"  valid LLaMA-3 shapes                 {st.valid_shapes:,}",
         f"  removed by constraint                {removed}",
+        *([f"  beyond data and tensor parallelism   {st.need_pipeline_or_context_parallel:,} of "
+           "them fit on no number of GPUs (one sequence's activations exceed a GPU): they would "
+           "need pipeline or context parallelism, which llama3gen does not generate"]
+          if st.need_pipeline_or_context_parallel else []),
         f"  feasible                             {st.feasible:,}",
         f"  within the near-optimal band         {st.near_optimal:,}",
     ]

@@ -75,3 +75,18 @@ def test_export_of_the_trained_checkpoint_loads_in_transformers(repo):
     with torch.no_grad():
         out = model(torch.randint(0, 257, (1, 16))).logits
     assert out.shape == (1, 16, 257) and torch.isfinite(out).all()
+
+
+def test_a_plan_with_tensor_parallelism_is_what_torchrun_runs(repo, tmp_path):
+    """training.tensor_parallel: 2 in the spec: the plan carries it into the config, whose
+    2 processes then form one tensor group (no data-parallel wrapper)."""
+    spec = (REPO / "specs" / "tiny-cpu.yaml").read_text() + "  tensor_parallel: 2\n"
+    assert spec.rstrip().splitlines()[-2].startswith("  ")  # appended inside training:
+    (tmp_path / "tp.yaml").write_text(spec)
+    out = tmp_path / "tp"
+    subprocess.run([sys.executable, "-m", "llama3gen.cli", "compile", str(tmp_path / "tp.yaml"),
+                    "-o", str(out)], check=True, capture_output=True, timeout=120)
+    assert "tensor_parallel = 2" in (out / "config" / "optimal.py").read_text()
+    proc = run_train(out, "config/optimal.py", "--max_iters=10", "--eval_interval=10",
+                     f"--data_dir={repo / 'data' / 'shards'}", nproc=2, timeout=600)
+    assert "tensor parallel 2" in proc.stdout and "step 10/10" in proc.stdout, proc.stdout[-3000:]

@@ -192,3 +192,13 @@ def test_a_model_too_large_for_fsdp_alone_gets_tensor_parallelism():
     ev = evaluate(shape, h100s(256), 4096)
     assert ev.fits[0] and ev.tensor_parallel[0] > 1
     assert all(ev.speeds[(p, 1, ac)][0] == 0 for p in ("ddp", "hsdp", "fsdp") for ac in (False, True))
+
+
+def test_shapes_no_number_of_gpus_holds_are_named_as_needing_pipeline_or_context_parallelism():
+    """At a million tokens per sequence even one checkpointed sequence of 70B (80 layers keeping
+    their bf16 inputs, 80 × 2 × 8192 / 8 bytes per token under TP 8: 164 KB, 172 GB a sequence)
+    exceeds an H100: FSDP over any number of GPUs shrinks only the model states."""
+    from compiler.evaluate import fits_at_any_scale
+    long = dataclasses.replace(LLAMA3_70B, seq_len=1 << 20)
+    assert list(fits_at_any_scale(LLAMA3_70B, h100s(32))) == [True]
+    assert list(fits_at_any_scale(long, h100s(32))) == [False]
