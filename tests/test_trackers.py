@@ -8,6 +8,7 @@ very numbers metrics.jsonl holds. A run with both off must not import either pac
 import json
 import shutil
 import struct
+import subprocess
 import zlib
 
 import pytest
@@ -43,7 +44,6 @@ def repo(tmp_path_factory):
 
 
 def test_trackers_off_import_neither(repo):
-    import subprocess
     proc = subprocess.run(train_command(CONFIG, "--out_dir=out/off", "--max_iters=2",
                                         wrapper="imports.py"),
                           cwd=repo, env=subprocess_env(), capture_output=True, text=True,
@@ -133,7 +133,6 @@ def test_wandb_offline_run_holds_the_metrics_records(repo, tmp_path):
     out = repo / "out/wb"
     env = dict(subprocess_env(), WANDB_MODE="offline", WANDB_SILENT="true",
                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path))
-    import subprocess
     proc = subprocess.run(train_command(CONFIG, f"--out_dir={out.relative_to(repo)}",
                                         "--wandb_project=llama3gen-test", *SHORT),
                           cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
