@@ -168,6 +168,17 @@ def test_the_report_shows_both_picks_and_cites_the_law(tenth):
     assert any("LOUD WARNING" in w and "data-constrained law" in w for w in tenth.warnings)
 
 
+def test_the_generated_docs_show_the_law_and_the_law_s_own_pick(tenth):
+    from compiler.render import render_files
+    files = render_files(tenth, "name: dl\n")
+    doc = files["docs/comparison.md"].decode()
+    own = tenth.variants[0].data_limited.unconstrained
+    assert f"| the law's own pick, with repetition discounted | {own.n_layers}L × {own.d_model}" in doc
+    assert "ranked by the\ndata-constrained law" in doc and "Muennighoff et al. 2023" in doc
+    assert "with repetition discounted (Muennighoff et al. 2023)" in files["docs/isoflop.svg"].decode()
+    assert '"data_limited"' in files["llama3gen.lock.json"].decode()
+
+
 def test_enough_data_plans_as_without_data(unconstrained):
     """U at least every pick's D: the picks, tables and frontier of the plan without data, and no
     data_limited in the lock (plans without it serialise as before)."""

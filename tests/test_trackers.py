@@ -138,7 +138,19 @@ def test_wandb_offline_run_holds_the_metrics_records(repo, tmp_path):
                           cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-6000:]
-    [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config, exits = wandb_run(out)
+    assert exits == [0], "the run was not finished cleanly"
+    assert config["learning_rate"] == 3e-3 and config["wandb_project"] == "llama3gen-test"
+    logged = {step: row["loss"] for step, row in history.items() if "loss" in row}
+    assert logged == train_losses(out)  # JSON both ways: the same float64 exactly
+    assert {step: row["val_loss"] for step, row in history.items() if "val_loss" in row} \
+        == val_losses(out)
+    assert history[0]["start/world_size"] == 1
+
+
+def wandb_run(out_dir):
+    """(history {step: row}, config, exit codes) of the one W&B offline run in out_dir."""
+    [run_file] = (out_dir / "wandb").glob("offline-run-*/run-*.wandb")
     history, config, exits = {}, {}, []
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
@@ -148,10 +160,26 @@ def test_wandb_offline_run_holds_the_metrics_records(repo, tmp_path):
             config.update(items((record.run.config if kind == "run" else record.config).update))
         elif kind == "exit":
             exits.append(record.exit.exit_code)
-    assert exits == [0], "the run was not finished cleanly"
-    assert config["learning_rate"] == 3e-3 and config["wandb_project"] == "llama3gen-test"
-    logged = {step: row["loss"] for step, row in history.items() if "loss" in row}
-    assert logged == train_losses(out)  # JSON both ways: the same float64 exactly
-    assert {step: row["val_loss"] for step, row in history.items() if "val_loss" in row} \
-        == val_losses(out)
-    assert history[0]["start/world_size"] == 1
+    return history, config, exits
+
+
+def test_a_run_that_fails_closes_both_trackers_with_its_records(repo, tmp_path):
+    """A real failure: the checkpoint directory's name is taken by a file, so the save at step 2
+    raises (exit 1). Both trackers are on; both must hold steps 1-2 and W&B must record exit 1."""
+    out = repo / "out/fail"
+    out.mkdir(parents=True)
+    (out / "checkpoints").write_text("not a directory\n")
+    env = dict(subprocess_env(), WANDB_MODE="offline", WANDB_SILENT="true",
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run(train_command(CONFIG, f"--out_dir={out.relative_to(repo)}",
+                                        "--tensorboard=True", "--wandb_project=llama3gen-test",
+                                        "--max_iters=4", "--ckpt_interval=2"),
+                          cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=240)
+    assert proc.returncode == 1 and "checkpoint save at step 2" in proc.stdout, proc.stdout[-3000:]
+    expected = train_losses(out)
+    assert sorted(expected) == [1, 2]
+    assert_same_numbers(tensorboard_scalars(out / "tensorboard", "loss"), expected, "loss")
+    history, _, exits = wandb_run(out)
+    assert exits == [1], "W&B was not told the run failed"
+    assert {step: row["loss"] for step, row in history.items() if "loss" in row} == expected
