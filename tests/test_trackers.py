@@ -2,7 +2,8 @@
 
 Real CPU training runs of the tiny config, each with one tracker on; the tracker's own files are
 read back (TensorBoard's EventAccumulator; the W&B offline run's .wandb log) and must hold the
-very numbers metrics.jsonl holds. A run with both off must not import either package.
+very numbers metrics.jsonl holds, also across a resume and a run that fails. A run with both
+off must not import either package.
 """
 
 import json
@@ -129,25 +130,6 @@ def items(entries):
             for entry in entries}
 
 
-def test_wandb_offline_run_holds_the_metrics_records(repo, tmp_path):
-    out = repo / "out/wb"
-    env = dict(subprocess_env(), WANDB_MODE="offline", WANDB_SILENT="true",
-               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run(train_command(CONFIG, f"--out_dir={out.relative_to(repo)}",
-                                        "--wandb_project=llama3gen-test", *SHORT),
-                          cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    history, config, exits = wandb_run(out)
-    assert exits == [0], "the run was not finished cleanly"
-    assert config["learning_rate"] == 3e-3 and config["wandb_project"] == "llama3gen-test"
-    logged = {step: row["loss"] for step, row in history.items() if "loss" in row}
-    assert logged == train_losses(out)  # JSON both ways: the same float64 exactly
-    assert {step: row["val_loss"] for step, row in history.items() if "val_loss" in row} \
-        == val_losses(out)
-    assert history[0]["start/world_size"] == 1
-
-
 def wandb_run(out_dir):
     """(history {step: row}, config, exit codes) of the one W&B offline run in out_dir."""
     [run_file] = (out_dir / "wandb").glob("offline-run-*/run-*.wandb")
@@ -163,14 +145,36 @@ def wandb_run(out_dir):
     return history, config, exits
 
 
+def wandb_env(tmp_path):
+    """Offline and quiet, W&B's settings and caches in tmp_path (not the user's home)."""
+    return dict(subprocess_env(), WANDB_MODE="offline", WANDB_SILENT="true",
+                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path))
+
+def test_wandb_offline_run_holds_the_metrics_records(repo, tmp_path):
+    out = repo / "out/wb"
+    env = wandb_env(tmp_path)
+    proc = subprocess.run(train_command(CONFIG, f"--out_dir={out.relative_to(repo)}",
+                                        "--wandb_project=llama3gen-test", *SHORT),
+                          cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    history, config, exits = wandb_run(out)
+    assert exits == [0], "the run was not finished cleanly"
+    assert config["learning_rate"] == 3e-3 and config["wandb_project"] == "llama3gen-test"
+    logged = {step: row["loss"] for step, row in history.items() if "loss" in row}
+    assert logged == train_losses(out)  # JSON both ways: the same float64 exactly
+    assert {step: row["val_loss"] for step, row in history.items() if "val_loss" in row} \
+        == val_losses(out)
+    assert history[0]["start/world_size"] == 1
+
+
 def test_a_run_that_fails_closes_both_trackers_with_its_records(repo, tmp_path):
     """A real failure: the checkpoint directory's name is taken by a file, so the save at step 2
     raises (exit 1). Both trackers are on; both must hold steps 1-2 and W&B must record exit 1."""
     out = repo / "out/fail"
     out.mkdir(parents=True)
     (out / "checkpoints").write_text("not a directory\n")
-    env = dict(subprocess_env(), WANDB_MODE="offline", WANDB_SILENT="true",
-               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path))
+    env = wandb_env(tmp_path)
     proc = subprocess.run(train_command(CONFIG, f"--out_dir={out.relative_to(repo)}",
                                         "--tensorboard=True", "--wandb_project=llama3gen-test",
                                         "--max_iters=4", "--ckpt_interval=2"),
