@@ -167,19 +167,21 @@ def repeats_data(spec: Spec, cands: solver.Candidates, i: int) -> bool:
             and spec.data.unique_tokens < cands.tokens[i])
 
 
-def _data_limited_pick(spec: Spec, cands: solver.Candidates, i: int) -> P.DataLimitedPick:
+def _data_limited_pick(spec: Spec, cands: solver.Candidates, limited: solver.Candidates,
+                       i: int) -> P.DataLimitedPick:
+    """Candidate i: its losses as the two rankings saw them (cands: the law's, limited: the
+    data-constrained law's), its effective N' and D'."""
     law, unique = spec.search.law(), spec.data.unique_tokens
     n, d = float(cands.n_params[i]), float(cands.tokens[i])
-    n_eff = float(datalimited.effective_params(law, n, d, unique))
-    d_eff = float(datalimited.effective_tokens(d, unique))
     return P.DataLimitedPick(n_layers=int(cands.n_layers[i]), d_model=int(cands.d_model[i]),
                              n_params=int(cands.n_params[i]), tokens=d,
                              epochs=float(cands.tokens_trained[i]) / unique,
-                             effective_tokens=d_eff, effective_params=n_eff,
-                             loss=float(law.loss(n_eff, d_eff)), loss_unique=float(law.loss(n, d)))
+                             effective_tokens=float(datalimited.effective_tokens(d, unique)),
+                             effective_params=float(datalimited.effective_params(law, n, d, unique)),
+                             loss=float(limited.loss[i]), loss_unique=float(cands.loss[i]))
 
 
-def data_limited(spec: Spec, cands: solver.Candidates, pick: int,
+def data_limited(spec: Spec, cands: solver.Candidates, limited: solver.Candidates, pick: int,
                  unconstrained: int) -> P.DataLimited:
     """The data-constrained pick against the one the law alone made (same candidates)."""
     unique = spec.data.unique_tokens
@@ -187,8 +189,8 @@ def data_limited(spec: Spec, cands: solver.Candidates, pick: int,
         unique_tokens=unique, unique_params=float(spec.search.law().optimal_params(unique)),
         r_d_star=datalimited.R_D_STAR, r_n_star=datalimited.R_N_STAR,
         formula=datalimited.FORMULA, citation=datalimited.CITATION,
-        pick=_data_limited_pick(spec, cands, pick),
-        unconstrained=_data_limited_pick(spec, cands, unconstrained))
+        pick=_data_limited_pick(spec, cands, limited, pick),
+        unconstrained=_data_limited_pick(spec, cands, limited, unconstrained))
 
 
 def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
@@ -238,7 +240,7 @@ def build_plan(spec: Spec) -> P.Plan:
             unconstrained = result.pick
             ranked = limited_cands
             result = solver.solve_variant(spec, v, ranked, masks, memory_fix)
-            limited = data_limited(spec, cands, result.pick, unconstrained)
+            limited = data_limited(spec, cands, ranked, result.pick, unconstrained)
         choice = _choice(spec, ranked, result.pick)
         lay = _layout(spec, hardware, cands, evaluation, result.pick)
         training, memory, timing, reasons, provenance = plan_training(
