@@ -45,7 +45,9 @@ def isoflop_svg(plan: Plan) -> str:
            f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
            f'<text x="{WIDTH // 2}" y="20" text-anchor="middle" font-size="14">'
            f'{escape(plan.name)}: predicted loss along the {plan.budget.flops:.3g} FLOPs '
-           f'({escape(plan.budget.convention)}) isoFLOP line, law {escape(plan.law.name)}</text>']
+           f'({escape(plan.budget.convention)}) isoFLOP line, law {escape(plan.law.name)}'
+           + (' with repetition discounted (Muennighoff et al. 2023)'
+              if any(v.data_limited for v in plan.variants) else '') + '</text>']
     # Axes and ticks: decades and quarter-decades of N, five loss ticks.
     base_y = HEIGHT - BOTTOM
     out.append(f'<line x1="{LEFT}" y1="{base_y}" x2="{WIDTH - RIGHT}" y2="{base_y}" stroke="black"/>')

@@ -34,6 +34,13 @@ class ScalingLaw:
     def formula(self) -> str:
         return (f"L(N, D) = {self.E:g} + {self.A:g}/N^{self.alpha:g} + {self.B:g}/D^{self.beta:g}")
 
+    def optimal_params(self, tokens):
+        """The N whose compute-optimal D (under C = 6·N·D) is `tokens`: inverting optimum_6nd,
+        N = G·(G·D)^(β/α)."""
+        a, b = self.alpha, self.beta
+        g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
+        return g * (np.asarray(tokens, dtype=np.float64) * g) ** (b / a)
+
     def optimum_6nd(self, flops: float) -> "Optimum":
         """The exact minimiser of L subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4):
         N* = G·(C/6)^(β/(α+β)), D* = (C/6)/N*, G = (αA/(βB))^(1/(α+β))."""

@@ -6,7 +6,7 @@ Plain data only (pydantic models of ints, floats, strings): no behaviour lives h
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 
 class PlanModel(BaseModel):
@@ -146,6 +146,34 @@ class Timing(PlanModel):
     wall_clock_days: float  # days + checkpoint writes + lost work and restarts
 
 
+class DataLimitedPick(PlanModel):
+    """One pick under the data-constrained law (compiler/datalimited.py)."""
+
+    n_layers: int
+    d_model: int
+    n_params: int
+    tokens: float  # D
+    epochs: float  # tokens trained / unique tokens
+    effective_tokens: float  # D'
+    effective_params: float  # N'
+    loss: float  # the law at (N', D')
+    loss_unique: float  # the law at (N, D): as if every token were fresh
+
+
+class DataLimited(PlanModel):
+    """The data-constrained pick against the one the law alone makes, when the unique tokens fall
+    short of that one's D (Muennighoff et al. 2023)."""
+
+    unique_tokens: int  # spec: data.unique_tokens
+    unique_params: float  # U_N: the law's compute-optimal N for the unique tokens
+    r_d_star: float
+    r_n_star: float
+    formula: str
+    citation: str
+    pick: DataLimitedPick  # the variant's choice
+    unconstrained: DataLimitedPick  # what ranking by the law alone picks
+
+
 class Variant(PlanModel):
     name: str
     description: str
@@ -160,6 +188,15 @@ class Variant(PlanModel):
     layout_reasons: list[str]
     provenance: dict[str, str]
     epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given)
+    data_limited: DataLimited | None = None  # None: the unique tokens cover the law's pick
+
+    @model_serializer(mode="wrap")
+    def _without_absent_data_limit(self, handler):
+        # Left out when None, so plans without a data limit serialise (lock files) as before.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("data_limited", 0) is None:
+            del out["data_limited"]
+        return out
 
 
 class Law(PlanModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import __version__, arch, laws, layout, solver
+from . import __version__, arch, datalimited, laws, layout, solver
 from . import plan as P
 from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale
@@ -146,15 +146,51 @@ def epoch_warnings(variants: list[P.Variant]) -> list[str]:
         if v.epochs is None or v.epochs <= 1:
             continue
         if v.epochs > MANY_EPOCHS:
+            consequence = ("so shapes are ranked by their data-constrained law (the loss at the "
+                           "effective D' and N')" if v.data_limited is not None
+                           else "so the predicted loss is optimistic")
             out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: LOUD WARNING: past "
                        f"about {MANY_EPOCHS} epochs repeated tokens are worth markedly less than "
-                       "fresh ones and the returns vanish near 16 (Muennighoff et al. 2023), so "
-                       "the predicted loss is optimistic; find more data or a smaller budget")
+                       "fresh ones and the returns vanish near 16 (Muennighoff et al. 2023), "
+                       f"{consequence}; find more data or a smaller budget")
         else:
             out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: the laws assume "
                        "each token once; up to about 4 epochs repeated data is worth nearly as "
                        "much (Muennighoff et al. 2023)")
     return out
+
+
+def repeats_data(spec: Spec, cands: solver.Candidates, i: int) -> bool:
+    """Whether candidate i's D exceeds the spec's unique tokens, under a loss law (a
+    tokens-per-parameter rule has no loss to discount)."""
+    return (spec.data is not None and isinstance(spec.search.law(), laws.ScalingLaw)
+            and spec.data.unique_tokens < cands.tokens[i])
+
+
+def _data_limited_pick(spec: Spec, cands: solver.Candidates, limited: solver.Candidates,
+                       i: int) -> P.DataLimitedPick:
+    """Candidate i: its losses as the two rankings saw them (cands: the law's, limited: the
+    data-constrained law's), its effective N' and D'."""
+    law, unique = spec.search.law(), spec.data.unique_tokens
+    n, d = float(cands.n_params[i]), float(cands.tokens[i])
+    return P.DataLimitedPick(n_layers=int(cands.n_layers[i]), d_model=int(cands.d_model[i]),
+                             n_params=int(cands.n_params[i]), tokens=d,
+                             epochs=float(cands.tokens_trained[i]) / unique,
+                             effective_tokens=float(datalimited.effective_tokens(d, unique)),
+                             effective_params=float(datalimited.effective_params(law, n, d, unique)),
+                             loss=float(limited.loss[i]), loss_unique=float(cands.loss[i]))
+
+
+def data_limited(spec: Spec, cands: solver.Candidates, limited: solver.Candidates, pick: int,
+                 unconstrained: int) -> P.DataLimited:
+    """The data-constrained pick against the one the law alone made (same candidates)."""
+    unique = spec.data.unique_tokens
+    return P.DataLimited(
+        unique_tokens=unique, unique_params=float(spec.search.law().optimal_params(unique)),
+        r_d_star=datalimited.R_D_STAR, r_n_star=datalimited.R_N_STAR,
+        formula=datalimited.FORMULA, citation=datalimited.CITATION,
+        pick=_data_limited_pick(spec, cands, limited, pick),
+        unconstrained=_data_limited_pick(spec, cands, limited, unconstrained))
 
 
 def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
@@ -194,29 +230,40 @@ def build_plan(spec: Spec) -> P.Plan:
     if not evaluation.fits.any():
         raise _nothing_fits(spec, hardware, cands, evaluation)
     variants = []
+    limited_cands = None  # the candidates under the data-constrained law, once one needs them
     for v in spec.variants:
-        result = solver.solve_variant(spec, v, cands, {"memory": evaluation.fits},
-                                      _memory_fix(spec, hardware, cands))
-        choice = _choice(spec, cands, result.pick)
+        masks, memory_fix = {"memory": evaluation.fits}, _memory_fix(spec, hardware, cands)
+        result = solver.solve_variant(spec, v, cands, masks, memory_fix)
+        ranked, limited = cands, None
+        if repeats_data(spec, cands, result.pick):  # too few unique tokens: re-rank (issue #16)
+            if limited_cands is None:
+                limited_cands = solver.with_unique_tokens(spec, cands)
+            unconstrained = result.pick
+            ranked = limited_cands
+            result = solver.solve_variant(spec, v, ranked, masks, memory_fix)
+            limited = data_limited(spec, cands, ranked, result.pick, unconstrained)
+        choice = _choice(spec, ranked, result.pick)
         lay = _layout(spec, hardware, cands, evaluation, result.pick)
         training, memory, timing, reasons, provenance = plan_training(
             spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
         fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
         provenance.update({
             "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
-            "loss": law_info.formula,
+            "loss": law_info.formula if limited is None else
+                    f"{law_info.formula}, at {datalimited.FORMULA} ({datalimited.CITATION})",
             "n_params": "compiler/arch.py param_count (embeddings included)",
         })
         variants.append(P.Variant(
             name=v.name, description=v.description or "", constraints=_constraints(v), choice=choice,
-            top=_top(cands, result),
+            top=_top(ranked, result),
             stats=P.SearchStats(enumerated=cands.enumerated, valid_shapes=len(cands),
                                 feasible=result.feasible, near_optimal=result.near_optimal,
                                 removed_by=result.removed_by,
                                 need_pipeline_or_context_parallel=beyond),
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
             layout_reasons=reasons, provenance=provenance,
-            epochs=None if spec.data is None else training.tokens_trained / spec.data.unique_tokens))
+            epochs=None if spec.data is None else training.tokens_trained / spec.data.unique_tokens,
+            data_limited=limited))
 
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
@@ -228,7 +275,8 @@ def build_plan(spec: Spec) -> P.Plan:
         o = other.optimum_6nd(budget.flops)
         sensitivity.append(P.Sensitivity(law=other.name, n_params=o.n_params, tokens=o.tokens,
                                           tokens_per_param=o.tokens_per_param, loss=o.loss))
-    front = [P.FrontierPoint(n_params=n, loss=l) for n, l in solver.frontier(cands)]
+    front = [P.FrontierPoint(n_params=n, loss=l)  # the law the picks were ranked by
+             for n, l in solver.frontier(cands if limited_cands is None else limited_cands)]
 
     job = P.Job(
         name=spec.name, partition=spec.cluster.partition, account=spec.cluster.account,

@@ -28,6 +28,33 @@ def goodput_lines(v: Variant) -> list[str]:
     ]
 
 
+def data_limited_lines(v: Variant) -> list[str]:
+    """The data-constrained pick against the law's own (compiler/datalimited.py)."""
+    dl = v.data_limited
+    if dl is None:
+        return []
+    rows = [(name, p) for name, p in (("data-constrained", dl.pick), ("law alone", dl.unconstrained))]
+    head = (f"  {'pick':<17} {'shape':>10} {'N':>8} {'D':>9} {'epochs':>7} {'D_eff':>9} "
+            f"{'N_eff':>8} {'loss':>9} {'as fresh':>9}")
+    lines = ["", f"DATA-LIMITED ({si(dl.unique_tokens)} unique tokens, fewer than the law's pick trains on):",
+             f"  law                {dl.formula}",
+             f"  source             {dl.citation}",
+             f"  U_N                {si(dl.unique_params)} (the law's compute-optimal N for the unique tokens)",
+             head]
+    for name, p in rows:
+        lines.append(f"  {name:<17} {p.n_layers:>4}L×{p.d_model:<5} {si(p.n_params):>8} "
+                     f"{si(p.tokens):>9} {p.epochs:>7.3g} {si(p.effective_tokens):>9} "
+                     f"{si(p.effective_params):>8} {p.loss:>9.6f} {p.loss_unique:>9.6f}")
+    if (dl.pick.n_layers, dl.pick.d_model) == (dl.unconstrained.n_layers, dl.unconstrained.d_model):
+        lines.append("  the same shape: within the variant's constraints the data-constrained law "
+                     "ranks the law's own pick first too")
+    else:
+        lines.append(f"  the data-constrained pick predicts {dl.unconstrained.loss - dl.pick.loss:.4g} "
+                     "lower loss than the law's own pick, both at their effective D' and N' "
+                     "('as fresh': the law alone, as if every token were new)")
+    return lines
+
+
 def variant_block(plan: Plan, v: Variant) -> str:
     c, s, t, tm, mem = v.choice, v.choice.shape, v.training, v.timing, v.memory
     conv = plan.budget.convention
@@ -40,7 +67,9 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"constraints: {constraints}",
         RULE,
         "PICK:",
-        f"  predicted loss     {c.loss:.6f}   ({plan.law.name})",
+        f"  predicted loss     {c.loss:.6f}   ({plan.law.name}"
+        + (" at the effective N' and D': data-constrained, see DATA-LIMITED)" if v.data_limited
+           else ")"),
         f"  N (parameters)     {si(c.n_params)}   ({c.n_params:,}; embeddings {c.n_params_embedding:,})",
         f"  D (tokens)         {si(c.tokens)}   (= C / FLOPs per token, exactly)",
         f"  D/N                {c.tokens_per_param:.1f} tokens per parameter",
@@ -73,6 +102,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  time               {duration(tm.days)}, {tm.gpu_hours:,.1f} GPU-hours"
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else "") + " (training only)",
         *goodput_lines(v),
+        *data_limited_lines(v),
         "",
         "TOP CANDIDATES (ranked by loss, then time):",
         f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arch, laws
+from . import arch, datalimited, laws
 from .errors import UserError
 from .memory import ModelShape
 from .spec import MAX_CANDIDATES, MAX_D_MODEL, MAX_LAYERS, Spec, Variant
@@ -278,6 +278,15 @@ def score(spec: Spec, n_params, tokens):
         return np.asarray(law.loss_law.loss(n_params, tokens)), np.asarray(law.objective(n_params, tokens))
     loss = np.asarray(law.loss(n_params, tokens))
     return loss, loss
+
+
+def with_unique_tokens(spec: Spec, c: Candidates) -> Candidates:
+    """Candidates ranked by the data-constrained law (compiler/datalimited.py): each one's loss
+    at the tokens and parameters its data.unique_tokens make effective (repeated tokens and
+    excess parameters are worth less). A loss law only: a tokens-per-parameter rule is a rule."""
+    loss = np.asarray(datalimited.loss(spec.search.law(), c.n_params, c.tokens,
+                                       spec.data.unique_tokens))
+    return dataclasses.replace(c, loss=loss, objective=loss)
 
 
 def with_throughput(spec: Spec, budget: BudgetFlops, c: Candidates,

@@ -462,7 +462,8 @@ class Training(StrictModel):
 
 class Data(StrictModel):
     """What the training data holds: its unique tokens (data/prepare.py's meta.json
-    n_train_tokens), so the plan can say how many passes over it the run makes."""
+    n_train_tokens), so the plan can say how many passes over it the run makes; below a pick's
+    D, shapes are ranked by the data-constrained law (Muennighoff et al. 2023)."""
 
     unique_tokens: Annotated[int, Field(ge=1, le=10**16)]
 

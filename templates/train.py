@@ -22,7 +22,9 @@ What happens:
   max_nonfinite_steps such steps in a row;
 - logs (stdout, and out_dir/metrics.jsonl, appended line by line): loss, lr, grad norm, tokens/s,
   step time, MFU against the plan, peak CUDA memory, and a re-estimated finish time; val loss
-  every eval_interval steps;
+  every eval_interval steps; with tensorboard = True or a wandb_project, the same records go to
+  TensorBoard (out_dir/tensorboard) or Weights & Biases (out_dir/wandb; WANDB_MODE=offline
+  needs no network) too, from rank 0;
 - --benchmark_iters=N: a short run to measure speed before the long one: warm up, time N steps,
   write one "benchmark" record to metrics.jsonl (what `llama3gen calibrate` reads) and exit 0
   without evaluating or checkpointing;
@@ -37,6 +39,7 @@ line, nothing trained), else failure.
 """
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -119,6 +122,8 @@ allow_data_change = False  # resume even if train.bin is not the one the checkpo
 tensor_parallel = 1  # ranks of a node that split each block (parallelize.py); divides the node
 max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
 benchmark_iters = 0  # > 0: warm up, time this many steps, write a "benchmark" record, exit (no checkpoint)
+tensorboard = False  # also send metrics.jsonl's records to TensorBoard, in out_dir/tensorboard
+wandb_project = ""  # also send them to this Weights & Biases project ("": off), run files in out_dir/wandb
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
@@ -146,6 +151,7 @@ RULES = {
     "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
     "max_nonfinite_steps": at_least(1), "benchmark_iters": at_least(0),
+    "wandb_project": ANY_TEXT,
 }
 RELATIONS = [  # (key, test, what is allowed): settings that must agree with each other
     ("n_kv_head", lambda c: c["n_head"] % c["n_kv_head"] == 0, "a divisor of n_head ({n_head})"),
@@ -375,19 +381,102 @@ class StopRequest:
 
 class Metrics:
     """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0), line-buffered so a
-    crash loses at most the line being written; an existing file is never rewritten."""
+    crash loses at most the line being written; an existing file is never rewritten. With
+    cfg.tensorboard or cfg.wandb_project every record also goes to those trackers."""
 
-    def __init__(self, out_dir, enabled):
-        path = os.path.join(out_dir, "metrics.jsonl")
-        self.file = open(path, "a", buffering=1) if enabled else None
+    def __init__(self, cfg, enabled, resumed_step):
+        self.file, self.trackers = None, []
+        if not enabled:
+            return
+        # W&B first: wandb.init is what fails (no login, no network), before anything is open
+        self.trackers = (([WandB(cfg)] if cfg.wandb_project else [])
+                         + ([TensorBoard(cfg, resumed_step)] if cfg.tensorboard else []))
+        self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a", buffering=1)
 
     def write(self, **record):
         if self.file:
             self.file.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.write(record)
 
-    def close(self):
+    def close(self, status=0):
+        """Close the file and the trackers, once; `status` is the run's exit status."""
         if self.file:
             self.file.close()
+            self.file = None
+        for tracker in self.trackers:
+            tracker.close(status)
+        self.trackers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(1 if exc_type else 0)  # after close(status) this does nothing
+
+
+# Experiment trackers (nanoGPT's wandb_log, in its spirit): each gets every record's numbers under
+# metrics.jsonl's names (an event's as "<event>/<name>") at the record's step, and the config.
+# They are imported only when turned on.
+
+
+def check_trackers(cfg):
+    """The problem with the trackers the config turns on, or None (checked on every rank)."""
+    wanted = ((["tensorboard"] if cfg.tensorboard else [])
+              + (["wandb"] if cfg.wandb_project else []))
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not installed, but the config logs to it: "
+                f"pip install {' '.join(missing)}, or turn it off (--tensorboard=False, "
+                f"--wandb_project=)")
+    return None
+
+
+def tracker_values(record):
+    """The numbers of a metrics.jsonl record (not its step), named for a tracker."""
+    prefix = f"{record['event']}/" if "event" in record else ""
+    return {prefix + k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoard:
+    """Scalars in out_dir/tensorboard (torch.utils.tensorboard)."""
+
+    def __init__(self, cfg, resumed_step):
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step: a resumed run hides what an interrupted one logged after its checkpoint
+        self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"),
+                                    purge_step=None if resumed_step is None else resumed_step + 1)
+        self.writer.add_text("config", json.dumps(dict(cfg), indent=1), resumed_step or 0)
+
+    def write(self, record):
+        for name, value in tracker_values(record).items():
+            self.writer.add_scalar(name, value, record.get("step"))
+
+    def close(self, status):
+        self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run named after out_dir, its files in out_dir/wandb. Each launch (a
+    resume too) is a run of its own; WANDB_MODE=offline keeps it on disk (`wandb sync` later)."""
+
+    def __init__(self, cfg):
+        import wandb
+        try:
+            self.run = wandb.init(project=cfg.wandb_project, dir=cfg.out_dir, config=dict(cfg),
+                                  name=os.path.basename(os.path.abspath(cfg.out_dir)))
+        except Exception as e:  # wandb's errors (no login, no network) have no common base
+            reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ConfigError(f"wandb_project={cfg.wandb_project!r}: wandb.init failed: "
+                              f"{type(e).__name__}: {reason} (WANDB_MODE=offline logs without "
+                              f"network; `wandb sync` uploads later)") from None
+
+    def write(self, record):
+        self.run.log(tracker_values(record), step=record.get("step"))
+
+    def close(self, status):
+        self.run.finish(exit_code=status)
 
 
 def peak_memory(dev):
@@ -433,6 +522,13 @@ def format_duration(seconds):
 
 
 def main(argv):
+    """Train; returns the exit status. metrics.jsonl and the trackers are closed however the
+    run ends (an exception too: W&B then marks the run failed)."""
+    with contextlib.ExitStack() as on_exit:
+        return train(argv, on_exit)
+
+
+def train(argv, on_exit):
     stop = StopRequest()  # from the start: a signal during setup still ends in a save and 75
     cfg = Config(load_config(DEFAULTS, argv, RULES, RELATIONS))
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -442,7 +538,7 @@ def main(argv):
     master = rank == 0
 
     # --- checks that need the world size or the data
-    problem = check_tensor_parallel(cfg, world)
+    problem = check_tensor_parallel(cfg, world) or check_trackers(cfg)
     if problem:
         raise ConfigError(problem)
     # The ranks of a tensor-parallel group read the same data: data_rank of data_world.
@@ -527,7 +623,7 @@ def main(argv):
             f"FLOPs/token at {cfg.planned_mfu:.0%} MFU on {world} device(s): "
             f"{format_duration(plan_s)}")
 
-    metrics = Metrics(cfg.out_dir, master)
+    metrics = on_exit.enter_context(Metrics(cfg, master, resumed_step=step if latest else None))
     metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""),
                   device=dev.type, grad_accum=accum, config=dict(cfg),
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -672,7 +768,7 @@ def main(argv):
             f"{record['step_time_s']:.3f} s/step, {record['tokens_per_s']:,.0f} tok/s"
             + (f", MFU {record['mfu']:.1%}" if record["mfu"] is not None else "")
             + f"; recorded in {cfg.out_dir}/metrics.jsonl (llama3gen calibrate reads it)")
-    metrics.close()
+    metrics.close(status)
     return status
 
 

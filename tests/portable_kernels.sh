@@ -15,7 +15,9 @@ assert not npy["X86_V3"] and not npy["X86_V4"], "numpy still dispatches AVX2 or 
 print(f"portable kernels: torch {torch.backends.cpu.get_cpu_capability()}, numpy baseline SIMD")
 PY
 # Training and resume (losses and weights across world sizes), export and the model against
-# transformers, the memory model against PyTorch's trackers, byte-identical compiles.
+# transformers, the memory model against PyTorch's trackers, byte-identical compiles, the
+# data-constrained law against its authors' numbers.
 python -m pytest -q -p no:cacheprovider "$@" \
     tests/test_train.py tests/test_resume.py tests/test_export_hf.py tests/test_model.py \
-    tests/test_memory.py tests/test_compile.py tests/test_properties.py tests/test_bench_smoke.py
+    tests/test_memory.py tests/test_compile.py tests/test_properties.py tests/test_bench_smoke.py \
+    tests/test_datalimited.py

@@ -128,12 +128,15 @@ def test_the_plan_counts_epochs_over_the_unique_tokens_and_warns_past_one():
         assert v.epochs == pytest.approx(v.training.tokens_trained / 1e12)
         assert v.epochs < 1
     assert not any("epochs" in w for w in enough.warnings)
-    # a tenth of what the pick trains: 10 epochs, past Muennighoff et al.'s ~4: a loud warning
+    # a tenth of what the pick trains: the law's own pick would read it 10 times, past Muennighoff
+    # et al.'s ~4: a loud warning (the data-constrained pick that replaces it: test_datalimited.py)
     d = build_plan(parse_spec_text(base)).variants[0].training.tokens_trained
     short = build_plan(parse_spec_text(base + f"data: {{unique_tokens: {int(d / 10)}}}\n"))
     first = short.variants[0]
-    assert first.epochs == pytest.approx(10, rel=1e-6) and first.epochs > MANY_EPOCHS
-    assert any(w.startswith(f"{first.name}: 10 epochs") and "LOUD WARNING" in w
+    assert first.data_limited.unconstrained.epochs == pytest.approx(10, rel=1e-6)
+    assert first.epochs == pytest.approx(first.training.tokens_trained / int(d / 10))
+    assert first.epochs > MANY_EPOCHS
+    assert any(w.startswith(f"{first.name}: {first.epochs:.3g} epochs") and "LOUD WARNING" in w
                for w in short.warnings)
     two = build_plan(parse_spec_text(base + f"data: {{unique_tokens: {int(d / 2)}}}\n"))
     assert any("2 epochs" in w and "LOUD" not in w for w in two.warnings)

@@ -66,3 +66,7 @@ flops_per_token = 11327766528  # exact training FLOPs per token (compiler/arch.p
 peak_flops = 312000000000000.0  # A100-80GB dense bf16 peak per device
 planned_mfu = 0.45  # spec: hardware.mfu (measured)
 init_from_hf = ''  # a Hugging Face Llama directory to start from (continued pre-training)
+
+# --- experiment trackers: train.py (rank 0) sends metrics.jsonl's records to them too ---
+tensorboard = False  # True: TensorBoard event files in out_dir/tensorboard (pip install tensorboard)
+wandb_project = ''  # a Weights & Biases project ("": off; pip install wandb; WANDB_MODE=offline needs no network)
