@@ -50,6 +50,7 @@ class HardwareView:
     mfu: float | None = None  # measured (hardware.mfu or .calibration): replaces the step-time model
     activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
     tensor_parallel: object = "auto"  # "auto" or a fixed degree (training.tensor_parallel)
+    compiled: bool = False  # train.py compiles each block (training.compile): fewer activations
     recipe: Recipe = Recipe()
 
     @classmethod
@@ -68,11 +69,22 @@ class HardwareView:
                    memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
                    kernel_efficiency=efficiency, interconnect=link, mfu=hw.measured_mfu,
                    activation_checkpointing=spec.training.activation_checkpointing,
-                   tensor_parallel=spec.training.tensor_parallel)
+                   tensor_parallel=spec.training.tensor_parallel,
+                   compiled=spec.training.compile)
 
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    def memory(self, shapes, micro_batch, parallelism, tensor_parallel, activation_checkpointing,
+               grad_accum=1, world_size=None) -> MemoryBreakdown:
+        """memory.py's breakdown on this hardware, for train.py as the spec configures it."""
+        return memory_per_device(
+            shapes, micro_batch, parallelism=parallelism,
+            world_size=self.world_size if world_size is None else world_size,
+            gpus_per_node=self.gpus_per_node, activation_checkpointing=activation_checkpointing,
+            grad_accum=grad_accum, device=self.device, recipe=self.recipe,
+            tensor_parallel=tensor_parallel, compiled=self.compiled)
 
     @property
     def capacity(self) -> float:
@@ -239,11 +251,8 @@ def fits_at_any_scale(shapes: ModelShape, hardware: HardwareView) -> np.ndarray:
     fits = np.zeros(np.broadcast(*[np.asarray(getattr(shapes, f.name))
                                    for f in fields(shapes)]).size, dtype=bool)
     for t in degrees:
-        total = memory_per_device(shapes, 1, parallelism="fsdp", world_size=LARGEST_WORLD,
-                                  gpus_per_node=hardware.gpus_per_node,
-                                  activation_checkpointing=hardware.activation_checkpointing
-                                  is not False, device=hardware.device, recipe=hardware.recipe,
-                                  tensor_parallel=t).total
+        total = hardware.memory(shapes, 1, "fsdp", t, hardware.activation_checkpointing
+                                is not False, world_size=LARGEST_WORLD).total
         fits |= splits_blocks(shapes, t) & (np.asarray(total) <= hardware.capacity)
     return fits
 
@@ -316,11 +325,7 @@ def _largest_micro_batches(shapes, hardware, tensor_parallel, per_rank, usable) 
         column = _take(shapes, index, extra_axis=True)
         micro = divisors(int(value))[None, :]
         for (p, _, c), largest in out.items():
-            total = memory_per_device(column, micro, parallelism=p, world_size=hardware.world_size,
-                                      gpus_per_node=hardware.gpus_per_node,
-                                      activation_checkpointing=c, grad_accum=value // micro,
-                                      device=hardware.device, recipe=hardware.recipe,
-                                      tensor_parallel=t).total
+            total = hardware.memory(column, micro, p, t, c, grad_accum=value // micro).total
             largest[index] = np.where(total <= hardware.capacity, micro, 0).max(axis=1)
     return out
 
@@ -330,11 +335,8 @@ def _memory(shapes, hardware, parallelism, tensor_parallel, micro, ac, accum) ->
     parts = []
     for p, t in sorted({(str(p), int(t)) for p, t in zip(parallelism, tensor_parallel)}):
         index = np.flatnonzero((parallelism == p) & (tensor_parallel == t))
-        parts.append((index, memory_per_device(
-            _take(shapes, index), micro[index], parallelism=p,
-            world_size=hardware.world_size, gpus_per_node=hardware.gpus_per_node,
-            activation_checkpointing=ac[index], grad_accum=accum[index], device=hardware.device,
-            recipe=hardware.recipe, tensor_parallel=t)))
+        parts.append((index, hardware.memory(_take(shapes, index), micro[index], p, t, ac[index],
+                                             grad_accum=accum[index])))
     values = {}
     for f in fields(MemoryBreakdown):
         column = np.empty(parallelism.size, dtype=object if f.name == "phase" else np.float64)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .evaluate import NO_SPLIT, Evaluation, HardwareView, at, evaluate
-from .memory import GIB, ModelShape, memory_per_device
+from .memory import GIB, ModelShape
 
 MAX_GPUS_SEARCHED = 1 << 17  # the "more GPUs" fix searches world sizes up to this
 MIN_SEQ_LEN_SUGGESTED = 128  # the "shorter sequences" fix halves seq_len down to this
@@ -179,14 +179,11 @@ def _tensor_parallel_reason(lay: Layout, hardware: HardwareView):
 def _frugal_total(shape, hardware, ac, tensor_parallel, world_size=None, grad_accum=1,
                   seq_len=None):
     """Bytes per device of micro-batch 1 in the most frugal layout (vectorised over world_size)."""
-    world = hardware.world_size if world_size is None else world_size
     if seq_len is not None:
         shape = dataclasses.replace(shape, seq_len=seq_len)
     frugal = hardware.frugal(tensor_parallel) if world_size is None else "fsdp"
-    return memory_per_device(shape, 1, parallelism=frugal, world_size=world,
-                             gpus_per_node=hardware.gpus_per_node, activation_checkpointing=ac,
-                             grad_accum=grad_accum, device=hardware.device,
-                             recipe=hardware.recipe, tensor_parallel=tensor_parallel).total
+    return hardware.memory(shape, 1, frugal, tensor_parallel, ac, grad_accum=grad_accum,
+                           world_size=world_size).total
 
 
 def _no_fit(shape, hardware: HardwareView, lay: Layout):

@@ -85,8 +85,12 @@ Tolerance: tests/test_memory.py compares the total without margin and overhead (
 with PyTorch's MemTracker / FSDPMemTracker on real CPU steps of templates/model.py: within -3% /
 +10% on tiny models (3 layers, d 128, where the transient gradient and workspace terms, bounded
 from above here, weigh most) and within 3% at realistic proportions (4 layers, d 1024, vocabulary
-32000, FSDP2 over 8 ranks, under FakeTensorMode; measured within 1% on 2026-11-28). On GPU, torch.compile and fused kernels (flash
-attention, fused RMSNorm) save fewer tensors, so the prediction errs high.
+32000, FSDP2 over 8 ranks, under FakeTensorMode; measured within 1% on 2026-11-28); TP 2 with
+sequence parallelism inside FSDP2 over 4 ranks within the same tiny bounds.
+With training.compile the blocks save what torch.compile's partitioner keeps instead
+(compiled_layer_activation_bytes_per_token, about 26-30% less than eager; tests/test_memory.py
+reads it off the partitioner's backward graph on CPU). Fused GPU kernels beyond that are not
+modelled; there the prediction errs high.
 """
 
 from __future__ import annotations
@@ -230,6 +234,28 @@ def layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn
     return norms + attention + mlp
 
 
+def compiled_layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn_hidden,
+                                              compute_bytes=2, residual_bytes=2,
+                                              tensor_parallel=1):
+    """Bytes one block saves for backward per token when train.py compiles it (torch.compile's
+    min-cut partitioner recomputes the cheap elementwise work instead of saving it; tests/
+    test_memory.py counts what the partitioner saves for model.py's Block).
+
+    Saved: the block's input (residual dtype), both norms' outputs (the matmuls' inputs) and
+    1/rms, q, k, v, the attention output twice (SDPA's, and o_proj's contiguous input) and the
+    log-sum-exp, o_proj's output (to rebuild the residual for the second norm), gate and up and
+    their SwiGLU product (SiLU recomputed). Not saved, unlike eager: the norms' fp32 inputs and
+    normalised values, SiLU's output. Under tensor and sequence parallelism (not measured
+    compiled) the same split as eager: the norms' outputs gathered whole, the rest 1/t.
+    """
+    c, r, t = compute_bytes, residual_bytes, tensor_parallel
+    q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
+    residual = (r * d_model + c * d_model + 2 * FP32) / t  # input, o_proj's output, two 1/rms
+    norm_outputs = 2 * c * d_model
+    heads = (c * (3 * q_width + 2 * kv_width) + FP32 * n_heads) / t
+    return residual + norm_outputs + heads + 3 * c * ffn_hidden / t
+
+
 def copy_bytes(to_bytes, from_bytes=FP32):
     """Bytes per element that a dtype conversion (`.to()`) allocates: none when the dtype is
     already the target (PyTorch then returns the tensor itself)."""
@@ -300,7 +326,8 @@ class Moment:
 def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
                       gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
                       device: str = "cuda", compute_dtype: str | None = None,
-                      recipe: Recipe = TRAIN_PY, tensor_parallel=1) -> MemoryBreakdown:
+                      recipe: Recipe = TRAIN_PY, tensor_parallel=1,
+                      compiled=False) -> MemoryBreakdown:
     """Predicted peak bytes on one device for one training step (see the module docstring).
 
     shape fields, micro_batch, world_size, gpus_per_node, activation_checkpointing and grad_accum
@@ -308,7 +335,8 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     With world_size 1 the generated train.py wraps nothing (one process, autocast): pass "ddp".
     tensor_parallel t: consecutive ranks (inside a node) that split each block's matmuls
     (templates/parallelize.py); data parallelism runs over world_size / t ranks, "ddp" only
-    where that is 1 (no data-parallel wrapper then).
+    where that is 1 (no data-parallel wrapper then). compiled: train.py compiles each block
+    (training.compile), which saves fewer activations (compiled_layer_activation_bytes_per_token).
     recipe: what train.py and model.py do (compiler/recipe.py); the generated defaults unless
     given.
     """
@@ -326,7 +354,7 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
                                   data_world, recipe)
     moments = _moments(shape, units, gradients, micro_batch, c, sharded,
                        np.asarray(activation_checkpointing, dtype=bool),
-                       np.asarray(grad_accum) > 1, recipe, t)
+                       np.asarray(grad_accum) > 1, recipe, t, compiled)
     return _at_peak(moments, params, optim, device)
 
 
@@ -403,7 +431,7 @@ def _working_copies(sharded, c, ac, accumulating, n_layers, u: _Units):
 
 
 def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, accumulating, recipe,
-             t=1):
+             t=1, compiled=False):
     """{name: Moment} for the seven moments of the step whose largest total is the peak."""
     # FSDP2 casts the weights to the compute dtype, so the residual stream is in it too; DDP under
     # autocast (and fp32 training) keeps fp32 weights and an fp32 residual stream.
@@ -413,7 +441,9 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     seq = np.asarray(s.seq_len, dtype=np.float64)
     tokens = np.asarray(micro_batch, dtype=np.float64) * seq
 
-    full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens
+    per_token = (compiled_layer_activation_bytes_per_token if compiled
+                 else layer_activation_bytes_per_token)
+    full_layer = (per_token(d, h, kv, dh, f, c, r, t) * tokens
                   + rope_bytes_per_position(dh, c) * seq)
     # Under sequence parallelism the residual stream, the final norm and a block's input are
     # split t ways; the token ids are not.

@@ -26,7 +26,7 @@ out_dir = 'out/optimal'  # checkpoints and metrics.jsonl
 
 # --- batch: 2,359,296 tokens per optimizer step ---
 global_batch_size = 1152  # sequences; B_opt = 0.2920·C^0.3271 = 2,253,952 tokens at C = M·D = 1.14e+21 (DeepSeek-AI 2024, DeepSeek LLM, Eq. 1 (C = M·D, M non-embedding FLOPs/token)); 1152 sequences of 2048 (144 per rank × 8 ranks, rounded to a multiple of 16 so micro-batches divide it)
-micro_batch_size = 12  # per rank per forward/backward; accumulation 12 at 8 ranks (compiler/layout.py)
+micro_batch_size = 16  # per rank per forward/backward; accumulation 9 at 8 ranks (compiler/layout.py)
 
 # --- optimisation ---
 learning_rate = 0.0007275  # η_opt = 0.3118·C^-0.1250 at C = M·D = 1.14e+21 (DeepSeek-AI 2024, DeepSeek LLM, Eq. 1 (C = M·D, M non-embedding FLOPs/token))
