@@ -564,3 +564,21 @@ def test_submit_py_local_trains_two_ranks(base_repo, tmp_path):
     assert max(losses) == STEPS and losses[STEPS] < losses[10]
     job_id = re.search(r"submitted job (\d+) \(local\)", out.stdout).group(1)
     assert (repo / "logs" / "submitit" / job_id / f"{job_id}_0_log.out").exists()
+
+
+def test_sbatch_benchmark_option_times_the_real_nodes(base_repo, tmp_path):
+    """`sbatch scripts/train.sbatch optimal --benchmark`: train.py's --benchmark_iters run as a
+    job (issue #18 part 1): one benchmark record, no checkpoint, and calibrate reads it."""
+    require_cluster()
+    repo = Path(shutil.copytree(base_repo, tmp_path / "bench"))
+    (repo / "logs").mkdir(exist_ok=True)
+    env = dict(subprocess_env(), BENCHMARK_ITERS="3")
+    out = subprocess.run(["sbatch", "--parsable", "scripts/train.sbatch", VARIANT, "--benchmark"],
+                         cwd=repo, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    run = Run(repo, int(out.stdout.strip().split(";")[0]), "sbatch")
+    run.assert_completed()
+    records = [r for r in read_metrics(run.out_dir) if r.get("event") == "benchmark"]
+    assert len(records) == 1 and records[0]["steps"] == 3, records
+    assert not (run.out_dir / "checkpoints").exists() or not any((run.out_dir / "checkpoints").iterdir())
+    assert cli("calibrate", run.out_dir).returncode == 0
