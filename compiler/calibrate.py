@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import __version__, arch
+from . import __version__, arch, memory
 from .errors import UserError
 from .jsonfile import read_json
 
@@ -119,7 +119,7 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
         config = start.get("config") or _train_state_config(run_dir)
         return {"tokens_per_second": bench["tokens_per_s"], "step_time_s": bench["step_time_s"],
                 "mfu": _number(bench.get("mfu")),
-                "peak_memory_bytes": _number(bench.get("max_memory_reserved")),
+                "peak_memory_bytes": _peak([bench]),
                 "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
                 "how": f"benchmark record: {bench.get('steps')} timed steps",
                 "world_size": bench.get("world_size"), "device": bench.get("device"),
@@ -146,12 +146,11 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
     tokens_per_second = median("tokens_per_s")
     step_time = median("step_time_s") or (tokens_per_step / tokens_per_second
                                            if tokens_per_step else None)
-    peaks = [_number(r.get("max_memory_reserved")) for r in logged]
     allocated = [_number(r.get("max_memory_allocated")) for r in logged]
     steps = [r.get("step") for r in kept]
     return {"tokens_per_second": tokens_per_second, "step_time_s": step_time,
             "mfu": median("mfu"),
-            "peak_memory_bytes": max([p for p in peaks if p is not None], default=None),
+            "peak_memory_bytes": _peak(logged),
             "peak_memory_allocated_bytes": max([p for p in allocated if p is not None],
                                                default=None),
             "how": (f"median of {len(kept)} logged records (steps {steps[0]}-{steps[-1]}; the "
@@ -159,6 +158,47 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
             "world_size": start.get("world_size") or None, "device": start.get("device"),
             "gpu": start.get("gpu"), "shape": _shape(config),
             "layout": _layout(config, start), "date": start.get("time"), "config": config}
+
+
+def _peak(records: list[dict]) -> float | None:
+    """The largest peak the records measured: CUDA's reserved bytes, else (CPU) the peak RSS."""
+    for key in ("max_memory_reserved", "max_rss"):
+        values = [_number(r.get(key)) for r in records]
+        if any(v is not None for v in values):
+            return max(v for v in values if v is not None)
+    return None
+
+
+def peak_memory_ratio(doc: dict, plan, layout_memory) -> tuple[float | None, float | None]:
+    """(measured / predicted peak, predicted) for the run's own shape and layout: what the memory
+    model misses on this machine. On CUDA the predicted total less the CUDA context, which
+    max_memory_reserved does not see; on CPU the RSS includes the process, as the total does."""
+    m = doc["measured_on"]
+    if doc.get("peak_memory_bytes") is None or not m.get("shape") or not m.get("layout"):
+        return None, None
+    predicted = layout_memory(m["shape"], m["layout"], m["world_size"], m["device"])
+    if m["device"] == "cuda":
+        predicted -= memory.CUDA_CONTEXT_BYTES
+    return doc["peak_memory_bytes"] / predicted, predicted
+
+
+def run_layout_memory(plan):
+    """memory.py's total for a run's shape and layout (calibration's own fields), on the plan's
+    nodes: a function for peak_memory_ratio."""
+    def total(shape, layout, world, device):
+        model = memory.ModelShape(shape["n_layer"], shape["n_embd"], shape["n_head"],
+                                  shape["n_kv_head"], shape["head_dim"], shape["ffn_hidden"],
+                                  shape["vocab_size"], shape["block_size"],
+                                  bool(shape.get("tie_embeddings")))
+        parallelism = layout["parallelism"] if layout["parallelism"] != "none" else "ddp"
+        return float(memory.memory_per_device(
+            model, layout["micro_batch_size"], parallelism=parallelism, world_size=world or 1,
+            gpus_per_node=min(plan.hardware.gpus_per_node, world or 1),
+            activation_checkpointing=bool(layout["activation_checkpointing"]),
+            grad_accum=layout.get("grad_accum") or 1, device=device,
+            compute_dtype=layout.get("dtype"), tensor_parallel=layout.get("tensor_parallel") or 1,
+            compiled=bool(layout.get("compile"))).total)
+    return total
 
 
 def _shape(config: dict) -> dict | None:
@@ -174,7 +214,8 @@ def _layout(config: dict, start: dict) -> dict | None:
             "global_batch_size": config.get("global_batch_size"),
             "micro_batch_size": config.get("micro_batch_size"), "grad_accum": start.get("grad_accum"),
             "activation_checkpointing": config.get("activation_checkpointing"),
-            "compile": config.get("compile"), "dtype": config.get("dtype")}
+            "compile": config.get("compile"), "dtype": config.get("dtype"),
+            "tensor_parallel": config.get("tensor_parallel", 1)}
 
 
 # --- the plan it is compared with -------------------------------------------------------------
@@ -192,7 +233,7 @@ def _plan_layout(variant) -> dict:
     return {"parallelism": t.parallelism if t.world_size > 1 else "none",
             "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
             "grad_accum": t.grad_accum, "activation_checkpointing": t.activation_checkpointing,
-            "compile": t.compile, "dtype": t.dtype}
+            "compile": t.compile, "dtype": t.dtype, "tensor_parallel": t.tensor_parallel}
 
 
 def pick_variant(plan, measured: dict, repo: Path, run_dir: Path, name: str | None):
@@ -298,6 +339,11 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                     "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
                     "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
     }
+    ratio, predicted = peak_memory_ratio(doc, plan, run_layout_memory(plan))
+    doc["peak_memory"] = {
+        "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
+                else "the process's peak resident set (getrusage ru_maxrss)"),
+        "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
     return doc, plan, variant
 
 
@@ -331,8 +377,13 @@ def report(doc: dict) -> str:
     if m["world_size"] != p["world_size"]:
         lines.append(f"note: the run used {m['world_size']} rank(s), the plan {p['world_size']}: "
                      "tokens/s and step time are of different jobs; MFU is per device")
+    peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
-                 "(compiler/memory.py); measured is torch.cuda.max_memory_reserved")
+                 f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")
+    if peak.get("measured_over_predicted"):
+        lines.append(f"memory: the run's peak is {peak['measured_over_predicted']:.3f}× what "
+                     "compiler/memory.py predicts for the run's own shape and layout; a spec "
+                     "with this calibration plans with its predictions scaled by that")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import arch, hardware as catalog
 from .hardware import Interconnect
-from .memory import MemoryBreakdown, ModelShape, Recipe, memory_per_device
+from .memory import MemoryBreakdown, ModelShape, Recipe, calibrated, memory_per_device
 from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
@@ -51,6 +51,7 @@ class HardwareView:
     activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
     tensor_parallel: object = "auto"  # "auto" or a fixed degree (training.tensor_parallel)
     compiled: bool = False  # train.py compiles each block (training.compile): fewer activations
+    memory_ratio: float = 1.0  # a calibration's measured/predicted peak (hardware.calibration)
     recipe: Recipe = Recipe()
 
     @classmethod
@@ -70,7 +71,8 @@ class HardwareView:
                    kernel_efficiency=efficiency, interconnect=link, mfu=hw.measured_mfu,
                    activation_checkpointing=spec.training.activation_checkpointing,
                    tensor_parallel=spec.training.tensor_parallel,
-                   compiled=spec.training.compile)
+                   compiled=spec.training.compile,
+                   memory_ratio=hw.measured_memory_ratio or 1.0)
 
     @property
     def world_size(self) -> int:
@@ -79,12 +81,15 @@ class HardwareView:
     def memory(self, shapes, micro_batch, parallelism, tensor_parallel, activation_checkpointing,
                grad_accum=1, world_size=None) -> MemoryBreakdown:
         """memory.py's breakdown on this hardware, for train.py as the spec configures it."""
-        return memory_per_device(
+        predicted = memory_per_device(
             shapes, micro_batch, parallelism=parallelism,
             world_size=self.world_size if world_size is None else world_size,
             gpus_per_node=self.gpus_per_node, activation_checkpointing=activation_checkpointing,
             grad_accum=grad_accum, device=self.device, recipe=self.recipe,
             tensor_parallel=tensor_parallel, compiled=self.compiled)
+        if self.memory_ratio == 1.0:
+            return predicted
+        return calibrated(predicted, self.memory_ratio, self.device)
 
     @property
     def capacity(self) -> float:

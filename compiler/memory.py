@@ -95,6 +95,7 @@ modelled; there the prediction errs high.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -153,6 +154,8 @@ class MemoryBreakdown:
              unsharded gradients before reduce-scatter, lm_head's gradient accumulator).
     margin: allocator fragmentation, ALLOCATOR_MARGIN of the above.
     context: fixed per-process overhead (CUDA context and libraries).
+    calibration: what a calibration's measured/predicted peak adds to the total (negative where
+                 the run measured less; 0 without one; see calibrated()).
     phase: which moment of the step is the peak ("loss forward", "output head backward",
            "last block backward", "end of last block backward", "first block backward",
            "end of backward", "optimizer step").
@@ -168,6 +171,7 @@ class MemoryBreakdown:
     context: np.ndarray
     total: np.ndarray
     phase: np.ndarray
+    calibration: object = 0.0  # bytes a measured/predicted ratio adds (calibrated)
 
     def as_dict(self) -> dict:
         """Plain numbers (or lists) keyed by component; `other` = working + margin + context."""
@@ -517,6 +521,17 @@ def _at_peak(moments: dict, params, optim, device) -> MemoryBreakdown:
         activations=_out(activations, total), logits=_out(logits, total),
         working=_out(working, total), margin=_out(margin, total), context=_out(context, total),
         total=_out(total, total), phase=_out(np.asarray(names, dtype=object)[peak], total))
+
+
+def calibrated(m: MemoryBreakdown, ratio: float, device: str) -> MemoryBreakdown:
+    """The breakdown with the predicted total scaled by a run's measured/predicted peak
+    (compiler/calibrate.py), the difference booked as `calibration` so the parts still add up.
+    On CUDA the context is left out of the scaling: the measurement (the caching allocator's
+    reserved bytes) does not see it."""
+    kept = m.context if device == "cuda" else 0.0
+    total = kept + (np.asarray(m.total) - kept) * ratio
+    return dataclasses.replace(m, total=_out(total, total),
+                               calibration=_out(total - np.asarray(m.total), total))
 
 
 def tracked_bytes(m: MemoryBreakdown):

@@ -6,11 +6,25 @@ Plain data only (pydantic models of ints, floats, strings): no behaviour lives h
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict, model_serializer
 
 
 class PlanModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Optional fields left out of the serialised Plan when None, so plans that do not use them
+    # serialise (lock files) as before they existed.
+    omitted_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_absent_options(self, handler):
+        out = handler(self)
+        if isinstance(out, dict):
+            for name in self.omitted_when_none:
+                if out.get(name, 0) is None:
+                    del out[name]
+        return out
 
 
 class Shape(PlanModel):
@@ -82,9 +96,12 @@ class Memory(PlanModel):
     activations: float
     logits: float
     other: float
+    # bytes a calibration's measured/predicted peak adds (or removes): None without one
+    calibration: float | None = None
     total: float
     capacity: float
     fits: bool
+    omitted_when_none: ClassVar[tuple[str, ...]] = ("calibration",)
 
 
 class Training(PlanModel):
@@ -189,14 +206,7 @@ class Variant(PlanModel):
     provenance: dict[str, str]
     epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given)
     data_limited: DataLimited | None = None  # None: the unique tokens cover the law's pick
-
-    @model_serializer(mode="wrap")
-    def _without_absent_data_limit(self, handler):
-        # Left out when None, so plans without a data limit serialise (lock files) as before.
-        out = handler(self)
-        if isinstance(out, dict) and out.get("data_limited", 0) is None:
-            del out["data_limited"]
-        return out
+    omitted_when_none: ClassVar[tuple[str, ...]] = ("data_limited",)
 
 
 class Law(PlanModel):

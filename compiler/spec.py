@@ -161,6 +161,13 @@ class Hardware(StrictModel):
         """A measured MFU: the spec's hardware.mfu or its calibration's; None: predict it."""
         return self._calibration["mfu"] if self._calibration else self.mfu
 
+    @property
+    def measured_memory_ratio(self) -> float | None:
+        """The calibration's measured / predicted peak memory (None: not measured, or none)."""
+        peak = (self._calibration or {}).get("peak_memory") or {}
+        ratio = peak.get("measured_over_predicted")
+        return float(ratio) if isinstance(ratio, (int, float)) and ratio > 0 else None
+
     @field_validator("gpu")
     @classmethod
     def _known_gpu(cls, value):

@@ -200,7 +200,15 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
     memory = P.Memory(parameters=mem["parameters"], gradients=mem["gradients"],
                       optimizer=mem["optimizer"], activations=mem["activations"],
                       logits=mem["logits"], other=mem["other"], total=mem["total"],
+                      calibration=mem["calibration"] if hw.measured_memory_ratio else None,
                       capacity=capacity, fits=lay.fits)
+    if hw.measured_memory_ratio:
+        peak = hw.calibration_data["peak_memory"]
+        provenance["memory"] = (
+            f"compiler/memory.py × {hw.measured_memory_ratio:.4g}: the peak run "
+            f"{hw.calibration_data['measured_on'].get('run')} measured ({peak.get('how')}) over "
+            f"what memory.py predicts for that run's own shape and layout (calibration "
+            f"{hw.calibration}); applied here as an assumption that the model errs alike")
 
     hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
     gpu_hours = seconds / 3600 * world

@@ -109,7 +109,12 @@ def test_calibration_holds_the_measurement_and_what_it_ran_on(run):
     assert doc["tokens_per_second"] == bench["tokens_per_s"]
     assert doc["step_time_s"] == bench["step_time_s"]
     assert doc["mfu"] == bench["mfu"]
-    assert doc["peak_memory_bytes"] is None  # not measured on CPU
+    # on CPU the process's peak resident set, against memory.py's total for the run's own layout
+    # (one process here, the plan's two ranks apart)
+    assert doc["peak_memory_bytes"] == bench["max_rss"] > 0
+    peak = doc["peak_memory"]
+    assert "ru_maxrss" in peak["how"]
+    assert peak["measured_over_predicted"] == doc["peak_memory_bytes"] / peak["predicted_for_the_run_bytes"]
     on = doc["measured_on"]
     assert on["run"] == "tiny-cpu:out/optimal" and on["variant"] == "optimal"
     assert on["world_size"] == 1 and on["gpu"] == "cpu" and on["date"] == bench["time"]
@@ -126,7 +131,8 @@ def test_report_table_has_each_ratio(run):
     ratio = doc["tokens_per_second"] / doc["planned"]["tokens_per_second"]
     assert rows["tokens/s"].split()[-1] == f"{ratio:.3f}"
     assert rows["MFU"].split()[-1] == f"{doc['mfu'] / doc['planned']['mfu']:.3f}"
-    assert "step time" in rows and "not measured" in rows["peak memory / device"]
+    assert "step time" in rows and "GiB" in rows["peak memory / device"]
+    assert f"{doc['peak_memory']['measured_over_predicted']:.3f}× what compiler/memory.py" in result.stdout
     assert "the run used 1 rank(s), the plan 2" in result.stdout
 
 
@@ -153,6 +159,17 @@ def test_recompile_plans_at_the_measured_speed_and_cites_the_run(run):
     assert "applied to this shape" in other["timing"]["mfu_source"]
     assert other["timing"]["mfu"] == pytest.approx(doc["mfu"], rel=LOCK_ROUNDING)
     assert f"planned_mfu = {round(doc['mfu'], 4)!r}" in (new / "config/optimal.py").read_text()
+    # memory: the prediction scaled by the run's measured/predicted peak, the difference shown
+    ratio = doc["peak_memory"]["measured_over_predicted"]
+    uncalibrated = variant(lock_plan(repo), "optimal")["memory"]
+    memory = optimal["memory"]
+    before = variant(lock_plan(repo), "optimal")["training"]
+    assert optimal["training"]["micro_batch_size"] == before["micro_batch_size"]  # whole batch
+    assert memory["total"] == pytest.approx(uncalibrated["total"] * ratio, rel=LOCK_ROUNDING)
+    assert memory["calibration"] == pytest.approx(memory["total"] * (1 - 1 / ratio),
+                                                  rel=LOCK_ROUNDING)
+    assert "tiny-cpu:out/optimal" in optimal["provenance"]["memory"]
+    assert "calibration" not in uncalibrated  # plans without one serialise as before
 
     # check: the old repo against the new spec is stale exactly where the outputs differ.
     result = cli("check", repo, "--spec", spec)

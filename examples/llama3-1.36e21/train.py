@@ -480,9 +480,12 @@ class WandB:
 
 
 def peak_memory(dev):
-    """The CUDA caching allocator's peaks since the start, in bytes; None where not measured (CPU)."""
+    """Peaks since the start, in bytes: the CUDA caching allocator's; on CPU the process's peak
+    resident set (getrusage's ru_maxrss, KiB on Linux), what the plan's host memory counts."""
     if dev.type != "cuda":
-        return {"max_memory_allocated": None, "max_memory_reserved": None}
+        import resource
+        return {"max_memory_allocated": None, "max_memory_reserved": None,
+                "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     return {"max_memory_allocated": torch.cuda.max_memory_allocated(dev),
             "max_memory_reserved": torch.cuda.max_memory_reserved(dev)}
 
