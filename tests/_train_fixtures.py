@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _repo_files import TEMPLATES_DIR, load_arch
 
-REPO_FILES = ["train.py", "model.py", "dataset.py", "parallelize.py", "configurator.py",
+REPO_FILES = ["train.py", "model.py", "dataset.py", "parallelize.py", "metrics.py", "configurator.py",
               "checkpoint.py", "export_hf.py", "data/prepare.py"]
 CORPUS_BYTES = 2_000_000
 VOCAB = 257  # raw bytes (0-255) plus the end-of-document id 256
