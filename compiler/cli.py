@@ -63,6 +63,26 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _refuse_named_files(text: str, repo: Path) -> None:
+    """A spec that names files (a calibration, a fitted law) reads them relative to itself: the
+    lock's copy of the spec does not say where that was, so check needs the spec file."""
+    import yaml
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return  # parse_spec_text reports it with a position
+    hardware = data.get("hardware") if isinstance(data, dict) else None
+    search = data.get("search") if isinstance(data, dict) else None
+    named = [key for key, present in (
+        ("hardware.calibration", isinstance(hardware, dict) and hardware.get("calibration")),
+        ("search.scaling_law: {file}", isinstance(search, dict)
+         and isinstance(search.get("scaling_law"), dict))) if present]
+    if named:
+        raise UserError(f"the spec in {repo}/llama3gen.lock.json names {' and '.join(named)}, a "
+                        "file relative to the spec file, which the lock does not locate",
+                        fix=f"llama3gen check {repo} --spec SPEC")
+
+
 def cmd_check(args) -> int:
     from .render import read_lock, render_files
     from .spec import load_spec, parse_spec_text
@@ -75,6 +95,7 @@ def cmd_check(args) -> int:
             spec, text = load_spec(args.spec)
         else:
             text = lock.get("spec_text", "")
+            _refuse_named_files(text, repo)
             spec = parse_spec_text(text, f"{repo}/llama3gen.lock.json#spec_text")
         files = render_files(build_plan(spec), text)
         state = compare(repo, files)

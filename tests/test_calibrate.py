@@ -180,6 +180,11 @@ def test_recompile_plans_at_the_measured_speed_and_cites_the_run(run):
               and (repo / p.relative_to(new)).read_bytes() != p.read_bytes()}
     assert stale == differ and {"config/optimal.py", "llama3gen.lock.json"} <= stale
     assert "train.py" not in stale and "model.py" not in stale
+    # without --spec, check cannot know where the calibration file was: it says so, exit 2
+    result = cli("check", new)
+    assert result.returncode == 2 and "--spec SPEC" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert cli("check", new, "--spec", spec).returncode == 0
 
 
 def test_svg_is_deterministic_and_plots_plan_beside_run(run):
