@@ -15,10 +15,18 @@ number of ranks, and reads exactly the sequences an uninterrupted run would have
 
 Validation reads a fixed set of random windows of val.bin (TokenData.offsets), the same at every
 evaluation, so val losses are comparable along a run.
+
+The data is checked before a run: meta.json's fingerprint (the size and sha256 of every file
+data/prepare.py wrote, hashed as it wrote them) must match the files' sizes at every start, the
+checkpoint records it, and a resume onto data with another fingerprint is refused, naming the
+files that changed (check_same_data). `train.py --dry_run` re-hashes the files
+(verify_fingerprint): that reads the whole corpus, so a normal start only compares sizes.
 """
 
+import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -26,10 +34,12 @@ import torch
 from configurator import ConfigError
 
 ORDER_STREAM = 2  # default_rng([seed, ORDER_STREAM, epoch]): the training order's own stream
+HASH_BLOCK_BYTES = 8 << 20  # verify_fingerprint reads this much at a time (memory stays flat)
+PROGRESS_SECONDS = 10  # verify_fingerprint logs its progress this often
 
 
-def read_meta(data_dir):
-    """(vocab_size, largest token id) from data/prepare.py's meta.json."""
+def load_meta(data_dir):
+    """data/prepare.py's meta.json as a dict (a clear error when it is missing or unreadable)."""
     path = os.path.join(data_dir, "meta.json")
     redo = f"run data/prepare.py --out_dir {data_dir} (README.md, step 2)"
     if not os.path.isfile(path):
@@ -39,7 +49,15 @@ def read_meta(data_dir):
             meta = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{path} is unreadable ({e}); {redo} again") from None
-    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else {}  # not an object: no valid keys (read_meta says)
+
+
+def read_meta(data_dir):
+    """(vocab_size, largest token id) from data/prepare.py's meta.json."""
+    path = os.path.join(data_dir, "meta.json")
+    redo = f"run data/prepare.py --out_dir {data_dir} (README.md, step 2)"
+    meta = load_meta(data_dir)
+    vocab = meta.get("vocab_size")
     max_id = meta.get("max_token_id", vocab - 1) if isinstance(vocab, int) else None
     if not all(type(n) is int and n >= 0 for n in (vocab, max_id)):
         raise ConfigError(f"{path} has no valid vocab_size and max_token_id (non-negative "
@@ -123,13 +141,96 @@ class TrainSequences(TokenData):
         return min(steps * global_batch_size, self.count) * self.block_size
 
 
-def check_same_data(saved, train, allow_change):
-    """Refuse to resume onto another train.bin than the checkpoint's (`saved`: its data state):
-    the step would point into other sequences. allow_change: the user's say-so."""
-    then = saved.get("n_train_tokens")
-    if then is None or then == len(train.tokens) or allow_change:
-        return
-    raise ConfigError(f"{train.path} has {len(train.tokens):,} tokens, but the checkpoint was "
-                      f"trained on {then:,}: resuming would read other sequences than the saved "
-                      "step says; point data_dir at the run's data, or pass "
-                      "--allow_data_change=True to continue on this data anyway")
+    def describe_run(self, max_iters, global_batch_size):
+        """The run's tokens against the corpus's and the epochs that follow, in one line."""
+        run_tokens = max_iters * global_batch_size * self.block_size
+        epochs = self.epochs_after(max_iters, global_batch_size)
+        line = (f"data: {self.count:,} sequences of {self.block_size} + 1 tokens in {self.path} "
+                f"({len(self.tokens):,} tokens); the run reads {max_iters:,} steps × "
+                f"{global_batch_size:,} sequences × {self.block_size} = {run_tokens:,} tokens "
+                f"({self.unique_tokens_after(max_iters, global_batch_size):,} distinct): "
+                f"{epochs:.3g} epochs")
+        return line + (" (WARNING: more than one pass over the data)" if epochs > 1 else "")
+
+
+# -----------------------------------------------------------------------------
+# The fingerprint: is this the data the run (or its checkpoint) was prepared and trained on?
+
+
+def read_fingerprint(data_dir):
+    """meta.json's fingerprint ({file: {bytes, sha256}}), after checking that the files have the
+    sizes it records: a file replaced or truncated since data/prepare.py wrote it is refused.
+    None for data prepared before fingerprints were written."""
+    fingerprint = load_meta(data_dir).get("fingerprint")
+    if not isinstance(fingerprint, dict):
+        return None
+    meta_path, redo = os.path.join(data_dir, "meta.json"), f"run data/prepare.py --out_dir {data_dir}"
+    for name, record in sorted(fingerprint.items()):
+        path = os.path.join(data_dir, name)
+        expected = record.get("bytes") if isinstance(record, dict) else None
+        if type(expected) is not int:
+            raise ConfigError(f"{meta_path}: the fingerprint of {name} has no size; {redo} again")
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != expected:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise ConfigError(f"{path} {found}, but {meta_path} records {expected:,} bytes: the "
+                              f"directory holds files of another data/prepare.py run; {redo} again")
+    return fingerprint
+
+
+def sha256_of_file(path, log, every_s=PROGRESS_SECONDS):
+    """The sha256 of a file, read in blocks; logs progress every `every_s` seconds."""
+    digest, done, size = hashlib.sha256(), 0, os.path.getsize(path)
+    last = start = time.monotonic()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+            done += len(block)
+            if time.monotonic() - last > every_s:
+                last = time.monotonic()
+                log(f"data: hashing {path}: {done / 1e9:.1f} of {size / 1e9:.1f} GB "
+                    f"({done / 1e6 / (last - start):,.0f} MB/s)")
+    return digest.hexdigest()
+
+
+def verify_fingerprint(data_dir, fingerprint, log):
+    """Re-hash every file meta.json's fingerprint names; refuse any whose sha256 differs."""
+    for name, record in sorted(fingerprint.items()):
+        path = os.path.join(data_dir, name)
+        if sha256_of_file(path, log) != record.get("sha256"):
+            raise ConfigError(f"{path}: its sha256 differs from the one data/prepare.py recorded "
+                              f"in meta.json (same size, other contents: corrupted or replaced); "
+                              f"run data/prepare.py --out_dir {data_dir} again")
+        log(f"data: {name} matches meta.json ({record['bytes']:,} bytes, sha256 "
+            f"{record['sha256'][:16]}…)")
+
+
+def _describe_file(record):
+    if record is None:
+        return "absent"
+    return f"{record.get('bytes', 0):,} bytes, sha256 {str(record.get('sha256'))[:16]}…"
+
+
+def check_same_data(saved, train, allow_change, fingerprint=None):
+    """Refuse to resume onto other data than the checkpoint's (`saved`: its data state), naming
+    what changed: the step would point into other sequences. Compares the fingerprints when both
+    sides have one, else train.bin's token count. allow_change: the user's say-so. Returns the
+    changes (empty when none), for a warning when they are allowed."""
+    then = saved.get("fingerprint")
+    if isinstance(then, dict) and fingerprint is not None:
+        changes = [f"{name} ({_describe_file(then.get(name))} when the checkpoint was saved, "
+                   f"{_describe_file(fingerprint.get(name))} now)"
+                   for name in sorted(set(then) | set(fingerprint))
+                   if then.get(name) != fingerprint.get(name)]
+        what = f"{os.path.dirname(train.path) or '.'} is not the data the checkpoint trained on"
+    else:
+        count = saved.get("n_train_tokens")
+        changes = ([] if count is None or count == len(train.tokens) else
+                   [f"train.bin ({count:,} tokens when the checkpoint was saved, "
+                    f"{len(train.tokens):,} now)"])
+        what = f"{train.path} is not the train.bin the checkpoint trained on"
+    if changes and not allow_change:
+        raise ConfigError(f"{what}: {'; '.join(changes)}. Resuming would read other sequences "
+                          f"than the saved step says: point data_dir at the run's data, or pass "
+                          f"--allow_data_change=True to continue on this data anyway")
+    return changes

@@ -7,13 +7,17 @@ ways, which agree to ~1e-15: 1e-6 is far above that and far below any real discr
 term moves these numbers by percents). Bounds that are not about rounding say why beside them.
 """
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from _repo_files import load_template_module
-from _train_fixtures import make_repo, prepare_data, read_metrics, run_train
+from _train_fixtures import (
+    make_repo, prepare_data, read_metrics, run_train, stdlib_corpus_files, subprocess_env,
+)
 
 dataset = load_template_module("dataset")
 configurator = load_template_module("configurator")
@@ -70,13 +74,31 @@ def test_resuming_anywhere_on_another_world_size_reads_what_an_uninterrupted_run
 
 
 def test_resume_onto_another_train_bin_is_refused_unless_allowed(tmp_path):
+    """Checkpoints without a fingerprint (older runs) are compared by train.bin's token count."""
     train = corpus(tmp_path, 8 * 50 + 1)
     saved = {"n_train_tokens": 8 * 50 + 1}
-    dataset.check_same_data(saved, train, allow_change=False)  # the same data: fine
-    dataset.check_same_data({}, train, allow_change=False)  # an older checkpoint: no record
-    with pytest.raises(configurator.ConfigError, match="trained on 801.*allow_data_change"):
-        dataset.check_same_data({"n_train_tokens": 801}, corpus(tmp_path, 8 * 60 + 1), False)
-    dataset.check_same_data({"n_train_tokens": 801}, corpus(tmp_path, 8 * 60 + 1), True)
+    assert dataset.check_same_data(saved, train, allow_change=False) == []  # the same data
+    assert dataset.check_same_data({}, train, allow_change=False) == []  # no record at all
+    with pytest.raises(configurator.ConfigError, match="401 tokens when.*481 now.*allow_data_change"):
+        dataset.check_same_data({"n_train_tokens": 401}, corpus(tmp_path, 8 * 60 + 1), False)
+    assert dataset.check_same_data({"n_train_tokens": 401}, corpus(tmp_path, 8 * 60 + 1), True)
+
+
+def test_fingerprints_name_the_file_that_changed(tmp_path):
+    train = corpus(tmp_path, 8 * 50 + 1)
+    then = {"train.bin": {"bytes": 1604, "sha256": "a" * 64}, "val.bin": {"bytes": 40, "sha256": "b" * 64}}
+    assert dataset.check_same_data({"fingerprint": then}, train, False, dict(then)) == []
+    now = dict(then, **{"val.bin": {"bytes": 40, "sha256": "c" * 64}})
+    with pytest.raises(configurator.ConfigError) as e:
+        dataset.check_same_data({"fingerprint": then}, train, False, now)
+    message = str(e.value)
+    assert "val.bin (40 bytes, sha256 bbbbbbbbbbbbbbbb… when the checkpoint was saved, 40 bytes, " \
+           "sha256 cccccccccccccccc… now)" in message
+    assert "train.bin (" not in message and "--allow_data_change=True" in message
+    with_tokenizer = dict(then, **{"tokenizer.json": {"bytes": 9, "sha256": "d" * 64}})
+    changes = dataset.check_same_data({"fingerprint": then}, train, True, with_tokenizer)
+    assert changes == ["tokenizer.json (absent when the checkpoint was saved, 9 bytes, sha256 "
+                       "dddddddddddddddd… now)"]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +126,10 @@ def test_train_py_reports_epochs_and_distinct_tokens(repo):
 def test_a_corpus_smaller_than_one_batch_is_refused(repo, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
-    for name in ("meta.json", "val.bin"):
-        (small / name).write_bytes((repo / "data/stdlib" / name).read_bytes())
+    (small / "val.bin").write_bytes((repo / "data/stdlib/val.bin").read_bytes())
+    meta = json.loads((repo / "data/stdlib/meta.json").read_text())
+    del meta["fingerprint"]  # a hand-made train.bin: as from a prepare.py without fingerprints
+    (small / "meta.json").write_text(json.dumps(meta))
     (small / "train.bin").write_bytes(np.arange(32 * 5 + 1, dtype=np.uint32).tobytes())  # K = 5
     proc = run_train(repo, "config/tiny.py", "--out_dir=out/small", f"--data_dir={small}",
                      check=False)
@@ -137,3 +161,69 @@ def test_the_plan_counts_epochs_over_the_unique_tokens_and_warns_past_one():
                for w in short.warnings)
     two = build_plan(parse_spec_text(base + f"data: {{unique_tokens: {int(d / 2)}}}\n"))
     assert any("2 epochs" in w and "LOUD" not in w for w in two.warnings)
+
+
+# -----------------------------------------------------------------------------
+# The corpus checked before the run (issue #16 part 5), with the real train.py and prepare.py
+
+
+def prepare_other(repo, data_dir, max_bytes):
+    """data/prepare.py on another slice of the stdlib corpus, into data_dir (replacing it)."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "data/prepare.py", "--input", *stdlib_corpus_files(max_bytes),
+                    "--out_dir", str(data_dir), "--val_fraction", "0.1", "--chunk_tokens",
+                    "16384", "--config", "config/tiny.py"], cwd=repo, env=subprocess_env(),
+                   check=True, capture_output=True)
+
+
+def test_a_changed_data_directory_is_refused_on_resume(repo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(repo / "data/stdlib", data)
+    out = tmp_path / "out"
+    common = ("config/tiny.py", f"--data_dir={data}", f"--out_dir={out}", "--ckpt_interval=5")
+    run_train(repo, *common, "--max_iters=5")
+    state = json.loads((out / "checkpoints/step_00000005/train_state.json").read_text())
+    assert state["data"]["fingerprint"] == json.loads((data / "meta.json").read_text())["fingerprint"]
+    prepare_other(repo, data, 1_500_000)  # other text in the same directory
+    proc = run_train(repo, *common, "--max_iters=10", check=False)
+    assert proc.returncode == 2, proc.stdout
+    (line,) = [l for l in proc.stdout.splitlines() if "configuration error" in l]
+    assert f"{data} is not the data the checkpoint trained on: train.bin (" in line
+    assert "val.bin (" in line and "--allow_data_change=True" in line and "Traceback" not in proc.stdout
+    assert not (out / "checkpoints/step_00000010").exists()
+    allowed = run_train(repo, *common, "--max_iters=10", "--allow_data_change")
+    assert "WARNING: allow_data_change: resuming on changed data: train.bin (" in allowed.stdout
+    assert (out / "checkpoints/step_00000010").exists()
+
+
+def test_dry_run_checks_data_config_and_checkpoint_without_training(repo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(repo / "data/stdlib", data)
+    out = tmp_path / "out"
+    common = ("config/tiny.py", f"--data_dir={data}", f"--out_dir={out}")
+    dry = run_train(repo, *common, "--dry_run", "--device=cuda")  # no GPU needed
+    meta = json.loads((data / "meta.json").read_text())
+    for name in ("train.bin", "val.bin"):
+        digest = hashlib.sha256((data / name).read_bytes()).hexdigest()  # independent hash
+        assert f"data: {name} matches meta.json" in dry.stdout and digest[:16] in dry.stdout
+    sequences = (meta["n_train_tokens"] - 1) // 32
+    assert (f"data: {sequences:,} sequences of 32 + 1 tokens in {data}/train.bin "
+            f"({meta['n_train_tokens']:,} tokens); the run reads 40 steps × 8 sequences × 32 = "
+            f"10,240 tokens (10,240 distinct): {40 * 8 / sequences:.3g} epochs") in dry.stdout
+    assert f"checkpoint: none in {out}; the run starts at step 0" in dry.stdout
+    assert not out.exists()  # nothing written, nothing trained
+    run_train(repo, *common, "--max_iters=5", "--ckpt_interval=5")
+    again = run_train(repo, *common, "--dry_run")
+    assert "step_00000005 verifies and fits this config; the run resumes at step 5 of 40" in again.stdout
+    assert len(read_metrics(out)) == len([l for l in (out / "metrics.jsonl").read_text().splitlines()])
+    # Same size, other contents: only the re-hash sees it (a normal start compares sizes).
+    tokens = np.fromfile(data / "val.bin", dtype=np.uint32)
+    tokens[len(tokens) // 2] ^= 1
+    tokens.tofile(data / "val.bin")
+    bad = run_train(repo, *common, "--dry_run", check=False)
+    assert bad.returncode == 2 and "val.bin: its sha256 differs" in bad.stdout, bad.stdout
+    # A shorter file: every start refuses it.
+    (data / "val.bin").write_bytes(tokens[:-1].tobytes())
+    short = run_train(repo, *common, "--max_iters=6", check=False)
+    assert short.returncode == 2 and f"{data}/val.bin has {4 * len(tokens) - 4:,} bytes, but" in short.stdout

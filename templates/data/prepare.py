@@ -31,9 +31,15 @@ for one huge document as well as for many small ones. By default the chunk size 
 input's size in bytes (known before reading): about 20 val chunks, between 1,024 and 65,536
 tokens each, so small corpora get a val split too.
 
-train.py needs at least block_size + 2 tokens in each split; a smaller split gets a warning.
-block_size (and vocab_size) come from --config config/<variant>.py when given (read, not run),
-else --block_size, default 2048 (the spec's default seq_len).
+train.py needs at least block_size + 2 tokens in each split, and at least global_batch_size
+training sequences of block_size + 1 tokens: a split that falls short is refused before anything
+is written. block_size, vocab_size and global_batch_size come from --config config/<variant>.py
+when given (read, not run), or --block_size and --global_batch_size; without either, block_size
+is taken as 2048 (the spec's default seq_len) and a shortfall is only a warning.
+
+meta.json's "fingerprint" holds the size and sha256 of train.bin, val.bin (and tokenizer.json),
+hashed as they are written: train.py refuses to resume a run onto other data, and
+`train.py --dry_run` re-hashes the files against it.
 
 Nothing is half-written: the outputs are written beside their final names and renamed into
 place only when all are complete, so a failed or interrupted run leaves the out_dir as it was.
@@ -43,6 +49,7 @@ Files in out_dir that an earlier run of this script did not write are never repl
 import argparse
 import ast
 import codecs
+import hashlib
 import json
 import math
 import os
@@ -81,7 +88,7 @@ def warn(message):
 # Arguments
 
 
-def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size):
+def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size=0):
     """Range checks: a bad value must fail here, not loop forever or write nonsense later."""
     if not 0.0 < val_fraction < 1.0:  # also refuses nan and inf
         raise PrepareError(f"--val_fraction must be a number strictly between 0 and 1 "
@@ -92,16 +99,21 @@ def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size):
     if not 0 <= vocab_size <= 1 << 32:  # ids are stored as uint32
         raise PrepareError(f"--vocab_size must be 0 (the tokenizer's) or a vocabulary size from "
                            f"1 to {1 << 32}, got {vocab_size}")
-    if block_size < 1:
+    if block_size is not None and block_size < 1:
         raise PrepareError(f"--block_size must be a positive number of tokens (the model's "
                            f"block_size), got {block_size}")
+    if global_batch_size < 0:
+        raise PrepareError(f"--global_batch_size must be 0 (unknown) or the sequences per "
+                           f"optimizer step, got {global_batch_size}")
 
 
 NOT_A_LITERAL = object()
+CONFIG_KEYS = ("block_size", "vocab_size", "global_batch_size")  # what prepare.py checks against
 
 
 def read_config(path):
-    """block_size and vocab_size assigned in a config/<variant>.py, read as literals, never run."""
+    """block_size, vocab_size and global_batch_size assigned in a config/<variant>.py, read as
+    literals, never run."""
     if not os.path.isfile(path):
         raise PrepareError(f"--config {path}: no such file; give one of the repo's "
                            f"config/<variant>.py, or --block_size N instead")
@@ -115,12 +127,12 @@ def read_config(path):
     for node in tree.body:  # plain `key = literal` lines, as llama3gen writes them
         if isinstance(node, ast.Assign) and len(node.targets) == 1 \
                 and isinstance(node.targets[0], ast.Name) \
-                and node.targets[0].id in ("block_size", "vocab_size"):
+                and node.targets[0].id in CONFIG_KEYS:
             try:
                 values[node.targets[0].id] = ast.literal_eval(node.value)
             except (ValueError, RecursionError):
                 values[node.targets[0].id] = NOT_A_LITERAL  # refused below
-    for key in ("block_size", "vocab_size"):
+    for key in CONFIG_KEYS:
         value = values.get(key)
         if key in values and (type(value) is not int or value < 1):
             shown = "computed" if value is NOT_A_LITERAL else f"{value!r:.40}"
@@ -408,6 +420,7 @@ class SplitWriter:
         self.chunk_tokens = chunk_tokens
         self.files = {s: staging.open(f"{s}.bin") for s in ("train", "val")}
         self.counts = {"train": 0, "val": 0}
+        self.hashes = {s: hashlib.sha256() for s in ("train", "val")}  # streamed, for meta.json
         self.pending = []  # arrays not yet written
         self.n_pending = 0
         self.chunk_index = 0
@@ -431,7 +444,9 @@ class SplitWriter:
 
     def _write_chunk(self, chunk):
         split = self._split_of_chunk(self.chunk_index)
-        self.files[split].write(chunk.astype("<u4").tobytes())
+        data = chunk.astype("<u4").tobytes()
+        self.files[split].write(data)
+        self.hashes[split].update(data)
         self.counts[split] += len(chunk)
         self.chunk_index += 1
 
@@ -445,6 +460,11 @@ class SplitWriter:
                 raise PrepareError(
                     f"the {split} split is empty ({self.chunk_index} chunks of {self.chunk_tokens} "
                     f"tokens): give more data, or lower --chunk_tokens or raise --val_fraction")
+
+    def fingerprint(self):
+        """{file: {bytes, sha256}}: what train.py compares on resume (meta.json "fingerprint")."""
+        return {f"{s}.bin": {"bytes": 4 * self.counts[s], "sha256": self.hashes[s].hexdigest()}
+                for s in ("train", "val")}
 
 
 def check_out_dir(out_dir, tok):
@@ -489,11 +509,44 @@ def is_tokenizer_copy(tok, target):
 # -----------------------------------------------------------------------------
 
 
+def check_split_sizes(meta, out_dir, block_size, global_batch_size):
+    """What train.py will need of the splits, checked before anything is written: validation
+    reads windows of block_size + 1 tokens (TokenData: block_size + 2 tokens at least), and a
+    step reads global_batch_size training sequences of block_size + 1 tokens that tile train.bin
+    ((tokens - 1) // block_size of them, dataset.py). With block_size unknown (None: neither
+    --block_size nor --config) the default is a guess, so a shortfall is only a warning."""
+    known = block_size is not None
+    block_size = block_size if known else DEFAULT_BLOCK_SIZE
+    problems = []
+    for split in ("train", "val"):
+        n = meta[f"n_{split}_tokens"]
+        if n < block_size + 2:
+            problems.append(
+                f"{os.path.join(out_dir, split + '.bin')} would hold {n:,} tokens, fewer than "
+                f"block_size + 2 = {block_size + 2} (one sequence of block_size + 1 tokens and a "
+                f"choice of start) that train.py needs: give more data"
+                f"{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
+                f"block_size (--block_size or --config)")
+    sequences = (meta["n_train_tokens"] - 1) // block_size
+    if not problems and global_batch_size and sequences < global_batch_size:
+        problems.append(
+            f"{os.path.join(out_dir, 'train.bin')} would hold {sequences:,} sequences of "
+            f"block_size + 1 = {block_size + 1} tokens, fewer than the {global_batch_size} that "
+            f"one optimizer step reads (global_batch_size): give more data, lower --val_fraction, "
+            f"or lower global_batch_size in the config")
+    if problems and known:
+        raise PrepareError(problems[0] + "; nothing was written")
+    for problem in problems:
+        warn(f"{problem} (block_size {block_size} is the default: give --config or --block_size "
+             f"to make this an error before anything is written)")
+
+
 def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
             chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
-            eod_token="", block_size=DEFAULT_BLOCK_SIZE, strict=False, log=print):
-    """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict."""
-    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size)
+            eod_token="", block_size=None, strict=False, log=print, global_batch_size=0):
+    """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict.
+    block_size, global_batch_size: the model's (None, 0: unknown), checked against the splits."""
+    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size)
     if not out_dir:
         raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
                            "meta.json (e.g. data/shards)")
@@ -540,6 +593,11 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
             "chunk_tokens": chunk_tokens,
             "n_documents": n_documents,
         }
+        meta["fingerprint"] = writer.fingerprint()
+        if tok.path:
+            meta["fingerprint"]["tokenizer.json"] = {
+                "bytes": len(tok.data), "sha256": hashlib.sha256(tok.data).hexdigest()}
+        check_split_sizes(meta, out_dir, block_size, global_batch_size)
         if tok.path and not is_tokenizer_copy(tok, os.path.join(out_dir, "tokenizer.json")):
             staging.write("tokenizer.json", tok.data)  # kept with the data: export_hf.py ships it
         staging.write("meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
@@ -554,13 +612,6 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
     finally:
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)  # a failed run leaves no trace, not even the directory
-    for split in ("train", "val"):  # train.py needs a window of block_size + 1 tokens and more
-        n = meta[f"n_{split}_tokens"]
-        if n < block_size + 2:
-            warn(f"{os.path.join(out_dir, split + '.bin')} has {n} tokens, fewer than block_size "
-                 f"+ 2 = {block_size + 2}: train.py will refuse it; give more data"
-                 f"{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
-                 f"block_size (--block_size or --config)")
     log(f"{n_documents} documents from {len(files)} files: {meta['n_train_tokens']:,} train and "
         f"{meta['n_val_tokens']:,} val tokens -> {out_dir}")
     return meta
@@ -586,8 +637,12 @@ def main(argv=None):
     p.add_argument("--block_size", type=int,
                    help="the model's block_size: a split with fewer than block_size + 2 tokens "
                         f"gets a warning (default: the config's, else {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--global_batch_size", type=int,
+                   help="sequences per optimizer step: a train split with fewer sequences is "
+                        "refused (default: the config's, else not checked)")
     p.add_argument("--config", default="",
-                   help="a config/<variant>.py to take block_size and vocab_size from")
+                   help="a config/<variant>.py to take block_size, vocab_size and "
+                        "global_batch_size from")
     p.add_argument("--strict", action="store_true",
                    help="refuse invalid UTF-8 and lone surrogates instead of replacing them")
     p.add_argument("--extensions", default="txt,md,jsonl",
@@ -597,11 +652,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         config = read_config(a.config) if a.config else {}
-        if a.block_size is None:
-            a.block_size = config.get("block_size", DEFAULT_BLOCK_SIZE)
+        block_size = a.block_size if a.block_size is not None else config.get("block_size")
+        batch = (a.global_batch_size if a.global_batch_size is not None
+                 else config.get("global_batch_size", 0))
         prepare(a.input, a.out_dir, a.tokenizer, a.vocab_size or config.get("vocab_size", 0),
                 a.val_fraction, a.chunk_tokens, tuple(a.extensions.split(",")), a.jsonl_key,
-                a.eod_token, a.block_size, a.strict)
+                a.eod_token, block_size, a.strict, global_batch_size=batch)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
