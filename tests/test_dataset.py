@@ -227,3 +227,109 @@ def test_dry_run_checks_data_config_and_checkpoint_without_training(repo, tmp_pa
     (data / "val.bin").write_bytes(tokens[:-1].tobytes())
     short = run_train(repo, *common, "--max_iters=6", check=False)
     assert short.returncode == 2 and f"{data}/val.bin has {4 * len(tokens) - 4:,} bytes, but" in short.stdout
+
+
+# -----------------------------------------------------------------------------
+# Mixtures (issue #16 part 4): sources drawn in the weights' proportions, each once per its epoch
+
+
+def mixture(tmp_path, counts, weights, block_size=8):
+    """Sources s0, s1, ... of counts[i] sequences; source i's ids start at i * 10**6, so a
+    sequence's first token says its source and index. Returns the TrainMixture."""
+    for i, k in enumerate(counts):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "train.bin").write_bytes((i * 10**6 + np.arange(k * block_size + 1, dtype=np.uint32)).tobytes())
+        (d / "val.bin").write_bytes(np.arange(100, dtype=np.uint32).tobytes())
+    text = ",".join(f"s{i}:{w}" for i, w in enumerate(weights))
+    return dataset.open_train_data(str(tmp_path), text, block_size, seed=3)[0]
+
+
+def sources_read(train, steps, batch, world=1, first=0):
+    """(source, index) of every sequence read, step by step (a list per step), via real batches."""
+    import torch
+    out = []
+    for s in range(first, first + steps):
+        starts = np.concatenate([train.starts(train.step_sequences(s, batch, r, world))
+                                 for r in range(world)])
+        x, _ = train.batch(starts, torch.device("cpu"))
+        out.append([(int(t) // 10**6, int(t) % 10**6 // 8) for t in x[:, 0]])
+    return out
+
+
+def deficit_rule(weights, n_slots):
+    """The stated rule computed the plain way (dataset.py): slot by slot, the source furthest
+    behind its share w_i·(j + 1) gets the slot, ties to the first; exact fractions."""
+    from fractions import Fraction
+    weights = [Fraction(w) / sum(map(Fraction, weights)) for w in weights]
+    taken, sources = [0] * len(weights), []
+    for j in range(n_slots):
+        deficits = [w * (j + 1) - n for w, n in zip(weights, taken)]
+        i = deficits.index(max(deficits))
+        taken[i] += 1
+        sources.append(i)
+    return sources
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_mixture_steps_hold_the_stated_counts_and_each_source_once_per_epoch(tmp_path, world):
+    """0.7 / 0.3 over 56 and 24 sequences, batch 8: each step holds the rule's counts (5 or 6
+    of 5.6 from source 0, as two sources round), and 10 steps read 80 = 56 + 24 sequences:
+    each source exactly once."""
+    train = mixture(tmp_path, [56, 24], ["0.7", "0.3"])
+    steps = sources_read(train, 10, 8, world)
+    expected = deficit_rule(["0.7", "0.3"], 80)
+    for s, step in enumerate(steps):
+        assert [src for src, _ in step] == expected[8 * s:8 * s + 8]
+        assert sum(src == 0 for src, _ in step) in (5, 6)
+    read = [pair for step in steps for pair in step]
+    assert sorted(i for src, i in read if src == 0) == list(range(56))
+    assert sorted(i for src, i in read if src == 1) == list(range(24))
+    assert train.source_epochs_after(10, 8) == {"s0": 1.0, "s1": 1.0}
+    assert train.unique_tokens_after(10, 8) == 80 * 8
+    # the next 10 steps: each source's next epoch, in another order of its own
+    again = [p for step in sources_read(train, 10, 8, world, first=10) for p in step]
+    assert sorted(i for src, i in again if src == 0) == list(range(56))
+    assert [i for src, i in again if src == 0] != [i for src, i in read if src == 0]
+
+
+def test_mixture_resumes_anywhere_on_another_world_size(tmp_path):
+    train = mixture(tmp_path, [30, 20, 10], ["0.5", "0.3", "0.2"])
+    uninterrupted = sources_read(train, 25, 8, world=1)
+    fresh = dataset.open_train_data(str(tmp_path), "s0:0.5,s1:0.3,s2:0.2", 8, seed=3)[0]
+    assert sources_read(fresh, 12, 8, world=2, first=13) == uninterrupted[13:]
+    assert [src for step in uninterrupted for src, _ in step] == deficit_rule(["0.5", "0.3", "0.2"], 200)
+    counts = np.array([[sum(src == i for src, _ in step) for i in range(3)] for step in uninterrupted])
+    assert (abs(counts - np.array([4, 2.4, 1.6])) < 2).all()  # the rule's bound per step
+    total = counts.sum(axis=0)  # 200 slots = 20 whole periods of 10: exactly the shares
+    assert list(total) == [100, 60, 40]
+    assert train.source_epochs_after(25, 8) == {"s0": total[0] / 30, "s1": total[1] / 20,
+                                                "s2": total[2] / 10}
+
+
+@pytest.mark.parametrize("text", ["web", "web:0", "web:-1", "web:x", "a/b:1", "web:1,web:2", ""])
+def test_bad_data_sources_are_refused(text):
+    with pytest.raises(configurator.ConfigError, match="data_sources"):
+        dataset.parse_sources(text)
+
+
+def test_train_py_on_a_mixture_logs_per_source_epochs(repo, tmp_path):
+    """Two real prepared sources (other slices of the stdlib), 0.75 / 0.25, a real run."""
+    mix = tmp_path / "mix"
+    shutil.copytree(repo / "data/stdlib", mix / "web")
+    prepare_other(repo, mix / "code", 1_000_000)
+    proc = run_train(repo, "config/tiny.py", f"--data_dir={mix}", "--data_sources=web:0.75,code:0.25",
+                     f"--out_dir={tmp_path / 'out'}", "--max_iters=10", "--log_interval=10",
+                     "--eval_interval=10", "--ckpt_interval=10")
+    counts = {}
+    for name in ("web", "code"):
+        meta = json.loads((mix / name / "meta.json").read_text())
+        counts[name] = (meta["n_train_tokens"] - 1) // 32
+        assert f"data: source {name} (weight {0.75 if name == 'web' else 0.25:g}): " \
+               f"{counts[name]:,} sequences" in proc.stdout
+    record = [r for r in read_metrics(tmp_path / "out") if r.get("step") == 10 and "loss" in r][0]
+    # 80 sequences, 20 periods of 4 (0.75 / 0.25): 60 of web, 20 of code
+    assert record["source_epochs"] == {"web": 60 / counts["web"], "code": 20 / counts["code"]}
+    state = json.loads((tmp_path / "out/checkpoints/step_00000010/train_state.json").read_text())
+    assert sorted(state["data"]["fingerprint"]) == ["code/train.bin", "code/val.bin",
+                                                    "web/train.bin", "web/val.bin"]
