@@ -157,7 +157,9 @@ class Variant(PlanModel):
     timing: Timing
     layout_reasons: list[str]
     provenance: dict[str, str]
-    epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given)
+    epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given);
+    # with data.sources, the most repeated source's epochs
+    source_epochs: dict[str, float] | None = None  # per source: its share of the tokens / its unique tokens
 
 
 class Law(PlanModel):

@@ -139,21 +139,38 @@ def _nothing_fits(spec: Spec, hardware: HardwareView, cands: solver.Candidates,
 MANY_EPOCHS = 4
 
 
+def data_epochs(spec: Spec, tokens: float) -> dict:
+    """The Variant's epochs: tokens trained over data.unique_tokens, or per source its share of
+    the tokens (weight / sum of weights; train.py's mixture rule holds every source within one
+    sequence of it) over its unique tokens, the most repeated source as the overall figure."""
+    if spec.data is None:
+        return {"epochs": None}
+    if spec.data.sources is None:
+        return {"epochs": tokens / spec.data.unique_tokens}
+    shares = spec.data.shares()
+    per_source = {s.name: tokens * shares[s.name] / s.unique_tokens for s in spec.data.sources}
+    return {"epochs": max(per_source.values()), "source_epochs": per_source}
+
+
 def epoch_warnings(variants: list[P.Variant]) -> list[str]:
     """Runs that read their data more than once (the scaling laws assume each token once)."""
     out = []
     for v in variants:
-        if v.epochs is None or v.epochs <= 1:
-            continue
-        if v.epochs > MANY_EPOCHS:
-            out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: LOUD WARNING: past "
-                       f"about {MANY_EPOCHS} epochs repeated tokens are worth markedly less than "
-                       "fresh ones and the returns vanish near 16 (Muennighoff et al. 2023), so "
-                       "the predicted loss is optimistic; find more data or a smaller budget")
-        else:
-            out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: the laws assume "
-                       "each token once; up to about 4 epochs repeated data is worth nearly as "
-                       "much (Muennighoff et al. 2023)")
+        over = ({f"data.sources {name}": e for name, e in v.source_epochs.items()}
+                if v.source_epochs else {"data.unique_tokens": v.epochs})
+        for what, epochs in over.items():
+            if epochs is None or epochs <= 1:
+                continue
+            if epochs > MANY_EPOCHS:
+                out.append(f"{v.name}: {epochs:.3g} epochs over {what}: LOUD WARNING: past "
+                           f"about {MANY_EPOCHS} epochs repeated tokens are worth markedly less "
+                           "than fresh ones and the returns vanish near 16 (Muennighoff et al. "
+                           "2023), so the predicted loss is optimistic; find more data or a "
+                           "smaller budget")
+            else:
+                out.append(f"{v.name}: {epochs:.3g} epochs over {what}: the laws assume each "
+                           "token once; up to about 4 epochs repeated data is worth nearly as "
+                           "much (Muennighoff et al. 2023)")
     return out
 
 
@@ -214,7 +231,7 @@ def build_plan(spec: Spec) -> P.Plan:
                                 removed_by=result.removed_by),
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
             layout_reasons=reasons, provenance=provenance,
-            epochs=None if spec.data is None else training.tokens_trained / spec.data.unique_tokens))
+            **data_epochs(spec, training.tokens_trained)))
 
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "

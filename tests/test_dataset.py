@@ -333,3 +333,41 @@ def test_train_py_on_a_mixture_logs_per_source_epochs(repo, tmp_path):
     state = json.loads((tmp_path / "out/checkpoints/step_00000010/train_state.json").read_text())
     assert sorted(state["data"]["fingerprint"]) == ["code/train.bin", "code/val.bin",
                                                     "web/train.bin", "web/val.bin"]
+
+
+def test_the_plan_counts_epochs_per_source_of_a_mixture(tmp_path):
+    """data.sources: each source's epochs are its weight's share of the tokens trained over its
+    unique tokens (computed here from the Plan's own token count), warned per source, and the
+    generated config names the sources for train.py."""
+    import subprocess
+    import sys
+    from compiler.planner import build_plan
+    from compiler.spec import parse_spec_text
+    base = "name: x\nbudget: {flops: 1e21}\n"
+    d = build_plan(parse_spec_text(base)).variants[0].training.tokens_trained
+    spec = base + (f"data:\n  sources:\n    - {{name: web, unique_tokens: {int(d)}, weight: 3}}\n"
+                   f"    - {{name: code, unique_tokens: {int(d / 20)}, weight: 1}}\n")
+    plan = build_plan(parse_spec_text(spec))
+    for v in plan.variants:
+        tokens = v.training.tokens_trained
+        assert v.source_epochs == pytest.approx({"web": 0.75 * tokens / int(d),
+                                                 "code": 0.25 * tokens / int(d / 20)})
+        assert v.epochs == max(v.source_epochs.values())
+    first = plan.variants[0]
+    assert any(w.startswith(f"{first.name}: 5 epochs over data.sources code") and "LOUD" in w
+               for w in plan.warnings)
+    assert not any("data.sources web" in w for w in plan.warnings)
+    for bad, words in (("  unique_tokens: 5\n  sources: [{name: a, unique_tokens: 1, weight: 1}]",
+                        "not both"),
+                       ("  sources: [{name: a, unique_tokens: 1, weight: 1}, "
+                        "{name: a, unique_tokens: 2, weight: 1}]", "repeated: a"),
+                       ("  sources: [{name: a, unique_tokens: 1, weight: 0}]", "greater than 0")):
+        with pytest.raises(Exception, match=words):
+            parse_spec_text(base + "data:\n" + bad + "\n")
+    (tmp_path / "mix.yaml").write_text(spec)
+    subprocess.run([sys.executable, "-m", "llama3gen.cli", "compile", str(tmp_path / "mix.yaml"),
+                    "-o", str(tmp_path / "repo")], check=True, capture_output=True)
+    config = (tmp_path / "repo/config/optimal.py").read_text()
+    assert "data_sources = 'web:3.0,code:1.0'" in config
+    assert "epochs over source `code`" in (tmp_path / "repo/docs/comparison.md").read_text()
+    assert "--out_dir data/shards/code" in (tmp_path / "repo/README.md").read_text()

@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 import checkpoint
 from dataset import (
-    TokenData, TrainSequences, check_same_data, read_fingerprint, read_meta, verify_fingerprint,
+    check_same_data, data_fingerprint, open_train_data, read_meta, source_dirs, verify_fingerprint,
 )
 from parallelize import check_tensor_parallel, grad_norm_and_clip, parallelize
 from configurator import (
@@ -119,6 +119,7 @@ planned_mfu = 0.0
 init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
 allow_data_change = False  # resume even if train.bin is not the one the checkpoint trained on
 dry_run = False  # check config, data (re-hashed) and checkpoint, print the plan of the run, exit
+data_sources = ""  # a mixture: "web:0.7,code:0.3" reads data_dir/web and data_dir/code (dataset.py)
 tensor_parallel = 1  # ranks of a node that split each block (parallelize.py); divides the node
 max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
 benchmark_iters = 0  # > 0: warm up, time this many steps, write a "benchmark" record, exit (no checkpoint)
@@ -148,6 +149,7 @@ RULES = {
     "loss_chunk_tokens": at_least(1), "tensor_parallel": at_least(1),
     "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
+    "data_sources": ANY_TEXT,  # parsed by dataset.parse_sources, with its own message
     "max_nonfinite_steps": at_least(1), "benchmark_iters": at_least(0),
 }
 RELATIONS = [  # (key, test, what is allowed): settings that must agree with each other
@@ -438,17 +440,27 @@ def open_data(cfg, data_world):
         raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
                           f"data-parallel size {data_world} × micro_batch_size "
                           f"{cfg.micro_batch_size}")
-    vocab, max_id = read_meta(cfg.data_dir)
-    if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
-        raise ConfigError(f"{cfg.data_dir}: tokenizer has {vocab} ids (largest used "
-                          f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
-    train_data = TrainSequences(cfg.data_dir, cfg.block_size, cfg.seed)
-    val_data = TokenData(cfg.data_dir, "val", cfg.block_size)
+    for directory in source_dirs(cfg.data_dir, cfg.data_sources).values():
+        vocab, max_id = read_meta(directory)
+        if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
+            raise ConfigError(f"{directory}: tokenizer has {vocab} ids (largest used "
+                              f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
+    train_data, val_data = open_train_data(cfg.data_dir, cfg.data_sources, cfg.block_size,
+                                           cfg.seed)
+    if cfg.data_sources and train_data.too_small(cfg.global_batch_size):
+        raise ConfigError(train_data.too_small(cfg.global_batch_size))
     if train_data.count < cfg.global_batch_size:
         raise ConfigError(f"{train_data.path} holds {train_data.count} sequences of block_size + 1 "
                           f"tokens, fewer than one global batch ({cfg.global_batch_size}): give "
                           "data/prepare.py more text, or lower global_batch_size")
-    return train_data, val_data, read_fingerprint(cfg.data_dir)
+    return train_data, val_data, data_fingerprint(cfg.data_dir, cfg.data_sources)
+
+
+def source_epochs(train_data, step, cfg):
+    """{"source_epochs": {source: epochs}} for a mixture (logged and checkpointed), else {}."""
+    if not cfg.data_sources:
+        return {}
+    return {"source_epochs": train_data.source_epochs_after(step, cfg.global_batch_size)}
 
 
 def dry_run(cfg):
@@ -589,10 +601,11 @@ def main(argv):
         train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
                        "data": {"sampler": "each sequence once per epoch, numpy "
                                            "default_rng([seed, 2, epoch]).permutation (dataset.py)",
-                                "next_step": step, "n_train_tokens": len(train_data.tokens),
+                                "next_step": step, "n_train_tokens": train_data.n_tokens,
                                 "fingerprint": fingerprint,
                                 "sequences": train_data.count,
-                                "epoch": train_data.epochs_after(step, cfg.global_batch_size)}}
+                                "epoch": train_data.epochs_after(step, cfg.global_batch_size),
+                                **source_epochs(train_data, step, cfg)}}
         t0 = time.time()
         path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
                                keep_last=cfg.keep_last_ckpts, log=log)
@@ -671,11 +684,14 @@ def main(argv):
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "step_time_s": interval_time / interval_steps,
                       "tokens_seen": tokens_seen, "epoch": epoch,
-                      "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size)}
+                      "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size),
+                      **source_epochs(train_data, step, cfg)}
             if dev.type == "cuda":
                 record.update(peak_memory(dev))
             line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
                     f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
+            if "source_epochs" in record:  # a mixture: each source's own epochs
+                line += " (" + ", ".join(f"{n} {e:.3f}" for n, e in record["source_epochs"].items()) + ")"
             if cfg.flops_per_token and cfg.peak_flops:
                 mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
                 record["mfu"] = mfu
