@@ -329,3 +329,31 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path, big_input):
     more_tokens = sum(tokens[1][f"n_{s}_tokens"] - tokens[0][f"n_{s}_tokens"] for s in ("train", "val"))
     assert 4 * more_tokens > 24e6
     assert peaks[1] - peaks[0] < 2 * more_tokens, (peaks, more_tokens)  # half of 4 bytes each
+
+
+@pytest.mark.parametrize("progress, reason", [
+    (None, "the interrupted run saved no progress yet"),
+    ("not json", "the interrupted run saved no progress yet"),
+    ('{"settings": {}}', "its progress.json is incomplete"),
+    ('{"settings": {"format": 99}}', "its progress.json is of another version"),
+])
+def test_a_partial_run_that_cannot_resume_is_replaced_and_said_why(tmp_path, corpus, progress,
+                                                                   reason):
+    partial = tmp_path / "data/.prepare-partial"
+    partial.mkdir(parents=True)
+    (partial / "train.bin").write_bytes(b"\0" * 64)  # a killed run's leftovers
+    if progress is not None:
+        (partial / "progress.json").write_text(progress)
+    proc = run_prepare("--input", corpus, "--out_dir", tmp_path / "data", *COMMON)
+    assert proc.returncode == 0, proc.stderr
+    assert f"not resuming the interrupted run in {partial} ({reason}" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "data")) == sorted(OUTPUTS)
+
+
+def test_a_file_it_did_not_write_in_the_partial_directory_is_refused(tmp_path, corpus):
+    partial = tmp_path / "data/.prepare-partial"
+    partial.mkdir(parents=True)
+    (partial / "notes.txt").write_text("the user's")
+    proc = run_prepare("--input", corpus, "--out_dir", tmp_path / "data", *COMMON)
+    assert proc.returncode == 2 and "notes.txt, which data/prepare.py did not write" in proc.stderr
+    assert os.listdir(partial) == ["notes.txt"]

@@ -838,18 +838,22 @@ def why_restart(saved, settings, partial):
     """None when `saved` (progress.json) resumes under `settings`, else why it cannot."""
     if saved is None:
         return "the interrupted run saved no progress yet"
-    if not isinstance(saved, dict) or saved.get("settings", {}).get("format") != PROGRESS_FORMAT:
-        return "its progress.json is of another version of data/prepare.py"
-    changed = [SETTING_NAMES.get(k, k) for k in settings if saved["settings"].get(k) != settings[k]]
-    if changed:
-        return f"{', '.join(changed)} changed since"
-    state = saved.get("writer", {})
-    for split in ("train", "val"):
-        path = partial.file(f"{split}.bin")
-        if not os.path.isfile(path) or os.path.getsize(path) < 4 * state["counts"][split]:
-            return f"{path} is shorter than its saved progress"
-    if not os.path.isfile(partial.file(state["pending_file"])):
-        return f"{partial.file(state['pending_file'])} is missing"
+    try:
+        if saved["settings"]["format"] != PROGRESS_FORMAT:
+            return "its progress.json is of another version of data/prepare.py"
+        changed = [SETTING_NAMES.get(k, k) for k in settings if saved["settings"].get(k) != settings[k]]
+        if changed:
+            return f"{', '.join(changed)} changed since"
+        state = saved["writer"]
+        for split in ("train", "val"):
+            path = partial.file(f"{split}.bin")
+            if not os.path.isfile(path) or os.path.getsize(path) < 4 * state["counts"][split]:
+                return f"{path} is shorter than its saved progress"
+        if not os.path.isfile(partial.file(state["pending_file"])):
+            return f"{partial.file(state['pending_file'])} is missing"
+        int(saved["segments_done"]), int(saved["bytes_done"]), int(saved["documents"])
+    except (KeyError, TypeError, ValueError):  # not a progress.json this script wrote whole
+        return "its progress.json is incomplete"
     return None
 
 
@@ -926,8 +930,10 @@ def start_run(partial, settings, resume, log):
     saved = partial.open()
     why = why_restart(saved, settings, partial) if resume else "--no_resume was given"
     if saved is not None and why is None:
+        written = 4 * sum(saved["writer"]["counts"].values())
         log(f"prepare.py: resuming the interrupted run in {partial.path} at "
-            f"{saved['bytes_done'] / 1e6:,.1f} MB of the input ({saved['documents']:,} documents)")
+            f"{saved['bytes_done'] / 1e6:,.1f} MB of the input ({saved['documents']:,} documents; "
+            f"re-hashing the {written / 1e6:,.1f} MB of tokens written so far first)")
         return saved
     if had_files:
         log(f"prepare.py: not resuming the interrupted run in {partial.path} ({why}): "
@@ -1050,9 +1056,9 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
             raise Interrupted("interrupted; nothing was written") from None
         partial.close()
         how = "stopped at once" if isinstance(e, KeyboardInterrupt) else "interrupted"
-        raise Interrupted(f"{how} after {state['bytes_done'] / 1e6:,.1f} MB of the input; the "
-                          f"progress is saved in {partial.path}: run the same command again to "
-                          f"resume (--no_resume starts over)") from None
+        done = f" after {state['bytes_done'] / 1e6:,.1f} MB of the input" if state else ""
+        raise Interrupted(f"{how}{done}; the progress is saved in {partial.path}: run the same "
+                          f"command again to resume (--no_resume starts over)") from None
     except OSError as e:  # reading errors are PrepareErrors already: this is the out_dir
         writer.close()
         partial.abort()
