@@ -414,6 +414,13 @@ def test_a_corpus_smaller_than_one_batch_is_refused(tmp_path):
     config.write_text("block_size = 98  # llama3gen\nglobal_batch_size = 10\n")
     proc = run_prepare(tmp_path, *args[:-2], "--out_dir", tmp_path / "c", "--config", config)
     assert_refused(proc, "9 sequences", "the 10 that one optimizer step reads")
+    # A source of a mixture: a step draws at most ceil(share · 12) + 1 of its sequences.
+    config.write_text("block_size = 98\nglobal_batch_size = 12\ndata_sources = 'web:0.7,code:0.3'\n")
+    code = run_prepare(tmp_path, *args[:-2], "--out_dir", tmp_path / "mix/code", "--config", config)
+    assert code.returncode == 0, code.stderr  # 9 >= ceil(3.6) + 1
+    web = run_prepare(tmp_path, *args[:-2], "--out_dir", tmp_path / "mix/web", "--config", config)
+    assert_refused(web, "9 sequences", "fewer than the 10 that one optimizer step may draw from "
+                   "this source (its share 0.7 of global_batch_size 12")  # ceil(8.4) + 1
 
 
 def test_meta_json_fingerprints_the_files_it_describes(tmp_path, small_text, tokenizer_json):

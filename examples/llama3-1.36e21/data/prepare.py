@@ -78,6 +78,7 @@ import signal
 import sys
 import threading
 import time
+from fractions import Fraction
 
 import numpy as np
 
@@ -173,7 +174,27 @@ def read_config(path):
     if "block_size" not in values:
         raise PrepareError(f"--config {path}: no `block_size = <integer>` line; give "
                            f"--block_size N instead")
+    for node in tree.body:  # a mixture's sources (train.py's data_sources), when a literal
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "data_sources" \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            values["data_sources"] = node.value.value
     return values
+
+
+def source_share(data_sources, out_dir):
+    """The weight share of the mixture source that out_dir is (data_dir/<name>, train.py's
+    data_sources 'name:weight,...'), or None when out_dir is not one of its sources."""
+    weights = {}
+    for item in data_sources.split(","):
+        name, _, weight = item.strip().partition(":")
+        try:
+            weights[name] = Fraction(weight.strip()).limit_denominator(10 ** 6)
+        except (ValueError, ZeroDivisionError):
+            return None  # train.py refuses it, with its own message
+    name = os.path.basename(os.path.normpath(out_dir))
+    total = sum(weights.values())
+    return weights[name] / total if name in weights and total > 0 else None
 
 
 # -----------------------------------------------------------------------------
@@ -860,7 +881,7 @@ def why_restart(saved, settings, partial):
 # -----------------------------------------------------------------------------
 
 
-def check_split_sizes(meta, out_dir, block_size, global_batch_size):
+def check_split_sizes(meta, out_dir, block_size, global_batch_size, share=None):
     """What train.py will need of the splits, checked before anything is written: validation
     reads windows of block_size + 1 tokens (TokenData: block_size + 2 tokens at least), and a
     step reads global_batch_size training sequences of block_size + 1 tokens that tile train.bin
@@ -879,12 +900,16 @@ def check_split_sizes(meta, out_dir, block_size, global_batch_size):
                 f"{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
                 f"block_size (--block_size or --config)")
     sequences = (meta["n_train_tokens"] - 1) // block_size
-    if not problems and global_batch_size and sequences < global_batch_size:
+    # a mixture's source: a step draws less than 2 more than its share (dataset.py's rule)
+    need = math.ceil(share * global_batch_size) + 1 if share else global_batch_size
+    if not problems and global_batch_size and sequences < need:
+        reads = (f"that one optimizer step may draw from this source (its share {float(share):.3g} "
+                 f"of global_batch_size {global_batch_size}, rounded up, + 1)" if share else
+                 "that one optimizer step reads (global_batch_size)")
         problems.append(
             f"{os.path.join(out_dir, 'train.bin')} would hold {sequences:,} sequences of "
-            f"block_size + 1 = {block_size + 1} tokens, fewer than the {global_batch_size} that "
-            f"one optimizer step reads (global_batch_size): give more data, lower --val_fraction, "
-            f"or lower global_batch_size in the config")
+            f"block_size + 1 = {block_size + 1} tokens, fewer than the {need} {reads}: give "
+            f"more data, lower --val_fraction, or lower global_batch_size in the config")
     if problems and known:
         raise PrepareError(problems[0] + "; nothing was written")
     for problem in problems:
@@ -1009,9 +1034,11 @@ def make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens):
 def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
             chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
             eod_token="", block_size=None, strict=False, log=print, global_batch_size=0,
-            workers=0, resume=True, progress_seconds=PROGRESS_SECONDS, save_seconds=SAVE_SECONDS):
+            workers=0, resume=True, progress_seconds=PROGRESS_SECONDS, save_seconds=SAVE_SECONDS,
+            share=None):
     """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict.
-    block_size, global_batch_size: the model's (None, 0: unknown), checked against the splits.
+    block_size, global_batch_size: the model's (None, 0: unknown), checked against the splits;
+    share: out_dir's weight share when it is a source of a mixture (source_share).
     workers: processes that tokenize (0: one per CPU core this process may use)."""
     check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size, workers)
     if not out_dir:
@@ -1043,7 +1070,7 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
         interrupts.restore()  # the rest takes moments: Ctrl-C stops it as before
         writer.finish()
         meta = make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens)
-        check_split_sizes(meta, out_dir, block_size, global_batch_size)
+        check_split_sizes(meta, out_dir, block_size, global_batch_size, share)
         extra = {}
         if tok.path and not is_tokenizer_copy(tok, os.path.join(out_dir, "tokenizer.json")):
             extra["tokenizer.json"] = tok.data  # kept with the data: export_hf.py ships it
@@ -1137,6 +1164,7 @@ def main(argv=None):
         prepare(a.input, a.out_dir, a.tokenizer, a.vocab_size or config.get("vocab_size", 0),
                 a.val_fraction, a.chunk_tokens, tuple(a.extensions.split(",")), a.jsonl_key,
                 a.eod_token, block_size, a.strict, global_batch_size=batch, workers=a.workers,
+                share=source_share(config.get("data_sources", ""), a.out_dir),
                 resume=not a.no_resume, progress_seconds=a.progress_seconds,
                 save_seconds=a.save_seconds)
     except PrepareError as e:
