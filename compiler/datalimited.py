@@ -35,7 +35,8 @@ CITATION = ("Muennighoff et al. 2023, Scaling Data-Constrained Language Models (
             f"R_D* = {R_D_STAR}, R_N* = {R_N_STAR} as fitted by the authors "
             "(github.com/huggingface/datablations, README, Parametric Fit)")
 FORMULA = ("L(N', D') with D' = U + U·R_D*·(1 − e^(−R_D/R_D*)), R_D = D/U − 1, and "
-           "N' = U_N + U_N·R_N*·(1 − e^(−R_N/R_N*)), U_N = min(N, N_opt(U)), R_N = N/U_N − 1")
+           "N' = U_N + U_N·R_N*·(1 − e^(−R_N/R_N*)), U_N = min(N, N_opt(U)), R_N = N/U_N − 1; "
+           "a mixture sums D' over its sources, each source's share of D against its own U")
 
 
 def _decayed(base, repetitions, r_star):
@@ -43,20 +44,38 @@ def _decayed(base, repetitions, r_star):
     return base - base * r_star * np.expm1(-repetitions / r_star)
 
 
+def _portions(unique_tokens):
+    """[(share of the tokens, unique tokens)]: a number is one source holding all of them; a
+    mixture (spec data.sources) is a list of pairs, each source repeated on its own."""
+    if isinstance(unique_tokens, (list, tuple)):
+        return unique_tokens
+    return [(1.0, unique_tokens)]
+
+
 def effective_tokens(tokens, unique_tokens, r_d_star: float = R_D_STAR):
-    """D': what D tokens drawn from `unique_tokens` are worth as fresh data."""
+    """D': what D tokens drawn from `unique_tokens` are worth as fresh data (a mixture: the sum
+    over its sources of what each one's share of D is worth)."""
     d = np.asarray(tokens, dtype=np.float64)
-    u_d = np.minimum(np.asarray(unique_tokens, dtype=np.float64), d)
-    return _decayed(u_d, d / u_d - 1.0, r_d_star)
+    worth = 0.0
+    for share, unique in _portions(unique_tokens):
+        d_s = share * d
+        u_d = np.minimum(np.asarray(unique, dtype=np.float64), d_s)
+        worth = worth + _decayed(u_d, d_s / u_d - 1.0, r_d_star)
+    return worth
+
+
+def unique_tokens_read(tokens, unique_tokens):
+    """U_D: the distinct tokens D tokens read (per source at most its unique tokens)."""
+    d = np.asarray(tokens, dtype=np.float64)
+    return sum(np.minimum(np.asarray(unique, dtype=np.float64), share * d)
+               for share, unique in _portions(unique_tokens))
 
 
 def effective_params(law: ScalingLaw, n_params, tokens, unique_tokens,
                      r_n_star: float = R_N_STAR):
     """N': what N parameters are worth when the unique data would make fewer compute-optimal."""
     n = np.asarray(n_params, dtype=np.float64)
-    u_d = np.minimum(np.asarray(unique_tokens, dtype=np.float64),
-                     np.asarray(tokens, dtype=np.float64))
-    u_n = np.minimum(n, law.optimal_params(u_d))
+    u_n = np.minimum(n, law.optimal_params(unique_tokens_read(tokens, unique_tokens)))
     return _decayed(u_n, n / u_n - 1.0, r_n_star)
 
 

@@ -181,7 +181,7 @@ class DataLimited(PlanModel):
     """The data-constrained pick against the one the law alone makes, when the unique tokens fall
     short of that one's D (Muennighoff et al. 2023)."""
 
-    unique_tokens: int  # spec: data.unique_tokens
+    unique_tokens: int  # spec: data.unique_tokens (a mixture: its sources' together)
     unique_params: float  # U_N: the law's compute-optimal N for the unique tokens
     r_d_star: float
     r_n_star: float
@@ -204,7 +204,9 @@ class Variant(PlanModel):
     timing: Timing
     layout_reasons: list[str]
     provenance: dict[str, str]
-    epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given)
+    epochs: float | None  # tokens trained / the spec's data.unique_tokens (None: not given);
+    # with data.sources, the most repeated source's epochs
+    source_epochs: dict[str, float] | None = None  # per source: its share of the tokens / its unique tokens
     data_limited: DataLimited | None = None  # None: the unique tokens cover the law's pick
     omitted_when_none: ClassVar[tuple[str, ...]] = ("data_limited",)
 

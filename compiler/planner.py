@@ -139,24 +139,40 @@ def _nothing_fits(spec: Spec, hardware: HardwareView, cands: solver.Candidates,
 MANY_EPOCHS = 4
 
 
+def data_epochs(spec: Spec, tokens: float) -> dict:
+    """The Variant's epochs: tokens trained over data.unique_tokens, or per source its share of
+    the tokens (weight / sum of weights; train.py's mixture rule holds every source within one
+    sequence of it) over its unique tokens, the most repeated source as the overall figure."""
+    if spec.data is None:
+        return {"epochs": None}
+    if spec.data.sources is None:
+        return {"epochs": tokens / spec.data.unique_tokens}
+    shares = spec.data.shares()
+    per_source = {s.name: tokens * shares[s.name] / s.unique_tokens for s in spec.data.sources}
+    return {"epochs": max(per_source.values()), "source_epochs": per_source}
+
+
 def epoch_warnings(variants: list[P.Variant]) -> list[str]:
     """Runs that read their data more than once (the scaling laws assume each token once)."""
     out = []
     for v in variants:
-        if v.epochs is None or v.epochs <= 1:
-            continue
-        if v.epochs > MANY_EPOCHS:
-            consequence = ("so shapes are ranked by their data-constrained law (the loss at the "
-                           "effective D' and N')" if v.data_limited is not None
-                           else "so the predicted loss is optimistic")
-            out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: LOUD WARNING: past "
-                       f"about {MANY_EPOCHS} epochs repeated tokens are worth markedly less than "
-                       "fresh ones and the returns vanish near 16 (Muennighoff et al. 2023), "
-                       f"{consequence}; find more data or a smaller budget")
-        else:
-            out.append(f"{v.name}: {v.epochs:.3g} epochs over data.unique_tokens: the laws assume "
-                       "each token once; up to about 4 epochs repeated data is worth nearly as "
-                       "much (Muennighoff et al. 2023)")
+        over = ({f"data.sources {name}": e for name, e in v.source_epochs.items()}
+                if v.source_epochs else {"data.unique_tokens": v.epochs})
+        consequence = ("so shapes are ranked by their data-constrained law (the loss at the "
+                       "effective D' and N')" if v.data_limited is not None
+                       else "so the predicted loss is optimistic")
+        for what, epochs in over.items():
+            if epochs is None or epochs <= 1:
+                continue
+            if epochs > MANY_EPOCHS:
+                out.append(f"{v.name}: {epochs:.3g} epochs over {what}: LOUD WARNING: past "
+                           f"about {MANY_EPOCHS} epochs repeated tokens are worth markedly less "
+                           "than fresh ones and the returns vanish near 16 (Muennighoff et al. "
+                           f"2023), {consequence}; find more data or a smaller budget")
+            else:
+                out.append(f"{v.name}: {epochs:.3g} epochs over {what}: the laws assume each "
+                           "token once; up to about 4 epochs repeated data is worth nearly as "
+                           "much (Muennighoff et al. 2023)")
     return out
 
 
@@ -164,18 +180,19 @@ def repeats_data(spec: Spec, cands: solver.Candidates, i: int) -> bool:
     """Whether candidate i's D exceeds the spec's unique tokens, under a loss law (a
     tokens-per-parameter rule has no loss to discount)."""
     return (spec.data is not None and isinstance(spec.search.law(), laws.ScalingLaw)
-            and spec.data.unique_tokens < cands.tokens[i])
+            and any(unique < share * cands.tokens[i] for share, unique in spec.data.portions()))
 
 
 def _data_limited_pick(spec: Spec, cands: solver.Candidates, limited: solver.Candidates,
                        i: int) -> P.DataLimitedPick:
     """Candidate i: its losses as the two rankings saw them (cands: the law's, limited: the
     data-constrained law's), its effective N' and D'."""
-    law, unique = spec.search.law(), spec.data.unique_tokens
+    law, unique = spec.search.law(), spec.data.portions()
     n, d = float(cands.n_params[i]), float(cands.tokens[i])
     return P.DataLimitedPick(n_layers=int(cands.n_layers[i]), d_model=int(cands.d_model[i]),
                              n_params=int(cands.n_params[i]), tokens=d,
-                             epochs=float(cands.tokens_trained[i]) / unique,
+                             epochs=max(float(cands.tokens_trained[i]) * share / u
+                                        for share, u in unique),
                              effective_tokens=float(datalimited.effective_tokens(d, unique)),
                              effective_params=float(datalimited.effective_params(law, n, d, unique)),
                              loss=float(limited.loss[i]), loss_unique=float(cands.loss[i]))
@@ -184,7 +201,7 @@ def _data_limited_pick(spec: Spec, cands: solver.Candidates, limited: solver.Can
 def data_limited(spec: Spec, cands: solver.Candidates, limited: solver.Candidates, pick: int,
                  unconstrained: int) -> P.DataLimited:
     """The data-constrained pick against the one the law alone made (same candidates)."""
-    unique = spec.data.unique_tokens
+    unique = spec.data.total_unique_tokens
     return P.DataLimited(
         unique_tokens=unique, unique_params=float(spec.search.law().optimal_params(unique)),
         r_d_star=datalimited.R_D_STAR, r_n_star=datalimited.R_N_STAR,
@@ -262,8 +279,7 @@ def build_plan(spec: Spec) -> P.Plan:
                                 need_pipeline_or_context_parallel=beyond),
             tie_break=result.tie_break, training=training, memory=memory, timing=timing,
             layout_reasons=reasons, provenance=provenance,
-            epochs=None if spec.data is None else training.tokens_trained / spec.data.unique_tokens,
-            data_limited=limited))
+            **data_epochs(spec, training.tokens_trained), data_limited=limited))
 
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "

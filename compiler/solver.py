@@ -285,7 +285,7 @@ def with_unique_tokens(spec: Spec, c: Candidates) -> Candidates:
     at the tokens and parameters its data.unique_tokens make effective (repeated tokens and
     excess parameters are worth less). A loss law only: a tokens-per-parameter rule is a rule."""
     loss = np.asarray(datalimited.loss(spec.search.law(), c.n_params, c.tokens,
-                                       spec.data.unique_tokens))
+                                       spec.data.portions()))
     return dataclasses.replace(c, loss=loss, objective=loss)
 
 

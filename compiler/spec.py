@@ -467,12 +467,55 @@ class Training(StrictModel):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1337
 
 
-class Data(StrictModel):
-    """What the training data holds: its unique tokens (data/prepare.py's meta.json
-    n_train_tokens), so the plan can say how many passes over it the run makes; below a pick's
-    D, shapes are ranked by the data-constrained law (Muennighoff et al. 2023)."""
+SOURCE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # a directory under data_dir
 
+
+class Source(StrictModel):
+    """One prepared dataset of a mixture (data/prepare.py --out_dir data/shards/<name>): its
+    unique tokens (its meta.json n_train_tokens) and its share of every step's sequences."""
+
+    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
     unique_tokens: Annotated[int, Field(ge=1, le=10**16)]
+    weight: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+
+
+class Data(StrictModel):
+    """What the training data holds, so the plan can say how many passes over it the run makes:
+    its unique tokens (data/prepare.py's meta.json n_train_tokens), or a mixture of sources, each
+    with its unique tokens and weight (train.py draws each step's sequences in those
+    proportions, dataset.py). Below a pick's D, shapes are ranked by the data-constrained law
+    (Muennighoff et al. 2023)."""
+
+    unique_tokens: Annotated[int, Field(ge=1, le=10**16)] | None = None
+    sources: Annotated[list[Source], Field(min_length=1, max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.unique_tokens is None) == (self.sources is None):
+            raise ValueError("give either unique_tokens or sources (a mixture), not both or "
+                             "neither")
+        if self.sources:
+            names = [s.name for s in self.sources]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        """Each source's share of the tokens (weights normalised to sum 1)."""
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
+
+    def portions(self) -> list[tuple[float, int]]:
+        """(share of the tokens, unique tokens) per source: one of share 1 without a mixture."""
+        if self.sources is None:
+            return [(1.0, self.unique_tokens)]
+        shares = self.shares()
+        return [(shares[s.name], s.unique_tokens) for s in self.sources]
+
+    @property
+    def total_unique_tokens(self) -> int:
+        return sum(unique for _, unique in self.portions())
 
 
 class Spec(StrictModel):

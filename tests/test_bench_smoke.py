@@ -101,3 +101,14 @@ def test_step_time_model_against_published_throughput():
     rows = [line for line in out.splitlines() if line.endswith(" test")]
     assert len(rows) >= 9, out
     assert "mean |error|" in out
+
+
+def test_prepare_bench_quick(tmp_path):
+    """bench/prepare.py: encode_batch and prepare.py on 1, 2 workers side by side, and the
+    outputs of every worker count are byte-identical (the script exits 1 otherwise)."""
+    out = run([sys.executable, str(BENCH / "prepare.py"), "--quick", "--work", str(tmp_path)],
+              timeout=300)
+    for method in ("encode_batch (all cores)", "prepare.py --workers 1", "prepare.py --workers 2"):
+        assert re.search(rf"^{re.escape(method)} +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+×$", out, re.M), out
+    assert re.search(r"all \d+ cores / encode_batch: [\d.]+× \(target ≥ 0.9×: (PASS|FAIL)\)", out)
+    assert "outputs of every --workers byte-identical: True" in out

@@ -197,3 +197,30 @@ def test_a_tokens_per_param_rule_is_not_re_ranked():
     spec = BASE + "search: {scaling_law: {tokens_per_param: 20}}\ndata: {unique_tokens: 1000000}\n"
     plan = build_plan(parse_spec_text(spec))
     assert all(v.data_limited is None and v.epochs > 1000 for v in plan.variants)
+
+
+def test_a_mixture_repeats_each_source_on_its_own():
+    """data.sources: each source's share of D is discounted against its own unique tokens and
+    the worth summed. Sources in proportion to their sizes repeat alike: the same D' as one
+    source of their total; a mixture that leans on its smaller source is worth less."""
+    from compiler import datalimited
+    d = 4e11
+    alike = datalimited.effective_tokens(d, [(0.75, 3e10), (0.25, 1e10)])
+    assert alike == pytest.approx(datalimited.effective_tokens(d, 4e10), rel=1e-12)
+    leaning = datalimited.effective_tokens(d, [(0.25, 3e10), (0.75, 1e10)])
+    assert leaning < alike
+    assert datalimited.unique_tokens_read(d, [(0.75, 3e10), (0.25, 1e10)]) == 4e10
+
+
+def test_a_mixture_spec_gets_a_data_constrained_pick():
+    from compiler.planner import build_plan
+    from compiler.spec import parse_spec_text
+    spec = parse_spec_text("name: mix\nbudget: {flops: 1.36e21}\ndata:\n  sources:\n"
+                           "    - {name: web, unique_tokens: 5000000000, weight: 0.7}\n"
+                           "    - {name: code, unique_tokens: 3000000000, weight: 0.3}\n")
+    v = build_plan(spec).variants[0]
+    assert v.data_limited is not None and v.data_limited.unique_tokens == 8_000_000_000
+    pick = v.data_limited.pick
+    assert pick.epochs == pytest.approx(max(v.source_epochs.values()), rel=1e-9)
+    assert (pick.n_params, pick.tokens) != (v.data_limited.unconstrained.n_params,
+                                            v.data_limited.unconstrained.tokens)

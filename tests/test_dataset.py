@@ -7,13 +7,17 @@ ways, which agree to ~1e-15: 1e-6 is far above that and far below any real discr
 term moves these numbers by percents). Bounds that are not about rounding say why beside them.
 """
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from _repo_files import load_template_module
-from _train_fixtures import make_repo, prepare_data, read_metrics, run_train
+from _train_fixtures import (
+    make_repo, prepare_data, read_metrics, run_train, stdlib_corpus_files, subprocess_env,
+)
 
 dataset = load_template_module("dataset")
 configurator = load_template_module("configurator")
@@ -70,13 +74,31 @@ def test_resuming_anywhere_on_another_world_size_reads_what_an_uninterrupted_run
 
 
 def test_resume_onto_another_train_bin_is_refused_unless_allowed(tmp_path):
+    """Checkpoints without a fingerprint (older runs) are compared by train.bin's token count."""
     train = corpus(tmp_path, 8 * 50 + 1)
     saved = {"n_train_tokens": 8 * 50 + 1}
-    dataset.check_same_data(saved, train, allow_change=False)  # the same data: fine
-    dataset.check_same_data({}, train, allow_change=False)  # an older checkpoint: no record
-    with pytest.raises(configurator.ConfigError, match="trained on 801.*allow_data_change"):
-        dataset.check_same_data({"n_train_tokens": 801}, corpus(tmp_path, 8 * 60 + 1), False)
-    dataset.check_same_data({"n_train_tokens": 801}, corpus(tmp_path, 8 * 60 + 1), True)
+    assert dataset.check_same_data(saved, train, allow_change=False) == []  # the same data
+    assert dataset.check_same_data({}, train, allow_change=False) == []  # no record at all
+    with pytest.raises(configurator.ConfigError, match="401 tokens when.*481 now.*allow_data_change"):
+        dataset.check_same_data({"n_train_tokens": 401}, corpus(tmp_path, 8 * 60 + 1), False)
+    assert dataset.check_same_data({"n_train_tokens": 401}, corpus(tmp_path, 8 * 60 + 1), True)
+
+
+def test_fingerprints_name_the_file_that_changed(tmp_path):
+    train = corpus(tmp_path, 8 * 50 + 1)
+    then = {"train.bin": {"bytes": 1604, "sha256": "a" * 64}, "val.bin": {"bytes": 40, "sha256": "b" * 64}}
+    assert dataset.check_same_data({"fingerprint": then}, train, False, dict(then)) == []
+    now = dict(then, **{"val.bin": {"bytes": 40, "sha256": "c" * 64}})
+    with pytest.raises(configurator.ConfigError) as e:
+        dataset.check_same_data({"fingerprint": then}, train, False, now)
+    message = str(e.value)
+    assert "val.bin (40 bytes, sha256 bbbbbbbbbbbbbbbb… when the checkpoint was saved, 40 bytes, " \
+           "sha256 cccccccccccccccc… now)" in message
+    assert "train.bin (" not in message and "--allow_data_change=True" in message
+    with_tokenizer = dict(then, **{"tokenizer.json": {"bytes": 9, "sha256": "d" * 64}})
+    changes = dataset.check_same_data({"fingerprint": then}, train, True, with_tokenizer)
+    assert changes == ["tokenizer.json (absent when the checkpoint was saved, 9 bytes, sha256 "
+                       "dddddddddddddddd… now)"]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +126,10 @@ def test_train_py_reports_epochs_and_distinct_tokens(repo):
 def test_a_corpus_smaller_than_one_batch_is_refused(repo, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
-    for name in ("meta.json", "val.bin"):
-        (small / name).write_bytes((repo / "data/stdlib" / name).read_bytes())
+    (small / "val.bin").write_bytes((repo / "data/stdlib/val.bin").read_bytes())
+    meta = json.loads((repo / "data/stdlib/meta.json").read_text())
+    del meta["fingerprint"]  # a hand-made train.bin: as from a prepare.py without fingerprints
+    (small / "meta.json").write_text(json.dumps(meta))
     (small / "train.bin").write_bytes(np.arange(32 * 5 + 1, dtype=np.uint32).tobytes())  # K = 5
     proc = run_train(repo, "config/tiny.py", "--out_dir=out/small", f"--data_dir={small}",
                      check=False)
@@ -140,3 +164,213 @@ def test_the_plan_counts_epochs_over_the_unique_tokens_and_warns_past_one():
                for w in short.warnings)
     two = build_plan(parse_spec_text(base + f"data: {{unique_tokens: {int(d / 2)}}}\n"))
     assert any("2 epochs" in w and "LOUD" not in w for w in two.warnings)
+
+
+# -----------------------------------------------------------------------------
+# The corpus checked before the run (issue #16 part 5), with the real train.py and prepare.py
+
+
+def prepare_other(repo, data_dir, max_bytes):
+    """data/prepare.py on another slice of the stdlib corpus, into data_dir (replacing it)."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "data/prepare.py", "--input", *stdlib_corpus_files(max_bytes),
+                    "--out_dir", str(data_dir), "--val_fraction", "0.1", "--chunk_tokens",
+                    "16384", "--config", "config/tiny.py"], cwd=repo, env=subprocess_env(),
+                   check=True, capture_output=True)
+
+
+def test_a_changed_data_directory_is_refused_on_resume(repo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(repo / "data/stdlib", data)
+    out = tmp_path / "out"
+    common = ("config/tiny.py", f"--data_dir={data}", f"--out_dir={out}", "--ckpt_interval=5")
+    run_train(repo, *common, "--max_iters=5")
+    state = json.loads((out / "checkpoints/step_00000005/train_state.json").read_text())
+    assert state["data"]["fingerprint"] == json.loads((data / "meta.json").read_text())["fingerprint"]
+    prepare_other(repo, data, 1_500_000)  # other text in the same directory
+    proc = run_train(repo, *common, "--max_iters=10", check=False)
+    assert proc.returncode == 2, proc.stdout
+    (line,) = [l for l in proc.stdout.splitlines() if "configuration error" in l]
+    assert f"{data} is not the data the checkpoint trained on: train.bin (" in line
+    assert "val.bin (" in line and "--allow_data_change=True" in line and "Traceback" not in proc.stdout
+    assert not (out / "checkpoints/step_00000010").exists()
+    allowed = run_train(repo, *common, "--max_iters=10", "--allow_data_change")
+    assert "WARNING: allow_data_change: resuming on changed data: train.bin (" in allowed.stdout
+    assert (out / "checkpoints/step_00000010").exists()
+
+
+def test_dry_run_checks_data_config_and_checkpoint_without_training(repo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(repo / "data/stdlib", data)
+    out = tmp_path / "out"
+    common = ("config/tiny.py", f"--data_dir={data}", f"--out_dir={out}")
+    dry = run_train(repo, *common, "--dry_run", "--device=cuda")  # no GPU needed
+    meta = json.loads((data / "meta.json").read_text())
+    for name in ("train.bin", "val.bin"):
+        digest = hashlib.sha256((data / name).read_bytes()).hexdigest()  # independent hash
+        assert f"data: {name} matches meta.json" in dry.stdout and digest[:16] in dry.stdout
+    sequences = (meta["n_train_tokens"] - 1) // 32
+    assert (f"data: {sequences:,} sequences of 32 + 1 tokens in {data}/train.bin "
+            f"({meta['n_train_tokens']:,} tokens); the run reads 40 steps × 8 sequences × 32 = "
+            f"10,240 tokens (10,240 distinct): {40 * 8 / sequences:.3g} epochs") in dry.stdout
+    assert f"checkpoint: none in {out}; the run starts at step 0" in dry.stdout
+    assert not out.exists()  # nothing written, nothing trained
+    run_train(repo, *common, "--max_iters=5", "--ckpt_interval=5")
+    again = run_train(repo, *common, "--dry_run")
+    assert "step_00000005 verifies and fits this config; the run resumes at step 5 of 40" in again.stdout
+    assert len(read_metrics(out)) == len([l for l in (out / "metrics.jsonl").read_text().splitlines()])
+    # Same size, other contents: only the re-hash sees it (a normal start compares sizes).
+    tokens = np.fromfile(data / "val.bin", dtype=np.uint32)
+    tokens[len(tokens) // 2] ^= 1
+    tokens.tofile(data / "val.bin")
+    bad = run_train(repo, *common, "--dry_run", check=False)
+    assert bad.returncode == 2 and "val.bin: its sha256 differs" in bad.stdout, bad.stdout
+    # A shorter file: every start refuses it.
+    (data / "val.bin").write_bytes(tokens[:-1].tobytes())
+    short = run_train(repo, *common, "--max_iters=6", check=False)
+    assert short.returncode == 2 and f"{data}/val.bin has {4 * len(tokens) - 4:,} bytes, but" in short.stdout
+
+
+# -----------------------------------------------------------------------------
+# Mixtures (issue #16 part 4): sources drawn in the weights' proportions, each once per its epoch
+
+
+def mixture(tmp_path, counts, weights, block_size=8):
+    """Sources s0, s1, ... of counts[i] sequences; source i's ids start at i * 10**6, so a
+    sequence's first token says its source and index. Returns the TrainMixture."""
+    for i, k in enumerate(counts):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "train.bin").write_bytes((i * 10**6 + np.arange(k * block_size + 1, dtype=np.uint32)).tobytes())
+        (d / "val.bin").write_bytes(np.arange(100, dtype=np.uint32).tobytes())
+    text = ",".join(f"s{i}:{w}" for i, w in enumerate(weights))
+    return dataset.open_train_data(str(tmp_path), text, block_size, seed=3)[0]
+
+
+def sources_read(train, steps, batch, world=1, first=0):
+    """(source, index) of every sequence read, step by step (a list per step), via real batches."""
+    import torch
+    out = []
+    for s in range(first, first + steps):
+        starts = np.concatenate([train.starts(train.step_sequences(s, batch, r, world))
+                                 for r in range(world)])
+        x, _ = train.batch(starts, torch.device("cpu"))
+        out.append([(int(t) // 10**6, int(t) % 10**6 // 8) for t in x[:, 0]])
+    return out
+
+
+def deficit_rule(weights, n_slots):
+    """The stated rule computed the plain way (dataset.py): slot by slot, the source furthest
+    behind its share w_i·(j + 1) gets the slot, ties to the first; exact fractions."""
+    from fractions import Fraction
+    weights = [Fraction(w) / sum(map(Fraction, weights)) for w in weights]
+    taken, sources = [0] * len(weights), []
+    for j in range(n_slots):
+        deficits = [w * (j + 1) - n for w, n in zip(weights, taken)]
+        i = deficits.index(max(deficits))
+        taken[i] += 1
+        sources.append(i)
+    return sources
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_mixture_steps_hold_the_stated_counts_and_each_source_once_per_epoch(tmp_path, world):
+    """0.7 / 0.3 over 56 and 24 sequences, batch 8: each step holds the rule's counts (5 or 6
+    of 5.6 from source 0, as two sources round), and 10 steps read 80 = 56 + 24 sequences:
+    each source exactly once."""
+    train = mixture(tmp_path, [56, 24], ["0.7", "0.3"])
+    steps = sources_read(train, 10, 8, world)
+    expected = deficit_rule(["0.7", "0.3"], 80)
+    for s, step in enumerate(steps):
+        assert [src for src, _ in step] == expected[8 * s:8 * s + 8]
+        assert sum(src == 0 for src, _ in step) in (5, 6)
+    read = [pair for step in steps for pair in step]
+    assert sorted(i for src, i in read if src == 0) == list(range(56))
+    assert sorted(i for src, i in read if src == 1) == list(range(24))
+    assert train.source_epochs_after(10, 8) == {"s0": 1.0, "s1": 1.0}
+    assert train.unique_tokens_after(10, 8) == 80 * 8
+    # the next 10 steps: each source's next epoch, in another order of its own
+    again = [p for step in sources_read(train, 10, 8, world, first=10) for p in step]
+    assert sorted(i for src, i in again if src == 0) == list(range(56))
+    assert [i for src, i in again if src == 0] != [i for src, i in read if src == 0]
+
+
+def test_mixture_resumes_anywhere_on_another_world_size(tmp_path):
+    train = mixture(tmp_path, [30, 20, 10], ["0.5", "0.3", "0.2"])
+    uninterrupted = sources_read(train, 25, 8, world=1)
+    fresh = dataset.open_train_data(str(tmp_path), "s0:0.5,s1:0.3,s2:0.2", 8, seed=3)[0]
+    assert sources_read(fresh, 12, 8, world=2, first=13) == uninterrupted[13:]
+    assert [src for step in uninterrupted for src, _ in step] == deficit_rule(["0.5", "0.3", "0.2"], 200)
+    counts = np.array([[sum(src == i for src, _ in step) for i in range(3)] for step in uninterrupted])
+    assert (abs(counts - np.array([4, 2.4, 1.6])) < 2).all()  # the rule's bound per step
+    total = counts.sum(axis=0)  # 200 slots = 20 whole periods of 10: exactly the shares
+    assert list(total) == [100, 60, 40]
+    assert train.source_epochs_after(25, 8) == {"s0": total[0] / 30, "s1": total[1] / 20,
+                                                "s2": total[2] / 10}
+
+
+@pytest.mark.parametrize("text", ["web", "web:0", "web:-1", "web:x", "a/b:1", "web:1,web:2", ""])
+def test_bad_data_sources_are_refused(text):
+    with pytest.raises(configurator.ConfigError, match="data_sources"):
+        dataset.parse_sources(text)
+
+
+def test_train_py_on_a_mixture_logs_per_source_epochs(repo, tmp_path):
+    """Two real prepared sources (other slices of the stdlib), 0.75 / 0.25, a real run."""
+    mix = tmp_path / "mix"
+    shutil.copytree(repo / "data/stdlib", mix / "web")
+    prepare_other(repo, mix / "code", 1_000_000)
+    proc = run_train(repo, "config/tiny.py", f"--data_dir={mix}", "--data_sources=web:0.75,code:0.25",
+                     f"--out_dir={tmp_path / 'out'}", "--max_iters=10", "--log_interval=10",
+                     "--eval_interval=10", "--ckpt_interval=10")
+    counts = {}
+    for name in ("web", "code"):
+        meta = json.loads((mix / name / "meta.json").read_text())
+        counts[name] = (meta["n_train_tokens"] - 1) // 32
+        assert f"data: source {name} (weight {0.75 if name == 'web' else 0.25:g}): " \
+               f"{counts[name]:,} sequences" in proc.stdout
+    record = [r for r in read_metrics(tmp_path / "out") if r.get("step") == 10 and "loss" in r][0]
+    # 80 sequences, 20 periods of 4 (0.75 / 0.25): 60 of web, 20 of code
+    assert record["source_epochs"] == {"web": 60 / counts["web"], "code": 20 / counts["code"]}
+    state = json.loads((tmp_path / "out/checkpoints/step_00000010/train_state.json").read_text())
+    assert sorted(state["data"]["fingerprint"]) == ["code/train.bin", "code/val.bin",
+                                                    "web/train.bin", "web/val.bin"]
+
+
+def test_the_plan_counts_epochs_per_source_of_a_mixture(tmp_path):
+    """data.sources: each source's epochs are its weight's share of the tokens trained over its
+    unique tokens (computed here from the Plan's own token count), warned per source, and the
+    generated config names the sources for train.py."""
+    import subprocess
+    import sys
+    from compiler.planner import build_plan
+    from compiler.spec import parse_spec_text
+    base = "name: x\nbudget: {flops: 1e21}\n"
+    d = build_plan(parse_spec_text(base)).variants[0].training.tokens_trained
+    spec = base + (f"data:\n  sources:\n    - {{name: web, unique_tokens: {int(d)}, weight: 3}}\n"
+                   f"    - {{name: code, unique_tokens: {int(d / 20)}, weight: 1}}\n")
+    plan = build_plan(parse_spec_text(spec))
+    for v in plan.variants:
+        tokens = v.training.tokens_trained
+        assert v.source_epochs == pytest.approx({"web": 0.75 * tokens / int(d),
+                                                 "code": 0.25 * tokens / int(d / 20)})
+        assert v.epochs == max(v.source_epochs.values())
+    first = plan.variants[0]
+    assert any(w.startswith(f"{first.name}: 5 epochs over data.sources code") and "LOUD" in w
+               for w in plan.warnings)
+    assert not any("data.sources web" in w for w in plan.warnings)
+    for bad, words in (("  unique_tokens: 5\n  sources: [{name: a, unique_tokens: 1, weight: 1}]",
+                        "not both"),
+                       ("  sources: [{name: a, unique_tokens: 1, weight: 1}, "
+                        "{name: a, unique_tokens: 2, weight: 1}]", "repeated: a"),
+                       ("  sources: [{name: a, unique_tokens: 1, weight: 0}]", "greater than 0")):
+        with pytest.raises(Exception, match=words):
+            parse_spec_text(base + "data:\n" + bad + "\n")
+    (tmp_path / "mix.yaml").write_text(spec)
+    subprocess.run([sys.executable, "-m", "llama3gen.cli", "compile", str(tmp_path / "mix.yaml"),
+                    "-o", str(tmp_path / "repo")], check=True, capture_output=True)
+    config = (tmp_path / "repo/config/optimal.py").read_text()
+    assert "data_sources = 'web:3.0,code:1.0'" in config
+    assert "epochs over source `code`" in (tmp_path / "repo/docs/comparison.md").read_text()
+    assert "--out_dir data/shards/code" in (tmp_path / "repo/README.md").read_text()

@@ -128,20 +128,28 @@ def test_one_token_chunks_take_linear_time(tmp_path):
     assert (meta["n_train_tokens"], meta["n_val_tokens"]) == (300_001, 100_000)  # + end-of-document
 
 
-def test_interrupt_leaves_nothing(tmp_path, corpus):
-    """SIGINT in the middle of writing: exit 130, one line, no out_dir, no temporary files."""
+def test_interrupt_leaves_no_outputs(tmp_path, corpus):
+    """SIGINT in the middle of writing: exit 130, no traceback, none of the outputs in out_dir,
+    only the hidden progress of the run, which the same command resumes (or, interrupted before
+    the first piece was done, nothing at all). The resumed output: tests/test_prepare_scale.py."""
     data = tmp_path / "data"
     proc = subprocess.Popen([sys.executable, str(PREPARE), "--input", *[str(corpus)] * 40,
-                             "--out_dir", str(data), *SMALL], env=subprocess_env(),
-                            stderr=subprocess.PIPE, text=True)
+                             "--out_dir", str(data), "--workers", "1", *SMALL],
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not list(data.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while not (data / ".prepare-partial").exists() and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.001)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert stderr.strip() == "prepare.py: interrupted; nothing was written"
-    assert not data.exists()
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
+    if last == "prepare.py: interrupted; nothing was written":
+        assert not data.exists()
+    else:
+        assert last.startswith("prepare.py: interrupted after ") and "run the same command" in last
+        assert os.listdir(data) == [".prepare-partial"]
 
 
 def test_extensions_accept_a_leading_dot(tmp_path, corpus):
@@ -367,11 +375,12 @@ def test_full_disk(tmp_path, corpus):
 
 
 # -----------------------------------------------------------------------------
-# Item 15 (prepare.py's half): a split too small for train.py at the block size gets a warning
+# Item 15 (prepare.py's half), issue #16 part 5: a split too small for train.py at the model's
+# block size is refused before anything is written; at the default block size it is a warning
 
 
-def test_split_size_warning_at_the_block_size_boundary(tmp_path):
-    """train.py needs block_size + 2 tokens in each split: warn at block_size = n - 1, not n - 2."""
+def test_split_size_check_at_the_block_size_boundary(tmp_path):
+    """train.py needs block_size + 2 tokens in each split: refuse at block_size = n - 1, not n - 2."""
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": "x" * 99}) + "\n" for _ in range(10)))
     # 10 documents of 100 tokens (with end-of-document ids), chunks of 100: one val chunk of 100
@@ -380,14 +389,52 @@ def test_split_size_warning_at_the_block_size_boundary(tmp_path):
     assert fits.returncode == 0 and "warning" not in fits.stderr, fits.stderr
     assert json.loads((tmp_path / "a/meta.json").read_text())["n_val_tokens"] == 100
     short = run_prepare(tmp_path, *args, "--out_dir", tmp_path / "b", "--block_size", "99")
-    assert short.returncode == 0, short.stderr
-    (warning,) = [line for line in short.stderr.splitlines() if "warning" in line]
-    assert str(tmp_path / "b" / "val.bin") in warning and "100 tokens" in warning
-    assert "block_size + 2 = 101" in warning and "train.bin" not in short.stderr
-    # The default block size (2048) finds this corpus too small in both splits.
+    line = assert_refused(short, str(tmp_path / "b" / "val.bin"), "100 tokens",
+                          "block_size + 2 = 101", "nothing was written")
+    assert "train.bin" not in line and not (tmp_path / "b").exists()
+    # The default block size (2048) is a guess: both splits too small is a warning each.
     default = run_prepare(tmp_path, *args, "--out_dir", tmp_path / "c")
     assert default.returncode == 0
     assert default.stderr.count("block_size + 2 = 2050") == 2, default.stderr
+
+
+def test_a_corpus_smaller_than_one_batch_is_refused(tmp_path):
+    """900 train tokens hold (900 - 1) // 98 = 9 sequences of 98 + 1: one step of 10 cannot be
+    read (dataset.py), so prepare.py refuses, from --global_batch_size or the config's."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "x" * 99}) + "\n" for _ in range(10)))
+    args = ["--input", docs, "--val_fraction", "0.1", "--chunk_tokens", "100", "--block_size", "98"]
+    nine = run_prepare(tmp_path, *args, "--out_dir", tmp_path / "a", "--global_batch_size", "9")
+    assert nine.returncode == 0, nine.stderr
+    ten = run_prepare(tmp_path, *args, "--out_dir", tmp_path / "b", "--global_batch_size", "10")
+    assert_refused(ten, str(tmp_path / "b" / "train.bin"), "9 sequences", "block_size + 1 = 99",
+                   "the 10 that one optimizer step reads", "nothing was written")
+    assert not (tmp_path / "b").exists()
+    config = tmp_path / "variant.py"
+    config.write_text("block_size = 98  # llama3gen\nglobal_batch_size = 10\n")
+    proc = run_prepare(tmp_path, *args[:-2], "--out_dir", tmp_path / "c", "--config", config)
+    assert_refused(proc, "9 sequences", "the 10 that one optimizer step reads")
+    # A source of a mixture: a step draws at most ceil(share · 12) + 1 of its sequences.
+    config.write_text("block_size = 98\nglobal_batch_size = 12\ndata_sources = 'web:0.7,code:0.3'\n")
+    code = run_prepare(tmp_path, *args[:-2], "--out_dir", tmp_path / "mix/code", "--config", config)
+    assert code.returncode == 0, code.stderr  # 9 >= ceil(3.6) + 1
+    web = run_prepare(tmp_path, *args[:-2], "--out_dir", tmp_path / "mix/web", "--config", config)
+    assert_refused(web, "9 sequences", "fewer than the 10 that one optimizer step may draw from "
+                   "this source (its share 0.7 of global_batch_size 12")  # ceil(8.4) + 1
+
+
+def test_meta_json_fingerprints_the_files_it_describes(tmp_path, small_text, tokenizer_json):
+    """Sizes and sha256 in meta.json are those of the files as they lie on disk (an independent
+    hash of the finished files), the tokenizer's included."""
+    data = tmp_path / "data"
+    proc = run_prepare(tmp_path, "--input", small_text, "--out_dir", data, "--tokenizer",
+                       tokenizer_json, *ONE_FILE)
+    assert proc.returncode == 0, proc.stderr
+    fingerprint = json.loads((data / "meta.json").read_text())["fingerprint"]
+    assert sorted(fingerprint) == ["tokenizer.json", "train.bin", "val.bin"]
+    for name, record in fingerprint.items():
+        content = (data / name).read_bytes()
+        assert record == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
 
 
 def test_block_size_from_a_config(tmp_path):
@@ -396,10 +443,14 @@ def test_block_size_from_a_config(tmp_path):
     config = tmp_path / "variant.py"
     config.write_text("n_layer = 2  # llama3gen\nblock_size = 99\nvocab_size = 300\n")
     args = ["--input", docs, "--val_fraction", "0.1", "--chunk_tokens", "100"]
+    assert_refused(run_prepare(tmp_path, *args, "--out_dir", tmp_path / "a", "--config", config),
+                   "block_size + 2 = 101")
+    config.write_text("n_layer = 2  # llama3gen\nblock_size = 98\nvocab_size = 300\n")
     proc = run_prepare(tmp_path, *args, "--out_dir", tmp_path / "a", "--config", config)
-    assert proc.returncode == 0 and "block_size + 2 = 101" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
     assert json.loads((tmp_path / "a/meta.json").read_text())["vocab_size"] == 300
     # --block_size given beside the config wins.
+    config.write_text("n_layer = 2  # llama3gen\nblock_size = 99\nvocab_size = 300\n")
     proc = run_prepare(tmp_path, *args, "--out_dir", tmp_path / "b", "--config", config,
                        "--block_size", "50")
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr

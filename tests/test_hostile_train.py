@@ -29,6 +29,7 @@ from _train_fixtures import TINY_CONFIG, make_repo, prepare_data, run_train
 configurator = load_template_module("configurator")
 checkpoint = load_template_module("checkpoint")
 train = load_template_module("train")
+dataset = load_template_module("dataset")
 model_py = load_template_module("model")
 export_hf = load_template_module("export_hf")
 
@@ -248,7 +249,7 @@ def test_val_bin_shorter_than_block_size_plus_2_is_one_line(repo):
     proc = run_train(repo, CONFIG, "--out_dir=out/short_val", f"--data_dir={data}", check=False)
     assert_refused(proc, "val.bin has 33 tokens", "block_size + 2 = 34", "--val_fraction")
     # at block_size 31 the same file is enough
-    assert len(train.TokenData(str(data), "val", 31).tokens) == 33
+    assert len(dataset.TokenData(str(data), "val", 31).tokens) == 33
 
 
 @pytest.mark.parametrize("split, size, fragment", [
@@ -266,7 +267,7 @@ def test_token_files_that_cannot_train(repo, tmp_path, split, size, fragment):
         with open(path, "r+b") as f:
             f.truncate(size)
     with pytest.raises(configurator.ConfigError) as e:
-        train.TokenData(str(tmp_path / "d"), split, 32)
+        dataset.TokenData(str(tmp_path / "d"), split, 32)
     assert fragment in str(e.value) and "data/prepare.py" in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
 

@@ -11,6 +11,7 @@ override both, applied left to right. Unlike nanoGPT's, every override is checke
   helpers below: at_least, between, one_of, ...), and settings that depend on each other must
   agree (train.py's RELATIONS); the error names the key, the value, where it came from and what
   is allowed;
+- a bool setting may be given as a bare `--key`, meaning `--key=True` (`--dry_run`);
 - `--key=value` values are parsed with ast.literal_eval, never executed. Only config files that
   the user names are executed as Python (they are plain assignments written by llama3gen).
 """
@@ -161,6 +162,8 @@ def load_config(defaults, argv, rules=None, relations=()):
     sources = {key: f"train.py default {key} = {value!r}" for key, value in defaults.items()}
     for arg in argv:
         if arg.startswith("--"):
+            if "=" not in arg and isinstance(config.get(arg[2:]), bool):
+                arg += "=True"  # a bare flag: --dry_run
             if "=" not in arg:
                 raise ConfigError(f"{arg}: overrides are written --key=value")
             key, text = arg[2:].split("=", 1)

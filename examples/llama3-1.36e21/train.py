@@ -53,7 +53,9 @@ import torch.distributed as dist
 
 import checkpoint
 from metrics import Metrics, check_trackers, peak_memory
-from dataset import TokenData, TrainSequences, check_same_data, read_meta
+from dataset import (
+    check_same_data, data_fingerprint, open_train_data, read_meta, source_dirs, verify_fingerprint,
+)
 from parallelize import check_tensor_parallel, grad_norm_and_clip, parallelize
 from configurator import (
     ANY_TEXT, NOT_EMPTY, ConfigError, at_least, between, even_at_least, greater_than, load_config,
@@ -118,6 +120,8 @@ peak_flops = 0.0
 planned_mfu = 0.0
 init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
 allow_data_change = False  # resume even if train.bin is not the one the checkpoint trained on
+dry_run = False  # check config, data (re-hashed) and checkpoint, print the plan of the run, exit
+data_sources = ""  # a mixture: "web:0.7,code:0.3" reads data_dir/web and data_dir/code (dataset.py)
 tensor_parallel = 1  # ranks of a node that split each block (parallelize.py); divides the node
 max_nonfinite_steps = 5  # stop after this many steps in a row with a non-finite loss or grad norm
 benchmark_iters = 0  # > 0: warm up, time this many steps, write a "benchmark" record, exit (no checkpoint)
@@ -149,6 +153,7 @@ RULES = {
     "loss_chunk_tokens": at_least(1), "tensor_parallel": at_least(1),
     "flops_per_token": at_least(0), "peak_flops": at_least(0), "planned_mfu": between(0, 1),
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
+    "data_sources": ANY_TEXT,  # parsed by dataset.parse_sources, with its own message
     "max_nonfinite_steps": at_least(1), "benchmark_iters": at_least(0),
     "wandb_project": ANY_TEXT,
 }
@@ -404,6 +409,78 @@ def benchmark_record(cfg, world, dev, accum, steps, seconds):
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+# -----------------------------------------------------------------------------
+# The data, and --dry_run
+
+
+def open_data(cfg, data_world):
+    """train.bin and val.bin, after every check that needs no model, and meta.json's fingerprint
+    (dataset.py: the files must have the sizes it records)."""
+    if cfg.global_batch_size % (data_world * cfg.micro_batch_size):
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                          f"data-parallel size {data_world} × micro_batch_size "
+                          f"{cfg.micro_batch_size}")
+    for directory in source_dirs(cfg.data_dir, cfg.data_sources).values():
+        vocab, max_id = read_meta(directory)
+        if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
+            raise ConfigError(f"{directory}: tokenizer has {vocab} ids (largest used "
+                              f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
+    train_data, val_data = open_train_data(cfg.data_dir, cfg.data_sources, cfg.block_size,
+                                           cfg.seed)
+    if cfg.data_sources and train_data.too_small(cfg.global_batch_size):
+        raise ConfigError(train_data.too_small(cfg.global_batch_size))
+    if train_data.count < cfg.global_batch_size:
+        raise ConfigError(f"{train_data.path} holds {train_data.count} sequences of block_size + 1 "
+                          f"tokens, fewer than one global batch ({cfg.global_batch_size}): give "
+                          "data/prepare.py more text, or lower global_batch_size")
+    return train_data, val_data, data_fingerprint(cfg.data_dir, cfg.data_sources)
+
+
+def source_epochs(train_data, step, cfg):
+    """{"source_epochs": {source: epochs}} for a mixture (logged and checkpointed), else {}."""
+    if not cfg.data_sources:
+        return {}
+    return {"source_epochs": train_data.source_epochs_after(step, cfg.global_batch_size)}
+
+
+def check_without_training(cfg):
+    """--dry_run: what a run checks before its first step (the config, the data re-hashed against
+    meta.json, the newest checkpoint and whether it resumes onto this data), on the CPU, without
+    a process group, a GPU or writing anything; then the run's tokens and epochs. Exit 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the run's world size
+    problem = check_tensor_parallel(cfg, world)
+    if problem:
+        raise ConfigError(problem)
+    train_data, _, fingerprint = open_data(cfg, world // cfg.tensor_parallel)
+    if fingerprint is None:
+        log(f"data: WARNING: {cfg.data_dir}/meta.json has no fingerprint (prepared by an older "
+            f"data/prepare.py): the data cannot be checked; prepare it again to get one")
+    else:
+        verify_fingerprint(cfg.data_dir, fingerprint, log)
+    with torch.device("meta"):  # shapes only: no memory, no device
+        model = Llama(ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)}))
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.n_layer} "
+        f"layers, d {cfg.n_embd}; {world} rank(s); device {cfg.device!r} (torch sees "
+        f"{torch.cuda.device_count()} CUDA GPU(s) here)")
+    latest = checkpoint.find_latest_valid(cfg.out_dir, log) if os.path.isdir(cfg.out_dir) else None
+    step = 0
+    if latest:
+        check_checkpoint_shape(latest, cfg)
+        state = checkpoint.read_train_state(latest)
+        for change in check_same_data(state.get("data", {}), train_data, cfg.allow_data_change,
+                                      fingerprint):
+            log(f"WARNING: allow_data_change: would resume on changed data: {change}")
+        step = state["step"]
+        log(f"checkpoint: {latest} verifies and fits this config; the run resumes at step "
+            f"{step:,} of {cfg.max_iters:,}")
+    else:
+        log(f"checkpoint: none in {cfg.out_dir}; the run starts at step 0"
+            + (f" from the Hugging Face weights in {cfg.init_from_hf}" if cfg.init_from_hf else ""))
+    log(train_data.describe_run(cfg.max_iters, cfg.global_batch_size))
+    log("dry run: every check passed; nothing was trained or written")
+    return 0
+
+
 def format_duration(seconds):
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -422,6 +499,8 @@ def main(argv):
 def train(argv, on_exit):
     stop = StopRequest()  # from the start: a signal during setup still ends in a save and 75
     cfg = Config(load_config(DEFAULTS, argv, RULES, RELATIONS))
+    if cfg.dry_run:
+        return check_without_training(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device='cuda' but torch sees no CUDA GPU (torch {torch.__version__}, "
                           f"CUDA build: {torch.version.cuda or 'none'}): use --device=cpu or auto")
@@ -434,21 +513,8 @@ def train(argv, on_exit):
         raise ConfigError(problem)
     # The ranks of a tensor-parallel group read the same data: data_rank of data_world.
     data_rank, data_world = rank // cfg.tensor_parallel, world // cfg.tensor_parallel
-    if cfg.global_batch_size % (data_world * cfg.micro_batch_size):
-        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
-                          f"data-parallel size {data_world} × micro_batch_size "
-                          f"{cfg.micro_batch_size}")
+    train_data, val_data, fingerprint = open_data(cfg, data_world)
     accum = cfg.global_batch_size // (data_world * cfg.micro_batch_size)
-    vocab, max_id = read_meta(cfg.data_dir)
-    if vocab > cfg.vocab_size or max_id >= cfg.vocab_size:
-        raise ConfigError(f"{cfg.data_dir}: tokenizer has {vocab} ids (largest used "
-                          f"{max_id}), the model's vocab_size is {cfg.vocab_size}")
-    train_data = TrainSequences(cfg.data_dir, cfg.block_size, cfg.seed)
-    val_data = TokenData(cfg.data_dir, "val", cfg.block_size)
-    if train_data.count < cfg.global_batch_size:
-        raise ConfigError(f"{train_data.path} holds {train_data.count} sequences of block_size + 1 "
-                          f"tokens, fewer than one global batch ({cfg.global_batch_size}): give "
-                          "data/prepare.py more text, or lower global_batch_size")
 
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -494,16 +560,15 @@ def train(argv, on_exit):
         state = checkpoint.load(latest, model, optimizer, log)
         step, tokens_seen = state["step"], state["tokens_seen"]
         saved = state["config"]
-        check_same_data(state.get("data", {}), train_data, cfg.allow_data_change)
+        for change in check_same_data(state.get("data", {}), train_data, cfg.allow_data_change,
+                                      fingerprint):
+            log(f"WARNING: allow_data_change: resuming on changed data: {change}")
         changed = [k for k in ("seed", "global_batch_size", "block_size", "data_dir")
                    if saved.get(k) != cfg[k]]
         log(f"resumed from {latest} at step {step}" +
             (f" (WARNING: {', '.join(changed)} changed: the data order differs from the saved run)"
              if changed else ""))
-    epochs = train_data.epochs_after(cfg.max_iters, cfg.global_batch_size)
-    log(f"data: {train_data.count:,} sequences of {cfg.block_size} + 1 tokens in "
-        f"{train_data.path}; {cfg.max_iters} steps read {epochs:.3g} epochs"
-        + (" (WARNING: more than one pass over the data)" if epochs > 1 else ""))
+    log(train_data.describe_run(cfg.max_iters, cfg.global_batch_size))
 
     # --- the plan, for MFU and finish time
     plan_s = None
@@ -523,9 +588,11 @@ def train(argv, on_exit):
         train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
                        "data": {"sampler": "each sequence once per epoch, numpy "
                                            "default_rng([seed, 2, epoch]).permutation (dataset.py)",
-                                "next_step": step, "n_train_tokens": len(train_data.tokens),
+                                "next_step": step, "n_train_tokens": train_data.n_tokens,
+                                "fingerprint": fingerprint,
                                 "sequences": train_data.count,
-                                "epoch": train_data.epochs_after(step, cfg.global_batch_size)}}
+                                "epoch": train_data.epochs_after(step, cfg.global_batch_size),
+                                **source_epochs(train_data, step, cfg)}}
         t0 = time.time()
         path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
                                keep_last=cfg.keep_last_ckpts, log=log)
@@ -604,11 +671,14 @@ def train(argv, on_exit):
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "step_time_s": interval_time / interval_steps,
                       "tokens_seen": tokens_seen, "epoch": epoch,
-                      "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size)}
+                      "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size),
+                      **source_epochs(train_data, step, cfg)}
             if dev.type == "cuda":
                 record.update(peak_memory(dev))
             line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
                     f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
+            if "source_epochs" in record:  # a mixture: each source's own epochs
+                line += " (" + ", ".join(f"{n} {e:.3f}" for n, e in record["source_epochs"].items()) + ")"
             if cfg.flops_per_token and cfg.peak_flops:
                 mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
                 record["mfu"] = mfu

@@ -3,16 +3,28 @@
     python data/prepare.py --input corpus/ more.jsonl --out_dir data/mydata \\
         --tokenizer path/to/tokenizer.json --config config/optimal.py --val_fraction 0.005
     python data/prepare.py --input corpus/ --out_dir data/bytes      # raw bytes, no tokenizer
+    python data/prepare.py ... --workers 16        # processes that tokenize (default: all cores)
 
 Writes <out_dir>/train.bin and <out_dir>/val.bin (flat little-endian uint32 token ids, one
 document after another, each followed by an end-of-document id) and <out_dir>/meta.json
 (vocab_size, tokenizer, n_train_tokens, n_val_tokens, dtype, eos_token_id, bos_token_id,
-max_token_id, val_fraction, chunk_tokens, n_documents).
+max_token_id, val_fraction, chunk_tokens, n_documents, fingerprint).
 
 Inputs are files or directories (searched recursively, in sorted order, for the --extensions).
 A .jsonl file holds one document per line, its text under --jsonl_key; any other file is one
-document of UTF-8 text. Files are streamed: text in pieces of about a megabyte cut at line ends,
-jsonl line by line, and tokens go to disk in chunks, so memory does not grow with the corpus.
+document of UTF-8 text.
+
+At corpus scale: files are cut into segments at every multiple of 1 MiB (a segment holds the
+lines that begin in it; a text file is tokenized a segment at a time), segments are grouped into
+tasks, and --workers processes (default: one per CPU core this process may use) tokenize the
+tasks while this one writes their tokens in input order. The output depends on the input alone,
+byte for byte the same for any number of workers. At most two tasks per worker are in flight,
+so memory stays flat whatever the corpus size. Progress (documents, tokens, tokens/s, ETA) is a
+line redrawn on a terminal, else a plain line every --progress_seconds (a log). The progress is
+saved every --save_seconds and on Ctrl-C or SIGTERM (a second one stops at once) in
+<out_dir>/.prepare-partial/; running the same command again resumes from there (with any number
+of workers), and says plainly why when it cannot (other settings or input files) and starts over.
+
 Invalid UTF-8 bytes (and, in jsonl, lone surrogate escapes such as "\\ud800") are replaced by
 U+FFFD with a warning that names the file and counts them; --strict refuses them instead.
 
@@ -31,29 +43,53 @@ for one huge document as well as for many small ones. By default the chunk size 
 input's size in bytes (known before reading): about 20 val chunks, between 1,024 and 65,536
 tokens each, so small corpora get a val split too.
 
-train.py needs at least block_size + 2 tokens in each split; a smaller split gets a warning.
-block_size (and vocab_size) come from --config config/<variant>.py when given (read, not run),
-else --block_size, default 2048 (the spec's default seq_len).
+train.py needs at least block_size + 2 tokens in each split, and at least global_batch_size
+training sequences of block_size + 1 tokens: a split that falls short is refused before anything
+is written. block_size, vocab_size and global_batch_size come from --config config/<variant>.py
+when given (read, not run), or --block_size and --global_batch_size; without either, block_size
+is taken as 2048 (the spec's default seq_len) and a shortfall is only a warning.
 
-Nothing is half-written: the outputs are written beside their final names and renamed into
-place only when all are complete, so a failed or interrupted run leaves the out_dir as it was.
-Files in out_dir that an earlier run of this script did not write are never replaced.
+meta.json's "fingerprint" holds the size and sha256 of train.bin, val.bin (and tokenizer.json),
+hashed as they are written: train.py refuses to resume a run onto other data, and
+`train.py --dry_run` re-hashes the files against it.
+
+Nothing is half-written: the outputs are written in <out_dir>/.prepare-partial/ and renamed into
+place only when all are complete, so a failed run leaves the out_dir as it was, and an
+interrupted one adds only that hidden directory (its progress). Files in out_dir that an earlier
+run of this script did not write are never replaced.
 """
 
 import argparse
 import ast
 import codecs
+import collections
+import concurrent.futures
+import concurrent.futures.process
+import contextlib
+import fcntl
+import hashlib
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
 import sys
+import threading
+import time
+from fractions import Fraction
 
 import numpy as np
 
 DEFAULT_EOD_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
-TEXT_PIECE_BYTES = 1 << 20  # text files are tokenized in pieces of about this size
+SEGMENT_BYTES = 1 << 20  # files are cut at every multiple of this (a text file's pieces)
+MIN_TASK_BYTES = 1 << 16  # a worker's task: one segment, or several small files up to ...
+TASKS_PER_WORKER = 8  # ... the input's share of one of this many tasks per worker (task_bytes_for)
+HASH_BLOCK_BYTES = 8 << 20  # re-hashing an interrupted run's output reads this much at a time
+PROGRESS_SECONDS = 5  # a progress line this often in a log (a terminal's line is redrawn)
+SAVE_SECONDS = 30  # the progress of a run is saved this often (what an interrupted run resumes)
+PROGRESS_FORMAT = 1  # progress.json's layout; another one is not resumed
 MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 1 << 10, 1 << 16  # range of the automatic chunk size
 CHUNK_TOKENS_LIMIT = 1 << 28  # a chunk is held in memory before it is written (4 bytes a token)
 VAL_CHUNKS_WANTED = 20
@@ -81,7 +117,8 @@ def warn(message):
 # Arguments
 
 
-def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size):
+def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size=0,
+                  workers=0):
     """Range checks: a bad value must fail here, not loop forever or write nonsense later."""
     if not 0.0 < val_fraction < 1.0:  # also refuses nan and inf
         raise PrepareError(f"--val_fraction must be a number strictly between 0 and 1 "
@@ -92,16 +129,24 @@ def check_numbers(vocab_size, val_fraction, chunk_tokens, block_size):
     if not 0 <= vocab_size <= 1 << 32:  # ids are stored as uint32
         raise PrepareError(f"--vocab_size must be 0 (the tokenizer's) or a vocabulary size from "
                            f"1 to {1 << 32}, got {vocab_size}")
-    if block_size < 1:
+    if block_size is not None and block_size < 1:
         raise PrepareError(f"--block_size must be a positive number of tokens (the model's "
                            f"block_size), got {block_size}")
+    if global_batch_size < 0:
+        raise PrepareError(f"--global_batch_size must be 0 (unknown) or the sequences per "
+                           f"optimizer step, got {global_batch_size}")
+    if not 0 <= workers <= 4096:
+        raise PrepareError(f"--workers must be 0 (one per CPU core) or a number of processes "
+                           f"from 1 to 4096, got {workers}")
 
 
 NOT_A_LITERAL = object()
+CONFIG_KEYS = ("block_size", "vocab_size", "global_batch_size")  # what prepare.py checks against
 
 
 def read_config(path):
-    """block_size and vocab_size assigned in a config/<variant>.py, read as literals, never run."""
+    """block_size, vocab_size and global_batch_size assigned in a config/<variant>.py, read as
+    literals, never run."""
     if not os.path.isfile(path):
         raise PrepareError(f"--config {path}: no such file; give one of the repo's "
                            f"config/<variant>.py, or --block_size N instead")
@@ -115,12 +160,12 @@ def read_config(path):
     for node in tree.body:  # plain `key = literal` lines, as llama3gen writes them
         if isinstance(node, ast.Assign) and len(node.targets) == 1 \
                 and isinstance(node.targets[0], ast.Name) \
-                and node.targets[0].id in ("block_size", "vocab_size"):
+                and node.targets[0].id in CONFIG_KEYS:
             try:
                 values[node.targets[0].id] = ast.literal_eval(node.value)
             except (ValueError, RecursionError):
                 values[node.targets[0].id] = NOT_A_LITERAL  # refused below
-    for key in ("block_size", "vocab_size"):
+    for key in CONFIG_KEYS:
         value = values.get(key)
         if key in values and (type(value) is not int or value < 1):
             shown = "computed" if value is NOT_A_LITERAL else f"{value!r:.40}"
@@ -129,7 +174,27 @@ def read_config(path):
     if "block_size" not in values:
         raise PrepareError(f"--config {path}: no `block_size = <integer>` line; give "
                            f"--block_size N instead")
+    for node in tree.body:  # a mixture's sources (train.py's data_sources), when a literal
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "data_sources" \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            values["data_sources"] = node.value.value
     return values
+
+
+def source_share(data_sources, out_dir):
+    """The weight share of the mixture source that out_dir is (data_dir/<name>, train.py's
+    data_sources 'name:weight,...'), or None when out_dir is not one of its sources."""
+    weights = {}
+    for item in data_sources.split(","):
+        name, _, weight = item.strip().partition(":")
+        try:
+            weights[name] = Fraction(weight.strip()).limit_denominator(10 ** 6)
+        except (ValueError, ZeroDivisionError):
+            return None  # train.py refuses it, with its own message
+    name = os.path.basename(os.path.normpath(out_dir))
+    total = sum(weights.values())
+    return weights[name] / total if name in weights and total > 0 else None
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +258,7 @@ class HFTokenizer:
 
 
 # -----------------------------------------------------------------------------
-# Reading documents
+# Reading documents: input files cut into segments, segments grouped into tasks
 
 
 def list_input_files(inputs, extensions):
@@ -220,6 +285,64 @@ def list_input_files(inputs, extensions):
     return files
 
 
+def segments_of(sizes):
+    """The input in order as segments (file index, start, end, is the file's last segment): a
+    file is cut at every multiple of SEGMENT_BYTES and a segment holds the lines that begin in
+    it, so where a text file's pieces end depends on the file alone, never on the workers."""
+    for index, size in enumerate(sizes):
+        starts = range(0, size, SEGMENT_BYTES) if size else [0]
+        for start in starts:
+            yield index, start, min(start + SEGMENT_BYTES, size), start == starts[-1]
+
+
+def tasks_of(segments, task_bytes):
+    """Consecutive segments grouped into tasks of about task_bytes (small files share one)."""
+    task, size = [], 0
+    for segment in segments:
+        if task and size + segment[2] - segment[1] > task_bytes:
+            yield tuple(task)
+            task, size = [], 0
+        task.append(segment)
+        size += segment[2] - segment[1]
+    if task:
+        yield tuple(task)
+
+
+def task_bytes_for(total_bytes, workers):
+    """Tasks small enough that every worker gets several (load balance), large enough that the
+    cost of sending one (about a millisecond) stays small: MIN_TASK_BYTES to SEGMENT_BYTES."""
+    return int(min(SEGMENT_BYTES, max(MIN_TASK_BYTES, total_bytes / (TASKS_PER_WORKER * workers))))
+
+
+def segment_lines(f, start, end):
+    """The lines (bytes, newline included) that begin in [start, end) of the binary file f."""
+    if start:  # skip the rest of a line that began before `start`, in blocks (it may be huge)
+        f.seek(start - 1)
+        while True:
+            block = f.read(1 << 16)
+            newline = block.find(b"\n")
+            if newline >= 0:
+                f.seek(f.tell() - len(block) + newline + 1)
+                break
+            if not block or f.tell() >= end:
+                return
+    position = f.tell()
+    while position < end:
+        line = f.readline()
+        if not line:
+            return
+        position += len(line)
+        yield line
+
+
+class LineError(Exception):
+    """A refusal at a line of an input file, the line counted within one task; the main process,
+    which knows the lines of the file's earlier tasks, turns it into a PrepareError."""
+
+    def __init__(self, index, line, detail):  # index: of the file among the input files
+        super().__init__(index, line, detail)  # as args: an exception must pickle to cross
+
+
 class Replaced:
     """Bytes replaced by U+FFFD so far, counted by the 'prepare.replace' decode error handler."""
     count = 0
@@ -237,20 +360,22 @@ class Decoder:
     """UTF-8 lines of one file: invalid bytes become U+FFFD (counted for a warning), or with
     strict=True an error naming the file, line and column."""
 
-    def __init__(self, path, strict):
-        self.path, self.strict = path, strict
+    def __init__(self, path, strict, index=0):
+        self.path, self.strict, self.index = path, strict, index  # index: among the input files
         self.replaced = {"invalid UTF-8 bytes": 0, "lone surrogates": 0}
         self.first_line = None
+        self.lines = 0  # read so far
 
     def decode(self, raw, line_no):
         if self.strict:
             try:
                 return raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise PrepareError(
-                    f"{self.path}:{line_no}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), "
-                    f"or drop --strict to replace invalid bytes with U+FFFD") from None
+                raise LineError(
+                    self.index, line_no,
+                    f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or drop "
+                    f"--strict to replace invalid bytes with U+FFFD") from None
         before = Replaced.count
         text = raw.decode("utf-8", errors="prepare.replace")
         self.count("invalid UTF-8 bytes", Replaced.count - before, line_no)
@@ -261,10 +386,11 @@ class Decoder:
         if self.strict:
             match = SURROGATES.search(text)
             if match:
-                raise PrepareError(
-                    f"{self.path}:{line_no}: the text holds a lone surrogate "
-                    f"\\u{ord(match.group()):04x} (not a character; UTF-8 cannot encode it); "
-                    f"fix the line, or drop --strict to replace it with U+FFFD")
+                raise LineError(
+                    self.index, line_no,
+                    f"the text holds a lone surrogate \\u{ord(match.group()):04x} (not a "
+                    f"character; UTF-8 cannot encode it); fix the line, or drop --strict to "
+                    f"replace it with U+FFFD")
             return text
         text, n = SURROGATES.subn("\ufffd", text)
         self.count("lone surrogates", n, line_no)
@@ -275,142 +401,272 @@ class Decoder:
             self.first_line = line_no
         self.replaced[what] += n
 
-    def report(self):
-        counts = [f"{n} {what}" for what, n in self.replaced.items() if n]
-        if counts:
-            warn(f"{self.path}: {' and '.join(counts)} replaced with U+FFFD (the first on line "
-                 f"{self.first_line}); pass --strict to refuse them")
 
-
-def read_documents(path, jsonl_key, strict=False):
-    """Yield (text piece, is the last piece of its document) for one input file."""
-    decoder = Decoder(path, strict)
+def segment_documents(path, start, end, last, jsonl_key, decoder, first_line):
+    """Yield (text, ends a document) for one segment; lines are numbered from first_line.
+    A .jsonl line is a document; any other file is one document, a piece per segment."""
+    is_jsonl = path.endswith(".jsonl")
+    piece = []
     try:
         with open(path, "rb") as f:  # bytes: lines are decoded one by one, to name a bad one
-            if path.endswith(".jsonl"):
-                for line_no, raw in enumerate(f, 1):
+            for line_no, raw in enumerate(segment_lines(f, start, end), first_line):
+                decoder.lines += 1
+                if is_jsonl:
                     if raw.strip():
-                        yield jsonl_text(decoder, raw, line_no, jsonl_key), True
-            else:
-                # A text file is one document, read in pieces cut after a newline.
-                piece, size = [], 0
-                for line_no, raw in enumerate(f, 1):
-                    line = decoder.decode(raw, line_no)
-                    if "\r" in line:  # universal newlines, as Python's text mode reads them
-                        line = line.replace("\r\n", "\n").replace("\r", "\n")
-                    piece.append(line)
-                    size += len(line)
-                    if size >= TEXT_PIECE_BYTES:
-                        yield "".join(piece), False
-                        piece, size = [], 0
-                yield "".join(piece), True
+                        yield jsonl_text(decoder, raw, line_no, jsonl_key, start == 0), True
+                    continue
+                line = decoder.decode(raw, line_no)
+                if "\r" in line:  # universal newlines, as Python's text mode reads them
+                    line = line.replace("\r\n", "\n").replace("\r", "\n")
+                piece.append(line)
     except OSError as e:  # only reading happens in here (the consumer's errors stay outside)
         raise PrepareError(f"{path}: cannot read: {e.strerror or e}") from None
-    decoder.report()
+    if not is_jsonl:
+        yield "".join(piece), last
 
 
-def jsonl_text(decoder, raw, line_no, key):
+def jsonl_text(decoder, raw, line_no, key, first_segment):
     """The text of one jsonl line: a JSON object whose `key` is a string."""
-    path = decoder.path
+    index = decoder.index
     line = decoder.decode(raw, line_no)
-    if line_no == 1:
+    if line_no == 1 and first_segment:
         line = line.lstrip("\ufeff")  # a byte-order mark some editors write
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        raise PrepareError(f"{path}:{line_no}: not valid JSON ({e}); each line must be a JSON "
-                           f"object such as {{{json.dumps(key)}: \"...\"}}") from None
+        raise LineError(index, line_no, f"not valid JSON ({e}); each line must be a JSON object "
+                                       f"such as {{{json.dumps(key)}: \"...\"}}") from None
     if not isinstance(obj, dict) or key not in obj:
         what = f"an object without {key!r}" if isinstance(obj, dict) else type(obj).__name__
-        raise PrepareError(f"{path}:{line_no}: expected a JSON object with a {key!r} string, got "
-                           f"{what}; fix the line, or name the text field with --jsonl_key")
+        raise LineError(index, line_no, f"expected a JSON object with a {key!r} string, got "
+                                       f"{what}; fix the line, or name the text field with "
+                                       f"--jsonl_key")
     text = obj[key]
     if not isinstance(text, str):
         shown = json.dumps(text)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise PrepareError(f"{path}:{line_no}: {key!r} is {shown}, not a string; every line needs "
-                           f"its text as a JSON string")
+        raise LineError(index, line_no, f"{key!r} is {shown}, not a string; every line needs its "
+                                       f"text as a JSON string")
     return decoder.fix_surrogates(text, line_no)
 
 
 # -----------------------------------------------------------------------------
-# Writing the outputs
+# Tokenizing a task, in a worker process (or in this one for --workers 1)
+
+_worker = {}  # set once per worker process by start_worker (a pool initializer takes no return)
 
 
-class Staging:
-    """Output files written beside their final names in out_dir (".<name>.<pid>.tmp") and renamed
-    into place together by commit(), meta.json last; abort() removes them."""
+def start_worker(tok, vocab_size, files, jsonl_key, strict, in_pool):
+    """Set up a worker process: one thread each, the workers are the parallelism."""
+    if in_pool:  # Ctrl-C and SIGTERM are the main process's to handle (it saves the progress)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # `tokenizers` would start a thread per core
+    _worker.update(tok=tok, vocab_size=vocab_size, files=files, jsonl_key=jsonl_key,
+                   strict=strict)
+
+
+def exit_with_parent(parent):
+    """A worker whose main process was killed (SIGKILL, the OOM killer) would wait for work
+    forever: leave when the parent is gone (the worker is then re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def tokenize_task(task):
+    """One task's token ids (end-of-document ids included) and, per segment, what the main
+    process merges: (file index, lines, documents, replaced counts, first replaced line, last)."""
+    tok, files, vocab_size = _worker["tok"], _worker["files"], _worker["vocab_size"]
+    texts, owners, ends, segments = [], [], [], []
+    lines_in_task = {}  # a file's lines in this task so far: its later segments count on
+    for index, start, end, last in task:
+        path = files[index]
+        decoder = Decoder(path, _worker["strict"], index)
+        first_line = lines_in_task.get(index, 0) + 1
+        documents = 0
+        for text, ends_document in segment_documents(path, start, end, last,
+                                                     _worker["jsonl_key"], decoder, first_line):
+            texts.append(text)
+            owners.append(index)
+            ends.append(ends_document)
+            documents += ends_document
+        lines_in_task[index] = first_line - 1 + decoder.lines
+        first_replaced = decoder.first_line and decoder.first_line - first_line + 1  # in segment
+        segments.append((index, decoder.lines, documents, decoder.replaced, first_replaced, last))
+    ids = []
+    eod = np.array([tok.eod_id if tok.eod_id is not None else 0], dtype=np.uint32)
+    for encoded, owner, ends_document in zip(tok.encode_batch(texts), owners, ends):
+        if ends_document and tok.eod_id is not None:
+            encoded = np.concatenate([encoded, eod])
+        if len(encoded) and int(encoded.max()) >= vocab_size:
+            raise PrepareError(
+                f"{files[owner]}: token id {int(encoded.max())} >= vocab_size {vocab_size}; the "
+                f"tokenizer ({tok.name}, {tok.vocab_size} ids) does not fit the model's "
+                f"vocabulary: use a smaller tokenizer or a larger vocab_size")
+        ids.append(encoded)
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)), segments
+
+
+# -----------------------------------------------------------------------------
+# Running the tasks: in order, at most a few in flight (memory stays flat)
+
+
+def ordered_results(tasks, workers, worker_args):
+    """(task, tokenize_task(task)) for `tasks`, in task order, from `workers` processes (in this
+    one for 1). At most 2 tasks per worker are queued or done-but-unread, so memory holds a few
+    tasks' text and tokens whatever the corpus size."""
+    if workers == 1:
+        start_worker(*worker_args, in_pool=False)
+        for task in tasks:
+            yield task, tokenize_task(task)
+        return
+    # fork: the workers start at once and need no re-import of this script
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                  initializer=start_worker,
+                                                  initargs=(*worker_args, True))
+    in_flight, finished = collections.deque(), False
+    try:
+        for task in tasks:
+            in_flight.append((task, pool.submit(tokenize_task, task)))
+            if len(in_flight) >= 2 * workers:
+                task, future = in_flight.popleft()
+                yield task, future.result()
+        while in_flight:
+            task, future = in_flight.popleft()
+            yield task, future.result()
+        finished = True
+    finally:  # after an error or an interrupt, drop the queued tasks (the running ones finish)
+        pool.shutdown(wait=True, cancel_futures=not finished)
+
+
+# -----------------------------------------------------------------------------
+# Writing the outputs: a partial run in out_dir/.prepare-partial, renamed into place at the end
+
+
+class Partial:
+    """<out_dir>/.prepare-partial/: train.bin and val.bin as far as they are written,
+    progress.json (how far, with which settings) and pending-<task>.bin (the tokens of the chunk
+    being filled). An interrupted run leaves it, and the same command resumes from it.
+    flock()ed while a run uses it. commit() renames the outputs into out_dir, meta.json last,
+    and removes it; abort() removes it."""
+
+    NAME = ".prepare-partial"
+    OURS = re.compile(r"(train\.bin|val\.bin|progress\.json|pending-\d+\.bin|meta\.json|"
+                      r"tokenizer\.json)(\.tmp)?")
 
     def __init__(self, out_dir):
         self.out_dir = out_dir
-        self.tmp = {}  # final name -> temporary path, in commit order
-        self.files = []
+        self.path = os.path.join(out_dir, self.NAME)
+        self.fd = None
 
-    def open(self, name):
-        path = os.path.join(self.out_dir, f".{name}.{os.getpid()}.tmp")
-        self.tmp[name] = path  # before creating it: an interrupt just after must remove it too
+    def open(self):
+        """Create or reuse the directory and lock it; return the saved progress (or None)."""
+        if os.path.islink(self.path) or (os.path.lexists(self.path)
+                                         and not os.path.isdir(self.path)):
+            raise PrepareError(f"{self.path}: not a directory; move it away (data/prepare.py "
+                               f"keeps an interrupted run's progress there)")
+        os.makedirs(self.path, exist_ok=True)
+        foreign = [n for n in os.listdir(self.path) if not self.OURS.fullmatch(n)]
+        if foreign:
+            raise PrepareError(f"{self.path}: holds {foreign[0]}, which data/prepare.py did not "
+                               f"write; move it away")
+        self.fd = os.open(self.path, os.O_RDONLY)
         try:
-            # O_EXCL: never write through a file or symlink that is already there
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            del self.tmp[name]  # not ours
-            raise
-        f = os.fdopen(fd, "wb")
-        self.files.append(f)
-        return f
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise PrepareError(f"another data/prepare.py is writing into {self.out_dir}; wait "
+                               f"for it, or choose another --out_dir") from None
+        try:
+            with open(os.path.join(self.path, "progress.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
-    def write(self, name, data):
-        f = self.open(name)
-        f.write(data)
-        self.close(f)
+    def file(self, name):
+        return os.path.join(self.path, name)
 
-    def close(self, f):
-        f.flush()
-        os.fsync(f.fileno())  # a full disk must fail here, before anything is renamed
-        f.close()
+    def clear(self):
+        """Remove what an earlier run left (a restart)."""
+        for name in os.listdir(self.path):
+            os.remove(self.file(name))
 
-    def commit(self):
+    def write_atomic(self, name, data):
+        """Write a file of the partial run whole or not at all (fsync, then rename)."""
+        with open(self.file(name + ".tmp"), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.file(name + ".tmp"), self.file(name))
+
+    def commit(self, extra):
+        """Rename train.bin, val.bin and `extra` ({name: bytes}, meta.json last) into out_dir."""
+        for name, data in extra.items():
+            self.write_atomic(name, data)
         # The renames take microseconds; a signal in between must not leave half of them done.
         blocked = {signal.SIGINT, signal.SIGTERM}
-        if hasattr(signal, "pthread_sigmask"):  # POSIX
-            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            for name, tmp in self.tmp.items():
-                os.replace(tmp, os.path.join(self.out_dir, name))
-            self.tmp = {}
+            for name in ("train.bin", "val.bin", *extra):
+                os.replace(self.file(name), os.path.join(self.out_dir, name))
+            self.abort()
         finally:
-            if hasattr(signal, "pthread_sigmask"):
-                try:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-                except KeyboardInterrupt:
-                    pass  # Ctrl-C during the renames: they are done, so the run is complete
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            except KeyboardInterrupt:
+                pass  # Ctrl-C during the renames: they are done, so the run is complete
 
     def abort(self):
-        for f in self.files:
-            try:
-                f.close()  # may fail again (a full disk) while flushing
-            except OSError:
-                pass
-        for tmp in self.tmp.values():
-            try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
-        self.tmp = {}
+        """Remove the partial run and its directory, if this process holds it (not another's)."""
+        if self.fd is not None and os.path.isdir(self.path):
+            self.clear()
+            os.rmdir(self.path)
+        self.close()
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
 
 class SplitWriter:
-    """Cut a token stream into chunks and send each to train.bin or val.bin."""
+    """Cut a token stream into chunks and send each to train.bin or val.bin (in the partial
+    run's directory), hashing what it writes. save() and resume() carry its state across an
+    interrupted run."""
 
-    def __init__(self, staging, val_fraction, chunk_tokens):
-        self.staging = staging
+    def __init__(self, partial, val_fraction, chunk_tokens):
+        self.partial = partial
         self.val_fraction = val_fraction
         self.chunk_tokens = chunk_tokens
-        self.files = {s: staging.open(f"{s}.bin") for s in ("train", "val")}
+        self.files = {}
         self.counts = {"train": 0, "val": 0}
+        self.hashes = {s: hashlib.sha256() for s in ("train", "val")}  # streamed, for meta.json
         self.pending = []  # arrays not yet written
         self.n_pending = 0
         self.chunk_index = 0
+
+    def start(self, saved=None):
+        """Open the split files: new ones, or (saved: a state from save()) the interrupted run's,
+        cut back to where that state was saved and re-hashed up to there."""
+        for split in ("train", "val"):
+            path = self.partial.file(f"{split}.bin")
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            self.files[split] = os.fdopen(os.open(path, flags, 0o666), "r+b")
+            size = 4 * saved["counts"][split] if saved else 0
+            self.files[split].truncate(size)
+            while block := self.files[split].read(HASH_BLOCK_BYTES):
+                self.hashes[split].update(block)
+            self.files[split].seek(size)
+        if saved:
+            self.counts = dict(saved["counts"])
+            self.chunk_index = saved["chunk_index"]
+            pending = np.fromfile(self.partial.file(saved["pending_file"]), dtype="<u4")
+            self.pending, self.n_pending = [pending], len(pending)
 
     def _split_of_chunk(self, k):
         f = self.val_fraction
@@ -431,20 +687,48 @@ class SplitWriter:
 
     def _write_chunk(self, chunk):
         split = self._split_of_chunk(self.chunk_index)
-        self.files[split].write(chunk.astype("<u4").tobytes())
+        data = chunk.astype("<u4").tobytes()
+        self.files[split].write(data)
+        self.hashes[split].update(data)
         self.counts[split] += len(chunk)
         self.chunk_index += 1
+
+    def save(self, segments_done):
+        """Make everything written so far durable and return the state that resumes it."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())  # the data first: the state saved after it may rely on it
+        pending_file = f"pending-{segments_done}.bin"
+        pending = np.concatenate(self.pending) if self.pending else np.zeros(0, np.uint32)
+        self.partial.write_atomic(pending_file, pending.astype("<u4").tobytes())
+        return {"counts": dict(self.counts), "chunk_index": self.chunk_index,
+                "pending_file": pending_file}
 
     def finish(self):
         if self.n_pending:
             self._write_chunk(np.concatenate(self.pending))
+            self.pending, self.n_pending = [], 0
         for f in self.files.values():
-            self.staging.close(f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk must fail here, before anything is renamed
+            f.close()
         for split in ("train", "val"):
             if self.counts[split] == 0:
                 raise PrepareError(
                     f"the {split} split is empty ({self.chunk_index} chunks of {self.chunk_tokens} "
                     f"tokens): give more data, or lower --chunk_tokens or raise --val_fraction")
+
+    def close(self):
+        for f in self.files.values():
+            try:
+                f.close()  # may fail again (a full disk) while flushing
+            except OSError:
+                pass
+
+    def fingerprint(self):
+        """{file: {bytes, sha256}}: what train.py compares on resume (meta.json "fingerprint")."""
+        return {f"{s}.bin": {"bytes": 4 * self.counts[s], "sha256": self.hashes[s].hexdigest()}
+                for s in ("train", "val")}
 
 
 def check_out_dir(out_dir, tok):
@@ -487,13 +771,276 @@ def is_tokenizer_copy(tok, target):
 
 
 # -----------------------------------------------------------------------------
+# Progress, interrupts and resuming
+
+
+class Progress:
+    """Documents, tokens, tokens/s and ETA: one line redrawn in place on a terminal, else a plain
+    line every `every_s` seconds (a log). Rates count this run only (a resumed run's
+    earlier part took no time here)."""
+
+    def __init__(self, total_bytes, done_bytes, done_tokens, every_s, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every_s = min(every_s, 0.5) if self.tty else every_s
+        self.total, self.first_done, self.tokens_at_start = total_bytes, done_bytes, done_tokens
+        self.start = self.last = time.monotonic()
+
+    def update(self, done_bytes, documents, tokens, final=False):
+        now = time.monotonic()
+        if not final and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = (tokens - self.tokens_at_start) / elapsed
+        bytes_rate = (done_bytes - self.first_done) / elapsed
+        eta = (self.total - done_bytes) / bytes_rate if bytes_rate > 0 else float("inf")
+        line = (f"prepare: {documents:,} documents, {tokens:,} tokens, {rate / 1e6:.3g}M tokens/s, "
+                f"{done_bytes / 1e6:,.1f} of {self.total / 1e6:,.1f} MB "
+                f"({100 * done_bytes / max(self.total, 1):.0f}%), ETA {format_eta(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line + "\033[K" + ("\n" if final else ""))
+        elif not final:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def format_eta(seconds):
+    if not math.isfinite(seconds):
+        return "unknown"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Interrupts:
+    """SIGINT and SIGTERM: the first asks to stop after the current task (the progress is saved,
+    the same command resumes); a second stops at once (the last saved progress stays)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        os.write(sys.stderr.fileno(), b"prepare.py: interrupted: saving the progress after the "
+                                      b"current piece (interrupt again to stop at once)\n")
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """Stopped by a signal; the progress is saved (or there was none to save)."""
+
+
+def run_settings(files, sizes, tok, vocab_size, val_fraction, chunk_tokens, jsonl_key, strict):
+    """Everything the output depends on: a saved run resumes only under the same settings.
+    The inputs count by name, size and modification time (not content: that is read once)."""
+    inputs = hashlib.sha256()
+    for path, size in zip(files, sizes):
+        inputs.update(f"{os.path.abspath(path)}\0{size}\0{os.stat(path).st_mtime_ns}\0".encode())
+    return {"format": PROGRESS_FORMAT, "inputs": f"{len(files)} files, sha256 {inputs.hexdigest()}",
+            "tokenizer": hashlib.sha256(tok.data).hexdigest() if tok.data else tok.name,
+            "eod_token_id": tok.eod_id, "vocab_size": vocab_size, "val_fraction": val_fraction,
+            "chunk_tokens": chunk_tokens, "jsonl_key": jsonl_key, "strict": strict,
+            "segment_bytes": SEGMENT_BYTES}
+
+
+SETTING_NAMES = {"inputs": "the input files (names, sizes or modification times)",
+                 "tokenizer": "--tokenizer", "eod_token_id": "--eod_token",
+                 "vocab_size": "--vocab_size", "val_fraction": "--val_fraction",
+                 "chunk_tokens": "--chunk_tokens", "jsonl_key": "--jsonl_key", "strict": "--strict"}
+
+
+def why_restart(saved, settings, partial):
+    """None when `saved` (progress.json) resumes under `settings`, else why it cannot."""
+    if saved is None:
+        return "the interrupted run saved no progress yet"
+    try:
+        if saved["settings"]["format"] != PROGRESS_FORMAT:
+            return "its progress.json is of another version of data/prepare.py"
+        changed = [SETTING_NAMES.get(k, k) for k in settings if saved["settings"].get(k) != settings[k]]
+        if changed:
+            return f"{', '.join(changed)} changed since"
+        state = saved["writer"]
+        for split in ("train", "val"):
+            path = partial.file(f"{split}.bin")
+            if not os.path.isfile(path) or os.path.getsize(path) < 4 * state["counts"][split]:
+                return f"{path} is shorter than its saved progress"
+        if not os.path.isfile(partial.file(state["pending_file"])):
+            return f"{partial.file(state['pending_file'])} is missing"
+        int(saved["segments_done"]), int(saved["bytes_done"]), int(saved["documents"])
+    except (KeyError, TypeError, ValueError):  # not a progress.json this script wrote whole
+        return "its progress.json is incomplete"
+    return None
+
+
+# -----------------------------------------------------------------------------
+
+
+def check_split_sizes(meta, out_dir, block_size, global_batch_size, share=None):
+    """What train.py will need of the splits, checked before anything is written: validation
+    reads windows of block_size + 1 tokens (TokenData: block_size + 2 tokens at least), and a
+    step reads global_batch_size training sequences of block_size + 1 tokens that tile train.bin
+    ((tokens - 1) // block_size of them, dataset.py). With block_size unknown (None: neither
+    --block_size nor --config) the default is a guess, so a shortfall is only a warning."""
+    known = block_size is not None
+    block_size = block_size if known else DEFAULT_BLOCK_SIZE
+    problems = []
+    for split in ("train", "val"):
+        n = meta[f"n_{split}_tokens"]
+        if n < block_size + 2:
+            problems.append(
+                f"{os.path.join(out_dir, split + '.bin')} would hold {n:,} tokens, fewer than "
+                f"block_size + 2 = {block_size + 2} (one sequence of block_size + 1 tokens and a "
+                f"choice of start) that train.py needs: give more data"
+                f"{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
+                f"block_size (--block_size or --config)")
+    sequences = (meta["n_train_tokens"] - 1) // block_size
+    # a mixture's source: a step draws less than 2 more than its share (dataset.py's rule)
+    need = math.ceil(share * global_batch_size) + 1 if share else global_batch_size
+    if not problems and global_batch_size and sequences < need:
+        reads = (f"that one optimizer step may draw from this source (its share {float(share):.3g} "
+                 f"of global_batch_size {global_batch_size}, rounded up, + 1)" if share else
+                 "that one optimizer step reads (global_batch_size)")
+        problems.append(
+            f"{os.path.join(out_dir, 'train.bin')} would hold {sequences:,} sequences of "
+            f"block_size + 1 = {block_size + 1} tokens, fewer than the {need} {reads}: give "
+            f"more data, lower --val_fraction, or lower global_batch_size in the config")
+    if problems and known:
+        raise PrepareError(problems[0] + "; nothing was written")
+    for problem in problems:
+        warn(f"{problem} (block_size {block_size} is the default: give --config or --block_size "
+             f"to make this an error before anything is written)")
+
+
+def new_file_state(index):
+    """What the main process keeps of the input file being read: for line numbers and warnings."""
+    return {"index": index, "lines": 0, "first_line": None,
+            "replaced": {"invalid UTF-8 bytes": 0, "lone surrogates": 0}}
+
+
+def merge_segments(state, segments, files):
+    """Add a task's per-segment counts to the run's state; warn about a finished file's
+    replaced characters (the same warning whatever the number of workers)."""
+    for index, lines, documents, replaced, first_line, last in segments:
+        if state["file"]["index"] != index:
+            state["file"] = new_file_state(index)
+        f = state["file"]
+        if first_line is not None and f["first_line"] is None:
+            f["first_line"] = f["lines"] + first_line
+        f["lines"] += lines
+        for what, n in replaced.items():
+            f["replaced"][what] += n
+        state["documents"] += documents
+        counts = [f"{n} {what}" for what, n in f["replaced"].items() if n]
+        if last and counts:
+            warn(f"{files[index]}: {' and '.join(counts)} replaced with U+FFFD (the first on line "
+                 f"{f['first_line']}); pass --strict to refuse them")
+
+
+def line_error(e, state, files):
+    """A worker's LineError as the user's PrepareError: file:line counted from the file's start."""
+    index, line, detail = e.args
+    before = state["file"]["lines"] if state["file"]["index"] == index else 0
+    return PrepareError(f"{files[index]}:{before + line}: {detail}")
+
+
+def start_run(partial, settings, resume, log):
+    """The state to start from: a fresh one, or the interrupted run's (said which, and why)."""
+    had_files = os.path.isdir(partial.path) and bool(os.listdir(partial.path))
+    saved = partial.open()
+    why = why_restart(saved, settings, partial) if resume else "--no_resume was given"
+    if saved is not None and why is None:
+        written = 4 * sum(saved["writer"]["counts"].values())
+        log(f"prepare.py: resuming the interrupted run in {partial.path} at "
+            f"{saved['bytes_done'] / 1e6:,.1f} MB of the input ({saved['documents']:,} documents; "
+            f"re-hashing the {written / 1e6:,.1f} MB of tokens written so far first)")
+        return saved
+    if had_files:
+        log(f"prepare.py: not resuming the interrupted run in {partial.path} ({why}): "
+            f"starting over")
+        partial.clear()
+    return {"settings": settings, "segments_done": 0, "bytes_done": 0, "documents": 0, "max_id": -1,
+            "file": new_file_state(-1), "writer": None}
+
+
+def save_progress(partial, writer, state):
+    """progress.json, written after the data it counts is on disk (SplitWriter.save)."""
+    old = (state.get("writer") or {}).get("pending_file")
+    state["writer"] = writer.save(state["segments_done"])
+    partial.write_atomic("progress.json", json.dumps(state, indent=1).encode())
+    if old and old != state["writer"]["pending_file"]:
+        os.remove(partial.file(old))
+
+
+def tokenize_all(state, writer, partial, files, sizes, workers, worker_args, interrupts,
+                 progress_seconds, save_seconds):
+    """Run the tasks not done yet in `state`, in order, into `writer`; save the progress every
+    save_seconds and after an interrupt (then raise Interrupted)."""
+    tokens = sum(writer.counts.values()) + writer.n_pending
+    progress = Progress(sum(sizes), state["bytes_done"], tokens, progress_seconds)
+    segments = itertools.islice(segments_of(sizes), state["segments_done"], None)
+    tasks = tasks_of(segments, task_bytes_for(sum(sizes), workers))
+    last_save = time.monotonic()
+    try:
+        with contextlib.closing(ordered_results(tasks, workers, worker_args)) as results:
+            for task, (ids, segments) in results:
+                merge_segments(state, segments, files)
+                writer.add(ids)
+                state["max_id"] = max(state["max_id"], int(ids.max()) if len(ids) else -1)
+                state["segments_done"] += len(task)
+                state["bytes_done"] += sum(end - start for _, start, end, _ in task)
+                tokens = sum(writer.counts.values()) + writer.n_pending
+                progress.update(state["bytes_done"], state["documents"], tokens)
+                if interrupts.signal or time.monotonic() - last_save >= save_seconds:
+                    save_progress(partial, writer, state)
+                    last_save = time.monotonic()
+                    if interrupts.signal:
+                        raise Interrupted()
+        progress.update(state["bytes_done"], state["documents"], tokens, final=True)
+    except LineError as e:
+        raise line_error(e, state, files) from None
+    except concurrent.futures.process.BrokenProcessPool:
+        raise PrepareError("a tokenizer worker process died (killed, or out of memory): nothing "
+                           "was written; run again, with fewer --workers if memory ran out"
+                           ) from None
+
+
+def make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens):
+    meta = {
+        "vocab_size": vocab_size,
+        "tokenizer": tok.name,
+        "n_train_tokens": writer.counts["train"],
+        "n_val_tokens": writer.counts["val"],
+        "dtype": "uint32",
+        "eos_token_id": tok.eod_id,
+        "bos_token_id": tok.bos_id,
+        "max_token_id": state["max_id"],
+        "val_fraction": val_fraction,
+        "chunk_tokens": chunk_tokens,
+        "n_documents": state["documents"],
+        "fingerprint": writer.fingerprint(),
+    }
+    if tok.path:
+        meta["fingerprint"]["tokenizer.json"] = {"bytes": len(tok.data),
+                                                 "sha256": hashlib.sha256(tok.data).hexdigest()}
+    return meta
 
 
 def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
             chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
-            eod_token="", block_size=DEFAULT_BLOCK_SIZE, strict=False, log=print):
-    """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict."""
-    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size)
+            eod_token="", block_size=None, strict=False, log=print, global_batch_size=0,
+            workers=0, resume=True, progress_seconds=PROGRESS_SECONDS, save_seconds=SAVE_SECONDS,
+            share=None):
+    """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict.
+    block_size, global_batch_size: the model's (None, 0: unknown), checked against the splits;
+    share: out_dir's weight share when it is a source of a mixture (source_share).
+    workers: processes that tokenize (0: one per CPU core this process may use)."""
+    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size, workers)
     if not out_dir:
         raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
                            "meta.json (e.g. data/shards)")
@@ -503,67 +1050,65 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
     tok = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(tokenizer, eod_token)
     vocab_size = vocab_size or tok.vocab_size
     files = list_input_files(inputs, extensions)
+    sizes = [os.path.getsize(f) for f in files]
     check_out_dir(out_dir, tok)
-    if not chunk_tokens:
-        chunk_tokens = auto_chunk_tokens(sum(os.path.getsize(f) for f in files), val_fraction)
+    chunk_tokens = chunk_tokens or auto_chunk_tokens(sum(sizes), val_fraction)
+    settings = run_settings(files, sizes, tok, vocab_size, val_fraction, chunk_tokens, jsonl_key,
+                            strict)
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    staging = Staging(out_dir)
+    partial = Partial(out_dir)
+    writer = SplitWriter(partial, val_fraction, chunk_tokens)
+    state = None
+    interrupts = Interrupts()  # from here a signal is a request to save and stop
     try:
-        writer = SplitWriter(staging, val_fraction, chunk_tokens)
-        n_documents, max_id = 0, -1
-        for path in files:
-            for text, end_of_document in read_documents(path, jsonl_key, strict):
-                (ids,) = tok.encode_batch([text])
-                if end_of_document and tok.eod_id is not None:
-                    ids = np.append(ids, np.uint32(tok.eod_id))
-                if len(ids) and int(ids.max()) >= vocab_size:
-                    bad = int(ids.max())
-                    raise PrepareError(
-                        f"{path}: token id {bad} >= vocab_size {vocab_size}; the tokenizer "
-                        f"({tok.name}, {tok.vocab_size} ids) does not fit the model's vocabulary: "
-                        f"use a smaller tokenizer or a larger vocab_size")
-                max_id = max(max_id, int(ids.max()) if len(ids) else -1)
-                n_documents += end_of_document
-                writer.add(ids)
+        state = start_run(partial, settings, resume, log)
+        writer.start(state["writer"])
+        tokenize_all(state, writer, partial, files, sizes, workers or available_cores(),
+                     (tok, vocab_size, files, jsonl_key, strict), interrupts, progress_seconds,
+                     save_seconds)
+        interrupts.restore()  # the rest takes moments: Ctrl-C stops it as before
         writer.finish()
-        meta = {
-            "vocab_size": vocab_size,
-            "tokenizer": tok.name,
-            "n_train_tokens": writer.counts["train"],
-            "n_val_tokens": writer.counts["val"],
-            "dtype": "uint32",
-            "eos_token_id": tok.eod_id,
-            "bos_token_id": tok.bos_id,
-            "max_token_id": max_id,
-            "val_fraction": val_fraction,
-            "chunk_tokens": chunk_tokens,
-            "n_documents": n_documents,
-        }
+        meta = make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens)
+        check_split_sizes(meta, out_dir, block_size, global_batch_size, share)
+        extra = {}
         if tok.path and not is_tokenizer_copy(tok, os.path.join(out_dir, "tokenizer.json")):
-            staging.write("tokenizer.json", tok.data)  # kept with the data: export_hf.py ships it
-        staging.write("meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-        staging.commit()
+            extra["tokenizer.json"] = tok.data  # kept with the data: export_hf.py ships it
+        extra["meta.json"] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        partial.commit(extra)
+    except (Interrupted, KeyboardInterrupt) as e:
+        writer.close()
+        if partial.fd is None or not os.path.isfile(partial.file("progress.json")):
+            partial.abort()  # nothing saved to resume from: leave no trace
+            raise Interrupted("interrupted; nothing was written") from None
+        partial.close()
+        how = "stopped at once" if isinstance(e, KeyboardInterrupt) else "interrupted"
+        done = f" after {state['bytes_done'] / 1e6:,.1f} MB of the input" if state else ""
+        raise Interrupted(f"{how}{done}; the progress is saved in {partial.path}: run the same "
+                          f"command again to resume (--no_resume starts over)") from None
     except OSError as e:  # reading errors are PrepareErrors already: this is the out_dir
-        staging.abort()
+        writer.close()
+        partial.abort()
         raise PrepareError(f"--out_dir {out_dir}: cannot write ({e.strerror or e}); nothing was "
                            f"written: free some space or choose another --out_dir") from None
     except BaseException:
-        staging.abort()
+        writer.close()
+        partial.abort()
         raise
     finally:
+        interrupts.restore()
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)  # a failed run leaves no trace, not even the directory
-    for split in ("train", "val"):  # train.py needs a window of block_size + 1 tokens and more
-        n = meta[f"n_{split}_tokens"]
-        if n < block_size + 2:
-            warn(f"{os.path.join(out_dir, split + '.bin')} has {n} tokens, fewer than block_size "
-                 f"+ 2 = {block_size + 2}: train.py will refuse it; give more data"
-                 f"{', raise --val_fraction' if split == 'val' else ''} or use a smaller "
-                 f"block_size (--block_size or --config)")
-    log(f"{n_documents} documents from {len(files)} files: {meta['n_train_tokens']:,} train and "
-        f"{meta['n_val_tokens']:,} val tokens -> {out_dir}")
+    log(f"{state['documents']} documents from {len(files)} files: {meta['n_train_tokens']:,} "
+        f"train and {meta['n_val_tokens']:,} val tokens -> {out_dir}")
     return meta
+
+
+def available_cores():
+    """The CPU cores this process may run on (a SLURM job's or taskset's share), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -586,29 +1131,52 @@ def main(argv=None):
     p.add_argument("--block_size", type=int,
                    help="the model's block_size: a split with fewer than block_size + 2 tokens "
                         f"gets a warning (default: the config's, else {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--global_batch_size", type=int,
+                   help="sequences per optimizer step: a train split with fewer sequences is "
+                        "refused (default: the config's, else not checked)")
     p.add_argument("--config", default="",
-                   help="a config/<variant>.py to take block_size and vocab_size from")
+                   help="a config/<variant>.py to take block_size, vocab_size and "
+                        "global_batch_size from")
     p.add_argument("--strict", action="store_true",
                    help="refuse invalid UTF-8 and lone surrogates instead of replacing them")
     p.add_argument("--extensions", default="txt,md,jsonl",
                    help="comma-separated file extensions searched for in directories")
     p.add_argument("--jsonl_key", default="text")
     p.add_argument("--eod_token", default="", help="end-of-document token of a tokenizer.json")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that tokenize (default 0: one per CPU core this process may "
+                        "use); the output is the same for any number")
+    p.add_argument("--no_resume", action="store_true",
+                   help="start over even where an interrupted run of the same command saved "
+                        "its progress")
+    p.add_argument("--progress_seconds", type=float, default=PROGRESS_SECONDS,
+                   help=f"seconds between progress lines when stdout is not a terminal "
+                        f"(default {PROGRESS_SECONDS})")
+    p.add_argument("--save_seconds", type=float, default=SAVE_SECONDS,
+                   help=f"seconds between saves of the progress an interrupted run resumes from "
+                        f"(default {SAVE_SECONDS})")
     a = p.parse_args(argv)
     try:
         config = read_config(a.config) if a.config else {}
-        if a.block_size is None:
-            a.block_size = config.get("block_size", DEFAULT_BLOCK_SIZE)
+        block_size = a.block_size if a.block_size is not None else config.get("block_size")
+        batch = (a.global_batch_size if a.global_batch_size is not None
+                 else config.get("global_batch_size", 0))
         prepare(a.input, a.out_dir, a.tokenizer, a.vocab_size or config.get("vocab_size", 0),
                 a.val_fraction, a.chunk_tokens, tuple(a.extensions.split(",")), a.jsonl_key,
-                a.eod_token, a.block_size, a.strict)
+                a.eod_token, block_size, a.strict, global_batch_size=batch, workers=a.workers,
+                share=source_share(config.get("data_sources", ""), a.out_dir),
+                resume=not a.no_resume, progress_seconds=a.progress_seconds,
+                save_seconds=a.save_seconds)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # anything not caught closer to its cause, e.g. making --out_dir
         print(f"prepare.py: error: {e.filename or a.out_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as e:
+        print(f"prepare.py: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the outputs were begun
         print("prepare.py: interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0
