@@ -174,9 +174,12 @@ def test_duplicate_signal_still_saves(repo):
 
 
 def test_later_second_signal_exits_at_once(repo):
-    """A second signal well after the first (here while a 8 s step is still running) exits at
-    once without waiting for the step boundary; the checkpoints already written stay valid."""
-    proc = start_slow(repo, "out/term2", pause_s=8.0)
+    """A second signal well after the first (here while a 30 s step is still running) exits at
+    once without waiting for the step boundary; the checkpoints already written stay valid.
+    The step is far longer than the 6 s between the signals so that a loaded machine, reading
+    step 1's line late, still signals inside step 2 (an 8 s step raced there); the second
+    signal ends it, so the length costs nothing."""
+    proc = start_slow(repo, "out/term2", pause_s=30.0)
     seen = []
     assert read_until_step(proc, 1, seen), "".join(seen)  # step 2 is now in its 8 s pause
     proc.send_signal(signal.SIGTERM)
