@@ -176,12 +176,15 @@ def test_duplicate_signal_still_saves(repo):
 def test_later_second_signal_exits_at_once(repo):
     """A second signal well after the first (here while a 30 s step is still running) exits at
     once without waiting for the step boundary; the checkpoints already written stay valid.
-    The step is far longer than the 6 s between the signals so that a loaded machine, reading
-    step 1's line late, still signals inside step 2 (an 8 s step raced there); the second
-    signal ends it, so the length costs nothing."""
+    Step 1's line is printed before its boundary check, so the first signal waits 2 s after it
+    (sent at once, it raced the check and saved at step 1), and the step is far longer than the
+    8 s that follow, so a loaded machine still signals inside step 2; the second signal ends it,
+    so the length costs nothing."""
     proc = start_slow(repo, "out/term2", pause_s=30.0)
     seen = []
-    assert read_until_step(proc, 1, seen), "".join(seen)  # step 2 is now in its 8 s pause
+    assert read_until_step(proc, 1, seen), "".join(seen)
+    # step 1's line comes before its boundary check: let that pass, step 2 is then in its pause
+    time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     time.sleep(6.0)
     t0 = time.monotonic()
