@@ -18,7 +18,9 @@ tokenizes the same files:
 
 --rounds rounds, each running every method once in an order that rotates from round to round,
 so slow spells of a shared machine fall on all of them; reported: the best round of each (the
-least disturbed), tokens/s, and ratios side by side. Targets (issue #16 part 6): prepare.py
+least disturbed), tokens/s, and ratios side by side; also the CPU seconds each whole command used
+(its processes together, start-up included) and tokens per CPU-second against encode_batch's:
+the cost per token, which other loads on a shared machine disturb far less than wall time. Targets (issue #16 part 6): prepare.py
 with all cores ≥ 0.9× encode_batch; 2 workers ≥ 1.8× 1 worker (near-linear).
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -80,9 +83,16 @@ t0 = time.perf_counter()
 n = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
 print(json.dumps({{"seconds": time.perf_counter() - t0, "tokens": n}}))
 """
+    before = cpu_seconds()
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(map(str, files))),
                           capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)
+    return dict(json.loads(proc.stdout), cpu=cpu_seconds() - before)
+
+
+def cpu_seconds():
+    """User + system CPU time of the finished child processes (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def time_prepare(tokenizer_path, files, workers, out_dir):
@@ -90,12 +100,12 @@ def time_prepare(tokenizer_path, files, workers, out_dir):
     cmd = [sys.executable, str(PREPARE), "--input", *map(str, files), "--out_dir", str(out_dir),
            "--tokenizer", str(tokenizer_path), "--workers", str(workers), "--val_fraction",
            "0.01", "--block_size", "64", "--no_resume", "--progress_seconds", "1e9"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    return {"seconds": seconds, "tokens": meta["n_train_tokens"] + meta["n_val_tokens"]
-            - meta["n_documents"]}  # without the end-of-document ids encode_batch does not add
+    return {"seconds": seconds, "cpu": cpu, "tokens": meta["n_train_tokens"]
+            + meta["n_val_tokens"] - meta["n_documents"]}  # less the end-of-document ids
 
 
 def main(argv=None):
@@ -135,12 +145,14 @@ def main(argv=None):
 
     base = best[names[0]]
     base_rate = base["tokens"] / base["seconds"]
-    print(f"\n{'method':30} {'seconds':>8} {'tokens':>12} {'M tokens/s':>11} {'vs encode_batch':>16}")
+    base_per_cpu = base["tokens"] / base["cpu"]
+    print(f"\n{'method':30} {'seconds':>8} {'tokens':>12} {'M tokens/s':>11} {'vs encode_batch':>16}"
+          f" {'CPU s':>7} {'per CPU-s vs':>13}")
     for name in names:
         r = best[name]
         rate = r["tokens"] / r["seconds"]
         print(f"{name:30} {r['seconds']:8.2f} {r['tokens']:12,} {rate / 1e6:11.3f} "
-              f"{rate / base_rate:15.2f}×")
+              f"{rate / base_rate:15.2f}× {r['cpu']:7.2f} {r['tokens'] / r['cpu'] / base_per_cpu:12.2f}×")
     rate = {n: best[n]["tokens"] / best[n]["seconds"] for n in names}
     all_cores = rate[f"prepare.py --workers {cores}"] / base_rate
     scaling = rate["prepare.py --workers 2"] / rate["prepare.py --workers 1"]

@@ -29,7 +29,13 @@ What happens:
   write one "benchmark" record to metrics.jsonl (what `llama3gen calibrate` reads) and exit 0
   without evaluating or checkpointing;
 - checkpoints (checkpoint.py) every ckpt_interval steps and at the end; at start the run resumes
-  from the newest checkpoint in out_dir that verifies (or starts from init_from_hf);
+  from the newest checkpoint in out_dir that verifies (or starts from init_from_hf), and refuses
+  to resume onto data whose fingerprint (meta.json) differs from the checkpoint's, naming the
+  files, unless --allow_data_change;
+- --dry_run: the checks of a start (config, data re-hashed against meta.json, checkpoint) and
+  the run's tokens against the corpus's, then exit 0: no training, no GPU, nothing written;
+- data_sources="web:0.7,code:0.3": a mixture of prepared directories under data_dir, drawn in
+  those proportions with per-source epochs (dataset.py);
 - SIGTERM or SIGUSR1 (preemption, SLURM's warning signal): save at the next step boundary and
   exit 75, which asks the launcher to requeue; a second signal more than 5 s after the first
   exits at once (repeats within 5 s are the duplicates SLURM and torchrun deliver).
@@ -119,7 +125,7 @@ flops_per_token = 0
 peak_flops = 0.0
 planned_mfu = 0.0
 init_from_hf = ""  # a Hugging Face Llama directory to start from, when out_dir has no checkpoint
-allow_data_change = False  # resume even if train.bin is not the one the checkpoint trained on
+allow_data_change = False  # resume even if the data's fingerprint is not the checkpoint's
 dry_run = False  # check config, data (re-hashed) and checkpoint, print the plan of the run, exit
 data_sources = ""  # a mixture: "web:0.7,code:0.3" reads data_dir/web and data_dir/code (dataset.py)
 tensor_parallel = 1  # ranks of a node that split each block (parallelize.py); divides the node

@@ -109,6 +109,7 @@ def test_prepare_bench_quick(tmp_path):
     out = run([sys.executable, str(BENCH / "prepare.py"), "--quick", "--work", str(tmp_path)],
               timeout=300)
     for method in ("encode_batch (all cores)", "prepare.py --workers 1", "prepare.py --workers 2"):
-        assert re.search(rf"^{re.escape(method)} +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+×$", out, re.M), out
+        assert re.search(rf"^{re.escape(method)} +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+× +[\d.]+ +[\d.]+×$",
+                         out, re.M), out
     assert re.search(r"all \d+ cores / encode_batch: [\d.]+× \(target ≥ 0.9×: (PASS|FAIL)\)", out)
     assert "outputs of every --workers byte-identical: True" in out
