@@ -75,7 +75,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  D/N                {c.tokens_per_param:.1f} tokens per parameter",
         *([f"  epochs             {v.epochs:.3g} over the data's unique tokens (spec: data)"]
           if v.epochs is not None and not v.source_epochs else []),
-        *([f"  epochs             " + ", ".join(f"{n} {e:.3g}" for n, e in v.source_epochs.items())
+        *(["  epochs             " + ", ".join(f"{n} {e:.3g}" for n, e in v.source_epochs.items())
            + " (per source: its weight's share of D / its unique tokens; spec: data.sources)"]
           if v.source_epochs else []),
         f"  C, 6N convention   {c.flops_6n:.4e}   (6·N·D, {c.flops_per_token_6n:,} FLOPs/token)",
