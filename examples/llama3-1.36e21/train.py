@@ -51,7 +51,7 @@ import signal
 import struct
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -410,7 +410,7 @@ def benchmark_record(cfg, world, dev, accum, steps, seconds):
                        "global_batch_size": cfg.global_batch_size,
                        "micro_batch_size": cfg.micro_batch_size, "grad_accum": accum,
                        "activation_checkpointing": cfg.activation_checkpointing,
-                       "compile": cfg.compile,
+                       "compile": cfg.compile, "tensor_parallel": cfg.tensor_parallel,
                        "dtype": cfg.dtype if dev.type == "cuda" else "float32"},
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -503,163 +503,51 @@ def main(argv):
 
 
 def train(argv, on_exit):
+    """The whole run, step by step; each step is a function below."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a save and 75
     cfg = Config(load_config(DEFAULTS, argv, RULES, RELATIONS))
     if cfg.dry_run:
         return check_without_training(cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device='cuda' but torch sees no CUDA GPU (torch {torch.__version__}, "
-                          f"CUDA build: {torch.version.cuda or 'none'}): use --device=cpu or auto")
-    rank, world, dev = setup_distributed(cfg)
-    master = rank == 0
-
-    # --- checks that need the world size or the data
-    problem = check_tensor_parallel(cfg, world) or check_trackers(cfg)
-    if problem:
-        raise ConfigError(problem)
-    # The ranks of a tensor-parallel group read the same data: data_rank of data_world.
-    data_rank, data_world = rank // cfg.tensor_parallel, world // cfg.tensor_parallel
-    train_data, val_data, fingerprint = open_data(cfg, data_world)
-    accum = cfg.global_batch_size // (data_world * cfg.micro_batch_size)
-
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:  # a file of that name, no permission, ...
-        raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot create it as a directory "
-                          f"({e.strerror})") from None
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = dev.type == "cuda" and cfg.dtype == "bfloat16"
-
-    # --- the newest checkpoint that verifies (rank 0 reads and hashes, the others are told)
-    latest = None
-    if master:
-        checkpoint.remove_partial_saves(cfg.out_dir, log)
-        latest = checkpoint.find_latest_valid(cfg.out_dir, log)
-    if world > 1:
-        box = [str(latest) if latest else None]
-        dist.broadcast_object_list(box, src=0)
-        latest = box[0]
-    if latest:
-        check_checkpoint_shape(latest, cfg)
-    start_from_hf = bool(cfg.init_from_hf) and not latest
-
-    model, sharded, fsdp = build_model(cfg, dev, world, start_from_hf)
-    optimizer = make_optimizer(model, cfg)
-    # FSDP2 applies bf16 through its MixedPrecisionPolicy; DDP / one process use autocast.
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not fsdp
-                else contextlib.nullcontext())
-    n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
-    tokens_per_step = cfg.global_batch_size * cfg.block_size
-    layout = PARALLELISM_NAMES[cfg.parallelism] if data_world > 1 else "one process"
-    if cfg.tensor_parallel > 1:
-        layout = f"tensor parallel {cfg.tensor_parallel}" + (f" × {layout}" if data_world > 1 else "")
-    log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
-        f"{world} rank(s) on {dev.type}, {layout}; {tokens_per_step:,} tokens/step = "
-        f"{data_world} × {cfg.micro_batch_size} × {accum} accum × {cfg.block_size}")
-    if start_from_hf:
-        log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
-
-    step, tokens_seen = 0, 0
-    if latest:
-        state = checkpoint.load(latest, model, optimizer, log)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        saved = state["config"]
-        for change in check_same_data(state.get("data", {}), train_data, cfg.allow_data_change,
-                                      fingerprint):
-            log(f"WARNING: allow_data_change: resuming on changed data: {change}")
-        changed = [k for k in ("seed", "global_batch_size", "block_size", "data_dir")
-                   if saved.get(k) != cfg[k]]
-        log(f"resumed from {latest} at step {step}" +
-            (f" (WARNING: {', '.join(changed)} changed: the data order differs from the saved run)"
-             if changed else ""))
-    log(train_data.describe_run(cfg.max_iters, cfg.global_batch_size))
-
-    # --- the plan, for MFU and finish time
-    plan_s = None
-    if cfg.flops_per_token and cfg.peak_flops and cfg.planned_mfu:
-        plan_s = (cfg.max_iters * tokens_per_step * cfg.flops_per_token
-                  / (world * cfg.peak_flops * cfg.planned_mfu))
-        log(f"plan: {cfg.max_iters} steps × {tokens_per_step:,} tokens × {cfg.flops_per_token:,} "
-            f"FLOPs/token at {cfg.planned_mfu:.0%} MFU on {world} device(s): "
-            f"{format_duration(plan_s)}")
-
-    metrics = on_exit.enter_context(Metrics(cfg, master, resumed_step=step if latest else None))
-    metrics.write(event="start", step=step, world_size=world, resumed_from=str(latest or ""),
-                  device=dev.type, grad_accum=accum, config=dict(cfg),
+    run = set_up(cfg)
+    latest = newest_checkpoint(cfg, run)
+    model, optimizer, autocast, sharded = build_training(cfg, run, start_from_hf=not latest
+                                                         and bool(cfg.init_from_hf))
+    step, tokens_seen = resume(cfg, run, latest, model, optimizer) if latest else (0, 0)
+    log(run.train_data.describe_run(cfg.max_iters, cfg.global_batch_size))
+    log_plan(cfg, run)
+    metrics = on_exit.enter_context(Metrics(cfg, run.master, resumed_step=step if latest else None))
+    metrics.write(event="start", step=step, world_size=run.world, resumed_from=str(latest or ""),
+                  device=run.dev.type, grad_accum=run.accum, config=dict(cfg),
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
-    def save_checkpoint():
-        train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
-                       "data": {"sampler": "each sequence once per epoch, numpy "
-                                           "default_rng([seed, 2, epoch]).permutation (dataset.py)",
-                                "next_step": step, "n_train_tokens": train_data.n_tokens,
-                                "fingerprint": fingerprint,
-                                "sequences": train_data.count,
-                                "epoch": train_data.epochs_after(step, cfg.global_batch_size),
-                                **source_epochs(train_data, step, cfg)}}
-        t0 = time.time()
-        path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
-                               keep_last=cfg.keep_last_ckpts, log=log)
-        log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
-        return path
+    def save():
+        save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen)
 
     # --- the training loop
     model.train()
-    nonfinite_in_a_row = 0
-    last_saved = step if latest else None
-    steps_timed, time_in_steps = 0, 0.0  # for tokens/s and the finish estimate
-    interval_tokens, interval_time, interval_steps = 0, 0.0, 0
-    warned_mfu = False
-    status = 0
+    progress = Progress(cfg, run, metrics)
+    nonfinite_in_a_row, last_saved, status = 0, step if latest else None, 0
     # --benchmark_iters=N: after a few warm-up steps, time N steps; no evaluation, no checkpoint
     benchmark = cfg.benchmark_iters > 0
-    start_step = step
     timed_from = step + min(BENCHMARK_WARMUP_STEPS, cfg.benchmark_iters)
     last_step = timed_from + cfg.benchmark_iters if benchmark else cfg.max_iters
-    benchmark_t0 = None
+    warm_up_steps, benchmark_t0 = timed_from - step, None
     while step < last_step:
         if benchmark and step == timed_from:
-            sync(dev)
+            sync(run.dev)
             benchmark_t0 = time.time()
         t0 = time.time()
         lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        offsets = train_data.starts(
-            train_data.step_sequences(step, cfg.global_batch_size, data_rank, data_world))
-        loss_sum = torch.zeros((), device=dev)  # summed on the device: no sync per micro-step
-        for micro in range(accum):
-            x, y = train_data.batch(offsets[micro * cfg.micro_batch_size:
-                                            (micro + 1) * cfg.micro_batch_size], dev)
-            with grad_sync(model, micro == accum - 1, cfg):
-                with autocast:
-                    _, loss = model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach().float()
-        loss_value = all_reduce_mean(loss_sum / accum, dev)
-        grad_norm = (grad_norm_and_clip(model, cfg.grad_clip) if cfg.tensor_parallel > 1
-                     else clip_and_norm(model, cfg.grad_clip))
-
-        if math.isfinite(loss_value) and math.isfinite(grad_norm):
-            optimizer.step()
-            nonfinite_in_a_row = 0
-        else:  # skip the update; the same decision on every rank (both values are global)
-            nonfinite_in_a_row += 1
+        loss_value, grad_norm = train_step(cfg, run, model, optimizer, autocast, step, lr)
+        updated = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        nonfinite_in_a_row = 0 if updated else nonfinite_in_a_row + 1
+        if not updated:
             log(f"step {step + 1}: WARNING: non-finite loss {loss_value} or grad norm {grad_norm}: "
                 f"update skipped ({nonfinite_in_a_row} in a row)")
             metrics.write(event="skipped", step=step + 1, loss=loss_value, grad_norm=grad_norm)
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += tokens_per_step
-        dt = time.time() - t0
-        steps_timed += 1
-        time_in_steps += dt
-        interval_tokens += tokens_per_step
-        interval_time += dt
-        interval_steps += 1
+        tokens_seen += run.tokens_per_step
+        progress.add(time.time() - t0)
 
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             log(f"ERROR: stopping at step {step}: {nonfinite_in_a_row} steps in a row had a "
@@ -670,73 +558,253 @@ def train(argv, on_exit):
             metrics.write(event="stopped_nonfinite", step=step)
             status = 1
             break
-
         if step % cfg.log_interval == 0 or step == last_step:
-            tokens_per_s = interval_tokens / interval_time
-            epoch = train_data.epochs_after(step, cfg.global_batch_size)
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "step_time_s": interval_time / interval_steps,
-                      "tokens_seen": tokens_seen, "epoch": epoch,
-                      "unique_tokens": train_data.unique_tokens_after(step, cfg.global_batch_size),
-                      **source_epochs(train_data, step, cfg)}
-            if dev.type == "cuda":
-                record.update(peak_memory(dev))
-            line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
-                    f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
-            if "source_epochs" in record:  # a mixture: each source's own epochs
-                line += " (" + ", ".join(f"{n} {e:.3f}" for n, e in record["source_epochs"].items()) + ")"
-            if cfg.flops_per_token and cfg.peak_flops:
-                mfu = cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
-                record["mfu"] = mfu
-                line += f" | MFU {mfu:.1%}"
-                if cfg.planned_mfu:
-                    line += f" (plan {cfg.planned_mfu:.0%})"
-            eta_s = (cfg.max_iters - step) * time_in_steps / steps_timed
-            record["eta_s"] = eta_s
-            line += f" | eta {format_duration(eta_s)}"
-            metrics.write(**record)  # first the durable record, then the console
-            log(line)
-            interval_tokens, interval_time, interval_steps = 0, 0.0, 0
-            # The first interval holds compilation and warm-up; judge MFU after it, warn once.
-            if ("mfu" in record and cfg.planned_mfu and not warned_mfu
-                    and steps_timed > cfg.log_interval
-                    and record["mfu"] < MFU_WARN_FRACTION * cfg.planned_mfu):
-                warned_mfu = True
-                log(f"WARNING: achieved MFU {record['mfu']:.1%} is far below the planned "
-                    f"{cfg.planned_mfu:.0%}: at this speed the run takes about "
-                    f"{cfg.planned_mfu / record['mfu']:.1f}× the planned time "
-                    f"(finish in {format_duration(eta_s)})")
-                metrics.write(event="mfu_below_plan", step=step, mfu=record["mfu"],
-                              planned_mfu=cfg.planned_mfu)
-
+            progress.report(step, tokens_seen, loss_value, lr, grad_norm)
         if not benchmark and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-            val_loss = evaluate(model, val_data, cfg, data_rank, data_world, dev, autocast)
+            val_loss = evaluate(model, run.val_data, cfg, run.data_rank, run.data_world, run.dev,
+                                autocast)
             log(f"step {step}: val loss {val_loss:.4f}")
             metrics.write(step=step, val_loss=val_loss)
-
         if not benchmark and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
-            save_checkpoint()
+            save()
             last_saved = step
-
-        if any_rank(stop.signal is not None, dev):  # every rank stops at the same step
+        if any_rank(stop.signal is not None, run.dev):  # every rank stops at the same step
             if last_saved != step and not benchmark:
-                save_checkpoint()
+                save()
             log(f"stopping at step {step} after a signal; exit {EXIT_REQUEUE} (requeue to resume)")
             metrics.write(event="requeue", step=step)
             status = EXIT_REQUEUE
             break
 
     if benchmark and status == 0:
-        sync(dev)
-        record = benchmark_record(cfg, world, dev, accum, cfg.benchmark_iters,
-                                  time.time() - benchmark_t0)
-        metrics.write(**record)
-        log(f"benchmark: {record['steps']} steps after {timed_from - start_step} warm-up: "
-            f"{record['step_time_s']:.3f} s/step, {record['tokens_per_s']:,.0f} tok/s"
-            + (f", MFU {record['mfu']:.1%}" if record["mfu"] is not None else "")
-            + f"; recorded in {cfg.out_dir}/metrics.jsonl (llama3gen calibrate reads it)")
+        sync(run.dev)
+        report_benchmark(cfg, run, metrics, warm_up_steps, time.time() - benchmark_t0)
     metrics.close(status)
     return status
+
+
+# -----------------------------------------------------------------------------
+# The steps of train(), in order
+
+
+@dataclass
+class Run:
+    """Where this process trains and on what, fixed once set up."""
+
+    rank: int
+    world: int
+    dev: torch.device
+    data_rank: int  # the ranks of a tensor-parallel group read the same data
+    data_world: int
+    accum: int  # micro-batches per optimizer step
+    train_data: object
+    val_data: object
+    fingerprint: dict | None  # meta.json's, saved in every checkpoint
+    tokens_per_step: int
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def set_up(cfg):
+    """The process group, every check that needs the world size or the data, the data, out_dir."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device='cuda' but torch sees no CUDA GPU (torch {torch.__version__}, "
+                          f"CUDA build: {torch.version.cuda or 'none'}): use --device=cpu or auto")
+    rank, world, dev = setup_distributed(cfg)
+    problem = check_tensor_parallel(cfg, world) or check_trackers(cfg)
+    if problem:
+        raise ConfigError(problem)
+    data_world = world // cfg.tensor_parallel
+    train_data, val_data, fingerprint = open_data(cfg, data_world)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission, ...
+        raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot create it as a directory "
+                          f"({e.strerror})") from None
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Run(rank=rank, world=world, dev=dev, data_rank=rank // cfg.tensor_parallel,
+               data_world=data_world,
+               accum=cfg.global_batch_size // (data_world * cfg.micro_batch_size),
+               train_data=train_data, val_data=val_data, fingerprint=fingerprint,
+               tokens_per_step=cfg.global_batch_size * cfg.block_size)
+
+
+def newest_checkpoint(cfg, run):
+    """The newest checkpoint that verifies (rank 0 reads and hashes, the others are told), after
+    removing interrupted saves; None to start fresh."""
+    latest = None
+    if run.master:
+        checkpoint.remove_partial_saves(cfg.out_dir, log)
+        latest = checkpoint.find_latest_valid(cfg.out_dir, log)
+    if run.world > 1:
+        box = [str(latest) if latest else None]
+        dist.broadcast_object_list(box, src=0)
+        latest = box[0]
+    if latest:
+        check_checkpoint_shape(latest, cfg)
+    return latest
+
+
+def build_training(cfg, run, start_from_hf):
+    """(model, optimizer, autocast context, sharded): the model on its layout and its AdamW."""
+    model, sharded, fsdp = build_model(cfg, run.dev, run.world, start_from_hf)
+    optimizer = make_optimizer(model, cfg)
+    # FSDP2 applies bf16 through its MixedPrecisionPolicy; DDP / one process use autocast.
+    use_bf16 = run.dev.type == "cuda" and cfg.dtype == "bfloat16"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not fsdp
+                else contextlib.nullcontext())
+    n_params = sum(p.numel() for p in model.parameters())  # a DTensor reports its full size
+    layout = PARALLELISM_NAMES[cfg.parallelism] if run.data_world > 1 else "one process"
+    if cfg.tensor_parallel > 1:
+        layout = (f"tensor parallel {cfg.tensor_parallel}"
+                  + (f" × {layout}" if run.data_world > 1 else ""))
+    log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
+        f"{run.world} rank(s) on {run.dev.type}, {layout}; {run.tokens_per_step:,} tokens/step = "
+        f"{run.data_world} × {cfg.micro_batch_size} × {run.accum} accum × {cfg.block_size}")
+    if start_from_hf:
+        log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
+    return model, optimizer, autocast, sharded
+
+
+def resume(cfg, run, latest, model, optimizer):
+    """Load the checkpoint into model and optimizer, refusing other data unless told to;
+    returns (step, tokens seen)."""
+    state = checkpoint.load(latest, model, optimizer, log)
+    for change in check_same_data(state.get("data", {}), run.train_data, cfg.allow_data_change,
+                                  run.fingerprint):
+        log(f"WARNING: allow_data_change: resuming on changed data: {change}")
+    saved = state["config"]
+    changed = [k for k in ("seed", "global_batch_size", "block_size", "data_dir")
+               if saved.get(k) != cfg[k]]
+    log(f"resumed from {latest} at step {state['step']}" +
+        (f" (WARNING: {', '.join(changed)} changed: the data order differs from the saved run)"
+         if changed else ""))
+    return state["step"], state["tokens_seen"]
+
+
+def log_plan(cfg, run):
+    """The plan's time for the run, when the config carries the plan's FLOPs and MFU."""
+    if cfg.flops_per_token and cfg.peak_flops and cfg.planned_mfu:
+        plan_s = (cfg.max_iters * run.tokens_per_step * cfg.flops_per_token
+                  / (run.world * cfg.peak_flops * cfg.planned_mfu))
+        log(f"plan: {cfg.max_iters} steps × {run.tokens_per_step:,} tokens × "
+            f"{cfg.flops_per_token:,} FLOPs/token at {cfg.planned_mfu:.0%} MFU on {run.world} "
+            f"device(s): {format_duration(plan_s)}")
+
+
+def train_step(cfg, run, model, optimizer, autocast, step, lr):
+    """One optimizer step on global step `step`'s sequences (this rank's share, in micro-batches):
+    returns (mean loss, gradient norm), both global. A non-finite one skips the update, the same
+    decision on every rank."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    data = run.train_data
+    offsets = data.starts(data.step_sequences(step, cfg.global_batch_size, run.data_rank,
+                                              run.data_world))
+    loss_sum = torch.zeros((), device=run.dev)  # summed on the device: no sync per micro-step
+    for micro in range(run.accum):
+        x, y = data.batch(offsets[micro * cfg.micro_batch_size:
+                                  (micro + 1) * cfg.micro_batch_size], run.dev)
+        with grad_sync(model, micro == run.accum - 1, cfg):
+            with autocast:
+                _, loss = model(x, y)
+            (loss / run.accum).backward()
+        loss_sum += loss.detach().float()
+    loss_value = all_reduce_mean(loss_sum / run.accum, run.dev)
+    grad_norm = (grad_norm_and_clip(model, cfg.grad_clip) if cfg.tensor_parallel > 1
+                 else clip_and_norm(model, cfg.grad_clip))
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
+class Progress:
+    """Speed and the finish estimate, logged every log_interval steps (console and metrics)."""
+
+    def __init__(self, cfg, run, metrics):
+        self.cfg, self.run, self.metrics = cfg, run, metrics
+        self.steps_timed, self.time_in_steps = 0, 0.0  # since the start, for the estimate
+        self.interval_time, self.interval_steps = 0.0, 0  # since the last report
+        self.warned_mfu = False
+
+    def add(self, seconds):
+        self.steps_timed += 1
+        self.time_in_steps += seconds
+        self.interval_time += seconds
+        self.interval_steps += 1
+
+    def report(self, step, tokens_seen, loss_value, lr, grad_norm):
+        cfg, run = self.cfg, self.run
+        tokens_per_s = self.interval_steps * run.tokens_per_step / self.interval_time
+        epoch = run.train_data.epochs_after(step, cfg.global_batch_size)
+        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_s,
+                  "step_time_s": self.interval_time / self.interval_steps,
+                  "tokens_seen": tokens_seen, "epoch": epoch,
+                  "unique_tokens": run.train_data.unique_tokens_after(step, cfg.global_batch_size),
+                  **source_epochs(run.train_data, step, cfg),
+                  **{k: v for k, v in peak_memory(run.dev).items() if v is not None}}
+        line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
+                f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
+        if "source_epochs" in record:  # a mixture: each source's own epochs
+            line += " (" + ", ".join(f"{n} {e:.3f}" for n, e in record["source_epochs"].items()) + ")"
+        if cfg.flops_per_token and cfg.peak_flops:
+            record["mfu"] = cfg.flops_per_token * tokens_per_s / (run.world * cfg.peak_flops)
+            line += f" | MFU {record['mfu']:.1%}"
+            if cfg.planned_mfu:
+                line += f" (plan {cfg.planned_mfu:.0%})"
+        record["eta_s"] = (cfg.max_iters - step) * self.time_in_steps / self.steps_timed
+        line += f" | eta {format_duration(record['eta_s'])}"
+        self.metrics.write(**record)  # first the durable record, then the console
+        log(line)
+        self.interval_time, self.interval_steps = 0.0, 0
+        self._warn_if_slow(step, record)
+
+    def _warn_if_slow(self, step, record):
+        """The first interval holds compilation and warm-up: judge MFU after it, warn once."""
+        cfg = self.cfg
+        if ("mfu" in record and cfg.planned_mfu and not self.warned_mfu
+                and self.steps_timed > cfg.log_interval
+                and record["mfu"] < MFU_WARN_FRACTION * cfg.planned_mfu):
+            self.warned_mfu = True
+            log(f"WARNING: achieved MFU {record['mfu']:.1%} is far below the planned "
+                f"{cfg.planned_mfu:.0%}: at this speed the run takes about "
+                f"{cfg.planned_mfu / record['mfu']:.1f}× the planned time "
+                f"(finish in {format_duration(record['eta_s'])})")
+            self.metrics.write(event="mfu_below_plan", step=step, mfu=record["mfu"],
+                               planned_mfu=cfg.planned_mfu)
+
+
+def save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen):
+    """A checkpoint of step `step`, with where the data stands (checkpoint.py writes it whole)."""
+    data = run.train_data
+    train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
+                   "data": {"sampler": "each sequence once per epoch, numpy "
+                                       "default_rng([seed, 2, epoch]).permutation (dataset.py)",
+                            "next_step": step, "n_train_tokens": data.n_tokens,
+                            "fingerprint": run.fingerprint, "sequences": data.count,
+                            "epoch": data.epochs_after(step, cfg.global_batch_size),
+                            **source_epochs(data, step, cfg)}}
+    t0 = time.time()
+    path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
+                           keep_last=cfg.keep_last_ckpts, log=log)
+    log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+    return path
+
+
+def report_benchmark(cfg, run, metrics, warm_up_steps, seconds):
+    """--benchmark_iters: the timed steps' record (what `llama3gen calibrate` reads)."""
+    record = benchmark_record(cfg, run.world, run.dev, run.accum, cfg.benchmark_iters, seconds)
+    metrics.write(**record)
+    log(f"benchmark: {record['steps']} steps after {warm_up_steps} warm-up: "
+        f"{record['step_time_s']:.3f} s/step, {record['tokens_per_s']:,.0f} tok/s"
+        + (f", MFU {record['mfu']:.1%}" if record["mfu"] is not None else "")
+        + f"; recorded in {cfg.out_dir}/metrics.jsonl (llama3gen calibrate reads it)")
 
 
 def finish(status):
