@@ -121,9 +121,11 @@ def cmd_fit(args) -> int:
         from .solver import budget_flops
         from .spec import load_spec
         target = budget_flops(load_spec(args.spec)[0]).flops
+    if target is None:  # a generated repo knows the budget it was compiled for
+        target = next((fit.repo_target(s) for s in args.sources if Path(s).is_dir()), None)
     runs, excluded = [], []
     for source in args.sources:
-        got, bad = fit.read_csv(source)
+        got, bad = fit.read_source(source)
         runs += got
         excluded += bad
     runs, excluded = fit.select_runs(runs, excluded, args.exclude_worst, ", ".join(args.sources))
@@ -246,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="store_true", help="use scripts/train.sbatch, not submitit")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("fit", help="fit a scaling law on sweep runs (CSV params,tokens,loss)")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="CSV: params,tokens,loss[,flops]")
+    p = sub.add_parser("fit", help="fit a scaling law on sweep runs (a generated repo, or CSV "
+                                   "params,tokens,loss)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a generated repo with a sweep (its config/sweep and out/sweep), or a CSV: "
+                        "params,tokens,loss[,flops]")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--target", type=_flops, metavar="FLOPS", help="budget to extrapolate to")
     where.add_argument("--spec", help="take the target budget from this spec")
