@@ -132,6 +132,8 @@ def cmd_fit(args) -> int:
     result = fit.fit(runs, excluded, target_flops=target, bootstrap=args.bootstrap, seed=args.seed)
     if args.output:
         fit.write_law(Path(args.output), result)
+    if args.svg:
+        fit.write_svg(Path(args.svg), result)
     if args.json:
         print(json.dumps(result.to_json(), sort_keys=True, indent=2))
     else:
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the fit as JSON")
     p.add_argument("-o", "--output", type=_nonempty_path, metavar="LAW.json",
                    help="write the fitted law (for search.scaling_law: {file: LAW.json})")
+    p.add_argument("--svg", type=_nonempty_path, metavar="FILE",
+                   help="draw the runs, the fitted isoFLOP curves and the target's optimum")
     p.set_defaults(func=cmd_fit)
     return parser
 

@@ -677,32 +677,82 @@ def report(res: FitResult) -> str:
 # --------------------------------------------------------------------------- LAW.json
 
 def write_law(path: Path, result: FitResult) -> None:
-    """Write the law as JSON: to a temporary file beside it, then os.replace, so a reader never
-    sees half a file. An existing file is replaced only if `llama3gen fit` wrote it."""
+    """Write the law as JSON, never half-written; an existing file only if `llama3gen fit` wrote
+    it."""
     import json
+
+    def ours(text):
+        try:
+            return json.loads(text).get("format") == LAW_FORMAT
+        except (ValueError, AttributeError):
+            return False
+    _write_aside(path, json.dumps(result.law_json(), indent=2, sort_keys=True) + "\n", ours)
+
+
+SVG_DESC = "written by llama3gen fit"  # how fit knows an SVG it may replace
+
+
+def write_svg(path: Path, result: FitResult) -> None:
+    _write_aside(path, fit_svg(result), lambda text: f"<desc>{SVG_DESC}</desc>" in text)
+
+
+def _write_aside(path: Path, text: str, ours) -> None:
+    """To a temporary file beside it, then os.replace, so a reader never sees half a file; never
+    through a symbolic link, never over a file `ours(its text)` does not claim."""
     import os
     import tempfile
     if path.is_symlink():
-        raise UserError("is a symbolic link; the law is not written through links", where=str(path),
-                        fix="give the path of a regular file")
+        raise UserError("is a symbolic link; llama3gen fit writes no file through one",
+                        where=str(path), fix="give the path of a regular file")
     if path.exists():
         try:
-            ours = json.loads(path.read_text(encoding="utf-8")).get("format") == LAW_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
+            mine = path.is_file() and ours(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            mine = False
+        if not mine:
             raise UserError("exists and was not written by llama3gen fit; not overwriting it",
                             where=str(path), fix="choose another path, or move that file away")
-    text = json.dumps(result.law_json(), indent=2, sort_keys=True) + "\n"
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     except OSError as exc:
-        raise UserError(f"cannot write the law: {exc.strerror}", where=str(path),
+        raise UserError(f"cannot write it: {exc.strerror}", where=str(path),
                         fix="give a path in an existing, writable directory") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def fit_svg(res: FitResult) -> str:
+    """`fit --svg`: the runs' losses against N per budget, the fitted law's isoFLOP curve at each
+    budget (C = 6ND) and its minimum, and the extrapolated optimum at the target with its CI."""
+    import math as m
+
+    from . import figure
+    groups = []
+    for idx in group_budgets(res.runs):
+        runs = [res.runs[i] for i in idx]
+        c = m.exp(sum(m.log(r.flops) for r in runs) / len(runs))  # the group's geometric mean
+        ns = [r.params for r in runs]
+        opt = res.law.optimum_6nd(c)
+        groups.append({"label": f"C {c:.3g}: {len(runs)} runs", "dots": [(r.params, r.loss) for r in runs],
+                       "curve": figure._isoflop_curve(res.law, c, min(ns) / 1.5, max(ns) * 1.5),
+                       "minimum": (opt.n_params, opt.loss)})
+    target = None
+    if res.target:
+        t = res.target
+        target = {"label": f"target {t['flops']:.3g}: N* {t['n_params']:.3g} "
+                           f"[{t['n_params_ci'][0]:.3g}, {t['n_params_ci'][1]:.3g}], loss "
+                           f"{t['loss']:.4g} ({CI_LEVEL:.0%} CI)",
+                  "n": t["n_params"], "loss": t["loss"], "n_ci": t.get("n_params_ci"),
+                  "loss_ci": t.get("loss_ci")}
+    law = res.law
+    return figure.sweep_svg(
+        f"llama3gen fit: {len(res.runs)} runs, L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3g} + "
+        f"{law.B:.4g}/D^{law.beta:.3g}",
+        "dots: measured final losses; lines: the fitted law along each budget (C = 6ND); "
+        "crosses: its minima", groups, target, desc=SVG_DESC)

@@ -163,7 +163,7 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
         else:
             files[str(target)] = _normalise(template.render(context).encode("utf-8"))
     files["docs/isoflop.svg"] = figure.isoflop_svg(plan).encode("utf-8")
-    if plan.sweep is not None and hasattr(figure, "sweep_ladder_svg"):
+    if plan.sweep is not None:
         files["docs/sweep.svg"] = figure.sweep_ladder_svg(plan).encode("utf-8")
     manifest = {path: sha256(data) for path, data in sorted(files.items())}
     files[LOCK_NAME] = lock_text(plan, spec_text, manifest).encode("utf-8")
