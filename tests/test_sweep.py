@@ -188,7 +188,12 @@ def test_real_sweep_on_cpu(sweep_repo):
     rollout = doc["rollout"]
     print(f"sweep of {runs} runs: {took:.0f} s; rollout {rollout}")
     assert rollout["mean_rel_error"] < ROLLOUT_BOUND, rollout
-    # again: every run has finished, nothing is trained
+    svg = [sweep_repo / f"fit{k}.svg" for k in (1, 2)]
+    for path in svg:
+        assert cli("fit", sweep_repo, "--bootstrap", "50", "--svg", path).returncode == 0
+    assert svg[0].read_bytes() == svg[1].read_bytes()  # deterministic
+    assert svg[0].read_text().count("<circle") == runs  # one dot per run
+        # again: every run has finished, nothing is trained
     again = subprocess.run(["bash", "scripts/sweep.sh"], cwd=sweep_repo, capture_output=True,
                            text=True, env=subprocess_env())
     assert again.returncode == 0 and "sweep: 0 of" in again.stdout, again.stdout
