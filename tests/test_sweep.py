@@ -3,6 +3,7 @@ sweep on CPU through scripts/sweep.sh, fitted with `llama3gen fit REPO`."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,10 @@ from _train_fixtures import prepare_data, subprocess_env
 ROOT = Path(__file__).resolve().parent.parent
 
 # Models that train in seconds on one CPU core: head_dim 8 and widths in steps of 8 give distinct
-# shapes near the small budgets' optima. 3 budgets × up to 5 shapes, 3.5% of the target.
+# shapes near the small budgets' optima; 3 budgets × 4-5 shapes = 14 runs, 2.3% of the target.
+# Batches of 4 sequences (global_batch_tokens 512) rather than DeepSeek's ~8-14 at these budgets:
+# with those, the larger shapes trained 150-400 steps and stalled near a loss of 2.37 nats/byte
+# (measured), off any law, and the rollout error was 6.5%.
 TINY_SWEEP = """\
 name: tiny-sweep
 budget: {flops: 6.0e13}
@@ -36,9 +40,9 @@ search:
   hidden: {min: 8, max: 256, step: 8}
   aspect: {min: 4, max: 128}
 cluster: {time_limit: "00:10:00"}
-training: {compile: false}
+training: {compile: false, global_batch_tokens: 512}
 """
-SWEEP_LINE = "sweep: {budgets: [3.0e10, 1.0e11, 3.0e11], shapes: 5, val_tokens: 65536}\n"
+SWEEP_LINE = "sweep: {budgets: [2.0e10, 6.0e10, 2.0e11], shapes: 5, val_tokens: 65536}\n"
 
 
 def cli(*args, cwd=ROOT):
@@ -75,7 +79,7 @@ def test_spec_sweep_budgets_and_cap():
     spec = parse_spec_text(TINY_SWEEP + SWEEP_LINE)
     plan = build_plan(spec)
     sw = plan.sweep
-    assert sw.budgets == [3e10, 1e11, 3e11]
+    assert sw.budgets == [2e10, 6e10, 2e11]
     per_budget = {}
     for r in sw.runs:
         per_budget.setdefault(r.budget_flops, []).append(r)
@@ -164,12 +168,13 @@ def test_generated_sweep_files(sweep_repo):
 
 # --------------------------------------------------------------------------- a real sweep
 
-# The rollout check fits the two smaller budgets' runs and predicts the largest budget's. Measured
-# on this sweep (2-core x86 CPU, stdlib text): mean relative error ROLLOUT_MEASURED. The bound
-# allows the run-to-run noise of tiny byte-level models (their final losses move by ~1% with the
-# kernels' rounding and the data order: tests/_train_fixtures.py) on top, and stays within the
-# issue's 5%.
-ROLLOUT_MEASURED = None
+# The rollout check fits the two smaller budgets' runs (9) and predicts the largest budget's (5).
+# Measured on this sweep (2-core x86 CPU, stdlib text, 14 runs, 5.5 minutes on a shared machine):
+# mean relative error 4.68%, max 7.96%. The bound is the issue's 5%: the fit is deterministic
+# given the losses, and these single-process float32 runs repeat their losses exactly on one kernel
+# set (two runs here agreed to every digit). How far other kernel sets (ATEN_CPU_CAPABILITY=default)
+# move the losses over a few thousand steps is not measured yet; the margin is thin (0.3 points).
+ROLLOUT_MEASURED = 0.0468
 ROLLOUT_BOUND = 0.05
 
 
@@ -198,3 +203,13 @@ def test_real_sweep_on_cpu(sweep_repo):
                            text=True, env=subprocess_env())
     assert again.returncode == 0 and "sweep: 0 of" in again.stdout, again.stdout
     assert "training" not in again.stdout
+
+
+def test_fit_of_a_repo_without_sweep_or_unfinished_runs(sweep_repo, tmp_path):
+    proc = cli("fit", ROOT / "examples" / "llama3-1.36e21")
+    assert proc.returncode == 2 and "compiled without a sweep" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    fresh = tmp_path / "fresh"
+    shutil.copytree(sweep_repo, fresh, ignore=shutil.ignore_patterns("out", "data"))
+    proc = cli("fit", fresh)  # nothing trained: every run excluded, by name
+    assert proc.returncode == 2 and "0 usable runs" in proc.stderr and "excluded" in proc.stderr
