@@ -111,7 +111,7 @@ def cmd_gpus(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
     return submit(Path(args.repo), variant=args.variant, dry_run=args.dry_run,
-                  use_sbatch=args.sbatch, overrides=args.overrides)
+                  use_sbatch=args.sbatch, overrides=args.overrides, sweep=args.sweep)
 
 
 def cmd_fit(args) -> int:
@@ -242,12 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gpus)
 
     p = sub.add_parser("submit", help="submit a generated repo's job to SLURM",
-                       usage="llama3gen submit REPO [--variant V] [--dry-run] [--sbatch] "
+                       usage="llama3gen submit REPO [--variant V | --sweep] [--dry-run] [--sbatch] "
                              "[-- --key=value ...]")
     p.add_argument("repo")
     p.add_argument("--variant", help="variant to train (default: the first)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
     p.add_argument("--sbatch", action="store_true", help="use scripts/train.sbatch, not submitit")
+    p.add_argument("--sweep", action="store_true",
+                   help="submit the scaling-law sweep's unfinished runs (a job array) instead")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("fit", help="fit a scaling law on sweep runs (a generated repo, or CSV "

@@ -161,6 +161,10 @@ def test_generated_sweep_files(sweep_repo):
     assert f"#SBATCH --array=0-{len(runs) - 1}%{len(runs)}" in sbatch
     for script in ("scripts/sweep.sh", "scripts/sweep.sbatch"):
         subprocess.run(["bash", "-n", script], cwd=sweep_repo, check=True)
+        if shutil.which("shellcheck"):  # SC2317: trap-only functions (tests/test_shell_safety.py)
+            lint = subprocess.run(["shellcheck", "--shell=bash", "--exclude=SC2317", script],
+                                  cwd=sweep_repo, capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout
     dry = subprocess.run([sys.executable, "submit.py", "--sweep", "--dry-run"], cwd=sweep_repo,
                          capture_output=True, text=True, env=subprocess_env())
     assert dry.returncode == 0 and f"{len(runs)} of {len(runs)} runs pending" in dry.stdout
