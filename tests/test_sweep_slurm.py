@@ -87,3 +87,43 @@ def test_submitit_map_array_trains_the_pending_runs_and_skips_finished(repo):
     assert again.returncode == 0 and "0 of " in again.stdout and "submitted" not in again.stdout
     every = [line.split()[0] for line in sweep_py(repo, "list").stdout.splitlines()[1:-1]]
     assert [starts(repo, n) for n in every] == [1] * len(every)  # each trained once, none again
+
+
+def test_requeued_array_task_resumes(repo, tmp_path):
+    """`scontrol requeue` of a running array task: train.py saves, the task runs again and
+    resumes from that checkpoint (its first attempt slowed as in tests/test_slurm.py)."""
+    from test_slurm import SITECUSTOMIZE
+
+    copy = tmp_path / "rq"
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns("out", "logs"))
+    (copy / "logs").mkdir()
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(subprocess_env(), PYTHONPATH=str(tmp_path / "slow"), SLOW_STEP_S="0.3")
+    name = sweep_py(copy, "name", "0").stdout.strip()
+    args = ["--max_iters=60", "--ckpt_interval=5", "--log_interval=5", "--eval_iters=2"]
+    out = subprocess.run(["sbatch", "--array=0", "scripts/sweep.sbatch", *args], cwd=copy,
+                         capture_output=True, text=True, env=env, timeout=60)
+    job = re.search(r"Submitted batch job (\d+)", out.stdout)
+    assert job, out.stdout + out.stderr
+    task = f"{job.group(1)}_0"
+    metrics = copy / "out" / "sweep" / name / "metrics.jsonl"
+    end = time.monotonic() + DEADLINE_S
+
+    def logged_step():
+        if not metrics.exists():
+            return 0
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        return max((r["step"] for r in rows if "loss" in r), default=0)
+    while logged_step() < 15:
+        assert time.monotonic() < end, logs(copy)
+        time.sleep(0.5)
+    requeue = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    while sweep_py(copy, "finished", name).returncode != 0:
+        assert time.monotonic() < end, logs(copy)
+        time.sleep(2)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    begun = [r for r in rows if r.get("event") == "start"]
+    assert len(begun) == 2 and begun[0]["step"] == 0, begun
+    assert begun[1]["resumed_from"] and 15 <= begun[1]["step"] < 60, begun[1]
