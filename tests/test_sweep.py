@@ -174,11 +174,12 @@ def test_generated_sweep_files(sweep_repo):
 
 # The rollout check fits the two smaller budgets' runs (9) and predicts the largest budget's (5).
 # Measured on this sweep (2-core x86 CPU, stdlib text, 14 runs, 5.5 minutes on a shared machine):
-# mean relative error 4.68%, max 7.96%. The bound is the issue's 5%: the fit is deterministic
-# given the losses, and these single-process float32 runs repeat their losses exactly on one kernel
-# set (two runs here agreed to every digit). How far other kernel sets (ATEN_CPU_CAPABILITY=default)
-# move the losses over a few thousand steps is not measured yet; the margin is thin (0.3 points).
-ROLLOUT_MEASURED = 0.0468
+# mean relative error 4.68% (max 7.96%) with torch's and numpy's default kernels, and 3.79% (max
+# 6.38%) under tests/portable_kernels.sh's (ATEN_CPU_CAPABILITY=default, numpy baseline SIMD;
+# 8.5 minutes). The fit is deterministic given the losses and one kernel set repeats them exactly
+# (two runs agreed to every digit), but other kernels move the error by about a point: the bound
+# is the issue's 5%, 0.3 points above the worst measured, so the margin is thin.
+ROLLOUT_MEASURED = {"default kernels": 0.0468, "portable kernels": 0.0379}
 ROLLOUT_BOUND = 0.05
 
 
