@@ -132,7 +132,7 @@ def cmd_gpus(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
     return submit(Path(args.repo), variant=args.variant, dry_run=args.dry_run,
-                  use_sbatch=args.sbatch, overrides=args.overrides)
+                  use_sbatch=args.sbatch, overrides=args.overrides, sweep=args.sweep)
 
 
 def cmd_fit(args) -> int:
@@ -142,15 +142,19 @@ def cmd_fit(args) -> int:
         from .solver import budget_flops
         from .spec import load_spec
         target = budget_flops(load_spec(args.spec)[0]).flops
+    if target is None:  # a generated repo knows the budget it was compiled for
+        target = next((fit.repo_target(s) for s in args.sources if Path(s).is_dir()), None)
     runs, excluded = [], []
     for source in args.sources:
-        got, bad = fit.read_csv(source)
+        got, bad = fit.read_source(source)
         runs += got
         excluded += bad
     runs, excluded = fit.select_runs(runs, excluded, args.exclude_worst, ", ".join(args.sources))
     result = fit.fit(runs, excluded, target_flops=target, bootstrap=args.bootstrap, seed=args.seed)
     if args.output:
         fit.write_law(Path(args.output), result)
+    if args.svg:
+        fit.write_svg(Path(args.svg), result)
     if args.json:
         print(json.dumps(result.to_json(), sort_keys=True, indent=2))
     else:
@@ -259,16 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gpus)
 
     p = sub.add_parser("submit", help="submit a generated repo's job to SLURM",
-                       usage="llama3gen submit REPO [--variant V] [--dry-run] [--sbatch] "
+                       usage="llama3gen submit REPO [--variant V | --sweep] [--dry-run] [--sbatch] "
                              "[-- --key=value ...]")
     p.add_argument("repo")
     p.add_argument("--variant", help="variant to train (default: the first)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
     p.add_argument("--sbatch", action="store_true", help="use scripts/train.sbatch, not submitit")
+    p.add_argument("--sweep", action="store_true",
+                   help="submit the scaling-law sweep's unfinished runs (a job array) instead")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("fit", help="fit a scaling law on sweep runs (CSV params,tokens,loss)")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="CSV: params,tokens,loss[,flops]")
+    p = sub.add_parser("fit", help="fit a scaling law on sweep runs (a generated repo, or CSV "
+                                   "params,tokens,loss)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a generated repo with a sweep (its config/sweep and out/sweep), or a CSV: "
+                        "params,tokens,loss[,flops]")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--target", type=_flops, metavar="FLOPS", help="budget to extrapolate to")
     where.add_argument("--spec", help="take the target budget from this spec")
@@ -280,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the fit as JSON")
     p.add_argument("-o", "--output", type=_nonempty_path, metavar="LAW.json",
                    help="write the fitted law (for search.scaling_law: {file: LAW.json})")
+    p.add_argument("--svg", type=_nonempty_path, metavar="FILE",
+                   help="draw the runs, the fitted isoFLOP curves and the target's optimum")
     p.set_defaults(func=cmd_fit)
     return parser
 

@@ -173,3 +173,131 @@ def calibration_svg(run: str, variant_name: str, losses: list[tuple[float, float
                   lambda v: si(v, 3))
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+# --- the sweep: loss against N per budget (docs/sweep.svg, llama3gen fit --svg) ----------------
+
+def sweep_svg(title: str, caption: str, groups: list[dict], target: dict | None = None,
+              desc: str | None = None) -> str:
+    """Loss against N (log scale), one colour per budget: each group's `curve` [(N, loss)] as a
+    line, its `dots` [(N, loss)] as points, its `minimum` (N, loss) as a cross, and `label`. The
+    target, when given ({label, n, loss, n_ci, loss_ci}), as a black cross with its CI bars."""
+    points = [p for g in groups for p in g["curve"] + g["dots"]]
+    points += [g["minimum"] for g in groups if g.get("minimum")]
+    if target is not None:
+        points += [(target["n"], target["loss"])]
+        points += [(n, target["loss"]) for n in target.get("n_ci") or ()]
+        points += [(target["n"], l) for l in target.get("loss_ci") or ()]
+    points = [(n, l) for n, l in points if n > 0 and math.isfinite(n) and math.isfinite(l)]
+    xs, ys = [math.log10(n) for n, _ in points], [l for _, l in points]
+    x0, x1 = math.floor(min(xs) * 4) / 4, math.ceil(max(xs) * 4) / 4
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.06 or 0.01
+    y0, y1 = y0 - pad, y1 + pad
+    if x1 == x0:
+        x0, x1 = x0 - 0.25, x1 + 0.25
+    legend_rows = len(groups) + (target is not None)
+    top = 44 + 14 * legend_rows
+
+    def px(n: float) -> float:
+        return LEFT + (math.log10(n) - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT)
+
+    def py(loss: float) -> float:
+        return top + (y1 - loss) / (y1 - y0) * (HEIGHT + 14 * legend_rows - top - BOTTOM)
+
+    height = HEIGHT + 14 * legend_rows
+    base_y = height - BOTTOM
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+           f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
+           *([f"<desc>{escape(desc)}</desc>"] if desc else []),
+           f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
+           f'<text x="{WIDTH // 2}" y="18" text-anchor="middle" font-size="14">{escape(title)}</text>',
+           f'<text x="{WIDTH // 2}" y="33" text-anchor="middle" font-size="11">{escape(caption)}</text>',
+           f'<line x1="{LEFT}" y1="{base_y}" x2="{WIDTH - RIGHT}" y2="{base_y}" stroke="black"/>',
+           f'<line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{base_y}" stroke="black"/>']
+    for k in range(math.floor(x0), math.ceil(x1) + 1):
+        for m in (1, 2, 5):
+            t = 10.0 ** k * m
+            if x0 <= math.log10(t) <= x1:
+                out.append(f'<line x1="{_fmt(px(t))}" y1="{base_y}" x2="{_fmt(px(t))}" '
+                           f'y2="{base_y + 5}" stroke="black"/>')
+                out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">'
+                           f'{si(t, 0)}</text>')
+    for k in range(5):
+        v = y0 + (y1 - y0) * k / 4
+        out.append(f'<line x1="{LEFT - 5}" y1="{_fmt(py(v))}" x2="{LEFT}" y2="{_fmt(py(v))}" '
+                   'stroke="black"/>')
+        out.append(f'<text x="{LEFT - 8}" y="{_fmt(py(v) + 4)}" text-anchor="end">{v:.3f}</text>')
+    out.append(f'<text x="{(LEFT + WIDTH - RIGHT) // 2}" y="{height - 12}" text-anchor="middle">'
+               'N, parameters (log scale)</text>')
+    out.append(f'<text x="16" y="{(top + base_y) // 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {(top + base_y) // 2})">loss</text>')
+
+    def cross(n, loss, colour, size=5):
+        x, y = px(n), py(loss)
+        return (f'<path d="M{_fmt(x - size)},{_fmt(y - size)} L{_fmt(x + size)},{_fmt(y + size)} '
+                f'M{_fmt(x - size)},{_fmt(y + size)} L{_fmt(x + size)},{_fmt(y - size)}" '
+                f'stroke="{colour}" stroke-width="2"/>')
+
+    legend = []
+    for k, g in enumerate(groups):
+        colour = PALETTE[k % len(PALETTE)]
+        curve = [(n, l) for n, l in g["curve"] if y0 <= l <= y1]
+        if len(curve) > 1:
+            path = " ".join(f"{_fmt(px(n))},{_fmt(py(l))}" for n, l in curve)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        for n, l in g["dots"]:
+            out.append(f'<circle cx="{_fmt(px(n))}" cy="{_fmt(py(l))}" r="3.5" fill="{colour}"/>')
+        if g.get("minimum"):
+            out.append(cross(*g["minimum"], colour))
+        legend.append((g["label"], colour))
+    if target is not None:
+        n, loss = target["n"], target["loss"]
+        if target.get("n_ci"):
+            lo, hi = target["n_ci"]
+            out.append(f'<line x1="{_fmt(px(lo))}" y1="{_fmt(py(loss))}" x2="{_fmt(px(hi))}" '
+                       f'y2="{_fmt(py(loss))}" stroke="black"/>')
+        if target.get("loss_ci"):
+            lo, hi = target["loss_ci"]
+            out.append(f'<line x1="{_fmt(px(n))}" y1="{_fmt(py(lo))}" x2="{_fmt(px(n))}" '
+                       f'y2="{_fmt(py(hi))}" stroke="black"/>')
+        out.append(cross(n, loss, "black", 7))
+        legend.append((target["label"], "black"))
+    for k, (label, colour) in enumerate(legend):
+        y = 52 + 14 * k
+        out.append(f'<rect x="{LEFT}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{LEFT + 15}" y="{y}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _isoflop_curve(law, flops: float, n_lo: float, n_hi: float, points: int = 48):
+    """(N, L(N, C/6N)) along a budget's line, log-spaced from n_lo to n_hi."""
+    step = (math.log(n_hi) - math.log(n_lo)) / (points - 1)
+    ns = [math.exp(math.log(n_lo) + k * step) for k in range(points)]
+    return [(n, float(law.loss(n, flops / (6.0 * n)))) for n in ns]
+
+
+def sweep_ladder_svg(plan: Plan) -> str:
+    """docs/sweep.svg: the sweep's shapes on the prior law's isoFLOP curves (C = 6ND), each
+    budget's prior minimum, and the target's closed-form optimum."""
+    from .laws import ScalingLaw
+    law = None
+    if plan.law.E is not None:
+        law = ScalingLaw(plan.law.name, plan.law.E, plan.law.A, plan.law.B, plan.law.alpha,
+                         plan.law.beta, plan.law.citation)
+    groups = []
+    for c in plan.sweep.budgets:
+        runs = [r for r in plan.sweep.runs if r.budget_flops == c]
+        ns = [r.choice.n_params for r in runs]
+        dots = [(r.choice.n_params, r.choice.loss) for r in runs]
+        curve, minimum = [], None
+        if law is not None:
+            curve = _isoflop_curve(law, c, min(ns) / 1.5, max(ns) * 1.5)
+            opt = law.optimum_6nd(c)
+            minimum = (opt.n_params, opt.loss)
+        groups.append({"label": f"C {c:.3g}: {len(runs)} runs", "curve": curve, "dots": dots,
+                       "minimum": minimum})
+    return sweep_svg(f"{plan.name}: the sweep's shapes on {plan.law.name}'s isoFLOP curves",
+                     "dots: the runs (prior loss); crosses: each budget's prior minimum (C = 6ND)",
+                     groups)

@@ -81,6 +81,11 @@ def _number(text: str, where: str, column: str) -> float:
     return value
 
 
+def read_source(path: str) -> tuple[list[Run], list[Excluded]]:
+    """A generated repo's sweep runs (a directory), or a CSV's runs."""
+    return read_repo(path) if Path(path).is_dir() else read_csv(path)
+
+
 def read_csv(path: str) -> tuple[list[Run], list[Excluded]]:
     """Runs from a CSV with columns params,tokens,loss and optionally flops (else C = 6ND).
 
@@ -88,8 +93,8 @@ def read_csv(path: str) -> tuple[list[Run], list[Excluded]]:
     error: the report names it. Any other bad value is an error naming file and line."""
     p = Path(path)
     if p.is_dir():
-        raise UserError("is a directory; reading a generated repo's sweep is not supported yet",
-                        where=path, fix=CSV_FIX)
+        raise UserError("is a directory, not a CSV", where=path,
+                        fix=CSV_FIX + "; or pass a generated repo to `llama3gen fit`")
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -136,6 +141,109 @@ def read_csv(path: str) -> tuple[list[Run], list[Excluded]]:
                             fix="write the run's final validation loss in nats (> 0)")
         runs.append(run)
     return runs, excluded
+
+
+REPO_FIX = ("pass a repo compiled from a spec with a sweep: section (llama3gen compile), after "
+            "scripts/sweep.sh or scripts/sweep.sbatch trained its runs")
+
+
+def read_repo(path: str) -> tuple[list[Run], list[Excluded]]:
+    """The sweep runs of a generated repo: each run's settings from its metrics.jsonl `start`
+    record (what train.py ran, overrides included), else its config/sweep/<run>.py; its final
+    loss is the validation loss at step max_iters. Unfinished runs are excluded, by name."""
+    from .render import read_lock
+    repo = Path(path)
+    plan = read_lock(repo).get("plan") or {}
+    sweep = plan.get("sweep")
+    if not isinstance(sweep, dict) or not sweep.get("runs"):
+        raise UserError("this repo was compiled without a sweep (its lock file lists no sweep "
+                        "runs)", where=path, fix=REPO_FIX)
+    convention = (plan.get("budget") or {}).get("convention", "6N")
+    runs, excluded = [], []
+    for entry in sweep["runs"]:
+        config_path = f"config/sweep/{entry['name']}.py"
+        where = str(repo / config_path)
+        config = _read_config(repo / config_path, where)
+        started = _metrics(repo / config["out_dir"] / "metrics.jsonl")
+        starts = [r for r in started if r.get("event") == "start" and isinstance(r.get("config"), dict)]
+        if starts:
+            config = {**config, **starts[-1]["config"]}
+        run = _repo_run(config, convention, started, where)
+        if math.isfinite(run.loss):
+            runs.append(run)
+        else:
+            reason = ("not started" if not started else
+                      f"not finished: no validation loss at step {config['max_iters']}")
+            excluded.append(Excluded(run, f"{reason} ({config['out_dir']}/metrics.jsonl)"))
+    return runs, excluded
+
+
+CONFIG_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
+               "block_size", "tie_embeddings", "max_iters", "global_batch_size", "out_dir")
+
+
+def _read_config(path: Path, where: str) -> dict:
+    """The literal assignments of a generated config file (it holds nothing else)."""
+    import ast
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read the sweep run's config: {exc}", where=where,
+                        fix="re-compile the repo (llama3gen compile SPEC -o DIR)") from None
+    config = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            try:
+                config[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise UserError(f"the sweep run's config lacks {', '.join(missing)}", where=where,
+                        fix="re-compile the repo (llama3gen compile SPEC -o DIR)")
+    return config
+
+
+def _metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; [] when there is none. A line cut short by a kill is skipped."""
+    import json
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _repo_run(config: dict, convention: str, records: list[dict], where: str) -> Run:
+    """N from the shape (compiler/arch.py), D = max_iters × batch × block_size, C in the plan's
+    convention, and the validation loss at max_iters (NaN when there is none)."""
+    from . import arch
+    c = config
+    n = int(arch.param_count(c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"],
+                             c["head_dim"], c["ffn_hidden"], c["vocab_size"], c["tie_embeddings"]))
+    d = float(c["max_iters"] * c["global_batch_size"] * c["block_size"])
+    fpt = 6 * n if convention == "6N" else int(arch.flops_per_token_exact(
+        c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"], c["head_dim"], c["ffn_hidden"],
+        c["vocab_size"], c["block_size"]))
+    losses = [r["val_loss"] for r in records if "event" not in r and r.get("step") == c["max_iters"]
+              and isinstance(r.get("val_loss"), (int, float)) and not isinstance(r["val_loss"], bool)]
+    return Run(n, d, float(losses[-1]) if losses else float("nan"), fpt * d, where)
+
+
+def repo_target(path: str) -> float | None:
+    """The target budget a generated repo was compiled for (its lock's plan.budget.flops)."""
+    from .render import read_lock
+    flops = ((read_lock(Path(path)).get("plan") or {}).get("budget") or {}).get("flops")
+    return float(flops) if isinstance(flops, (int, float)) and flops > 0 else None
 
 
 def group_budgets(runs: list[Run]) -> list[list[int]]:
@@ -569,32 +677,82 @@ def report(res: FitResult) -> str:
 # --------------------------------------------------------------------------- LAW.json
 
 def write_law(path: Path, result: FitResult) -> None:
-    """Write the law as JSON: to a temporary file beside it, then os.replace, so a reader never
-    sees half a file. An existing file is replaced only if `llama3gen fit` wrote it."""
+    """Write the law as JSON, never half-written; an existing file only if `llama3gen fit` wrote
+    it."""
     import json
+
+    def ours(text):
+        try:
+            return json.loads(text).get("format") == LAW_FORMAT
+        except (ValueError, AttributeError):
+            return False
+    _write_aside(path, json.dumps(result.law_json(), indent=2, sort_keys=True) + "\n", ours)
+
+
+SVG_DESC = "written by llama3gen fit"  # how fit knows an SVG it may replace
+
+
+def write_svg(path: Path, result: FitResult) -> None:
+    _write_aside(path, fit_svg(result), lambda text: f"<desc>{SVG_DESC}</desc>" in text)
+
+
+def _write_aside(path: Path, text: str, ours) -> None:
+    """To a temporary file beside it, then os.replace, so a reader never sees half a file; never
+    through a symbolic link, never over a file `ours(its text)` does not claim."""
     import os
     import tempfile
     if path.is_symlink():
-        raise UserError("is a symbolic link; the law is not written through links", where=str(path),
-                        fix="give the path of a regular file")
+        raise UserError("is a symbolic link; llama3gen fit writes no file through one",
+                        where=str(path), fix="give the path of a regular file")
     if path.exists():
         try:
-            ours = json.loads(path.read_text(encoding="utf-8")).get("format") == LAW_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
+            mine = path.is_file() and ours(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            mine = False
+        if not mine:
             raise UserError("exists and was not written by llama3gen fit; not overwriting it",
                             where=str(path), fix="choose another path, or move that file away")
-    text = json.dumps(result.law_json(), indent=2, sort_keys=True) + "\n"
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     except OSError as exc:
-        raise UserError(f"cannot write the law: {exc.strerror}", where=str(path),
+        raise UserError(f"cannot write it: {exc.strerror}", where=str(path),
                         fix="give a path in an existing, writable directory") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def fit_svg(res: FitResult) -> str:
+    """`fit --svg`: the runs' losses against N per budget, the fitted law's isoFLOP curve at each
+    budget (C = 6ND) and its minimum, and the extrapolated optimum at the target with its CI."""
+    import math as m
+
+    from . import figure
+    groups = []
+    for idx in group_budgets(res.runs):
+        runs = [res.runs[i] for i in idx]
+        c = m.exp(sum(m.log(r.flops) for r in runs) / len(runs))  # the group's geometric mean
+        ns = [r.params for r in runs]
+        opt = res.law.optimum_6nd(c)
+        groups.append({"label": f"C {c:.3g}: {len(runs)} runs", "dots": [(r.params, r.loss) for r in runs],
+                       "curve": figure._isoflop_curve(res.law, c, min(ns) / 1.5, max(ns) * 1.5),
+                       "minimum": (opt.n_params, opt.loss)})
+    target = None
+    if res.target:
+        t = res.target
+        target = {"label": f"target {t['flops']:.3g}: N* {t['n_params']:.3g} "
+                           f"[{t['n_params_ci'][0]:.3g}, {t['n_params_ci'][1]:.3g}], loss "
+                           f"{t['loss']:.4g} ({CI_LEVEL:.0%} CI)",
+                  "n": t["n_params"], "loss": t["loss"], "n_ci": t.get("n_params_ci"),
+                  "loss_ci": t.get("loss_ci")}
+    law = res.law
+    return figure.sweep_svg(
+        f"llama3gen fit: {len(res.runs)} runs, L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3g} + "
+        f"{law.B:.4g}/D^{law.beta:.3g}",
+        "dots: measured final losses; lines: the fitted law along each budget (C = 6ND); "
+        "crosses: its minima", groups, target, desc=SVG_DESC)

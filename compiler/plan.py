@@ -297,6 +297,35 @@ class Recipe(PlanModel):
     fsdp_reduce_scatter_every_micro_batch: bool
 
 
+class SweepRun(PlanModel):
+    """One run of the scaling-law sweep: a full run at its own budget (config/sweep/<name>.py).
+    The fields config/__variant__.py.j2 reads are a Variant's."""
+
+    name: str
+    description: str
+    budget_flops: float  # C, in the plan's budget convention
+    prior_n_opt: float  # the prior law's optimum N at C (the shapes are spread around it)
+    choice: Choice  # N, D = C / FLOPs per token, the prior law's loss
+    training: Training
+    timing: Timing
+    provenance: dict[str, str]
+
+
+class Sweep(PlanModel):
+    """The sweep (compiler/sweep.py): runs smallest budget first."""
+
+    budgets: list[float]
+    shapes: int  # asked per budget; fewer where the search space has fewer distinct ones near N*
+    max_fraction: float
+    val_tokens: int
+    flops: float  # Σ over runs of FLOPs trained (budget convention)
+    fraction_of_target: float
+    days: float  # Σ predicted training days, one run after another on the spec's hardware
+    max_parallel: int  # array tasks at once (sbatch --array %K, submitit array parallelism)
+    provenance: dict[str, str]
+    runs: list[SweepRun]
+
+
 class Plan(PlanModel):
     llama3gen_version: str
     name: str
@@ -311,3 +340,12 @@ class Plan(PlanModel):
     job: Job
     recipe: Recipe
     warnings: list[str]  # what the user should know before trusting the numbers
+    sweep: Sweep | None = None  # the spec's sweep: section (compiler/sweep.py)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_sweep(self, handler):
+        # A plan without a sweep dumps as before sweeps existed (lock files stay byte-identical).
+        out = handler(self)
+        if isinstance(out, dict) and out.get("sweep", 0) is None:
+            del out["sweep"]
+        return out

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from . import __version__, arch, datalimited, laws, layout, solver
+from . import sweep as S
 from . import plan as P
 from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale
@@ -225,6 +228,98 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
     return out
 
 
+def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops,
+                       n_opt: float, val_tokens: int) -> list[P.SweepRun]:
+    """The runs of one sweep budget: the shapes that fit nearest the targets around n_opt, each
+    planned as a full run (trainplan: batch and learning rate at its own budget)."""
+    sw = spec.sweep
+    cands = solver.enumerate_candidates(spec, budget)
+    where = f"sweep budget {budget.flops:.4g} FLOPs"
+    if len(cands) == 0:
+        raise solver.no_valid_shape(spec, budget)
+    shapes = cands.shapes(spec.model)
+    evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
+    cands = solver.with_throughput(spec, budget, cands, evaluation.tokens_per_second)
+    cands = solver.with_batches(cands, candidate_batches(spec, cands) * spec.model.seq_len)
+    usable = evaluation.fits & (cands.tokens_trained <= cands.tokens * (1 + solver.MAX_OVERSHOOT))
+    ok = np.flatnonzero(usable)
+    targets = S.target_params([n_opt], sw.shapes)[0]
+    picks = ok[S.nearest_shapes(cands.n_params[ok], targets)] if ok.size else ok
+    if not S.brackets(cands.loss[picks]):
+        raise UserError(
+            f"{where}: the search space has {picks.size} distinct shape(s) that fit and train "
+            f"whole steps near N* = {n_opt:.3g} (N from {targets[0]:.3g} to {targets[-1]:.3g}), "
+            "too few to bracket the prior law's minimum with shapes on both sides",
+            field="sweep", fix="raise the smallest sweep budget (sweep.budgets), widen "
+            "search.hidden and search.layers, or lower training.global_batch_tokens")
+    runs = []
+    for i in picks:
+        choice = _choice(spec, cands, int(i))
+        lay = _layout(spec, hardware, cands, evaluation, int(i))
+        training, _, timing, _, provenance = plan_training(
+            spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
+        batch_tokens = training.global_batch_tokens
+        training = training.model_copy(update={
+            "lr_schedule": "cosine", "eval_interval": training.max_iters,
+            "eval_iters": S.eval_iters(val_tokens, batch_tokens)})
+        fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
+        provenance.update({
+            "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
+            "loss": f"prior law {spec.search.law().name}",
+            "lr_schedule": "cosine to the run's own max_iters (Hoffmann et al. 2022: a schedule "
+                           "longer than the run biases its loss)",
+            "eval_interval": "max_iters: the fit reads the final validation loss only",
+            "eval_iters": f"ceil(val_tokens {val_tokens:,} / {batch_tokens:,} tokens per batch) "
+                          "(compiler/sweep.py VAL_TOKENS says why)",
+            "shape": f"nearest valid shape in log N to targets N*/{S.SPREAD:g}..{S.SPREAD:g}·N*, "
+                     f"N* = {n_opt:.4g} (prior law at C; {S.BUDGET_CITATION})",
+        })
+        s = choice.shape
+        runs.append(P.SweepRun(
+            name=S.run_name(budget.flops, s.n_layers, s.d_model),
+            description=f"sweep run at C = {budget.flops:.3g} FLOPs ({budget.convention})",
+            budget_flops=budget.flops, prior_n_opt=n_opt, choice=choice, training=training,
+            timing=timing, provenance=provenance))
+    return runs
+
+
+def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -> P.Sweep:
+    """The spec's sweep: its ladder of budgets (compiler/sweep.py), every run planned in full."""
+    sw = spec.sweep
+    budgets, source = S.sweep_budgets(sw, budget.flops)
+    law = spec.search.law()
+    n_opt = [law.optimum_6nd(float(c)).n_params for c in budgets]  # a rule's is scalar
+    val_tokens = sw.val_tokens or S.VAL_TOKENS
+    runs = []
+    for c, n in zip(budgets, n_opt):
+        runs += _sweep_budget_runs(spec, hardware, solver.BudgetFlops(
+            float(c), budget.convention, "sweep"), float(n), val_tokens)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise UserError("two sweep budgets agree to three digits, so their runs share names",
+                        field="sweep.budgets", fix="space the sweep budgets further apart")
+    exact = budget.convention != "6N"
+    flops = sum((r.choice.flops_per_token_exact if exact else r.choice.flops_per_token_6n)
+                * r.training.tokens_trained for r in runs)
+    return P.Sweep(
+        budgets=[float(c) for c in budgets], shapes=sw.shapes, max_fraction=sw.max_fraction,
+        val_tokens=val_tokens, flops=flops, fraction_of_target=flops / budget.flops,
+        days=sum(r.timing.days for r in runs),
+        max_parallel=sw.max_parallel or len(runs),
+        provenance={
+            "budgets": source,
+            "shapes": f"{sw.shapes} per budget asked (sweep.shapes), spread from N*/{S.SPREAD:g} "
+                      f"to {S.SPREAD:g}·N* around the prior law's optimum ({law.name}); "
+                      f"{S.BUDGET_CITATION}",
+            "val_tokens": ("spec: sweep.val_tokens" if sw.val_tokens else
+                           f"default {S.VAL_TOKENS:,}: standard error about 0.1% of the loss "
+                           "(compiler/sweep.py)"),
+            "flops": "Σ FLOPs per token × tokens trained (whole steps) over the runs",
+            "max_parallel": "spec: sweep.max_parallel" if sw.max_parallel else "every run at once",
+        },
+        runs=runs)
+
+
 def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
@@ -319,5 +414,6 @@ def build_plan(spec: Spec) -> P.Plan:
                               tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
         sensitivity=sensitivity, frontier=front, variants=variants, job=job,
         recipe=P.Recipe(**hardware.recipe.as_dict()),
-        warnings=extrapolation_warnings(spec, variants) + epoch_warnings(variants))
+        warnings=extrapolation_warnings(spec, variants) + epoch_warnings(variants),
+        sweep=None if spec.sweep is None else plan_sweep(spec, hardware, budget))
 

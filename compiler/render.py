@@ -27,7 +27,12 @@ from .units import duration, si
 LOCK_NAME = "llama3gen.lock.json"
 VARIANT_TEMPLATE = "__variant__"
 EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
+PARTIAL_PREFIX = "_"  # templates/.../_name.j2: included by other templates, not generated
 IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
+# The scaling-law sweep (spec `sweep:`): configs, outputs, and the files generated only with one.
+SWEEP_CONFIG_DIR = "config/sweep"
+SWEEP_OUT_DIR = "out/sweep"
+SWEEP_FILES = {"sweep.py", "scripts/sweep.sh", "scripts/sweep.sbatch", "docs/sweep.md"}
 
 
 def templates_dir() -> Path:
@@ -135,6 +140,8 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
         rel = PurePosixPath(path.relative_to(root).as_posix())
         if IGNORED_PARTS & set(rel.parts) or rel.suffix == ".pyc":  # pip byte-compiles installed templates
             continue
+        if rel.name.startswith(PARTIAL_PREFIX) and VARIANT_TEMPLATE not in rel.name:  # included
+            continue
         if rel.suffix != ".j2":
             files[str(rel)] = _normalise(path.read_bytes())
             continue
@@ -143,11 +150,21 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
         if VARIANT_TEMPLATE in target.name:
             for v in plan.variants:
                 name = target.name.replace(VARIANT_TEMPLATE, v.name)
-                files[str(target.with_name(name))] = _normalise(
-                    template.render(context, variant=v).encode("utf-8"))
+                files[str(target.with_name(name))] = _normalise(template.render(
+                    context, variant=v, config_path=f"config/{name}", out_dir=f"out/{v.name}"
+                ).encode("utf-8"))
+            for run in plan.sweep.runs if plan.sweep else ():  # the same config format
+                path = f"{SWEEP_CONFIG_DIR}/{run.name}.py"
+                files[path] = _normalise(template.render(
+                    context, variant=run, config_path=path, out_dir=f"{SWEEP_OUT_DIR}/{run.name}"
+                ).encode("utf-8"))
+        elif str(target) in SWEEP_FILES and plan.sweep is None:
+            continue
         else:
             files[str(target)] = _normalise(template.render(context).encode("utf-8"))
     files["docs/isoflop.svg"] = figure.isoflop_svg(plan).encode("utf-8")
+    if plan.sweep is not None:
+        files["docs/sweep.svg"] = figure.sweep_ladder_svg(plan).encode("utf-8")
     manifest = {path: sha256(data) for path, data in sorted(files.items())}
     files[LOCK_NAME] = lock_text(plan, spec_text, manifest).encode("utf-8")
     return files

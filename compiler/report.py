@@ -133,6 +133,20 @@ def variant_block(plan: Plan, v: Variant) -> str:
     return "\n".join(lines)
 
 
+def sweep_lines(plan: Plan) -> list[str]:
+    """The sweep (compiler/sweep.py): budgets, runs per budget, cost."""
+    sw = plan.sweep
+    lines = [f"SWEEP: {len(sw.runs)} runs, {sw.flops:.4g} FLOPs = {sw.fraction_of_target:.2%} of the "
+             f"target (at most {sw.max_fraction:g}); {duration(sw.days)} one after another",
+             f"  budgets: {sw.provenance['budgets']}", f"  shapes: {sw.provenance['shapes']}"]
+    for c in sw.budgets:
+        runs = [r for r in sw.runs if r.budget_flops == c]
+        shapes = ", ".join(f"{r.choice.shape.n_layers}L×{r.choice.shape.d_model} "
+                           f"(N {si(r.choice.n_params)})" for r in runs)
+        lines.append(f"  C {c:.3g}: {shapes}")
+    return lines
+
+
 def solve_report(plan: Plan) -> str:
     co = plan.closed_form
     blocks = [variant_block(plan, v) for v in plan.variants]
@@ -148,6 +162,8 @@ def solve_report(plan: Plan) -> str:
         *sens,
         RULE,
     ]
+    if plan.sweep is not None:
+        tail += sweep_lines(plan) + [RULE]
     if plan.warnings:
         tail += ["WARNINGS:", *(f"  - {w}" for w in plan.warnings), RULE]
     return "\n\n".join(blocks) + "\n\n" + "\n".join(tail) + "\n"

@@ -15,7 +15,8 @@ from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
-                      ValidationError, ValidationInfo, field_validator, model_validator)
+                      ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from . import hardware, laws
@@ -518,6 +519,57 @@ class Data(StrictModel):
         return sum(unique for _, unique in self.portions())
 
 
+Flops = Annotated[float, Field(gt=0, le=1e32, allow_inf_nan=False), NotBool]
+
+
+class BudgetRange(StrictModel):
+    """`count` budgets log-spaced from `min` to `max` FLOPs, both included."""
+
+    min: Flops
+    max: Flops
+    count: Annotated[int, Field(ge=2, le=32)]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min >= self.max:
+            raise _invalid("budget_range", f"empty range: min {self.min:g} >= max {self.max:g}",
+                           "give min below max, e.g. {min: 1e18, max: 1e20, count: 5}")
+        return self
+
+    def values(self) -> list[float]:
+        ratio = (self.max / self.min) ** (1.0 / (self.count - 1))
+        return [self.min * ratio**i for i in range(self.count - 1)] + [self.max]
+
+
+class Sweep(StrictModel):
+    """A scaling-law sweep of small runs before the target run (compiler/sweep.py, docs/FIT.md).
+    Left out, budgets derive from the target budget and max_fraction."""
+
+    budgets: Union[Annotated[list[Flops], Field(min_length=2, max_length=32)], BudgetRange] | None = None
+    # A parabola per budget needs 3 points; Hoffmann et al. 2022 and DeepSeek LLM used ~9-10.
+    shapes: Annotated[int, Field(ge=3, le=64)] = 8
+    # The whole sweep (every run's budget) costs at most this share of the target budget.
+    max_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.1
+    # Tokens each run's final validation loss is measured over (compiler/sweep.py VAL_TOKENS).
+    val_tokens: Annotated[int, Field(ge=1, le=1 << 40)] | None = None
+    # SLURM array tasks running at once (sbatch --array=...%max_parallel); None: all of them.
+    max_parallel: Annotated[int, Field(ge=1, le=10_000)] | None = None
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct(cls, value):
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise _invalid("repeated_budget", "a budget is listed twice",
+                           "list each sweep budget once; `shapes` sets the runs per budget")
+        return value
+
+    def budget_values(self) -> list[float] | None:
+        if self.budgets is None:
+            return None
+        return self.budgets.values() if isinstance(self.budgets, BudgetRange) \
+            else sorted(self.budgets)
+
+
 class Spec(StrictModel):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     budget: Budget
@@ -529,6 +581,16 @@ class Spec(StrictModel):
     cluster: Cluster = Cluster()
     training: Training = Training()
     data: Data | None = None
+    sweep: Sweep | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_sweep(self, handler):
+        # A spec without a sweep dumps as it did before sweeps existed: lock files of existing
+        # repos stay byte-identical.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("sweep", 0) is None:
+            del out["sweep"]
+        return out
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -5,6 +5,8 @@ Plan; this module only checks the repo and runs one of them, from the repo root:
 
     sbatch scripts/train.sbatch <variant> [--key=value ...]        (--sbatch)
     python submit.py --variant <variant> [--key=value ...]         (default: submitit)
+    sbatch scripts/sweep.sbatch [--key=value ...]                  (--sweep --sbatch)
+    python submit.py --sweep [--key=value ...]                     (--sweep)
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from .errors import UserError
 from .render import LOCK_NAME, read_lock
 
 SBATCH_SCRIPT = "scripts/train.sbatch"
+SWEEP_SBATCH_SCRIPT = "scripts/sweep.sbatch"
 SUBMITIT_SCRIPT = "submit.py"
 
 
 def submit(repo_dir: Path, variant: str | None, dry_run: bool, use_sbatch: bool,
-           overrides: Sequence[str] = ()) -> int:
+           overrides: Sequence[str] = (), sweep: bool = False) -> int:
     """Submit the repo's training job; return the exit status of sbatch or submit.py.
 
     `overrides` are train.py's `--key=value` arguments (e.g. `--max_iters=100`).
@@ -40,22 +43,27 @@ def submit(repo_dir: Path, variant: str | None, dry_run: bool, use_sbatch: bool,
             raise UserError(f"unexpected argument {arg!r}",
                             fix="train.py overrides look like --key=value, e.g. --max_iters=100")
 
-    script = SBATCH_SCRIPT if use_sbatch else SUBMITIT_SCRIPT
+    sbatch_script = SWEEP_SBATCH_SCRIPT if sweep else SBATCH_SCRIPT
+    script = sbatch_script if use_sbatch else SUBMITIT_SCRIPT
+    if sweep and not (repo_dir / SWEEP_SBATCH_SCRIPT).is_file():
+        raise UserError("this repo has no sweep", where=str(repo_dir),
+                        fix="add a sweep: section to the spec and re-compile")
     if not (repo_dir / script).is_file():
         raise UserError(f"{script} is missing", where=str(repo_dir),
                         fix="re-compile the repo (llama3gen compile SPEC -o DIR)")
     if use_sbatch:
-        command = ["sbatch", SBATCH_SCRIPT, variant, *overrides]
+        command = ["sbatch", sbatch_script, *([] if sweep else [variant]), *overrides]
     else:
         # The interpreter running llama3gen: the environment the user installed things into.
-        command = [sys.executable, SUBMITIT_SCRIPT, "--variant", variant, *overrides]
+        command = [sys.executable, SUBMITIT_SCRIPT,
+                   *(["--sweep"] if sweep else ["--variant", variant]), *overrides]
         if dry_run:
             command.append("--dry-run")
 
     shown = " ".join(shlex.quote(part) for part in command)
     if use_sbatch and dry_run:
         print(f"would run, in {repo_dir}: {shown}")
-        for line in (repo_dir / SBATCH_SCRIPT).read_text(encoding="utf-8").splitlines():
+        for line in (repo_dir / sbatch_script).read_text(encoding="utf-8").splitlines():
             if line.startswith("#SBATCH"):
                 print(f"  {line}")
         return 0

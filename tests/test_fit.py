@@ -282,7 +282,7 @@ def test_bad_input_one_error_exit_2(tmp_path, text, where, says):
 
 
 def test_missing_file_and_directory(tmp_path):
-    for source, says in ((tmp_path / "nope.csv", "file not found"), (tmp_path, "is a directory")):
+    for source, says in ((tmp_path / "nope.csv", "file not found"), (tmp_path, "lock.json is missing")):
         proc = cli(source)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
 

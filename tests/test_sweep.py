@@ -1,0 +1,219 @@
+"""The scaling-law sweep (issue #15): the ladder, the spec's checks, the generated jobs, and a real
+sweep on CPU through scripts/sweep.sh, fitted with `llama3gen fit REPO`."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama3gen import sweep as S
+from llama3gen.planner import build_plan
+from llama3gen.spec import parse_spec_text
+
+from _train_fixtures import prepare_data, subprocess_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Models that train in seconds on one CPU core: head_dim 8 and widths in steps of 8 give distinct
+# shapes near the small budgets' optima; 3 budgets × 4-5 shapes = 14 runs, 2.3% of the target.
+# Batches of 4 sequences (global_batch_tokens 512) rather than DeepSeek's ~8-14 at these budgets:
+# with those, the larger shapes trained 150-400 steps and stalled near a loss of 2.37 nats/byte
+# (measured), off any law, and the rollout error was 6.5%.
+TINY_SWEEP = """\
+name: tiny-sweep
+budget: {flops: 6.0e13}
+hardware: {gpu: cpu, gpus_per_node: 1, nodes: 1, cpus_per_gpu: 1}
+model:
+  vocab_size: 257
+  seq_len: 128
+  head_dim: 8
+  kv_heads: 1
+  ffn: {llama3_multiplier: 1.3, multiple_of: 8}
+search:
+  layers: {min: 1, max: 8}
+  hidden: {min: 8, max: 256, step: 8}
+  aspect: {min: 4, max: 128}
+cluster: {time_limit: "00:10:00"}
+training: {compile: false, global_batch_tokens: 512}
+"""
+SWEEP_LINE = "sweep: {budgets: [2.0e10, 6.0e10, 2.0e11], shapes: 5, val_tokens: 65536}\n"
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "llama3gen.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=subprocess_env())
+
+
+# --------------------------------------------------------------------------- the ladder
+
+def test_default_ladder_spends_the_cap_over_two_decades():
+    budgets = S.default_budgets(1e24, 8, 0.1)
+    assert budgets.size == S.DEFAULT_BUDGETS
+    # float64 sums of 5 terms: relative rounding ~1e-16 each
+    assert 8 * budgets.sum() == pytest.approx(0.1 * 1e24, rel=1e-12)
+    assert budgets.max() / budgets.min() == pytest.approx(100, rel=1e-12)
+    assert np.all(np.diff(np.log10(budgets)) == pytest.approx(0.5, rel=1e-12))
+
+
+def test_targets_are_centred_on_the_prior_optimum():
+    t = S.target_params([1e8, 1e9], 8)
+    # geometric mean of a log-symmetric grid is its centre (float64 logs and exps: ~1e-15)
+    assert np.exp(np.log(t).mean(axis=1)) == pytest.approx([1e8, 1e9], rel=1e-12)
+    assert t[:, -1] / t[:, 0] == pytest.approx([S.SPREAD**2] * 2, rel=1e-12)
+
+
+def test_nearest_shapes_are_distinct_and_ordered():
+    n = np.array([50, 10, 20, 40, 30.0])
+    idx = S.nearest_shapes(n, np.array([9, 11, 19, 41, 100.0]))
+    assert list(n[idx]) == [10, 20, 40, 50]
+    assert S.brackets([3, 2, 2.5]) and not S.brackets([3, 2.5, 2]) and not S.brackets([1, 2])
+
+
+def test_spec_sweep_budgets_and_cap():
+    spec = parse_spec_text(TINY_SWEEP + SWEEP_LINE)
+    plan = build_plan(spec)
+    sw = plan.sweep
+    assert sw.budgets == [2e10, 6e10, 2e11]
+    per_budget = {}
+    for r in sw.runs:
+        per_budget.setdefault(r.budget_flops, []).append(r)
+        c = r.choice
+        # D = C / (6N) exactly as the solver computes it (one float64 division)
+        assert c.tokens == pytest.approx(r.budget_flops / c.flops_per_token_6n, rel=1e-12)
+        t = r.training
+        assert t.lr_schedule == "cosine" and t.eval_interval == t.max_iters
+        assert t.eval_iters * t.global_batch_tokens >= sw.val_tokens
+        assert t.max_iters * t.global_batch_tokens == t.tokens_trained >= c.tokens
+    assert all(4 <= len(rs) <= 5 for rs in per_budget.values())
+    for c, rs in per_budget.items():  # each budget's shapes bracket the prior law's minimum
+        losses = [r.choice.loss for r in sorted(rs, key=lambda r: r.choice.n_params)]
+        assert S.brackets(losses), c
+    assert sw.flops <= sw.max_fraction * plan.budget.flops
+    assert sw.fraction_of_target == pytest.approx(sw.flops / plan.budget.flops, rel=1e-12)
+
+
+def test_default_budgets_from_the_target():
+    spec = parse_spec_text(TINY_SWEEP.replace("6.0e13", "4.0e14") + "sweep: {shapes: 4}\n")
+    sw = build_plan(spec).sweep
+    assert len(sw.budgets) == S.DEFAULT_BUDGETS and "default" in sw.provenance["budgets"]
+    assert 4 * sum(sw.budgets) == pytest.approx(0.1 * 4e14, rel=1e-12)
+
+
+def test_no_sweep_no_sweep_key():
+    plan = build_plan(parse_spec_text(TINY_SWEEP))
+    dumped = plan.model_dump(mode="json")
+    assert "sweep" not in dumped and "sweep" not in dumped["spec"]
+
+
+@pytest.mark.parametrize("line, says", [
+    ("sweep: {budgets: [1.0e11, 7.0e13]}", "not below the target"),
+    ("sweep: {budgets: [1.0e12, 3.0e12], shapes: 4}", "more than sweep.max_fraction"),
+    ("sweep: {max_fraction: 0}", "greater than 0"),
+    ("sweep: {max_fraction: 1.5}", "less than or equal to 1"),
+    ("sweep: {budgets: [1.0e6, 3.0e6], shapes: 4}", "too few to bracket"),
+    ("sweep: {budgets: {min: 1.0e11, max: 1.0e10, count: 3}}", "empty range"),
+    ("sweep: {shapes: 2}", "greater than or equal to 3"),
+])
+def test_bad_sweep_is_a_clear_error(tmp_path, line, says):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(TINY_SWEEP + line + "\n")
+    proc = cli("solve", spec)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert says in proc.stderr and "sweep" in proc.stderr and "fix:" in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- generated files
+
+@pytest.fixture(scope="module")
+def sweep_repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    spec = base / "tiny-sweep.yaml"
+    spec.write_text(TINY_SWEEP + SWEEP_LINE)
+    repo = base / "repo"
+    proc = cli("compile", spec, "-o", repo)
+    assert proc.returncode == 0, proc.stderr
+    return repo
+
+
+def test_generated_sweep_files(sweep_repo):
+    lock = json.loads((sweep_repo / "llama3gen.lock.json").read_text())
+    runs = lock["plan"]["sweep"]["runs"]
+    names = [r["name"] for r in runs]
+    for r in runs:  # N, D, C of every run in the lock, its config beside it
+        assert {"n_params", "tokens"} <= r["choice"].keys() and r["budget_flops"] > 0
+        config = (sweep_repo / "config" / "sweep" / f"{r['name']}.py").read_text()
+        assert f"max_iters = {r['training']['max_iters']}  # ceil(D" in config
+        assert f"out_dir = 'out/sweep/{r['name']}'" in config
+        for key in ("global_batch_size", "learning_rate", "lr_schedule", "max_iters",
+                    "eval_interval", "eval_iters"):  # what the sweep decides, with its source
+            line = next(x for x in config.splitlines() if x.startswith(f"{key} = "))
+            assert "  # " in line and len(line.split("  # ", 1)[1]) > 10, line
+    listed = subprocess.run([sys.executable, "sweep.py", "pending"], cwd=sweep_repo,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert listed == names  # smallest budget first
+    sbatch = (sweep_repo / "scripts" / "sweep.sbatch").read_text()
+    assert f"#SBATCH --array=0-{len(runs) - 1}%{len(runs)}" in sbatch
+    for script in ("scripts/sweep.sh", "scripts/sweep.sbatch"):
+        subprocess.run(["bash", "-n", script], cwd=sweep_repo, check=True)
+        if shutil.which("shellcheck"):  # SC2317: trap-only functions (tests/test_shell_safety.py)
+            lint = subprocess.run(["shellcheck", "--shell=bash", "--exclude=SC2317", script],
+                                  cwd=sweep_repo, capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout
+    dry = subprocess.run([sys.executable, "submit.py", "--sweep", "--dry-run"], cwd=sweep_repo,
+                         capture_output=True, text=True, env=subprocess_env())
+    assert dry.returncode == 0 and f"{len(runs)} of {len(runs)} runs pending" in dry.stdout
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+# The rollout check fits the two smaller budgets' runs (9) and predicts the largest budget's (5).
+# Measured on this sweep (2-core x86 CPU, stdlib text, 14 runs, 5.5 minutes on a shared machine):
+# mean relative error 4.68% (max 7.96%) with torch's and numpy's default kernels, and 3.79% (max
+# 6.38%) under tests/portable_kernels.sh's (ATEN_CPU_CAPABILITY=default, numpy baseline SIMD;
+# 8.5 minutes). The fit is deterministic given the losses and one kernel set repeats them exactly
+# (two runs agreed to every digit), but other kernels move the error by about a point: the bound
+# is the issue's 5%, 0.3 points above the worst measured, so the margin is thin.
+ROLLOUT_MEASURED = {"default kernels": 0.0468, "portable kernels": 0.0379}
+ROLLOUT_BOUND = 0.05
+
+
+def test_real_sweep_on_cpu(sweep_repo):
+    prepare_data(sweep_repo, "data/shards")
+    t0 = time.time()
+    first = subprocess.run(["bash", "scripts/sweep.sh"], cwd=sweep_repo, capture_output=True,
+                           text=True, env=subprocess_env())
+    took = time.time() - t0
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    fitted = cli("fit", sweep_repo, "--json", "--bootstrap", "200")
+    assert fitted.returncode == 0, fitted.stderr
+    doc = json.loads(fitted.stdout)
+    runs = len(json.loads((sweep_repo / "llama3gen.lock.json").read_text())["plan"]["sweep"]["runs"])
+    assert doc["runs"]["used"] == runs and doc["runs"]["excluded"] == []
+    rollout = doc["rollout"]
+    print(f"sweep of {runs} runs: {took:.0f} s; rollout {rollout} (measured {ROLLOUT_MEASURED})")
+    assert rollout["mean_rel_error"] < ROLLOUT_BOUND, rollout
+    svg = [sweep_repo / f"fit{k}.svg" for k in (1, 2)]
+    for path in svg:
+        assert cli("fit", sweep_repo, "--bootstrap", "50", "--svg", path).returncode == 0
+    assert svg[0].read_bytes() == svg[1].read_bytes()  # deterministic
+    assert svg[0].read_text().count("<circle") == runs  # one dot per run
+        # again: every run has finished, nothing is trained
+    again = subprocess.run(["bash", "scripts/sweep.sh"], cwd=sweep_repo, capture_output=True,
+                           text=True, env=subprocess_env())
+    assert again.returncode == 0 and "sweep: 0 of" in again.stdout, again.stdout
+    assert "training" not in again.stdout
+
+
+def test_fit_of_a_repo_without_sweep_or_unfinished_runs(sweep_repo, tmp_path):
+    proc = cli("fit", ROOT / "examples" / "llama3-1.36e21")
+    assert proc.returncode == 2 and "compiled without a sweep" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    fresh = tmp_path / "fresh"
+    shutil.copytree(sweep_repo, fresh, ignore=shutil.ignore_patterns("out", "data"))
+    proc = cli("fit", fresh)  # nothing trained: every run excluded, by name
+    assert proc.returncode == 2 and "0 usable runs" in proc.stderr and "excluded" in proc.stderr
