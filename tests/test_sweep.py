@@ -176,10 +176,17 @@ def test_generated_sweep_files(sweep_repo):
 # mean relative error 4.68% (max 7.96%) with torch's and numpy's default kernels, and 3.79% (max
 # 6.38%) under tests/portable_kernels.sh's (ATEN_CPU_CAPABILITY=default, numpy baseline SIMD;
 # 8.5 minutes). The fit is deterministic given the losses and one kernel set repeats them exactly
-# (two runs agreed to every digit), but other kernels move the error by about a point: the bound
-# is the 5%, 0.3 points above the worst measured, so the margin is thin.
+# (two runs agreed to every digit), but other kernels move the error by about a point. Refitting
+# with every final loss perturbed by 0.3% or 0.5% (assumed sizes of what another kernel set does
+# to a run's final loss; not measured per run), 40 draws each, twice: the 90th percentile is
+# 5.2-5.9%, the largest draw
+# 8.0%, and 35-53% of draws exceed the 5%. The error is mostly the law's misfit, not
+# noise: at these sizes depth matters beside N (1- and 2-layer models of one N differ by 0.1-0.3
+# nats), which L(N, D) cannot see. So CI asserts 10%, above every perturbed draw and far below
+# what a broken sweep or fit gives (tens of percent); the 5% holds on this CPU but not
+# robustly on another, and is reported as not met.
 ROLLOUT_MEASURED = {"default kernels": 0.0468, "portable kernels": 0.0379}
-ROLLOUT_BOUND = 0.05
+ROLLOUT_BOUND = 0.10
 
 
 def test_real_sweep_on_cpu(sweep_repo):
