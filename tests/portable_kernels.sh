@@ -16,9 +16,9 @@ print(f"portable kernels: torch {torch.backends.cpu.get_cpu_capability()}, numpy
 PY
 # Training and resume (losses and weights across world sizes), export and the model against
 # transformers, the memory model against PyTorch's trackers, byte-identical compiles, the
-# data-constrained law against its authors' numbers. Not the compile partitioner's count: a graph
+# data-constrained law against its authors' numbers. (test_properties' random specs are about
+# failing cleanly, not about rounding: the main pass runs them.) Not the compile partitioner's count: a graph
 # property, the same under any kernels (and 50 s of tracing).
 python -m pytest -q -p no:cacheprovider -k "not compile_partitioner_saves" "$@" \
     tests/test_train.py tests/test_resume.py tests/test_export_hf.py tests/test_model.py \
-    tests/test_memory.py tests/test_compile.py tests/test_properties.py tests/test_bench_smoke.py \
-    tests/test_datalimited.py
+    tests/test_memory.py tests/test_compile.py tests/test_bench_smoke.py tests/test_datalimited.py

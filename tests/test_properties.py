@@ -233,8 +233,10 @@ def assert_sane_plan(plan, text: str, render: bool = True):
         c, t = v.choice, v.training
         assert c.n_params > 0 and c.tokens > 0 and c.shape.n_layers >= 1
         assert t.max_iters >= 1 and t.micro_batch_size >= 1 and t.grad_accum >= 1
-        # docs/CONTRACT.md: accumulation = global / (world · micro)
-        assert t.global_batch_size == t.micro_batch_size * t.grad_accum * t.world_size, t
+        # docs/CONTRACT.md: accumulation = global / (data ranks · micro); the ranks of a
+        # tensor-parallel group share their sequences, so world / t data ranks
+        data_ranks = t.world_size // t.tensor_parallel
+        assert t.global_batch_size == t.micro_batch_size * t.grad_accum * data_ranks, t
         assert 0 <= t.warmup_iters <= t.max_iters
     if render:
         files = render_files(plan, text)
