@@ -341,11 +341,4 @@ class Plan(PlanModel):
     recipe: Recipe
     warnings: list[str]  # what the user should know before trusting the numbers
     sweep: Sweep | None = None  # the spec's sweep: section (compiler/sweep.py)
-
-    @model_serializer(mode="wrap")
-    def _without_absent_sweep(self, handler):
-        # A plan without a sweep dumps as before sweeps existed (lock files stay byte-identical).
-        out = handler(self)
-        if isinstance(out, dict) and out.get("sweep", 0) is None:
-            del out["sweep"]
-        return out
+    omitted_when_none: ClassVar[tuple[str, ...]] = ("sweep",)
