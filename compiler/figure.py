@@ -21,18 +21,23 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _ranges(xs, ys, pad_fraction):
+    """Axis ranges: log10 N to the quarter decade around xs, losses padded by pad_fraction."""
+    x0, x1 = math.floor(min(xs) * 4) / 4, math.ceil(max(xs) * 4) / 4
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * pad_fraction or 0.01
+    if x1 == x0:
+        x0, x1 = x0 - 0.25, x1 + 0.25
+    return x0, x1, y0 - pad, y1 + pad
+
+
 def isoflop_svg(plan: Plan) -> str:
     points = [(p.n_params, p.loss) for p in plan.frontier]
     picks = [(v.name, v.choice.n_params, v.choice.loss) for v in plan.variants]
     opt = (plan.closed_form.n_params, plan.closed_form.loss)
     xs = [math.log10(n) for n, _ in points] + [math.log10(n) for _, n, _ in picks] + [math.log10(opt[0])]
     ys = [l for _, l in points] + [l for _, _, l in picks] + [opt[1]]
-    x0, x1 = math.floor(min(xs) * 4) / 4, math.ceil(max(xs) * 4) / 4
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.08 or 0.01
-    y0, y1 = y0 - pad, y1 + pad
-    if x1 == x0:
-        x0, x1 = x0 - 0.25, x1 + 0.25
+    x0, x1, y0, y1 = _ranges(xs, ys, pad_fraction=0.08)
 
     def px(logn: float) -> float:
         return LEFT + (logn - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT)
@@ -190,12 +195,7 @@ def sweep_svg(title: str, caption: str, groups: list[dict], target: dict | None 
         points += [(target["n"], l) for l in target.get("loss_ci") or ()]
     points = [(n, l) for n, l in points if n > 0 and math.isfinite(n) and math.isfinite(l)]
     xs, ys = [math.log10(n) for n, _ in points], [l for _, l in points]
-    x0, x1 = math.floor(min(xs) * 4) / 4, math.ceil(max(xs) * 4) / 4
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.06 or 0.01
-    y0, y1 = y0 - pad, y1 + pad
-    if x1 == x0:
-        x0, x1 = x0 - 0.25, x1 + 0.25
+    x0, x1, y0, y1 = _ranges(xs, ys, pad_fraction=0.06)
     legend_rows = len(groups) + (target is not None)
     top = 44 + 14 * legend_rows
 
