@@ -31,6 +31,7 @@ FORMAT = 1
 METRICS = "metrics.jsonl"
 LOCK_NAME = "llama3gen.lock.json"
 WARMUP_RECORDS = 3  # logged records left out without a benchmark record (compile, warm-up)
+CURVE_POINTS = 400  # per curve in a calibration file: about one per pixel of figure.PANEL_WIDTH
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
               "tie_embeddings", "block_size")
 
@@ -335,6 +336,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
             "world_size": world, "peak_flops": peak, "variant": variant.name,
             "shape": measured["shape"], "layout": measured["layout"]},
         "planned": {"tokens_per_second": t.tokens_per_second, "mfu": t.mfu,
+                    "loss": variant.choice.loss,
                     "step_time_s": t.step_seconds, "peak_memory_bytes": variant.memory.total,
                     "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
                     "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
@@ -344,6 +346,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
         "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
                 else "the process's peak resident set (getrusage ru_maxrss)"),
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
+    doc["curve"] = run_curve(run_dir)
     return doc, plan, variant
 
 
@@ -431,21 +434,48 @@ def write_calibration(path: Path, doc: dict) -> None:
     write_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", _is_calibration)
 
 
-def write_svg(path: Path, run_dir: Path, doc: dict, plan, variant) -> None:
-    """The loss curve beside the predicted final loss, tokens/s beside the plan's (figure.py)."""
-    from .figure import calibration_svg
+def run_curve(run_dir: Path) -> dict:
+    """The run's logged curves, {"loss": [[step, loss]], "tokens_per_second": [[step, tokens/s]]},
+    each thinned to at most CURVE_POINTS evenly spaced records (the first and last kept): what the
+    figure plots, carried in the calibration file so that a plan using it can draw it too."""
     last = {}  # step -> record; a step logged twice (a re-run after a resume) keeps its last
     for r in read_metrics(run_dir):
         if "event" not in r and _number(r.get("step")) is not None:
             last.setdefault(r["step"], {}).update(r)
     steps = sorted(last)
-    losses = [(float(s), last[s]["loss"]) for s in steps if _number(last[s].get("loss")) is not None]
-    speeds = [(float(s), last[s]["tokens_per_s"]) for s in steps
-              if _number(last[s].get("tokens_per_s")) is not None]
-    bench = doc["tokens_per_second"] if doc["measured_on"]["how"].startswith("benchmark") else None
-    text = calibration_svg(doc["measured_on"]["run"], variant.name, losses, variant.choice.loss,
-                           speeds, variant.timing.tokens_per_second, bench)
-    write_file(path, text, _is_our_svg)
+
+    def series(key):
+        points = [[float(s), float(last[s][key])] for s in steps
+                  if _number(last[s].get(key)) is not None]
+        if len(points) <= CURVE_POINTS:
+            return points
+        keep = sorted({round(i * (len(points) - 1) / (CURVE_POINTS - 1))
+                       for i in range(CURVE_POINTS)})
+        return [points[i] for i in keep]
+    return {"loss": series("loss"), "tokens_per_second": series("tokens_per_s")}
+
+
+def write_svg(path: Path, doc: dict) -> None:
+    from .figure import calibration_figure
+    write_file(path, calibration_figure(plan_record(doc, str(path))), _is_our_svg)
+
+
+def plan_record(doc: dict, file: str):
+    """The calibration as the Plan records it (plan.Calibration); `file`: as the spec names it."""
+    from . import plan as P
+    m, planned, curve = doc["measured_on"], doc["planned"], doc.get("curve") or {}
+
+    def numbers(d):
+        return P.Measured(tokens_per_second=d["tokens_per_second"], mfu=d["mfu"],
+                          step_time_s=d.get("step_time_s"),
+                          peak_memory_bytes=d.get("peak_memory_bytes"))
+    return P.Calibration(
+        file=file, run=str(m.get("run")), how=str(m.get("how")), date=m.get("date"),
+        gpu=m.get("gpu"), world_size=m.get("world_size") or 1, variant=str(m.get("variant")),
+        measured=numbers(doc), planned=numbers(planned), planned_loss=planned.get("loss"),
+        memory_ratio=(doc.get("peak_memory") or {}).get("measured_over_predicted"),
+        curve_loss=curve.get("loss") or [],
+        curve_tokens_per_second=curve.get("tokens_per_second") or [])
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -457,11 +487,36 @@ def load_calibration(path: Path) -> dict:
     if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a llama3gen calibration file (format {FORMAT}; "
                          "`llama3gen calibrate RUN_DIR -o FILE` writes one)")
-    mfu = _number(doc.get("mfu"))
-    if mfu is None or mfu <= 0 or not isinstance(doc.get("measured_on"), dict):
-        raise ValueError(f"calibration file {str(path)!r}: mfu must be a number > 0 "
-                         f"(got {doc.get('mfu')!r}) and measured_on an object")
+    problem = _calibration_problem(doc)
+    if problem:
+        raise ValueError(f"calibration file {str(path)!r}: {problem} (`llama3gen calibrate "
+                         "RUN_DIR -o FILE` writes a valid one)")
     return doc
+
+
+def _calibration_problem(doc: dict) -> str | None:
+    """What makes a calibration document unusable, or None. The curves are optional."""
+    def positive(value):
+        return _number(value) is not None and value > 0
+    if not positive(doc.get("mfu")) or not positive(doc.get("tokens_per_second")):
+        return (f"mfu and tokens_per_second must be numbers > 0 (got {doc.get('mfu')!r}, "
+                f"{doc.get('tokens_per_second')!r})")
+    m, planned = doc.get("measured_on"), doc.get("planned")
+    if not isinstance(m, dict) or not isinstance(planned, dict):
+        return "measured_on and planned must be objects"
+    if not positive(planned.get("mfu")) or not positive(planned.get("tokens_per_second")):
+        return "planned.mfu and planned.tokens_per_second must be numbers > 0"
+    world = m.get("world_size")
+    if world is not None and (not isinstance(world, int) or isinstance(world, bool) or world < 1):
+        return f"measured_on.world_size must be a whole number ≥ 1 (got {world!r})"
+    curve = doc.get("curve", {})
+    if not isinstance(curve, dict) or any(
+            not isinstance(curve.get(k, []), list)
+            or any(not isinstance(p, list) or len(p) != 2 or None in map(_number, p)
+                   for p in curve.get(k, []))
+            for k in ("loss", "tokens_per_second")):
+        return "curve.loss and curve.tokens_per_second must be lists of [step, value] numbers"
+    return None
 
 
 def mfu_source(doc: dict, file: str, shape, training) -> str:

@@ -186,11 +186,11 @@ def _count(text: str) -> int:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate, report, write_calibration, write_svg
-    doc, plan, variant = calibrate(Path(args.run_dir), args.variant)
+    doc, _, _ = calibrate(Path(args.run_dir), args.variant)
     if args.output:
         write_calibration(Path(args.output), doc)
     if args.svg:
-        write_svg(Path(args.svg), Path(args.run_dir), doc, plan, variant)
+        write_svg(Path(args.svg), doc)
     if args.json:
         print(json.dumps(doc, sort_keys=True, indent=2))
     else:

@@ -159,13 +159,14 @@ def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned
 
 def calibration_svg(run: str, variant_name: str, losses: list[tuple[float, float]],
                     planned_loss: float, speeds: list[tuple[float, float]],
-                    planned_speed: float, benchmark_speed: float | None = None) -> str:
+                    planned_speed: float, benchmark_speed: float | None = None,
+                    desc: str = CALIBRATION_DESC) -> str:
     """The training loss of a run beside the plan's predicted final loss, and its tokens/s beside
     the plan's: two panels, deterministic (no dates, fixed number formatting)."""
     width = 2 * PANEL_WIDTH
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{PANEL_HEIGHT}" '
            f'viewBox="0 0 {width} {PANEL_HEIGHT}" font-family="sans-serif" font-size="12">',
-           f'<desc>{CALIBRATION_DESC}</desc>',
+           f'<desc>{escape(desc)}</desc>',
            f'<rect width="{width}" height="{PANEL_HEIGHT}" fill="white"/>',
            f'<text x="{width // 2}" y="18" text-anchor="middle" font-size="14">'
            f'{escape(run)}: planned ({escape(variant_name)}) against achieved</text>']
@@ -178,6 +179,17 @@ def calibration_svg(run: str, variant_name: str, losses: list[tuple[float, float
                   lambda v: si(v, 3))
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def has_calibration_curves(c) -> bool:
+    return bool(c.curve_loss) and c.planned_loss is not None
+
+
+def calibration_figure(c, desc: str = CALIBRATION_DESC) -> str:
+    """calibration_svg of a plan.Calibration (calibrate --svg, and docs/calibration.svg)."""
+    benchmark = c.measured.tokens_per_second if c.how.startswith("benchmark") else None
+    return calibration_svg(c.run, c.variant, c.curve_loss, c.planned_loss,
+                           c.curve_tokens_per_second, c.planned.tokens_per_second, benchmark, desc)
 
 
 # --- the sweep: loss against N per budget (docs/sweep.svg, llama3gen fit --svg) ----------------

@@ -326,6 +326,32 @@ class Sweep(PlanModel):
     runs: list[SweepRun]
 
 
+class Measured(PlanModel):
+    tokens_per_second: float
+    mfu: float
+    step_time_s: float | None
+    peak_memory_bytes: float | None
+
+
+class Calibration(PlanModel):
+    """The spec's hardware.calibration (compiler/calibrate.py): the run it measured, what that
+    run's plan predicted, and its logged curves (docs/calibration.md, docs/calibration.svg)."""
+
+    file: str  # as the spec names it
+    run: str  # <plan name>:<out_dir in its repo>
+    how: str  # benchmark record or median of logged steps
+    date: str | None
+    gpu: str | None
+    world_size: int
+    variant: str  # of the run's plan
+    measured: Measured
+    planned: Measured  # the run's own plan
+    planned_loss: float | None  # the run's plan's predicted final loss (None: an older file)
+    memory_ratio: float | None  # measured / compiler/memory.py's peak for the run's layout
+    curve_loss: list[tuple[float, float]]  # (step, loss); empty in files without curves
+    curve_tokens_per_second: list[tuple[float, float]]
+
+
 class Plan(PlanModel):
     llama3gen_version: str
     name: str
@@ -341,4 +367,5 @@ class Plan(PlanModel):
     recipe: Recipe
     warnings: list[str]  # what the user should know before trusting the numbers
     sweep: Sweep | None = None  # the spec's sweep: section (compiler/sweep.py)
-    omitted_when_none: ClassVar[tuple[str, ...]] = ("sweep",)
+    calibration: Calibration | None = None  # the spec's hardware.calibration
+    omitted_when_none: ClassVar[tuple[str, ...]] = ("sweep", "calibration")

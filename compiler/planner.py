@@ -320,6 +320,13 @@ def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -
         runs=runs)
 
 
+def _calibration(spec: Spec) -> P.Calibration | None:
+    if spec.hardware.calibration is None:
+        return None
+    from .calibrate import plan_record  # only with a calibration: solve starts fast
+    return plan_record(spec.hardware.calibration_data, spec.hardware.calibration)
+
+
 def build_plan(spec: Spec) -> P.Plan:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
@@ -415,5 +422,6 @@ def build_plan(spec: Spec) -> P.Plan:
         sensitivity=sensitivity, frontier=front, variants=variants, job=job,
         recipe=P.Recipe(**hardware.recipe.as_dict()),
         warnings=extrapolation_warnings(spec, variants) + epoch_warnings(variants),
-        sweep=None if spec.sweep is None else plan_sweep(spec, hardware, budget))
+        sweep=None if spec.sweep is None else plan_sweep(spec, hardware, budget),
+        calibration=_calibration(spec))
 

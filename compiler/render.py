@@ -33,6 +33,7 @@ IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 SWEEP_CONFIG_DIR = "config/sweep"
 SWEEP_OUT_DIR = "out/sweep"
 SWEEP_FILES = {"sweep.py", "scripts/sweep.sh", "scripts/sweep.sbatch", "docs/sweep.md"}
+CALIBRATION_FILES = {"docs/calibration.md"}  # only with a spec's hardware.calibration
 
 
 def templates_dir() -> Path:
@@ -158,13 +159,18 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
                 files[path] = _normalise(template.render(
                     context, variant=run, config_path=path, out_dir=f"{SWEEP_OUT_DIR}/{run.name}"
                 ).encode("utf-8"))
-        elif str(target) in SWEEP_FILES and plan.sweep is None:
+        elif ((str(target) in SWEEP_FILES and plan.sweep is None)
+              or (str(target) in CALIBRATION_FILES and plan.calibration is None)):
             continue
         else:
             files[str(target)] = _normalise(template.render(context).encode("utf-8"))
     files["docs/isoflop.svg"] = figure.isoflop_svg(plan).encode("utf-8")
     if plan.sweep is not None:
         files["docs/sweep.svg"] = figure.sweep_ladder_svg(plan).encode("utf-8")
+    if plan.calibration is not None and figure.has_calibration_curves(plan.calibration):
+        files["docs/calibration.svg"] = figure.calibration_figure(
+            plan.calibration, f"drawn by llama3gen compile from {plan.calibration.file}"
+        ).encode("utf-8")
     manifest = {path: sha256(data) for path, data in sorted(files.items())}
     files[LOCK_NAME] = lock_text(plan, spec_text, manifest).encode("utf-8")
     return files

@@ -176,11 +176,15 @@ def test_recompile_plans_at_the_measured_speed_and_cites_the_run(run):
     # check: the old repo against the new spec is stale exactly where the outputs differ.
     result = cli("check", repo, "--spec", spec)
     assert result.returncode == 1, result.stdout + result.stderr
-    stale = {line.split(": ", 1)[1] for line in result.stdout.splitlines()
-             if line.startswith("stale: ")}
-    differ = {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()
-              and (repo / p.relative_to(new)).read_bytes() != p.read_bytes()}
+    reported = {kind: {line.split(": ", 1)[1] for line in result.stdout.splitlines()
+                       if line.startswith(f"{kind}: ")} for kind in ("stale", "missing")}
+    stale, missing = reported["stale"], reported["missing"]
+    generated = {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()}
+    differ = {rel for rel in generated
+              if (repo / rel).is_file() and (repo / rel).read_bytes() != (new / rel).read_bytes()}
     assert stale == differ and {"config/optimal.py", "llama3gen.lock.json"} <= stale
+    assert missing == {rel for rel in generated if not (repo / rel).exists()} \
+        == {"docs/calibration.md", "docs/calibration.svg"}
     assert "train.py" not in stale and "model.py" not in stale
     # without --spec, check cannot know where the calibration file was: it says so, exit 2
     result = cli("check", new)
@@ -206,6 +210,49 @@ def test_svg_is_deterministic_and_plots_plan_beside_run(run):
     other.write_text("<svg>mine</svg>\n")
     assert_user_error(cli("calibrate", run_dir, "--svg", other), "not overwriting")
     assert other.read_text() == "<svg>mine</svg>\n"
+
+
+def test_recompiled_repo_shows_planned_against_achieved(run):
+    """Part 3's docs page: a repo compiled with the calibration has docs/calibration.md (the
+    run's plan, the measurement, their ratios, this plan's numbers) and the figure `calibrate
+    --svg` draws, from the calibration file alone; a repo without one has neither."""
+    repo, run_dir, doc, calibration, work = run
+    assert not (repo / "docs" / "calibration.md").exists()
+    assert not (repo / "docs" / "calibration.svg").exists()
+    spec = calibrated_spec(calibration.parent)
+    new = work / "repo-docs"
+    assert cli("compile", spec, "-o", new).returncode == 0
+    curve = doc["curve"]
+    logged = [r for r in read_metrics(run_dir) if "event" not in r and "loss" in r]
+    assert [p[0] for p in curve["loss"]] == [float(r["step"]) for r in logged]
+    assert [p[1] for p in curve["loss"]] == [r["loss"] for r in logged]
+    page = (new / "docs" / "calibration.md").read_text()
+    ratio = doc["tokens_per_second"] / doc["planned"]["tokens_per_second"]
+    assert f"| tokens/s | {int(doc['planned']['tokens_per_second']):,} | " \
+           f"{int(doc['tokens_per_second']):,} | {ratio:.3f} |" in page
+    assert "`tiny-cpu:out/optimal`" in page and "calibration.json" in page
+    optimal = variant(lock_plan(new), "optimal")
+    assert f"| `optimal` | {int(optimal['timing']['tokens_per_second']):,} |" in page
+    assert f"{doc['peak_memory']['measured_over_predicted']:.3f}×" in page
+    figure = (new / "docs" / "calibration.svg").read_text()
+    first = (work / "first.svg").read_text()
+    assert figure.replace("drawn by llama3gen compile from calibration.json",
+                          "written by llama3gen calibrate") == first
+    readme = (new / "README.md").read_text()
+    assert "docs/calibration.md" in readme and "tiny-cpu:out/optimal" in readme
+    assert "(calibration.md)" in (new / "docs" / "comparison.md").read_text()
+
+
+def test_calibration_files_that_cannot_be_used_are_refused(run):
+    _, _, doc, _, work = run
+    broken = {"planned": "fast", "curve": {"loss": [[1, "x"]]}, "measured_on": [],
+              "tokens_per_second": -1}
+    for key, value in broken.items():
+        directory = work / f"broken-{key}"
+        directory.mkdir()
+        (directory / "calibration.json").write_text(json.dumps({**doc, key: value}))
+        assert_user_error(cli("solve", calibrated_spec(directory)), "calibration",
+                          "llama3gen calibrate")
 
 
 def test_median_of_logged_steps_without_a_benchmark(run):
