@@ -31,7 +31,7 @@ FORMAT = 1
 METRICS = "metrics.jsonl"
 LOCK_NAME = "llama3gen.lock.json"
 WARMUP_RECORDS = 3  # logged records left out without a benchmark record (compile, warm-up)
-CURVE_POINTS = 400  # per curve in a calibration file: about one per pixel of figure.PANEL_WIDTH
+CURVE_POINTS = 200  # per curve in a calibration file: a point per ~2 pixels of a figure panel
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
               "tie_embeddings", "block_size")
 

@@ -164,6 +164,10 @@ def test_generated_sweep_files(sweep_repo):
             lint = subprocess.run(["shellcheck", "--shell=bash", "--exclude=SC2317", script],
                                   cwd=sweep_repo, capture_output=True, text=True)
             assert lint.returncode == 0, lint.stdout
+    for bad in ("0", "two", "-1"):
+        refused = subprocess.run(["bash", "scripts/sweep.sh"], cwd=sweep_repo, capture_output=True,
+                                 text=True, env=dict(subprocess_env(), SWEEP_JOBS=bad))
+        assert refused.returncode == 2 and f"SWEEP_JOBS={bad} is not" in refused.stderr
     dry = subprocess.run([sys.executable, "submit.py", "--sweep", "--dry-run"], cwd=sweep_repo,
                          capture_output=True, text=True, env=subprocess_env())
     assert dry.returncode == 0 and f"{len(runs)} of {len(runs)} runs pending" in dry.stdout
@@ -192,10 +196,16 @@ ROLLOUT_BOUND = 0.10
 def test_real_sweep_on_cpu(sweep_repo):
     prepare_data(sweep_repo, "data/shards")
     t0 = time.time()
+    # Two runs at a time, one thread each (subprocess_env): the runs are the ones one after
+    # another would train, each on one core, so their losses are the same numbers.
     first = subprocess.run(["bash", "scripts/sweep.sh"], cwd=sweep_repo, capture_output=True,
-                           text=True, env=subprocess_env())
+                           text=True, env=dict(subprocess_env(), SWEEP_JOBS="2"))
     took = time.time() - t0
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "2 at a time" in first.stdout
+    logs = sorted(p.stem for p in (sweep_repo / "out" / "sweep").glob("*.log"))
+    assert logs == sorted(r["name"] for r in json.loads(
+        (sweep_repo / "llama3gen.lock.json").read_text())["plan"]["sweep"]["runs"])
     fitted = cli("fit", sweep_repo, "--json", "--bootstrap", "200")
     assert fitted.returncode == 0, fitted.stderr
     doc = json.loads(fitted.stdout)
