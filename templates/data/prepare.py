@@ -1147,6 +1147,11 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
         settings = {**settings, "shard": "%d/%d" % shard}
         run_dir = shard_dir(out_dir, *shard)
         check_replaceable(run_dir, SHARD_OUTPUTS, {"shard", "settings"})
+        done = finished_shard(out_dir, *shard, settings) if resume else None
+        if done:
+            log(f"shard {shard[0]}/{shard[1]} is done already ({run_dir}, the same settings): "
+                f"nothing to do (--no_resume tokenizes it again)")
+            return done
     created = make_dirs(run_dir)
     partial = Partial(run_dir)
     writer = (SplitWriter if shard is None else ShardWriter)(partial, val_fraction,
@@ -1271,13 +1276,22 @@ def read_shard(out_dir, index, count, settings):
         raise ShardError(index, count, f"{record_path} is of shard {shard}")
     if changed:
         raise ShardError(index, count, f"it was tokenized with other settings than the merge's "
-                                       f"({', '.join(changed)} differ; or merge with the "
+                                       f"(changed: {', '.join(changed)}; or merge with the "
                                        f"arguments the shards were made with)")
     tokens = os.path.join(path, "tokens.bin")
     if not os.path.isfile(tokens) or os.path.getsize(tokens) != n_bytes:
         raise ShardError(index, count, f"{tokens} is not the {n_bytes:,} bytes its shard.json "
                                        f"says (missing, truncated or changed since)")
     return record
+
+
+def finished_shard(out_dir, index, count, settings):
+    """The shard.json of a shard already done with these settings (a resubmitted array skips
+    it), else None."""
+    try:
+        return read_shard(out_dir, index, count, settings)
+    except ShardError:
+        return None
 
 
 def shard_blocks(out_dir, index, count):
