@@ -50,12 +50,16 @@ def test_merged_shards_are_the_files_one_run_writes(tmp_path, corpus, tokenizer_
                       *COMMON, *args)
     assert one.returncode == 0, one.stderr
     logs = run_shards(corpus, tmp_path / "merged", count, *args)
-    merged = merge(corpus, tmp_path / "merged", count, *args)
+    merged = merge(corpus, tmp_path / "merged", count, *args, "--progress_seconds", 0)
     assert merged.returncode == 0, merged.stderr
     assert listing(tmp_path / "merged") == listing(tmp_path / "one")  # the shards are gone
     assert outputs(tmp_path / "merged") == outputs(tmp_path / "one")
     meta = json.loads((tmp_path / "merged/meta.json").read_text())
     assert meta["n_val_tokens"] > 0 and meta["n_train_tokens"] > meta["n_val_tokens"]
+    progress = [line for line in merged.stdout.splitlines() if line.startswith("prepare: ")]
+    tokens = meta["n_train_tokens"] + meta["n_val_tokens"]
+    assert progress[-1].startswith(f"prepare: {meta['n_documents']:,} documents, {tokens:,} "
+                                   f"tokens, ") and "(100%)" in progress[-1], merged.stdout
     if tokenizer == "tokenizer.json":
         assert (tmp_path / "merged/tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
     files = sorted(corpus.iterdir())

@@ -1308,17 +1308,25 @@ def shard_blocks(out_dir, index, count):
         raise ShardError(index, count, f"cannot read {path} ({e.strerror or e})") from None
 
 
-def copy_shards(out_dir, records, writer):
+def copy_shards(out_dir, records, writer, progress_seconds):
     """The shards' tokens, in shard order, into `writer` (the corpus's stream, cut into chunks as
-    one run would cut it), each checked against its sha256 as it is read."""
+    one run would cut it), each checked against its sha256 as it is read; with a progress line
+    (its MB are of tokens.bin files, a shard's documents counted pro rata as it is read)."""
+    progress = Progress(sum(4 * r["n_tokens"] for r in records), 0, 0, progress_seconds)
+    done, documents = 0, 0
     for index, record in enumerate(records):
-        digest = hashlib.sha256()
+        digest, start, shard_bytes = hashlib.sha256(), done, 4 * record["n_tokens"]
         for block in shard_blocks(out_dir, index, len(records)):
             digest.update(block)
             writer.add(np.frombuffer(block, dtype="<u4"))
+            done += len(block)
+            share = record["n_documents"] * (done - start) // max(shard_bytes, 1)
+            progress.update(done, documents + share, done // 4)
         if digest.hexdigest() != record["fingerprint"]["tokens.bin"]["sha256"]:
             raise ShardError(index, len(records), "its tokens.bin does not hash to the sha256 its "
                                                   "shard.json says (changed since)")
+        documents += record["n_documents"]
+    progress.update(done, documents, done // 4, final=True)
 
 
 def remove_shard(out_dir, index, count):
@@ -1333,7 +1341,7 @@ def remove_shard(out_dir, index, count):
 def merge_shards(count, inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
                  chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
                  eod_token="", block_size=None, strict=False, log=print, global_batch_size=0,
-                 share=None):
+                 share=None, progress_seconds=PROGRESS_SECONDS):
     """Join out_dir/shard-<i>-of-<count>/ (i = 0 .. count - 1, from prepare(shard=(i, count)) with
     the same arguments) into out_dir as one prepare() run writes it, byte for byte; then remove
     the shards. Every shard is checked before anything is written."""
@@ -1352,7 +1360,7 @@ def merge_shards(count, inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fr
         partial.open()
         partial.clear()  # an interrupted merge's leftovers (a merge does not resume)
         writer.start()
-        copy_shards(out_dir, records, writer)
+        copy_shards(out_dir, records, writer, progress_seconds)
         writer.finish()
         meta = commit_split(partial, writer, state, run, out_dir, val_fraction, block_size,
                             global_batch_size, share)
@@ -1446,7 +1454,7 @@ def main(argv=None):
                       global_batch_size=batch,
                       share=source_share(config.get("data_sources", ""), a.out_dir))
         if a.merge is not None:
-            merge_shards(a.merge, **common)
+            merge_shards(a.merge, **common, progress_seconds=a.progress_seconds)
         else:
             prepare(**common, workers=a.workers, resume=not a.no_resume,
                     progress_seconds=a.progress_seconds, save_seconds=a.save_seconds,
