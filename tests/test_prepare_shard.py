@@ -126,7 +126,8 @@ def test_a_missing_or_interrupted_shard_is_refused(corpus, shards):
     before = listing(shards)
     assert_refused(merge(corpus, shards, 2), shards, before, "the shard was interrupted")
     assert_refused(merge(corpus, shards, 3), shards, before,  # shards of another count
-                   "shard 0/3: ", "shard-0-of-3/shard.json is missing")
+                   "shard 0/3: ", "shard-0-of-3/shard.json is missing: the shard was not run",
+                   "holds shards of N = 2: --merge 2?")
 
 
 def test_a_shard_made_with_other_settings_or_inputs_is_refused(corpus, shards, tokenizer_json):
@@ -166,7 +167,7 @@ def test_a_finished_shard_is_not_tokenized_again(corpus, shards):
 @pytest.mark.parametrize("args, phrase", [
     (["--shard", "2/2"], "--shard 2/2: expected I/N"),
     (["--shard", "x"], "--shard x: expected I/N"),
-    (["--merge", "0"], "--merge 0: the number of shards"),
+    (["--merge", "0"], "--merge 0: give the number of shards, the N of their --shard I/N"),
     (["--shard", "0/2", "--merge", "2"], "not allowed with argument"),
 ])
 def test_bad_shard_arguments_are_refused(tmp_path, corpus, args, phrase):

@@ -1080,6 +1080,12 @@ def make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens):
 Inputs = collections.namedtuple("Inputs", "tok vocab_size files sizes chunk_tokens settings")
 
 
+def require_out_dir(out_dir):
+    if not out_dir:
+        raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
+                           "meta.json (e.g. data/shards)")
+
+
 def read_inputs(inputs, tokenizer, vocab_size, val_fraction, chunk_tokens, extensions,
                 jsonl_key, eod_token, strict):
     """The tokenizer, the input files and their sizes, the chunk size and the run's settings:
@@ -1134,19 +1140,13 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
     shard: (index, count) to tokenize only that shard of the input files into
     out_dir/shard-<index>-of-<count>/ (merge_shards joins them); returns its shard.json dict."""
     check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size, workers)
-    if not out_dir:
-        raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
-                           "meta.json (e.g. data/shards)")
+    require_out_dir(out_dir)
     run = read_inputs(inputs, tokenizer, vocab_size, val_fraction, chunk_tokens, extensions,
                       jsonl_key, eod_token, strict)
     check_out_dir(out_dir, run.tok)
     files, sizes, settings, run_dir = run.files, run.sizes, run.settings, out_dir
     if shard is not None:
-        lo, hi = shard_bounds(run.sizes, shard[1])[shard[0]]
-        files, sizes = files[lo:hi], sizes[lo:hi]
-        settings = {**settings, "shard": "%d/%d" % shard}
-        run_dir = shard_dir(out_dir, *shard)
-        check_replaceable(run_dir, SHARD_OUTPUTS, {"shard", "settings"})
+        files, sizes, settings, run_dir = shard_part(run, out_dir, *shard)
         done = finished_shard(out_dir, *shard, settings) if resume else None
         if done:
             log(f"shard {shard[0]}/{shard[1]} is done already ({run_dir}, the same settings): "
@@ -1235,6 +1235,15 @@ def shard_dir(out_dir, index, count):
     return os.path.join(out_dir, f"shard-{index}-of-{count}")
 
 
+def shard_part(run, out_dir, index, count):
+    """Shard index/count of the run: its files, their sizes, its settings and its directory."""
+    lo, hi = shard_bounds(run.sizes, count)[index]
+    directory = shard_dir(out_dir, index, count)
+    check_replaceable(directory, SHARD_OUTPUTS, {"shard", "settings"})
+    return (run.files[lo:hi], run.sizes[lo:hi], {**run.settings, "shard": f"{index}/{count}"},
+            directory)
+
+
 def commit_shard(partial, writer, state, settings):
     """Rename tokens.bin and shard.json (what the merge needs of it) into the shard's directory."""
     record = {"shard": settings["shard"], "settings": settings, "n_tokens": writer.counts["tokens"],
@@ -1262,6 +1271,9 @@ def read_shard(out_dir, index, count, settings):
         why = ("was interrupted (its progress is in .prepare-partial)"
                if os.path.isdir(os.path.join(path, Partial.NAME)) else
                "has not finished" if os.path.isdir(path) else "was not run (no such directory)")
+        others = other_shard_counts(out_dir, count)
+        if others:
+            why += f"; {out_dir} holds shards of N = {', '.join(others)}: --merge {others[0]}?"
         raise ShardError(index, count, f"{record_path} is missing: the shard {why}")
     try:
         with open(record_path) as f:
@@ -1283,6 +1295,13 @@ def read_shard(out_dir, index, count, settings):
         raise ShardError(index, count, f"{tokens} is not the {n_bytes:,} bytes its shard.json "
                                        f"says (missing, truncated or changed since)")
     return record
+
+
+def other_shard_counts(out_dir, count):
+    """The N of the shard-I-of-N directories in out_dir other than `count`, as strings."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = {m[1] for m in map(re.compile(r"shard-\d+-of-(\d+)").fullmatch, names) if m}
+    return sorted(found - {str(count)}, key=int)
 
 
 def finished_shard(out_dir, index, count, settings):
@@ -1346,8 +1365,10 @@ def merge_shards(count, inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fr
     the same arguments) into out_dir as one prepare() run writes it, byte for byte; then remove
     the shards. Every shard is checked before anything is written."""
     check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size)
+    require_out_dir(out_dir)
     if not 1 <= count <= MAX_SHARDS:
-        raise PrepareError(f"--merge {count}: the number of shards, from 1 to {MAX_SHARDS}")
+        raise PrepareError(f"--merge {count}: give the number of shards, the N of their "
+                           f"--shard I/N, from 1 to {MAX_SHARDS}")
     run = read_inputs(inputs, tokenizer, vocab_size, val_fraction, chunk_tokens, extensions,
                       jsonl_key, eod_token, strict)
     check_out_dir(out_dir, run.tok)
