@@ -4,19 +4,21 @@ byte, and refuses shards that are missing, unfinished, made with other settings 
 
 The script runs as a subprocess on the standard library's sources (test_prepare_scale's corpus:
 a file of two segments, a jsonl file and small files, 3 MB), with raw bytes and with a BPE
-tokenizer.json trained here. The live-cluster run of scripts/prepare.sh is in test_slurm.py.
+tokenizer.json trained here. The live-cluster run of scripts/prepare.sh is in
+test_prepare_slurm.py.
 """
 
 import importlib.util
 import json
 import random
 import shutil
+import signal
 
 import pytest
 
 from _repo_files import TEMPLATES_DIR
-from test_prepare_scale import COMMON, outputs, run_prepare
-from test_prepare_scale import corpus, tokenizer_json  # noqa: F401 (fixtures)
+from test_prepare_scale import COMMON, OUTPUTS, outputs, run_prepare, start_prepare
+from test_prepare_scale import big_input, corpus, reference, tokenizer_json  # noqa: F401 (fixtures)
 
 
 def run_shards(corpus, out, count, *args):
@@ -153,6 +155,26 @@ def test_a_changed_shard_is_refused(corpus, shards, damage, phrase):
     tokens.write_bytes(damage(tokens.read_bytes()))
     before = listing(shards)
     assert_refused(merge(corpus, shards, 2), shards, before, "shard 1/2: ", phrase)
+
+
+def test_an_interrupted_shard_is_refused_then_resumed(tmp_path, big_input, reference):
+    """SIGTERM (SLURM's at the time limit) stops shard 0/2 of 8 MB with its progress saved: the
+    merge refuses it; the same command resumes it, and the merge is the one run's output."""
+    out = tmp_path / "data"
+    proc = start_prepare("--input", big_input, "--out_dir", out, "--shard", "0/2", "--workers", 1,
+                         "--progress_seconds", 0, *COMMON)
+    assert proc.stdout.readline().startswith("prepare: ")  # one piece done
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "the progress is saved in" in stderr, stderr
+    second = run_prepare("--input", big_input, "--out_dir", out, "--shard", "1/2", *COMMON)
+    assert second.returncode == 0, second.stderr
+    before = listing(out)
+    assert_refused(merge(big_input, out, 2), out, before, "shard 0/2: ", "the shard was interrupted")
+    again = run_prepare("--input", big_input, "--out_dir", out, "--shard", "0/2", *COMMON)
+    assert again.returncode == 0 and "resuming the interrupted run" in again.stdout, again.stderr
+    assert merge(big_input, out, 2).returncode == 0
+    assert outputs(out) == reference and listing(out) == sorted(OUTPUTS)
 
 
 def test_a_finished_shard_is_not_tokenized_again(corpus, shards):
