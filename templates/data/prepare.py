@@ -4,6 +4,7 @@
         --tokenizer path/to/tokenizer.json --config config/optimal.py --val_fraction 0.005
     python data/prepare.py --input corpus/ --out_dir data/bytes      # raw bytes, no tokenizer
     python data/prepare.py ... --workers 16        # processes that tokenize (default: all cores)
+    python data/prepare.py ... --shard 0/8   (.. 7/8), then ... --merge 8   # over several nodes
 
 Writes <out_dir>/train.bin and <out_dir>/val.bin (flat little-endian uint32 token ids, one
 document after another, each followed by an end-of-document id) and <out_dir>/meta.json
@@ -24,6 +25,19 @@ line redrawn on a terminal, else a plain line every --progress_seconds (a log). 
 saved every --save_seconds and on Ctrl-C or SIGTERM (a second one stops at once) in
 <out_dir>/.prepare-partial/; running the same command again resumes from there (with any number
 of workers), and says plainly why when it cannot (other settings or input files) and starts over.
+
+Corpora larger than a node: `--shard I/N` tokenizes only shard I (from 0) of N, a contiguous run
+of whole files of the sorted input list, balanced by bytes (a file belongs to the shard its
+middle byte falls in; a file is never split, so split one huge file yourself), into
+<out_dir>/shard-I-of-N/tokens.bin (the shard's token stream, not yet split) and shard.json (its
+settings, counts and sha256). Every shard lists and sizes all the inputs, so the chunk size and
+the settings are the corpus's. Then `--merge N`, with the same arguments, checks every shard
+(refusing one that is missing, unfinished, made with other settings or inputs, or changed since,
+before anything is written), joins their streams in shard order and splits the whole stream as
+one run does: chunk k of the corpus's stream goes to val.bin by the rule below, so the out_dir is
+byte for byte what one run without --shard writes. The shards are removed after the merge (it
+needs their size again in free space while it writes). scripts/prepare.sbatch runs the shards as
+a SLURM job array and the merge as a job that starts when all of them succeeded.
 
 Invalid UTF-8 bytes (and, in jsonl, lone surrogate escapes such as "\\ud800") are replaced by
 U+FFFD with a warning that names the file and counts them; --strict refuses them instead.
@@ -95,6 +109,8 @@ CHUNK_TOKENS_LIMIT = 1 << 28  # a chunk is held in memory before it is written (
 VAL_CHUNKS_WANTED = 20
 DEFAULT_BLOCK_SIZE = 2048  # the spec's default seq_len
 OUTPUTS = ("train.bin", "val.bin", "meta.json")  # tokenizer.json too, for a tokenizer.json
+SHARD_OUTPUTS = ("tokens.bin", "shard.json")  # in out_dir/shard-<I>-of-<N>/ (--shard I/N)
+MAX_SHARDS = 4096
 SURROGATES = re.compile("[\ud800-\udfff]")  # valid in JSON ("\ud800"), not encodable as UTF-8
 
 
@@ -556,7 +572,7 @@ class Partial:
 
     NAME = ".prepare-partial"
     OURS = re.compile(r"(train\.bin|val\.bin|progress\.json|pending-\d+\.bin|meta\.json|"
-                      r"tokenizer\.json)(\.tmp)?")
+                      r"tokenizer\.json|tokens\.bin|shard\.json)(\.tmp)?")
 
     def __init__(self, out_dir):
         self.out_dir = out_dir
@@ -604,15 +620,16 @@ class Partial:
             os.fsync(f.fileno())
         os.replace(self.file(name + ".tmp"), self.file(name))
 
-    def commit(self, extra):
-        """Rename train.bin, val.bin and `extra` ({name: bytes}, meta.json last) into out_dir."""
+    def commit(self, extra, names=("train.bin", "val.bin")):
+        """Rename `names` (written already) and `extra` ({name: bytes}, meta.json last) into
+        out_dir."""
         for name, data in extra.items():
             self.write_atomic(name, data)
         # The renames take microseconds; a signal in between must not leave half of them done.
         blocked = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            for name in ("train.bin", "val.bin", *extra):
+            for name in (*names, *extra):
                 os.replace(self.file(name), os.path.join(self.out_dir, name))
             self.abort()
         finally:
@@ -639,13 +656,15 @@ class SplitWriter:
     run's directory), hashing what it writes. save() and resume() carry its state across an
     interrupted run."""
 
+    SPLITS = ("train", "val")
+
     def __init__(self, partial, val_fraction, chunk_tokens):
         self.partial = partial
         self.val_fraction = val_fraction
         self.chunk_tokens = chunk_tokens
         self.files = {}
-        self.counts = {"train": 0, "val": 0}
-        self.hashes = {s: hashlib.sha256() for s in ("train", "val")}  # streamed, for meta.json
+        self.counts = {s: 0 for s in self.SPLITS}
+        self.hashes = {s: hashlib.sha256() for s in self.SPLITS}  # streamed, for meta.json
         self.pending = []  # arrays not yet written
         self.n_pending = 0
         self.chunk_index = 0
@@ -653,7 +672,7 @@ class SplitWriter:
     def start(self, saved=None):
         """Open the split files: new ones, or (saved: a state from save()) the interrupted run's,
         cut back to where that state was saved and re-hashed up to there."""
-        for split in ("train", "val"):
+        for split in self.SPLITS:
             path = self.partial.file(f"{split}.bin")
             flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
             self.files[split] = os.fdopen(os.open(path, flags, 0o666), "r+b")
@@ -712,7 +731,14 @@ class SplitWriter:
             f.flush()
             os.fsync(f.fileno())  # a full disk must fail here, before anything is renamed
             f.close()
-        for split in ("train", "val"):
+        self.check_counts()
+
+    @property
+    def file_names(self):
+        return tuple(f"{s}.bin" for s in self.SPLITS)
+
+    def check_counts(self):
+        for split in self.SPLITS:
             if self.counts[split] == 0:
                 raise PrepareError(
                     f"the {split} split is empty ({self.chunk_index} chunks of {self.chunk_tokens} "
@@ -728,36 +754,56 @@ class SplitWriter:
     def fingerprint(self):
         """{file: {bytes, sha256}}: what train.py compares on resume (meta.json "fingerprint")."""
         return {f"{s}.bin": {"bytes": 4 * self.counts[s], "sha256": self.hashes[s].hexdigest()}
-                for s in ("train", "val")}
+                for s in self.SPLITS}
+
+
+class ShardWriter(SplitWriter):
+    """A shard's token stream, whole, in tokens.bin (--shard): which chunks go to val.bin depends
+    on where the shard begins in the corpus's stream, so the split is the merge's."""
+
+    SPLITS = ("tokens",)
+
+    def _split_of_chunk(self, k):
+        return "tokens"
+
+    def check_counts(self):
+        pass  # a shard may be empty (more shards than files); the merge checks the splits
 
 
 def check_out_dir(out_dir, tok):
     """Refuse an out_dir where an output would replace a file this script did not write: only
     the files of an earlier run (a meta.json of ours beside them) may be replaced."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise PrepareError(f"--out_dir {out_dir}: exists and is not a directory")
-    earlier_meta = os.path.join(out_dir, "meta.json")
+    check_replaceable(out_dir, OUTPUTS, {"n_train_tokens", "dtype"})
+    target = os.path.join(out_dir, "tokenizer.json")
+    if tok.path and os.path.lexists(target) and not is_tokenizer_copy(tok, target):
+        raise PrepareError(f"{target}: exists and differs from --tokenizer {tok.path}; "
+                           f"move it away or choose another --out_dir")
+
+
+def check_replaceable(directory, outputs, record_keys):
+    """Refuse a directory where one of `outputs` would replace a file that an earlier run did not
+    write: its record (the last of outputs: meta.json, shard.json) must be ours (record_keys)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise PrepareError(f"{directory}: exists and is not a directory; move it away or choose "
+                           f"another --out_dir")
+    record = outputs[-1]
     ours = False
-    if os.path.isfile(earlier_meta):  # not a pipe, which would block
+    if os.path.isfile(os.path.join(directory, record)):  # not a pipe, which would block
         try:
-            with open(earlier_meta) as f:
+            with open(os.path.join(directory, record)) as f:
                 meta = json.load(f)
-            ours = isinstance(meta, dict) and {"n_train_tokens", "dtype"} <= set(meta)
+            ours = isinstance(meta, dict) and record_keys <= set(meta)
         except (OSError, ValueError, RecursionError):
             pass
-    for name in OUTPUTS:
-        path = os.path.join(out_dir, name)
+    for name in outputs:
+        path = os.path.join(directory, name)
         if os.path.isdir(path) and not os.path.islink(path):
             raise PrepareError(f"{path}: is a directory, where data/prepare.py writes a file; "
                                f"move it away or choose another --out_dir")
         if os.path.lexists(path) and not ours:
             raise PrepareError(f"{path}: exists and was not written by data/prepare.py (no "
-                               f"meta.json of an earlier run beside it); move it away or choose "
+                               f"{record} of an earlier run beside it); move it away or choose "
                                f"another --out_dir")
-    target = os.path.join(out_dir, "tokenizer.json")
-    if tok.path and os.path.lexists(target) and not is_tokenizer_copy(tok, target):
-        raise PrepareError(f"{target}: exists and differs from --tokenizer {tok.path}; "
-                           f"move it away or choose another --out_dir")
 
 
 def is_tokenizer_copy(tok, target):
@@ -866,7 +912,7 @@ def why_restart(saved, settings, partial):
         if changed:
             return f"{', '.join(changed)} changed since"
         state = saved["writer"]
-        for split in ("train", "val"):
+        for split in state["counts"]:
             path = partial.file(f"{split}.bin")
             if not os.path.isfile(path) or os.path.getsize(path) < 4 * state["counts"][split]:
                 return f"{path} is shorter than its saved progress"
@@ -1031,19 +1077,19 @@ def make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens):
     return meta
 
 
-def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
-            chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
-            eod_token="", block_size=None, strict=False, log=print, global_batch_size=0,
-            workers=0, resume=True, progress_seconds=PROGRESS_SECONDS, save_seconds=SAVE_SECONDS,
-            share=None):
-    """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict.
-    block_size, global_batch_size: the model's (None, 0: unknown), checked against the splits;
-    share: out_dir's weight share when it is a source of a mixture (source_share).
-    workers: processes that tokenize (0: one per CPU core this process may use)."""
-    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size, workers)
+Inputs = collections.namedtuple("Inputs", "tok vocab_size files sizes chunk_tokens settings")
+
+
+def require_out_dir(out_dir):
     if not out_dir:
         raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
                            "meta.json (e.g. data/shards)")
+
+
+def read_inputs(inputs, tokenizer, vocab_size, val_fraction, chunk_tokens, extensions,
+                jsonl_key, eod_token, strict):
+    """The tokenizer, the input files and their sizes, the chunk size and the run's settings:
+    all of the corpus's, also for one shard of it (what the merge and every shard agree on)."""
     extensions = {e.strip().lstrip(".") for e in extensions} - {""}
     if not extensions:
         raise PrepareError("--extensions is empty; give e.g. txt,md,jsonl")
@@ -1051,31 +1097,80 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
     vocab_size = vocab_size or tok.vocab_size
     files = list_input_files(inputs, extensions)
     sizes = [os.path.getsize(f) for f in files]
-    check_out_dir(out_dir, tok)
     chunk_tokens = chunk_tokens or auto_chunk_tokens(sum(sizes), val_fraction)
     settings = run_settings(files, sizes, tok, vocab_size, val_fraction, chunk_tokens, jsonl_key,
                             strict)
-    created = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    partial = Partial(out_dir)
-    writer = SplitWriter(partial, val_fraction, chunk_tokens)
+    return Inputs(tok, vocab_size, files, sizes, chunk_tokens, settings)
+
+
+def make_dirs(path):
+    """os.makedirs(path); return the directories it created, deepest first (removed again, when
+    empty, after a failed run)."""
+    created, missing = [], os.path.abspath(path)
+    while not os.path.exists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(path, exist_ok=True)
+    return created
+
+
+def commit_split(partial, writer, state, run, out_dir, val_fraction, block_size,
+                 global_batch_size, share):
+    """Check the splits against the model, then rename train.bin, val.bin, meta.json (and a
+    copy of tokenizer.json) into out_dir; return the meta dict."""
+    meta = make_meta(run.tok, run.vocab_size, writer, state, val_fraction, run.chunk_tokens)
+    check_split_sizes(meta, out_dir, block_size, global_batch_size, share)
+    extra = {}
+    if run.tok.path and not is_tokenizer_copy(run.tok, os.path.join(out_dir, "tokenizer.json")):
+        extra["tokenizer.json"] = run.tok.data  # kept with the data: export_hf.py ships it
+    extra["meta.json"] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    partial.commit(extra, writer.file_names)
+    return meta
+
+
+def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
+            chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
+            eod_token="", block_size=None, strict=False, log=print, global_batch_size=0,
+            workers=0, resume=True, progress_seconds=PROGRESS_SECONDS, save_seconds=SAVE_SECONDS,
+            share=None, shard=None):
+    """Tokenize `inputs` into out_dir/{train,val}.bin and meta.json; return the meta dict.
+    block_size, global_batch_size: the model's (None, 0: unknown), checked against the splits;
+    share: out_dir's weight share when it is a source of a mixture (source_share).
+    workers: processes that tokenize (0: one per CPU core this process may use).
+    shard: (index, count) to tokenize only that shard of the input files into
+    out_dir/shard-<index>-of-<count>/ (merge_shards joins them); returns its shard.json dict."""
+    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size, workers)
+    require_out_dir(out_dir)
+    run = read_inputs(inputs, tokenizer, vocab_size, val_fraction, chunk_tokens, extensions,
+                      jsonl_key, eod_token, strict)
+    check_out_dir(out_dir, run.tok)
+    files, sizes, settings, run_dir = run.files, run.sizes, run.settings, out_dir
+    if shard is not None:
+        files, sizes, settings, run_dir = shard_part(run, out_dir, *shard)
+        done = finished_shard(out_dir, *shard, settings) if resume else None
+        if done:
+            log(f"shard {shard[0]}/{shard[1]} is done already ({run_dir}, the same settings): "
+                f"nothing to do (--no_resume tokenizes it again)")
+            return done
+    created = make_dirs(run_dir)
+    partial = Partial(run_dir)
+    writer = (SplitWriter if shard is None else ShardWriter)(partial, val_fraction,
+                                                            run.chunk_tokens)
     state = None
     interrupts = Interrupts()  # from here a signal is a request to save and stop
     try:
         state = start_run(partial, settings, resume, log)
         writer.start(state["writer"])
         tokenize_all(state, writer, partial, files, sizes, workers or available_cores(),
-                     (tok, vocab_size, files, jsonl_key, strict), interrupts, progress_seconds,
-                     save_seconds)
+                     (run.tok, run.vocab_size, files, jsonl_key, strict), interrupts,
+                     progress_seconds, save_seconds)
         interrupts.restore()  # the rest takes moments: Ctrl-C stops it as before
         writer.finish()
-        meta = make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens)
-        check_split_sizes(meta, out_dir, block_size, global_batch_size, share)
-        extra = {}
-        if tok.path and not is_tokenizer_copy(tok, os.path.join(out_dir, "tokenizer.json")):
-            extra["tokenizer.json"] = tok.data  # kept with the data: export_hf.py ships it
-        extra["meta.json"] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-        partial.commit(extra)
+        if shard is None:
+            meta = commit_split(partial, writer, state, run, out_dir, val_fraction, block_size,
+                                global_batch_size, share)
+        else:
+            meta = commit_shard(partial, writer, state, settings)
     except (Interrupted, KeyboardInterrupt) as e:
         writer.close()
         if partial.fd is None or not os.path.isfile(partial.file("progress.json")):
@@ -1097,10 +1192,212 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
         raise
     finally:
         interrupts.restore()
-        if created and not os.listdir(out_dir):
-            os.rmdir(out_dir)  # a failed run leaves no trace, not even the directory
-    log(f"{state['documents']} documents from {len(files)} files: {meta['n_train_tokens']:,} "
-        f"train and {meta['n_val_tokens']:,} val tokens -> {out_dir}")
+        for directory in created:
+            if not os.listdir(directory):
+                os.rmdir(directory)  # a failed run leaves no trace, not even the directory
+    if shard is None:
+        log(f"{state['documents']} documents from {len(files)} files: {meta['n_train_tokens']:,} "
+            f"train and {meta['n_val_tokens']:,} val tokens -> {out_dir}")
+    else:
+        log(f"shard {shard[0]}/{shard[1]}: {state['documents']} documents from {len(files)} "
+            f"files: {meta['n_tokens']:,} tokens -> {run_dir} (then: the same command with "
+            f"--merge {shard[1]} instead of --shard)")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Shards: one job of a SLURM array tokenizes a part of the files, a last one merges them
+
+
+def parse_shard(text):
+    """--shard I/N: (I, N), 0 <= I < N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]) <= MAX_SHARDS:
+        raise PrepareError(f"--shard {text}: expected I/N, shard I (counted from 0) of N, "
+                           f"0 <= I < N <= {MAX_SHARDS}, e.g. --shard 0/4 (scripts/prepare.sbatch "
+                           f"gives $SLURM_ARRAY_TASK_ID/N)")
+    return int(match[1]), int(match[2])
+
+
+def shard_bounds(sizes, count):
+    """[(first file, end file)] of each of `count` shards: contiguous runs of whole files of the
+    sorted list, balanced by bytes (a file belongs to the shard its middle byte falls in; a
+    shard may be empty when there are fewer files than shards)."""
+    total = sum(sizes)
+    starts = itertools.accumulate(sizes, initial=0)
+    owners = [min(count - 1, count * (2 * start + size) // (2 * total)) if total
+              else i * count // len(sizes) for i, (start, size) in enumerate(zip(starts, sizes))]
+    ends = [sum(owner <= i for owner in owners) for i in range(count)]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def shard_dir(out_dir, index, count):
+    return os.path.join(out_dir, f"shard-{index}-of-{count}")
+
+
+def shard_part(run, out_dir, index, count):
+    """Shard index/count of the run: its files, their sizes, its settings and its directory."""
+    lo, hi = shard_bounds(run.sizes, count)[index]
+    directory = shard_dir(out_dir, index, count)
+    check_replaceable(directory, SHARD_OUTPUTS, {"shard", "settings"})
+    return (run.files[lo:hi], run.sizes[lo:hi], {**run.settings, "shard": f"{index}/{count}"},
+            directory)
+
+
+def commit_shard(partial, writer, state, settings):
+    """Rename tokens.bin and shard.json (what the merge needs of it) into the shard's directory."""
+    record = {"shard": settings["shard"], "settings": settings, "n_tokens": writer.counts["tokens"],
+              "n_documents": state["documents"], "max_token_id": state["max_id"],
+              "fingerprint": writer.fingerprint()}
+    partial.commit({"shard.json": (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()},
+                   writer.file_names)
+    return record
+
+
+class ShardError(PrepareError):
+    def __init__(self, index, count, problem):
+        super().__init__(
+            f"shard {index}/{count}: {problem}; run it again (data/prepare.py with the merge's "
+            f"arguments and --shard {index}/{count} instead of --merge {count}: array task {index} "
+            f"of scripts/prepare.sbatch), then the merge")
+
+
+def read_shard(out_dir, index, count, settings):
+    """A finished shard's shard.json, checked against the merge's settings; refuses a shard
+    that is missing, unfinished, made with other settings or changed since."""
+    path = shard_dir(out_dir, index, count)
+    record_path = os.path.join(path, "shard.json")
+    if not os.path.isfile(record_path):
+        why = ("was interrupted (its progress is in .prepare-partial)"
+               if os.path.isdir(os.path.join(path, Partial.NAME)) else
+               "has not finished" if os.path.isdir(path) else "was not run (no such directory)")
+        others = other_shard_counts(out_dir, count)
+        if others:
+            why += f"; {out_dir} holds shards of N = {', '.join(others)}: --merge {others[0]}?"
+        raise ShardError(index, count, f"{record_path} is missing: the shard {why}")
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        saved, n_bytes = record["settings"], record["fingerprint"]["tokens.bin"]["bytes"]
+        changed = [SETTING_NAMES.get(k, k) for k in settings if saved.get(k) != settings[k]]
+        shard = record["shard"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ShardError(index, count, f"{record_path} is not a shard.json that data/prepare.py "
+                                       f"wrote whole") from None
+    if shard != f"{index}/{count}" or saved.get("shard") != shard:
+        raise ShardError(index, count, f"{record_path} is of shard {shard}")
+    if changed:
+        raise ShardError(index, count, f"it was tokenized with other settings than the merge's "
+                                       f"(changed: {', '.join(changed)}; or merge with the "
+                                       f"arguments the shards were made with)")
+    tokens = os.path.join(path, "tokens.bin")
+    if not os.path.isfile(tokens) or os.path.getsize(tokens) != n_bytes:
+        raise ShardError(index, count, f"{tokens} is not the {n_bytes:,} bytes its shard.json "
+                                       f"says (missing, truncated or changed since)")
+    return record
+
+
+def other_shard_counts(out_dir, count):
+    """The N of the shard-I-of-N directories in out_dir other than `count`, as strings."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = {m[1] for m in map(re.compile(r"shard-\d+-of-(\d+)").fullmatch, names) if m}
+    return sorted(found - {str(count)}, key=int)
+
+
+def finished_shard(out_dir, index, count, settings):
+    """The shard.json of a shard already done with these settings (a resubmitted array skips
+    it), else None."""
+    try:
+        return read_shard(out_dir, index, count, settings)
+    except ShardError:
+        return None
+
+
+def shard_blocks(out_dir, index, count):
+    """The bytes of a shard's tokens.bin, a block at a time."""
+    path = os.path.join(shard_dir(out_dir, index, count), "tokens.bin")
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(HASH_BLOCK_BYTES)  # a multiple of 4: whole token ids
+                if not block:
+                    return
+                yield block
+    except OSError as e:
+        raise ShardError(index, count, f"cannot read {path} ({e.strerror or e})") from None
+
+
+def copy_shards(out_dir, records, writer, progress_seconds):
+    """The shards' tokens, in shard order, into `writer` (the corpus's stream, cut into chunks as
+    one run would cut it), each checked against its sha256 as it is read; with a progress line
+    (its MB are of tokens.bin files, a shard's documents counted pro rata as it is read)."""
+    progress = Progress(sum(4 * r["n_tokens"] for r in records), 0, 0, progress_seconds)
+    done, documents = 0, 0
+    for index, record in enumerate(records):
+        digest, start, shard_bytes = hashlib.sha256(), done, 4 * record["n_tokens"]
+        for block in shard_blocks(out_dir, index, len(records)):
+            digest.update(block)
+            writer.add(np.frombuffer(block, dtype="<u4"))
+            done += len(block)
+            share = record["n_documents"] * (done - start) // max(shard_bytes, 1)
+            progress.update(done, documents + share, done // 4)
+        if digest.hexdigest() != record["fingerprint"]["tokens.bin"]["sha256"]:
+            raise ShardError(index, len(records), "its tokens.bin does not hash to the sha256 its "
+                                                  "shard.json says (changed since)")
+        documents += record["n_documents"]
+    progress.update(done, documents, done // 4, final=True)
+
+
+def remove_shard(out_dir, index, count):
+    """A merged shard's files (its directory too, when nothing else is in it)."""
+    path = shard_dir(out_dir, index, count)
+    for name in SHARD_OUTPUTS:
+        os.remove(os.path.join(path, name))
+    if not os.listdir(path):
+        os.rmdir(path)
+
+
+def merge_shards(count, inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
+                 chunk_tokens=0, extensions=("txt", "md", "jsonl"), jsonl_key="text",
+                 eod_token="", block_size=None, strict=False, log=print, global_batch_size=0,
+                 share=None, progress_seconds=PROGRESS_SECONDS):
+    """Join out_dir/shard-<i>-of-<count>/ (i = 0 .. count - 1, from prepare(shard=(i, count)) with
+    the same arguments) into out_dir as one prepare() run writes it, byte for byte; then remove
+    the shards. Every shard is checked before anything is written."""
+    check_numbers(vocab_size, val_fraction, chunk_tokens, block_size, global_batch_size)
+    require_out_dir(out_dir)
+    if not 1 <= count <= MAX_SHARDS:
+        raise PrepareError(f"--merge {count}: give the number of shards, the N of their "
+                           f"--shard I/N, from 1 to {MAX_SHARDS}")
+    run = read_inputs(inputs, tokenizer, vocab_size, val_fraction, chunk_tokens, extensions,
+                      jsonl_key, eod_token, strict)
+    check_out_dir(out_dir, run.tok)
+    records = [read_shard(out_dir, i, count, run.settings) for i in range(count)]
+    partial = Partial(out_dir)
+    writer = SplitWriter(partial, val_fraction, run.chunk_tokens)
+    state = {"documents": sum(r["n_documents"] for r in records),
+             "max_id": max(r["max_token_id"] for r in records)}
+    try:
+        partial.open()
+        partial.clear()  # an interrupted merge's leftovers (a merge does not resume)
+        writer.start()
+        copy_shards(out_dir, records, writer, progress_seconds)
+        writer.finish()
+        meta = commit_split(partial, writer, state, run, out_dir, val_fraction, block_size,
+                            global_batch_size, share)
+    except OSError as e:  # reading errors are PrepareErrors already: this is the out_dir
+        writer.close()
+        partial.abort()
+        raise PrepareError(f"--out_dir {out_dir}: cannot write ({e.strerror or e}); nothing was "
+                           f"written: free some space or choose another --out_dir") from None
+    except BaseException:
+        writer.close()
+        partial.abort()
+        raise
+    for index in range(count):
+        remove_shard(out_dir, index, count)
+    log(f"merged {count} shards, {state['documents']} documents from {len(run.files)} files: "
+        f"{meta['n_train_tokens']:,} train and {meta['n_val_tokens']:,} val tokens -> {out_dir}")
     return meta
 
 
@@ -1155,18 +1452,34 @@ def main(argv=None):
     p.add_argument("--save_seconds", type=float, default=SAVE_SECONDS,
                    help=f"seconds between saves of the progress an interrupted run resumes from "
                         f"(default {SAVE_SECONDS})")
+    parallel = p.add_mutually_exclusive_group()
+    parallel.add_argument("--shard", metavar="I/N",
+                          help="tokenize only shard I (from 0) of N, a part of the input files "
+                               "balanced by bytes, into <out_dir>/shard-I-of-N/ (one task of "
+                               "scripts/prepare.sbatch's job array)")
+    parallel.add_argument("--merge", type=int, metavar="N",
+                          help="join the N shards in <out_dir> into train.bin, val.bin and "
+                               "meta.json, as one run without --shard writes them; give the "
+                               "shards' arguments")
     a = p.parse_args(argv)
     try:
         config = read_config(a.config) if a.config else {}
         block_size = a.block_size if a.block_size is not None else config.get("block_size")
         batch = (a.global_batch_size if a.global_batch_size is not None
                  else config.get("global_batch_size", 0))
-        prepare(a.input, a.out_dir, a.tokenizer, a.vocab_size or config.get("vocab_size", 0),
-                a.val_fraction, a.chunk_tokens, tuple(a.extensions.split(",")), a.jsonl_key,
-                a.eod_token, block_size, a.strict, global_batch_size=batch, workers=a.workers,
-                share=source_share(config.get("data_sources", ""), a.out_dir),
-                resume=not a.no_resume, progress_seconds=a.progress_seconds,
-                save_seconds=a.save_seconds)
+        common = dict(inputs=a.input, out_dir=a.out_dir, tokenizer=a.tokenizer,
+                      vocab_size=a.vocab_size or config.get("vocab_size", 0),
+                      val_fraction=a.val_fraction, chunk_tokens=a.chunk_tokens,
+                      extensions=tuple(a.extensions.split(",")), jsonl_key=a.jsonl_key,
+                      eod_token=a.eod_token, block_size=block_size, strict=a.strict,
+                      global_batch_size=batch,
+                      share=source_share(config.get("data_sources", ""), a.out_dir))
+        if a.merge is not None:
+            merge_shards(a.merge, **common, progress_seconds=a.progress_seconds)
+        else:
+            prepare(**common, workers=a.workers, resume=not a.no_resume,
+                    progress_seconds=a.progress_seconds, save_seconds=a.save_seconds,
+                    shard=parse_shard(a.shard) if a.shard is not None else None)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
