@@ -89,9 +89,83 @@ DEFAULT_LAW = "besiroglu2024"
 LAW_FORMAT = "llama3gen-law/1"
 
 
-def load_law_file(path, label: str | None = None) -> ScalingLaw:
-    """The law in a `llama3gen fit` file; ValueError (one line) when it cannot be used. `label`:
-    the path as the spec wrote it, for the citation (the same whatever the working directory)."""
+LAW_KEYS = ("E", "A", "B", "alpha", "beta")
+
+
+@dataclass(frozen=True)
+class LawFile:
+    """A `llama3gen fit -o` file: the law, the runs it was fitted on and its bootstrap refits.
+
+    `samples` (resamples × 5: E, A, B, alpha, beta) are the refits themselves, so that CIs of
+    anything derived from the law (N*, D*, L* at any budget) keep the parameters' correlations;
+    None in a file written before fit kept them."""
+
+    law: ScalingLaw
+    label: str
+    runs: int | None
+    budgets: tuple[float, ...]
+    budget_runs: tuple[int, ...] | None
+    ci_level: float
+    ci: dict  # "E", ... → (low, high), as fit reported them
+    resamples: int | None
+    seed: int | None
+    samples: np.ndarray | None
+
+    def sample_laws(self) -> list[ScalingLaw]:
+        return [ScalingLaw(f"{self.law.name}-resample-{i}", *map(float, row), self.law.citation,
+                           self.law.fit_params, self.law.fit_tokens)
+                for i, row in enumerate(self.samples)]
+
+    def percentiles(self) -> tuple[float, float]:
+        """The CI's ends as percentiles, e.g. (2.5, 97.5)."""
+        return round(50 * (1 - self.ci_level), 9), round(50 * (1 + self.ci_level), 9)
+
+    def optimum_ci(self, flops: float) -> dict[str, tuple[float, float]]:
+        """Percentile-bootstrap CIs of N*, D*, L* at `flops` (C = 6ND): the closed-form optimum of
+        every resample's law, the percentiles of those (what `llama3gen fit --target` reports)."""
+        opts = [law.optimum_6nd(flops) for law in self.sample_laws()]
+        return {key: tuple(float(v) for v in np.percentile([getattr(o, key) for o in opts],
+                                                           self.percentiles()))
+                for key in ("n_params", "tokens", "loss")}
+
+    def ends(self, flops: float) -> tuple[ScalingLaw, ScalingLaw]:
+        """The resamples whose N*(flops) are the CI's low and high ends (nearest rank). Whole
+        resampled laws rather than laws made of each parameter's own percentile: A and alpha
+        (B and beta) are strongly correlated, and a law of per-parameter ends is no fit any
+        resample produced. Under C = 6ND, D* = C/(6N*): the same laws are D*'s high and low ends."""
+        laws = self.sample_laws()
+        n_opt = np.array([law.optimum_6nd(flops).n_params for law in laws])
+        order = np.argsort(n_opt, kind="stable")
+        ranks = [round(p / 100 * (len(laws) - 1)) for p in self.percentiles()]
+        return laws[order[ranks[0]]], laws[order[ranks[1]]]
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The line (1-based) of a top-level key of the JSON object `text`, for error messages."""
+    from json.decoder import scanstring
+    depth, i = 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            value, end = scanstring(text, i + 1)
+            if depth == 1 and value == key and text[end:].lstrip().startswith(":"):
+                return text.count("\n", 0, i) + 1
+            i = end
+            continue
+        depth += (ch in "{[") - (ch in "}]")
+        i += 1
+    return None
+
+
+def _positive(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def read_law_file(path, label: str | None = None) -> LawFile:
+    """A `llama3gen fit` file; ValueError (one line, naming file:line) when it cannot be used.
+    `label`: the path as the spec wrote it, for the citation (the same whatever the cwd)."""
+    import json
     from pathlib import Path
 
     from .jsonfile import read_json
@@ -100,15 +174,64 @@ def load_law_file(path, label: str | None = None) -> ScalingLaw:
     if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT:
         raise ValueError(f"{str(path)!r} is not a llama3gen law file (format {LAW_FORMAT}; "
                          "`llama3gen fit RUNS.csv -o FILE` writes one)")
-    values = [doc.get(k) for k in ("E", "A", "B", "alpha", "beta")]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               and v > 0 for v in values):
-        raise ValueError(f"law file {str(path)!r}: E, A, B, alpha and beta must be positive "
-                         f"numbers (got {values})")
-    ranges = [tuple(doc[k]) if isinstance(doc.get(k), list) and len(doc[k]) == 2 else None
-              for k in ("fit_params", "fit_tokens")]
+    text = path.read_text(encoding="utf-8")
+
+    def bad(key: str, what: str) -> ValueError:
+        line = _key_line(text, key)
+        return ValueError(f"law file {str(path) + (f':{line}' if line else '')!r}: {what}; "
+                          "write it anew with `llama3gen fit ... -o FILE`")
+
+    values = [doc.get(k) for k in LAW_KEYS]
+    for key, value in zip(LAW_KEYS, values):
+        if not _positive(value):
+            raise bad(key, f"E, A, B, alpha and beta must be positive numbers ({key} is "
+                           f"{json.dumps(value)})")
+    ranges = []
+    for key in ("fit_params", "fit_tokens"):
+        value = doc.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 2
+                                      and all(map(_positive, value)) and value[0] <= value[1]):
+            raise bad(key, f"{key} must be [low, high], two positive numbers")
+        ranges.append(tuple(map(float, value)) if value else None)
     citation = f"{doc.get('citation') or 'fitted by llama3gen fit'}; file {label or path}"
-    return ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
+    law = ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
+
+    runs, budgets, budget_runs = doc.get("runs"), doc.get("budgets", []), doc.get("budget_runs")
+    if runs is not None and not (isinstance(runs, int) and not isinstance(runs, bool) and runs > 0):
+        raise bad("runs", "runs must be the number of runs fitted (a positive integer)")
+    if not (isinstance(budgets, list) and all(map(_positive, budgets))):
+        raise bad("budgets", "budgets must be a list of positive FLOP counts")
+    if budget_runs is not None and not (isinstance(budget_runs, list)
+                                        and len(budget_runs) == len(budgets)
+                                        and all(isinstance(k, int) and k > 0 for k in budget_runs)):
+        raise bad("budget_runs", "budget_runs must give a positive run count per budget")
+    level = doc.get("ci_level", 0.95)
+    if not (_positive(level) and level < 1):
+        raise bad("ci_level", "ci_level must lie between 0 and 1")
+    ci = doc.get("ci") or {}
+    if not (isinstance(ci, dict) and all(k in LAW_KEYS and isinstance(v, list) and len(v) == 2
+                                         and all(map(_positive, v)) for k, v in ci.items())):
+        raise bad("ci", "ci must map E, A, B, alpha, beta to [low, high]")
+    boot = doc.get("bootstrap") or {}
+    samples = (boot.get("samples") or None) if isinstance(boot, dict) else None  # []: no bootstrap
+    if not isinstance(boot, dict) or (samples is not None and not (
+            isinstance(samples, list) and samples
+            and all(isinstance(s, list) and len(s) == 5 and all(map(_positive, s))
+                    for s in samples))):
+        raise bad("bootstrap", "bootstrap.samples must be a list of resampled laws "
+                               "[E, A, B, alpha, beta], each five positive numbers")
+    return LawFile(
+        law=law, label=str(label or path), runs=runs, budgets=tuple(map(float, budgets)),
+        budget_runs=tuple(budget_runs) if budget_runs else None, ci_level=float(level),
+        ci={k: tuple(map(float, v)) for k, v in ci.items()},
+        resamples=boot.get("resamples") if isinstance(boot.get("resamples"), int) else None,
+        seed=boot.get("seed") if isinstance(boot.get("seed"), int) else None,
+        samples=np.array(samples, dtype=np.float64) if samples else None)
+
+
+def load_law_file(path, label: str | None = None) -> ScalingLaw:
+    """The law in a `llama3gen fit` file (read_law_file)."""
+    return read_law_file(path, label).law
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,9 @@ class FileLaw(StrictModel):
     # A `llama3gen fit -o` file, relative to the spec file (docs/FIT.md); read once here.
     file: Annotated[str, Field(min_length=1, max_length=4096)]
     _law: laws.ScalingLaw | None = PrivateAttr(default=None)
+    # What else the file says (runs, CIs, bootstrap refits): plan.law.fit; None where a plan
+    # re-solves under one of its resampled laws (compiler/lawfit.py).
+    _fitted: laws.LawFile | None = PrivateAttr(default=None)
 
     @field_validator("file")
     @classmethod
@@ -297,14 +300,15 @@ class FileLaw(StrictModel):
 
     @model_validator(mode="after")
     def _read(self, info: ValidationInfo):
-        self._law = _law_file(self.file, info)
+        self._fitted = _law_file(self.file, info)
+        self._law = self._fitted.law
         return self
 
 
-def _law_file(name: str, info: ValidationInfo) -> laws.ScalingLaw:
+def _law_file(name: str, info: ValidationInfo) -> laws.LawFile:
     base = Path((info.context or {}).get("spec_dir") or ".")
     try:
-        return laws.load_law_file(base / name, name)
+        return laws.read_law_file(base / name, name)
     except ValueError as exc:
         raise _invalid("law_file", str(exc), "write one with `llama3gen fit RUNS.csv -o FILE` "
                        "and give its path relative to the spec file") from None
