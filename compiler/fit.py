@@ -187,7 +187,11 @@ def _read_config(path: Path, where: str) -> dict:
     import ast
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except SyntaxError as exc:
+        raise UserError(f"cannot read the sweep run's config: {exc.msg}",
+                        where=f"{where}:{exc.lineno}" if exc.lineno else where,
+                        fix="re-compile the repo (llama3gen compile SPEC -o DIR)") from None
+    except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the sweep run's config: {exc}", where=where,
                         fix="re-compile the repo (llama3gen compile SPEC -o DIR)") from None
     config = {}

@@ -10,6 +10,8 @@ are strongly correlated, and such a law's N* can lie far outside N*'s own CI.
 
 from __future__ import annotations
 
+import math
+
 from . import plan as P
 from .errors import UserError
 from .laws import LAW_KEYS, ScalingLaw
@@ -41,6 +43,7 @@ def law_fit(spec, flops: float, variant: P.Variant) -> P.LawFit | None:
     return P.LawFit(
         file=fitted.label, runs=fitted.runs, budgets=list(fitted.budgets),
         budget_runs=list(fitted.budget_runs) if fitted.budget_runs else None,
+        decades_beyond_fit=math.log10(flops / max(fitted.budgets)) if fitted.budgets else None,
         fit_params=list(fitted.law.fit_params) if fitted.law.fit_params else None,
         fit_tokens=list(fitted.law.fit_tokens) if fitted.law.fit_tokens else None,
         resamples=fitted.resamples, seed=fitted.seed, ci_level=fitted.ci_level, ci=ci, ends=ends,

@@ -171,15 +171,15 @@ def read_law_file(path, label: str | None = None) -> LawFile:
     from .jsonfile import read_json
     path = Path(path)
     doc = read_json(path, "law", "llama3gen fit RUNS.csv -o FILE")
-    if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a llama3gen law file (format {LAW_FORMAT}; "
-                         "`llama3gen fit RUNS.csv -o FILE` writes one)")
     text = path.read_text(encoding="utf-8")
+    if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT:
+        line = _key_line(text, "format") if isinstance(doc, dict) else None
+        raise ValueError(f"{path}{f':{line}' if line else ''} is not a llama3gen law file (format "
+                         f"{LAW_FORMAT}; `llama3gen fit RUNS.csv -o FILE` writes one)")
 
     def bad(key: str, what: str) -> ValueError:
         line = _key_line(text, key)
-        return ValueError(f"law file {str(path) + (f':{line}' if line else '')!r}: {what}; "
-                          "write it anew with `llama3gen fit ... -o FILE`")
+        return ValueError(f"law file {path}{f':{line}' if line else ''}: {what}")
 
     values = [doc.get(k) for k in LAW_KEYS]
     for key, value in zip(LAW_KEYS, values):

@@ -235,6 +235,7 @@ class LawFit(PlanModel):
     runs: int | None
     budgets: list[float]
     budget_runs: list[int] | None  # runs per budget
+    decades_beyond_fit: float | None  # log10(the plan's budget / the largest fitted budget)
     fit_params: list[float] | None
     fit_tokens: list[float] | None
     resamples: int | None

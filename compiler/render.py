@@ -33,6 +33,8 @@ IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 SWEEP_CONFIG_DIR = "config/sweep"
 SWEEP_OUT_DIR = "out/sweep"
 SWEEP_FILES = {"sweep.py", "scripts/sweep.sh", "scripts/sweep.sbatch", "docs/sweep.md"}
+# Generated only for a plan from a fitted law (search.scaling_law: {file: LAW.json}).
+LAW_FIT_FILES = {"docs/law.md"}
 
 
 def templates_dir() -> Path:
@@ -159,6 +161,8 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
                     context, variant=run, config_path=path, out_dir=f"{SWEEP_OUT_DIR}/{run.name}"
                 ).encode("utf-8"))
         elif str(target) in SWEEP_FILES and plan.sweep is None:
+            continue
+        elif str(target) in LAW_FIT_FILES and plan.law.fit is None:
             continue
         else:
             files[str(target)] = _normalise(template.render(context).encode("utf-8"))

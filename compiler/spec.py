@@ -670,6 +670,30 @@ def _where(path: str, mark: yaml.Mark | None) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
 
 
+def field_where(text: str, path: str, field: str) -> str:
+    """"file:line:column" of a field path as errors name it ("sweep.budgets", "variants[small]":
+    a variant by name) in the spec's text, for errors raised after validation (the planner's);
+    the bare path when the field is not written in the spec (a default) or the text is unreadable."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return path
+    mark = None
+    for part in re.findall(r"[^.\[\]]+", field):
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode):
+            node = next((item for i, item in enumerate(node.value) if part == str(i)
+                         or isinstance(item, yaml.MappingNode) and any(
+                             k.value == "name" and v.value == part for k, v in item.value)), None)
+        else:
+            node = None
+        if node is None:
+            return path
+        mark = node.start_mark
+    return _where(path, mark)
+
+
 def _user_loc(loc: tuple, data) -> tuple:
     """A pydantic error location as spec keys and indices: without the union members' names that
     pydantic puts between them ("CustomLaw", "list[constrained-int]", "str"). Walks the data, so
