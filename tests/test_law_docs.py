@@ -188,6 +188,22 @@ def test_sweep_planning_errors_name_the_spec_line(tmp_path, line, at, field, say
     assert head.startswith(f"error: s.yaml:{at}: {field}: ") and says in head, head
 
 
+@pytest.mark.parametrize("text, where, says", [
+    ("name: x\nbudget: {flops: 1e23}\nvariants: [{name: a}, {name: b, params: {max: 1000}}]\n",
+     "s.yaml:3:23: variants[b]", "no shape satisfies the constraints of variant 'b'"),
+    ("name: x\nbudget:\n  gpu_hours: 1.0e-300\n", "s.yaml:3:3: budget", "too little to train"),
+    # search.aspect is left to its default: no line to name, the file alone
+    ("name: x\nbudget: {flops: 1e23}\nsearch: {layers: {min: 8, max: 16}, hidden: [16384]}\n",
+     "s.yaml: search.aspect.max", "every d_model/n_layers is above search.aspect.max"),
+])
+def test_other_planning_errors_name_the_field_line(tmp_path, text, where, says):
+    """What the sweep's errors use (cli._plan_for, spec.field_where) serves every planner error
+    that names a spec field: a variant by name, the budget; a field left to its default: the file."""
+    (tmp_path / "s.yaml").write_text(text)
+    head = first_line(cli("solve", "s.yaml", cwd=tmp_path))
+    assert head.startswith(f"error: {where}: ") and says in head, head
+
+
 @pytest.mark.parametrize("text, at, says", [
     ('{\n  "format": "llama3gen-law/1",\n  oops\n}', "law.json:3:3", "is not JSON"),
     ('{"format": "llama3gen-law/2"}', "law.json:1", "is not a llama3gen law file"),
