@@ -5,7 +5,7 @@ DeepSeek's hyperparameter laws. Pure functions; numpy arrays in, numpy arrays ou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class LawFile:
     ci: dict  # "E", ... → (low, high), as fit reported them
     resamples: int | None
     seed: int | None
-    samples: np.ndarray | None
+    samples: np.ndarray | None = field(default=None, compare=False)  # == on arrays is no bool
 
     def sample_laws(self) -> list[ScalingLaw]:
         return [ScalingLaw(f"{self.law.name}-resample-{i}", *map(float, row), self.law.citation,
@@ -165,7 +165,6 @@ def _positive(value) -> bool:
 def read_law_file(path, label: str | None = None) -> LawFile:
     """A `llama3gen fit` file; ValueError (one line, naming file:line) when it cannot be used.
     `label`: the path as the spec wrote it, for the citation (the same whatever the cwd)."""
-    import json
     from pathlib import Path
 
     from .jsonfile import read_json
@@ -181,6 +180,13 @@ def read_law_file(path, label: str | None = None) -> LawFile:
         line = _key_line(text, key)
         return ValueError(f"law file {path}{f':{line}' if line else ''}: {what}")
 
+    citation = f"{doc.get('citation') or 'fitted by llama3gen fit'}; file {label or path}"
+    return _law_file(doc, bad, _fitted_law(doc, bad, citation), str(label or path))
+
+
+def _fitted_law(doc: dict, bad, citation: str) -> ScalingLaw:
+    """The law and the (N, D) ranges it was fitted on."""
+    import json
     values = [doc.get(k) for k in LAW_KEYS]
     for key, value in zip(LAW_KEYS, values):
         if not _positive(value):
@@ -193,17 +199,22 @@ def read_law_file(path, label: str | None = None) -> LawFile:
                                       and all(map(_positive, value)) and value[0] <= value[1]):
             raise bad(key, f"{key} must be [low, high], two positive numbers")
         ranges.append(tuple(map(float, value)) if value else None)
-    citation = f"{doc.get('citation') or 'fitted by llama3gen fit'}; file {label or path}"
-    law = ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
+    return ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
 
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _law_file(doc: dict, bad, law: ScalingLaw, label: str) -> LawFile:
+    """What else fit wrote: the runs, the CIs, the bootstrap refits (each optional: older files)."""
     runs, budgets, budget_runs = doc.get("runs"), doc.get("budgets", []), doc.get("budget_runs")
-    if runs is not None and not (isinstance(runs, int) and not isinstance(runs, bool) and runs > 0):
+    if runs is not None and not _count(runs):
         raise bad("runs", "runs must be the number of runs fitted (a positive integer)")
     if not (isinstance(budgets, list) and all(map(_positive, budgets))):
         raise bad("budgets", "budgets must be a list of positive FLOP counts")
-    if budget_runs is not None and not (isinstance(budget_runs, list)
-                                        and len(budget_runs) == len(budgets)
-                                        and all(isinstance(k, int) and k > 0 for k in budget_runs)):
+    if budget_runs is not None and not (isinstance(budget_runs, list) and all(map(_count, budget_runs))
+                                        and len(budget_runs) == len(budgets)):
         raise bad("budget_runs", "budget_runs must give a positive run count per budget")
     level = doc.get("ci_level", 0.95)
     if not (_positive(level) and level < 1):
@@ -215,17 +226,17 @@ def read_law_file(path, label: str | None = None) -> LawFile:
     boot = doc.get("bootstrap") or {}
     samples = (boot.get("samples") or None) if isinstance(boot, dict) else None  # []: no bootstrap
     if not isinstance(boot, dict) or (samples is not None and not (
-            isinstance(samples, list) and samples
-            and all(isinstance(s, list) and len(s) == 5 and all(map(_positive, s))
-                    for s in samples))):
+            isinstance(samples, list) and all(isinstance(s, list) and len(s) == 5
+                                              and all(map(_positive, s)) for s in samples))):
         raise bad("bootstrap", "bootstrap.samples must be a list of resampled laws "
                                "[E, A, B, alpha, beta], each five positive numbers")
+    resamples, seed = boot.get("resamples"), boot.get("seed")
     return LawFile(
-        law=law, label=str(label or path), runs=runs, budgets=tuple(map(float, budgets)),
+        law=law, label=label, runs=runs, budgets=tuple(map(float, budgets)),
         budget_runs=tuple(budget_runs) if budget_runs else None, ci_level=float(level),
         ci={k: tuple(map(float, v)) for k, v in ci.items()},
-        resamples=boot.get("resamples") if isinstance(boot.get("resamples"), int) else None,
-        seed=boot.get("seed") if isinstance(boot.get("seed"), int) else None,
+        resamples=resamples if _count(resamples) else None,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         samples=np.array(samples, dtype=np.float64) if samples else None)
 
 

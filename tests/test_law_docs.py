@@ -157,13 +157,20 @@ def test_catalog_law_plans_have_no_fit_and_no_law_page():
     assert "docs/law.md" not in files and b"docs/law.md" not in files["README.md"]
 
 
-def test_law_file_without_refits_still_plans(fitted, tmp_path):
-    doc = dict(fitted[2], bootstrap={"resamples": 0, "seed": 0, "samples": []}, ci={})
+@pytest.mark.parametrize("bootstrap, ci", [({"resamples": 0, "seed": 0, "samples": []}, False),
+                                           ({"resamples": RESAMPLES, "seed": 0}, True)])
+def test_law_file_without_refits_still_plans(fitted, tmp_path, bootstrap, ci):
+    """--bootstrap 0, and a file from before LAW.json carried the refits (budget_runs neither)."""
+    doc = dict(fitted[2], bootstrap=bootstrap, ci=fitted[2]["ci"] if ci else {})
+    del doc["budget_runs"]
     (tmp_path / "law.json").write_text(json.dumps(doc))
     plan = build_plan(parse_spec_text(spec_naming("law.json"), spec_dir=tmp_path))
     assert plan.law.fit.ends == [] and plan.law.fit.runs == 40
+    assert set(plan.law.fit.ci) == (set(KEYS) if ci else set())
     page = render_files(plan, "")["docs/law.md"].decode()
     assert "carries no bootstrap refits" in page and "no intervals" in page
+    lo, hi = fitted[2]["ci"]["E"]
+    assert (f"{lo:.4g} – {hi:.4g}" in page) == ci
 
 
 # --------------------------------------------------------------------------- errors: file:line
