@@ -69,3 +69,26 @@ def _end(spec, end: str, percentile: float, law: ScalingLaw, flops: float) -> P.
     except UserError as exc:  # e.g. no shape satisfies a variant's constraints under this law
         return _row(end, percentile, law, flops, None, exc.message)
     return _row(end, percentile, law, flops, next(c for c in variant.top if c.selected), None)
+
+
+def law_svg(plan: P.Plan) -> str:
+    """docs/law.svg: along the plan's budget (C = 6ND), the loss under the fitted law and under
+    the resampled laws at N*'s CI ends, each law's minimum N* and the planner's pick under it."""
+    from . import figure
+    from .units import si
+    fit, flops = plan.law.fit, plan.budget.flops
+    n_lo = min(r.n_params for r in fit.ends) / 3
+    n_hi = max(r.n_params for r in fit.ends) * 3
+    groups = []
+    for r in fit.ends:
+        law = ScalingLaw(r.end, r.E, r.A, r.B, r.alpha, r.beta, "")
+        pick = (f"; pick {r.pick.n_layers}L × {r.pick.d_model}, N {si(r.pick.n_params)}"
+                if r.pick else "; no pick")
+        groups.append({"label": f"{r.end}: N* {si(r.n_params)}, L* {r.loss:.4f}{pick}",
+                       "dots": [(r.pick.n_params, r.pick.loss)] if r.pick else [],
+                       "curve": figure._isoflop_curve(law, flops, n_lo, n_hi),
+                       "minimum": (r.n_params, r.loss)})
+    return figure.sweep_svg(
+        f"{plan.name}: the pick under the fitted law and at N*'s {fit.ci_level:.0%} CI ends",
+        f"lines: each law's loss along C = 6ND at {flops:.3g} FLOPs; crosses: its minimum; "
+        "dots: the planner's pick under it", groups)

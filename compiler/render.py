@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from . import __version__, figure
+from . import __version__, figure, lawfit
 from .errors import UserError
 from .plan import Plan
 from .units import duration, si
@@ -169,6 +169,8 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
     files["docs/isoflop.svg"] = figure.isoflop_svg(plan).encode("utf-8")
     if plan.sweep is not None:
         files["docs/sweep.svg"] = figure.sweep_ladder_svg(plan).encode("utf-8")
+    if plan.law.fit is not None and plan.law.fit.ends:
+        files["docs/law.svg"] = lawfit.law_svg(plan).encode("utf-8")
     manifest = {path: sha256(data) for path, data in sorted(files.items())}
     files[LOCK_NAME] = lock_text(plan, spec_text, manifest).encode("utf-8")
     return files

@@ -148,13 +148,19 @@ def test_readme_and_docs_show_the_cis_and_the_sensitivity(fitted):
         assert f"| {row['end']} | {row['E']:.4g} | " in page and cells in page, row["end"]
         assert cells in readme and f"{pick['loss']:.4f} |" in readme
     assert "97.5th pct. of N*" in readme and "2.1 decades below" in page
+    # docs/law.svg: one curve, minimum and pick per law, labelled with the table's numbers
+    assert "docs/law.svg" in lock["files"] and "](law.svg)" in page
+    svg = (repo / "docs" / "law.svg").read_text()
+    for row in fit["ends"]:
+        assert f"{row['end']}: N* " in svg and f"pick {row['pick']['n_layers']}L × " in svg
 
 
 def test_catalog_law_plans_have_no_fit_and_no_law_page():
     plan = build_plan(parse_spec_text((REPO_ROOT / "specs" / "1.36e21.yaml").read_text()))
     assert "fit" not in plan.model_dump(mode="json")["law"]
     files = render_files(plan, "")
-    assert "docs/law.md" not in files and b"docs/law.md" not in files["README.md"]
+    assert "docs/law.md" not in files and "docs/law.svg" not in files
+    assert b"docs/law.md" not in files["README.md"]
 
 
 @pytest.mark.parametrize("bootstrap, ci", [({"resamples": 0, "seed": 0, "samples": []}, False),
@@ -167,7 +173,9 @@ def test_law_file_without_refits_still_plans(fitted, tmp_path, bootstrap, ci):
     plan = build_plan(parse_spec_text(spec_naming("law.json"), spec_dir=tmp_path))
     assert plan.law.fit.ends == [] and plan.law.fit.runs == 40
     assert set(plan.law.fit.ci) == (set(KEYS) if ci else set())
-    page = render_files(plan, "")["docs/law.md"].decode()
+    files = render_files(plan, "")
+    page = files["docs/law.md"].decode()
+    assert "docs/law.svg" not in files and "law.svg" not in page
     assert "carries no bootstrap refits" in page and "no intervals" in page
     lo, hi = fitted[2]["ci"]["E"]
     assert (f"{lo:.4g} – {hi:.4g}" in page) == ci
