@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .laws import LAW_FORMAT, LAW_KEYS, ScalingLaw
+from .laws import EXPONENT_RANGE, LAW_FORMAT, LAW_KEYS, ScalingLaw
 
 HUBER_DELTA = 1e-3
 N_LAW_PARAMS = 5  # E, A, B, alpha, beta
@@ -326,7 +326,7 @@ def _objective(theta, logn, logd, logl):
 
 
 # a, b, e (logs of A, B, E) and the exponents: wide enough for any published law.
-BOUNDS = ((-30.0, 80.0), (-30.0, 80.0), (-15.0, 5.0), (1e-3, 5.0), (1e-3, 5.0))
+BOUNDS = ((-30.0, 80.0), (-30.0, 80.0), (-15.0, 5.0), EXPONENT_RANGE, EXPONENT_RANGE)
 
 
 def _polish(theta0, logn, logd, logl):

@@ -90,6 +90,11 @@ LAW_FORMAT = "llama3gen-law/1"
 
 
 LAW_KEYS = ("E", "A", "B", "alpha", "beta")
+# The exponents `llama3gen fit` searches (fit.BOUNDS); a law file's outside them was edited.
+EXPONENT_RANGE = (1e-3, 5.0)
+# A law file's closed-form optimum must stay a float64 for every budget a spec allows (up to
+# 1e32 FLOPs): N* = G·(C/6)^(β/(α+β)) ≤ G·1e32, so |ln G| + ln 1e32 below ln(max float) ≈ 709.
+MAX_LOG_G = 700.0 - math.log(1e32)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,20 @@ def _key_line(text: str, key: str) -> int | None:
     return None
 
 
+def _unusable(E, A, B, alpha, beta) -> tuple[str, str] | None:
+    """(the key to blame, why) when a law's closed-form optimum cannot be computed in float64."""
+    lo, hi = EXPONENT_RANGE
+    for key, value in (("alpha", alpha), ("beta", beta)):
+        if not lo <= value <= hi:
+            return key, (f"{key} {value:g} lies outside [{lo:g}, {hi:g}], the range llama3gen fit "
+                         "searches")
+    log_g = (math.log(alpha * A) - math.log(beta * B)) / (alpha + beta)
+    if abs(log_g) > MAX_LOG_G:
+        return "A", ("its compute-optimal N*, (αA/(βB))^(1/(α+β))·(C/6)^(β/(α+β)), overflows "
+                     f"float64 (ln (αA/(βB))^(1/(α+β)) = {log_g:.4g})")
+    return None
+
+
 def _positive(value) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0)
@@ -199,6 +218,9 @@ def _fitted_law(doc: dict, bad, citation: str) -> ScalingLaw:
                                       and all(map(_positive, value)) and value[0] <= value[1]):
             raise bad(key, f"{key} must be [low, high], two positive numbers")
         ranges.append(tuple(map(float, value)) if value else None)
+    problem = _unusable(*map(float, values))
+    if problem:
+        raise bad(*problem)
     return ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
 
 
@@ -230,6 +252,10 @@ def _law_file(doc: dict, bad, law: ScalingLaw, label: str) -> LawFile:
                                               and all(map(_positive, s)) for s in samples))):
         raise bad("bootstrap", "bootstrap.samples must be a list of resampled laws "
                                "[E, A, B, alpha, beta], each five positive numbers")
+    for k, row in enumerate(samples or ()):
+        problem = _unusable(*map(float, row))
+        if problem:
+            raise bad("bootstrap", f"bootstrap.samples[{k}]: {problem[1]}")
     resamples, seed = boot.get("resamples"), boot.get("seed")
     return LawFile(
         law=law, label=label, runs=runs, budgets=tuple(map(float, budgets)),

@@ -227,6 +227,11 @@ def test_other_planning_errors_name_the_field_line(tmp_path, text, where, says):
     ('{\n "format": "llama3gen-law/1", "E": 1.7, "A": 400, "B": 400, "alpha": 0.3,'
      ' "beta": 0.3,\n "ci": {"E": [1, 2]},\n "bootstrap": {"samples": [[1, 2, 3]]}\n}',
      "law.json:4", "bootstrap.samples"),
+    # values fit cannot produce, on which the closed-form optimum overflowed (a traceback before)
+    ('{\n "format": "llama3gen-law/1",\n "E": 1.7, "A": 400, "B": 400, "alpha": 0.3,\n'
+     ' "beta": 1e-300\n}', "law.json:4", "beta 1e-300 lies outside [0.001, 5]"),
+    ('{\n "format": "llama3gen-law/1",\n "E": 1.7,\n "A": 1e300, "B": 400, "alpha": 0.3,'
+     ' "beta": 0.3\n}', "law.json:4", "overflows float64"),
 ])
 def test_law_file_errors_name_the_file_and_line(tmp_path, text, at, says):
     (tmp_path / "law.json").write_text(text)
