@@ -21,12 +21,14 @@ EXIT_INTERNAL = 1
 
 def _plan_for(spec_path: str):
     from .planner import build_plan
-    from .spec import load_spec
+    from .spec import field_where, load_spec
     spec, text = load_spec(spec_path)
     try:
         return build_plan(spec), text
     except UserError as exc:  # infeasible budget or constraints: the spec file is what to change
-        exc.where = exc.where or spec_path
+        # where the field is written (file:line:column), else the file
+        exc.where = exc.where or (field_where(text, spec_path, exc.field) if exc.field
+                                  else spec_path)
         raise
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .laws import LAW_FORMAT, ScalingLaw
+from .laws import EXPONENT_RANGE, LAW_FORMAT, LAW_KEYS, ScalingLaw
 
 HUBER_DELTA = 1e-3
 N_LAW_PARAMS = 5  # E, A, B, alpha, beta
@@ -187,7 +187,11 @@ def _read_config(path: Path, where: str) -> dict:
     import ast
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except SyntaxError as exc:
+        raise UserError(f"cannot read the sweep run's config: {exc.msg}",
+                        where=f"{where}:{exc.lineno}" if exc.lineno else where,
+                        fix="re-compile the repo (llama3gen compile SPEC -o DIR)") from None
+    except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the sweep run's config: {exc}", where=where,
                         fix="re-compile the repo (llama3gen compile SPEC -o DIR)") from None
     config = {}
@@ -322,7 +326,7 @@ def _objective(theta, logn, logd, logl):
 
 
 # a, b, e (logs of A, B, E) and the exponents: wide enough for any published law.
-BOUNDS = ((-30.0, 80.0), (-30.0, 80.0), (-15.0, 5.0), (1e-3, 5.0), (1e-3, 5.0))
+BOUNDS = ((-30.0, 80.0), (-30.0, 80.0), (-15.0, 5.0), EXPONENT_RANGE, EXPONENT_RANGE)
 
 
 def _polish(theta0, logn, logd, logl):
@@ -508,6 +512,9 @@ class FitResult:
     target: dict | None = None
     rollout: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # The bootstrap refits, (resamples × 5) E, A, B, alpha, beta: LAW.json carries them so a plan
+    # at any budget gets CIs of N*, D*, L* that keep the parameters' correlations.
+    samples: list[list[float]] = field(default_factory=list)
 
     def citation(self) -> str:
         budgets = ", ".join(f"{c:.2g}" for c in self.budgets)
@@ -522,7 +529,9 @@ class FitResult:
                 "ci": {k: list(v) for k, v in self.ci.items()}, "ci_level": CI_LEVEL,
                 "fit_params": [min(n), max(n)], "fit_tokens": [min(d), max(d)],
                 "budgets": self.budgets, "runs": len(self.runs),
-                "bootstrap": {"resamples": self.bootstrap, "seed": self.seed}}
+                "budget_runs": [len(g) for g in group_budgets(self.runs)],
+                "bootstrap": {"resamples": self.bootstrap, "seed": self.seed,
+                              "samples": self.samples}}
 
     def to_json(self) -> dict:
         law = self.law
@@ -592,7 +601,8 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
         for key in ("E", "A", "B", "alpha", "beta"):
             ci[key] = _interval([getattr(lb, key) for lb in laws_b])
 
-    result = FitResult(law, ci, runs, excluded, budgets, approach2(runs, groups), bootstrap, seed)
+    result = FitResult(law, ci, runs, excluded, budgets, approach2(runs, groups), bootstrap, seed,
+                       samples=[[getattr(lb, k) for k in LAW_KEYS] for lb in laws_b])
     if target_flops is not None:
         opt = law.optimum_6nd(target_flops)
         t = {"flops": target_flops, "n_params": opt.n_params, "tokens": opt.tokens,

@@ -17,5 +17,8 @@ def read_json(path, what: str, writer: str):
                          f"`{writer}` writes one)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {what} file {str(path)!r}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} file {path}:{exc.lineno}:{exc.colno} is not JSON: "
+                         f"{exc.msg}") from None
     except ValueError:
         raise ValueError(f"{what} file {str(path)!r} is not JSON") from None

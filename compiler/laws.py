@@ -5,7 +5,7 @@ DeepSeek's hyperparameter laws. Pure functions; numpy arrays in, numpy arrays ou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -89,26 +89,186 @@ DEFAULT_LAW = "besiroglu2024"
 LAW_FORMAT = "llama3gen-law/1"
 
 
-def load_law_file(path, label: str | None = None) -> ScalingLaw:
-    """The law in a `llama3gen fit` file; ValueError (one line) when it cannot be used. `label`:
-    the path as the spec wrote it, for the citation (the same whatever the working directory)."""
+LAW_KEYS = ("E", "A", "B", "alpha", "beta")
+# The exponents `llama3gen fit` searches (fit.BOUNDS); a law file's outside them was edited.
+EXPONENT_RANGE = (1e-3, 5.0)
+# A law file's closed-form optimum must stay a float64 for every budget a spec allows (up to
+# 1e32 FLOPs): N* = G·(C/6)^(β/(α+β)) ≤ G·1e32, so |ln G| + ln 1e32 below ln(max float) ≈ 709.
+MAX_LOG_G = 700.0 - math.log(1e32)
+
+
+@dataclass(frozen=True)
+class LawFile:
+    """A `llama3gen fit -o` file: the law, the runs it was fitted on and its bootstrap refits.
+
+    `samples` (resamples × 5: E, A, B, alpha, beta) are the refits themselves, so that CIs of
+    anything derived from the law (N*, D*, L* at any budget) keep the parameters' correlations;
+    None in a file written before fit kept them."""
+
+    law: ScalingLaw
+    label: str
+    runs: int | None
+    budgets: tuple[float, ...]
+    budget_runs: tuple[int, ...] | None
+    ci_level: float
+    ci: dict  # "E", ... → (low, high), as fit reported them
+    resamples: int | None
+    seed: int | None
+    samples: np.ndarray | None = field(default=None, compare=False)  # == on arrays is no bool
+
+    def sample_laws(self) -> list[ScalingLaw]:
+        return [ScalingLaw(f"{self.law.name}-resample-{i}", *map(float, row), self.law.citation,
+                           self.law.fit_params, self.law.fit_tokens)
+                for i, row in enumerate(self.samples)]
+
+    def percentiles(self) -> tuple[float, float]:
+        """The CI's ends as percentiles, e.g. (2.5, 97.5)."""
+        return round(50 * (1 - self.ci_level), 9), round(50 * (1 + self.ci_level), 9)
+
+    def optimum_ci(self, flops: float) -> dict[str, tuple[float, float]]:
+        """Percentile-bootstrap CIs of N*, D*, L* at `flops` (C = 6ND): the closed-form optimum of
+        every resample's law, the percentiles of those (what `llama3gen fit --target` reports)."""
+        opts = [law.optimum_6nd(flops) for law in self.sample_laws()]
+        return {key: tuple(float(v) for v in np.percentile([getattr(o, key) for o in opts],
+                                                           self.percentiles()))
+                for key in ("n_params", "tokens", "loss")}
+
+    def ends(self, flops: float) -> tuple[ScalingLaw, ScalingLaw]:
+        """The resamples whose N*(flops) are the CI's low and high ends (nearest rank). Whole
+        resampled laws rather than laws made of each parameter's own percentile: A and alpha
+        (B and beta) are strongly correlated, and a law of per-parameter ends is no fit any
+        resample produced. Under C = 6ND, D* = C/(6N*): the same laws are D*'s high and low ends."""
+        laws = self.sample_laws()
+        n_opt = np.array([law.optimum_6nd(flops).n_params for law in laws])
+        order = np.argsort(n_opt, kind="stable")
+        ranks = [round(p / 100 * (len(laws) - 1)) for p in self.percentiles()]
+        return laws[order[ranks[0]]], laws[order[ranks[1]]]
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The line (1-based) of a top-level key of the JSON object `text`, for error messages."""
+    from json.decoder import scanstring
+    depth, i = 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            value, end = scanstring(text, i + 1)
+            if depth == 1 and value == key and text[end:].lstrip().startswith(":"):
+                return text.count("\n", 0, i) + 1
+            i = end
+            continue
+        depth += (ch in "{[") - (ch in "}]")
+        i += 1
+    return None
+
+
+def _unusable(E, A, B, alpha, beta) -> tuple[str, str] | None:
+    """(the key to blame, why) when a law's closed-form optimum cannot be computed in float64."""
+    lo, hi = EXPONENT_RANGE
+    for key, value in (("alpha", alpha), ("beta", beta)):
+        if not lo <= value <= hi:
+            return key, (f"{key} {value:g} lies outside [{lo:g}, {hi:g}], the range llama3gen fit "
+                         "searches")
+    log_g = (math.log(alpha * A) - math.log(beta * B)) / (alpha + beta)
+    if abs(log_g) > MAX_LOG_G:
+        return "A", ("its compute-optimal N*, (αA/(βB))^(1/(α+β))·(C/6)^(β/(α+β)), overflows "
+                     f"float64 (ln (αA/(βB))^(1/(α+β)) = {log_g:.4g})")
+    return None
+
+
+def _positive(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def read_law_file(path, label: str | None = None) -> LawFile:
+    """A `llama3gen fit` file; ValueError (one line, naming file:line) when it cannot be used.
+    `label`: the path as the spec wrote it, for the citation (the same whatever the cwd)."""
     from pathlib import Path
 
     from .jsonfile import read_json
     path = Path(path)
     doc = read_json(path, "law", "llama3gen fit RUNS.csv -o FILE")
+    text = path.read_text(encoding="utf-8")
     if not isinstance(doc, dict) or doc.get("format") != LAW_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a llama3gen law file (format {LAW_FORMAT}; "
-                         "`llama3gen fit RUNS.csv -o FILE` writes one)")
-    values = [doc.get(k) for k in ("E", "A", "B", "alpha", "beta")]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               and v > 0 for v in values):
-        raise ValueError(f"law file {str(path)!r}: E, A, B, alpha and beta must be positive "
-                         f"numbers (got {values})")
-    ranges = [tuple(doc[k]) if isinstance(doc.get(k), list) and len(doc[k]) == 2 else None
-              for k in ("fit_params", "fit_tokens")]
+        line = _key_line(text, "format") if isinstance(doc, dict) else None
+        raise ValueError(f"{path}{f':{line}' if line else ''} is not a llama3gen law file (format "
+                         f"{LAW_FORMAT}; `llama3gen fit RUNS.csv -o FILE` writes one)")
+
+    def bad(key: str, what: str) -> ValueError:
+        line = _key_line(text, key)
+        return ValueError(f"law file {path}{f':{line}' if line else ''}: {what}")
+
     citation = f"{doc.get('citation') or 'fitted by llama3gen fit'}; file {label or path}"
+    return _law_file(doc, bad, _fitted_law(doc, bad, citation), str(label or path))
+
+
+def _fitted_law(doc: dict, bad, citation: str) -> ScalingLaw:
+    """The law and the (N, D) ranges it was fitted on."""
+    import json
+    values = [doc.get(k) for k in LAW_KEYS]
+    for key, value in zip(LAW_KEYS, values):
+        if not _positive(value):
+            raise bad(key, f"E, A, B, alpha and beta must be positive numbers ({key} is "
+                           f"{json.dumps(value)})")
+    ranges = []
+    for key in ("fit_params", "fit_tokens"):
+        value = doc.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 2
+                                      and all(map(_positive, value)) and value[0] <= value[1]):
+            raise bad(key, f"{key} must be [low, high], two positive numbers")
+        ranges.append(tuple(map(float, value)) if value else None)
+    problem = _unusable(*map(float, values))
+    if problem:
+        raise bad(*problem)
     return ScalingLaw(str(doc.get("name") or "fitted"), *map(float, values), citation, *ranges)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _law_file(doc: dict, bad, law: ScalingLaw, label: str) -> LawFile:
+    """What else fit wrote: the runs, the CIs, the bootstrap refits (each optional: older files)."""
+    runs, budgets, budget_runs = doc.get("runs"), doc.get("budgets", []), doc.get("budget_runs")
+    if runs is not None and not _count(runs):
+        raise bad("runs", "runs must be the number of runs fitted (a positive integer)")
+    if not (isinstance(budgets, list) and all(map(_positive, budgets))):
+        raise bad("budgets", "budgets must be a list of positive FLOP counts")
+    if budget_runs is not None and not (isinstance(budget_runs, list) and all(map(_count, budget_runs))
+                                        and len(budget_runs) == len(budgets)):
+        raise bad("budget_runs", "budget_runs must give a positive run count per budget")
+    level = doc.get("ci_level", 0.95)
+    if not (_positive(level) and level < 1):
+        raise bad("ci_level", "ci_level must lie between 0 and 1")
+    ci = doc.get("ci") or {}
+    if not (isinstance(ci, dict) and all(k in LAW_KEYS and isinstance(v, list) and len(v) == 2
+                                         and all(map(_positive, v)) for k, v in ci.items())):
+        raise bad("ci", "ci must map E, A, B, alpha, beta to [low, high]")
+    boot = doc.get("bootstrap") or {}
+    samples = (boot.get("samples") or None) if isinstance(boot, dict) else None  # []: no bootstrap
+    if not isinstance(boot, dict) or (samples is not None and not (
+            isinstance(samples, list) and all(isinstance(s, list) and len(s) == 5
+                                              and all(map(_positive, s)) for s in samples))):
+        raise bad("bootstrap", "bootstrap.samples must be a list of resampled laws "
+                               "[E, A, B, alpha, beta], each five positive numbers")
+    for k, row in enumerate(samples or ()):
+        problem = _unusable(*map(float, row))
+        if problem:
+            raise bad("bootstrap", f"bootstrap.samples[{k}]: {problem[1]}")
+    resamples, seed = boot.get("resamples"), boot.get("seed")
+    return LawFile(
+        law=law, label=label, runs=runs, budgets=tuple(map(float, budgets)),
+        budget_runs=tuple(budget_runs) if budget_runs else None, ci_level=float(level),
+        ci={k: tuple(map(float, v)) for k, v in ci.items()},
+        resamples=resamples if _count(resamples) else None,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        samples=np.array(samples, dtype=np.float64) if samples else None)
+
+
+def load_law_file(path, label: str | None = None) -> ScalingLaw:
+    """The law in a `llama3gen fit` file (read_law_file)."""
+    return read_law_file(path, label).law
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,41 @@ class Variant(PlanModel):
     omitted_when_none: ClassVar[tuple[str, ...]] = ("data_limited",)
 
 
+class LawEnd(PlanModel):
+    """The pick re-solved under one law of a fitted law's bootstrap (compiler/lawfit.py)."""
+
+    end: str  # "low", "fit" or "high": N* at the CI's low end, the fitted law, its high end
+    percentile: float | None  # of N* among the resamples (nearest rank); None for the fit
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    n_params: float  # closed-form optimum under C = 6ND at the plan's budget
+    tokens: float
+    loss: float
+    pick: Candidate | None  # the first variant's pick under this law; None: see problem
+    problem: str | None
+
+
+class LawFit(PlanModel):
+    """Where a law from `llama3gen fit -o LAW.json` came from, and how much the pick depends on it."""
+
+    file: str  # as the spec names it
+    runs: int | None
+    budgets: list[float]
+    budget_runs: list[int] | None  # runs per budget
+    decades_beyond_fit: float | None  # log10(the plan's budget / the largest fitted budget)
+    fit_params: list[float] | None
+    fit_tokens: list[float] | None
+    resamples: int | None
+    seed: int | None
+    ci_level: float
+    ci: dict[str, list[float]]  # E, A, B, alpha, beta as fitted; n_params, tokens, loss here
+    ends: list[LawEnd]  # empty: the file carries no bootstrap refits
+    method: str
+
+
 class Law(PlanModel):
     name: str
     formula: str
@@ -220,6 +255,8 @@ class Law(PlanModel):
     B: float | None
     alpha: float | None
     beta: float | None
+    fit: LawFit | None = None  # a law from a `llama3gen fit` file
+    omitted_when_none: ClassVar[tuple[str, ...]] = ("fit",)
 
 
 class Budget(PlanModel):

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from . import __version__, arch, datalimited, laws, layout, solver
+from . import __version__, arch, datalimited, lawfit, laws, layout, solver
 from . import sweep as S
 from . import plan as P
 from .errors import UserError
@@ -383,6 +383,8 @@ def build_plan(spec: Spec) -> P.Plan:
             layout_reasons=reasons, provenance=provenance,
             **data_epochs(spec, training.tokens_trained), data_limited=limited))
 
+    # A fitted law: its runs, CIs, and the pick re-solved at the CI's ends (compiler/lawfit.py).
+    law_info = law_info.model_copy(update={"fit": lawfit.law_fit(spec, budget.flops, variants[0])})
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
             "the limit the discrete search approaches")

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from . import __version__, figure
+from . import __version__, figure, lawfit
 from .errors import UserError
 from .plan import Plan
 from .units import duration, si
@@ -34,6 +34,8 @@ SWEEP_CONFIG_DIR = "config/sweep"
 SWEEP_OUT_DIR = "out/sweep"
 SWEEP_FILES = {"sweep.py", "scripts/sweep.sh", "scripts/sweep.sbatch", "docs/sweep.md"}
 CALIBRATION_FILES = {"docs/calibration.md"}  # only with a spec's hardware.calibration
+# Generated only for a plan from a fitted law (search.scaling_law: {file: LAW.json}).
+LAW_FIT_FILES = {"docs/law.md"}
 
 
 def templates_dir() -> Path:
@@ -160,7 +162,8 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
                     context, variant=run, config_path=path, out_dir=f"{SWEEP_OUT_DIR}/{run.name}"
                 ).encode("utf-8"))
         elif ((str(target) in SWEEP_FILES and plan.sweep is None)
-              or (str(target) in CALIBRATION_FILES and plan.calibration is None)):
+              or (str(target) in CALIBRATION_FILES and plan.calibration is None)
+              or (str(target) in LAW_FIT_FILES and plan.law.fit is None)):
             continue
         else:
             files[str(target)] = _normalise(template.render(context).encode("utf-8"))
@@ -171,6 +174,8 @@ def render_files(plan: Plan, spec_text: str) -> dict[str, bytes]:
         files["docs/calibration.svg"] = figure.calibration_figure(
             plan.calibration, f"drawn by llama3gen compile from {plan.calibration.file}"
         ).encode("utf-8")
+    if plan.law.fit is not None and plan.law.fit.ends:
+        files["docs/law.svg"] = lawfit.law_svg(plan).encode("utf-8")
     manifest = {path: sha256(data) for path, data in sorted(files.items())}
     files[LOCK_NAME] = lock_text(plan, spec_text, manifest).encode("utf-8")
     return files

@@ -288,6 +288,9 @@ class FileLaw(StrictModel):
     # A `llama3gen fit -o` file, relative to the spec file (docs/FIT.md); read once here.
     file: Annotated[str, Field(min_length=1, max_length=4096)]
     _law: laws.ScalingLaw | None = PrivateAttr(default=None)
+    # What else the file says (runs, CIs, bootstrap refits): plan.law.fit; None where a plan
+    # re-solves under one of its resampled laws (compiler/lawfit.py).
+    _fitted: laws.LawFile | None = PrivateAttr(default=None)
 
     @field_validator("file")
     @classmethod
@@ -297,14 +300,15 @@ class FileLaw(StrictModel):
 
     @model_validator(mode="after")
     def _read(self, info: ValidationInfo):
-        self._law = _law_file(self.file, info)
+        self._fitted = _law_file(self.file, info)
+        self._law = self._fitted.law
         return self
 
 
-def _law_file(name: str, info: ValidationInfo) -> laws.ScalingLaw:
+def _law_file(name: str, info: ValidationInfo) -> laws.LawFile:
     base = Path((info.context or {}).get("spec_dir") or ".")
     try:
-        return laws.load_law_file(base / name, name)
+        return laws.read_law_file(base / name, name)
     except ValueError as exc:
         raise _invalid("law_file", str(exc), "write one with `llama3gen fit RUNS.csv -o FILE` "
                        "and give its path relative to the spec file") from None
@@ -664,6 +668,30 @@ def _position(root: yaml.Node | None, loc: tuple, at_key: bool = False) -> yaml.
 
 def _where(path: str, mark: yaml.Mark | None) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+
+
+def field_where(text: str, path: str, field: str) -> str:
+    """"file:line:column" of a field path as errors name it ("sweep.budgets", "variants[small]":
+    a variant by name) in the spec's text, for errors raised after validation (the planner's);
+    the bare path when the field is not written in the spec (a default) or the text is unreadable."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return path
+    mark = None
+    for part in re.findall(r"[^.\[\]]+", field):
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode):
+            node = next((item for i, item in enumerate(node.value) if part == str(i)
+                         or isinstance(item, yaml.MappingNode) and any(
+                             k.value == "name" and v.value == part for k, v in item.value)), None)
+        else:
+            node = None
+        if node is None:
+            return path
+        mark = node.start_mark
+    return _where(path, mark)
 
 
 def _user_loc(loc: tuple, data) -> tuple:

@@ -138,6 +138,9 @@ def test_solve_reports_goodput_and_a_hopeless_job_is_a_clear_error(tmp_path):
     r = cli("compile", "bad.yaml", "-o", "out", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()  # the error, and the UserError's fix
-    assert len(lines) == 2 and lines[0].startswith("error: bad.yaml: ") and "Traceback" not in r.stderr
-    assert "cluster.failures_per_gpu_hour" in r.stderr and "never finish" in r.stderr
+    # the line and column of the value (cli._plan_for: spec.field_where)
+    at = next(i for i, l in enumerate((tmp_path / "bad.yaml").read_text().splitlines(), 1)
+              if "failures_per_gpu_hour: 1" in l)
+    assert len(lines) == 2 and lines[0].startswith(f"error: bad.yaml:{at}:") and "Traceback" not in r.stderr
+    assert ": cluster.failures_per_gpu_hour: " in lines[0] and "never finish" in r.stderr
     assert not (tmp_path / "out").exists()
