@@ -1080,6 +1080,18 @@ def make_meta(tok, vocab_size, writer, state, val_fraction, chunk_tokens):
 Inputs = collections.namedtuple("Inputs", "tok vocab_size files sizes chunk_tokens settings")
 
 
+def abandon(writer, partial, out_dir, error):
+    """After a failure: close the writer and remove the partial outputs (nothing half-written);
+    a write error (OSError: reading errors are PrepareErrors already) is raised as the one-line
+    error a user reads, anything else is the caller's to re-raise."""
+    writer.close()
+    partial.abort()
+    if isinstance(error, OSError):
+        raise PrepareError(f"--out_dir {out_dir}: cannot write ({error.strerror or error}); "
+                           "nothing was written: free some space or choose another --out_dir"
+                           ) from None
+
+
 def require_out_dir(out_dir):
     if not out_dir:
         raise PrepareError("--out_dir is empty; name the directory for train.bin, val.bin, "
@@ -1181,14 +1193,8 @@ def prepare(inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fraction=0.01,
         done = f" after {state['bytes_done'] / 1e6:,.1f} MB of the input" if state else ""
         raise Interrupted(f"{how}{done}; the progress is saved in {partial.path}: run the same "
                           f"command again to resume (--no_resume starts over)") from None
-    except OSError as e:  # reading errors are PrepareErrors already: this is the out_dir
-        writer.close()
-        partial.abort()
-        raise PrepareError(f"--out_dir {out_dir}: cannot write ({e.strerror or e}); nothing was "
-                           f"written: free some space or choose another --out_dir") from None
-    except BaseException:
-        writer.close()
-        partial.abort()
+    except BaseException as e:
+        abandon(writer, partial, out_dir, e)
         raise
     finally:
         interrupts.restore()
@@ -1385,14 +1391,8 @@ def merge_shards(count, inputs, out_dir, tokenizer="bytes", vocab_size=0, val_fr
         writer.finish()
         meta = commit_split(partial, writer, state, run, out_dir, val_fraction, block_size,
                             global_batch_size, share)
-    except OSError as e:  # reading errors are PrepareErrors already: this is the out_dir
-        writer.close()
-        partial.abort()
-        raise PrepareError(f"--out_dir {out_dir}: cannot write ({e.strerror or e}); nothing was "
-                           f"written: free some space or choose another --out_dir") from None
-    except BaseException:
-        writer.close()
-        partial.abort()
+    except BaseException as e:
+        abandon(writer, partial, out_dir, e)
         raise
     for index in range(count):
         remove_shard(out_dir, index, count)
