@@ -176,7 +176,7 @@ def test_generated_sweep_files(sweep_repo):
 # --------------------------------------------------------------------------- a real sweep
 
 # The rollout check fits the two smaller budgets' runs (9) and predicts the largest budget's (5).
-# Measured on this sweep (2-core x86 CPU, stdlib text, 14 runs, 5.5 minutes on a shared machine):
+# Measured on this sweep (2-core x86 CPU, stdlib text, 14 runs; 3.4 minutes two at a time, the same losses):
 # mean relative error 4.68% (max 7.96%) with torch's and numpy's default kernels, and 3.79% (max
 # 6.38%) under tests/portable_kernels.sh's (ATEN_CPU_CAPABILITY=default, numpy baseline SIMD;
 # 8.5 minutes). The fit is deterministic given the losses and one kernel set repeats them exactly
