@@ -243,6 +243,29 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
                       options=options, speeds=speeds)
 
 
+def fits_somehow(shapes: ModelShape, hardware: HardwareView, global_batch) -> np.ndarray:
+    """evaluate(...).fits without timing anything: whether each shape fits in some layout. The
+    least memory a layout needs is the most frugal one's: full shard (or nothing to shard in one
+    data rank), checkpointing where allowed, and micro-batch 1 or the whole per-rank batch (memory
+    grows with the micro-batch but at the last divisor, where no accumulation is kept), for some
+    tensor-parallel degree that splits the shape and the batch. For the planner's "how many nodes
+    would hold it", asked once per node count."""
+    count = np.broadcast(*[np.asarray(getattr(shapes, f.name)) for f in fields(shapes)]).size
+    global_batch = np.broadcast_to(np.asarray(global_batch, dtype=np.int64), (count,))
+    checkpointing = hardware.activation_checkpointing is not False
+    fits = np.zeros(count, dtype=bool)
+    for t in hardware.tensor_parallel_degrees:
+        data_world = hardware.world_size // t
+        per_rank = np.maximum(global_batch // data_world, 1)
+        usable = ((global_batch % data_world == 0) & (global_batch >= data_world)
+                  & splits_blocks(shapes, t))
+        for micro in (np.ones_like(per_rank), per_rank):
+            total = hardware.memory(shapes, micro, hardware.frugal(t), t, checkpointing,
+                                    grad_accum=per_rank // micro).total
+            fits |= usable & (np.asarray(total) <= hardware.capacity)
+    return fits
+
+
 LARGEST_WORLD = 1 << 17  # "any number of GPUs", for fits_at_any_scale
 
 

@@ -10,7 +10,7 @@ from . import __version__, arch, datalimited, lawfit, laws, layout, solver
 from . import sweep as S
 from . import plan as P
 from .errors import UserError
-from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale
+from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale, fits_somehow
 from .hardware import kernel_efficiency
 from .spec import Spec
 from .trainplan import candidate_batches, plan_training
@@ -81,12 +81,13 @@ def fits_on_nodes(spec: Spec, hardware: HardwareView, cands: solver.Candidates, 
     """Which of cands fit in memory on `nodes` nodes (each with its batch on that many ranks)."""
     on_nodes = dataclasses.replace(hardware, nodes=nodes)
     batch = candidate_batches(spec, cands, on_nodes.world_size)
-    return evaluate(cands.shapes(spec.model), on_nodes, batch).fits
+    return fits_somehow(cands.shapes(spec.model), on_nodes, batch)
 
 
 def fewest_nodes(spec: Spec, hardware: HardwareView, cands: solver.Candidates) -> int | None:
-    """The fewest hardware.nodes on which some of cands fits in memory, by the solver's own
-    evaluation (None: not even on MAX_NODES). Doubling, then bisection."""
+    """The fewest hardware.nodes on which some of cands fits in memory, as the solver's own
+    evaluation would find (evaluate.fits_somehow; None: not even on MAX_NODES). Doubling, then
+    bisection."""
     def fits(nodes):
         return bool(fits_on_nodes(spec, hardware, cands, nodes).any())
     lo, hi = hardware.nodes, hardware.nodes + 1

@@ -202,3 +202,24 @@ def test_shapes_no_number_of_gpus_holds_are_named_as_needing_pipeline_or_context
     long = dataclasses.replace(LLAMA3_70B, seq_len=1 << 20)
     assert list(fits_at_any_scale(LLAMA3_70B, h100s(32))) == [True]
     assert list(fits_at_any_scale(long, h100s(32))) == [False]
+
+
+@pytest.mark.parametrize("nodes, checkpointing, compiled", [
+    (1, "auto", False), (4, "auto", True), (32, False, False), (1, False, True)])
+def test_the_cheap_memory_test_agrees_with_the_whole_evaluation(nodes, checkpointing, compiled):
+    """fits_somehow, which the planner asks once per node count when nothing fits, says what
+    evaluate's layout search says: the same shapes fit, over shapes from a few million to
+    hundreds of billions of parameters, at batches that split over the ranks and some that do
+    not (e.g. 8 · 3 · 5 sequences on 256 GPUs)."""
+    from compiler.evaluate import fits_somehow
+    layers, width = np.meshgrid(np.array([2, 8, 24, 48, 80, 126, 200]),
+                                np.array([256, 1024, 4096, 8192, 16384, 24576]), indexing="ij")
+    layers, width = layers.ravel(), width.ravel()
+    shapes = ModelShape(layers, width, width // 128, np.full(layers.size, 8), 128,
+                        (width * 7 // 2) // 256 * 256, 128256, 8192)
+    hardware = dataclasses.replace(h100s(nodes), activation_checkpointing=checkpointing,
+                                   compiled=compiled)
+    for batch in (64, 120, 512, 2048, 1 << 14):
+        whole = evaluate(shapes, hardware, batch).fits
+        assert np.array_equal(fits_somehow(shapes, hardware, batch), whole), batch
+        assert 0 < whole.sum() < whole.size or batch == 120  # both kinds of shapes are tried
