@@ -131,13 +131,14 @@ def _fully_shard(model, cfg, dev, mesh):
 
 
 def grad_norm_and_clip(model, max_norm):
-    """The gradient norm over all ranks, then clipping to max_norm when > 0.
+    """The gradient norm over all ranks, then clipping to max_norm when > 0; every layout.
 
-    Parameters may be plain tensors (replicated), FSDP2 shards, TP shards or both: each rank sums
-    the squares of its local pieces and the sum is reduced over the mesh dimensions along which a
-    parameter is sharded, never along those it is replicated on (that would count it twice)."""
+    Gradients are plain tensors (one process; DDP, where every rank holds the same averaged
+    gradient), FSDP2 shards, TP shards or both. Each rank sums the squares of its local pieces,
+    grouped by the mesh dimensions a gradient is split along; each group's sum is reduced once
+    over those dimensions, never over one it is replicated on (that would count it twice)."""
     from torch.distributed.tensor import DTensor, Replicate
-    total = None
+    sums = {}  # (mesh, the dimensions a gradient is split along) -> local sum of squares
     for p in model.parameters():
         if p.grad is None:
             continue
@@ -148,15 +149,20 @@ def grad_norm_and_clip(model, max_norm):
             # the norm, the clipping and AdamW see the whole gradient
             g = p.grad = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl
                                                         for pl in g.placements])
-        if isinstance(g, DTensor):
-            local = g.to_local().float().pow(2).sum()
-            for dim, placement in enumerate(g.placements):
-                if not placement.is_replicate():  # Shard, FSDP's _StridedShard under TP, Partial
-                    torch.distributed.all_reduce(local, group=g.device_mesh.get_group(dim))
+        if isinstance(g, DTensor):  # Shard, or FSDP's _StridedShard under TP: split
+            key = (g.device_mesh, tuple(dim for dim, pl in enumerate(g.placements)
+                                        if not pl.is_replicate()))
+            g = g.to_local()
         else:
-            local = g.float().pow(2).sum()
-        total = local if total is None else total + local
-    norm = math.sqrt(total.item()) if total is not None else 0.0
+            key = (None, ())
+        square = g.float().pow(2).sum()
+        sums[key] = sums[key] + square if key in sums else square
+    total = 0.0
+    for (mesh, dims), square in sums.items():
+        for dim in dims:
+            torch.distributed.all_reduce(square, group=mesh.get_group(dim))
+        total += square.item()
+    norm = math.sqrt(total)
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for p in model.parameters():

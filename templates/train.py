@@ -325,15 +325,6 @@ def grad_sync(model, enabled, cfg):
     return contextlib.nullcontext()
 
 
-def clip_and_norm(model, max_norm):
-    """Total gradient norm over all ranks (clipping to max_norm when > 0)."""
-    limit = max_norm if max_norm > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduce it over the shards
-        norm = norm.full_tensor()
-    return norm.item()
-
-
 @torch.no_grad()
 def evaluate(model, val, cfg, rank, world, dev, autocast):
     """Mean loss over a fixed set of eval_iters × global_batch_size val sequences."""
@@ -715,8 +706,7 @@ def train_step(cfg, run, model, optimizer, autocast, step, lr):
             (loss / run.accum).backward()
         loss_sum += loss.detach().float()
     loss_value = all_reduce_mean(loss_sum / run.accum, run.dev)
-    grad_norm = (grad_norm_and_clip(model, cfg.grad_clip) if cfg.tensor_parallel > 1
-                 else clip_and_norm(model, cfg.grad_clip))
+    grad_norm = grad_norm_and_clip(model, cfg.grad_clip)
     if math.isfinite(loss_value) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
