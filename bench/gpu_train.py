@@ -3,9 +3,9 @@
     python bench/gpu_train.py --repo DIR --variant optimal [--steps 10] [--out results.jsonl]
     python bench/gpu_train.py --table results.jsonl        # the table of every measured variant
 
-The model, its optimizer and its gradient clipping are the generated repo's own (model.py, and
-make_optimizer / clip_and_norm from train.py), configured by the repo's config/<variant>.py. It is
-wrapped as train.py wraps it for FSDP2 (activation checkpointing if the plan says so, then
+The model, its optimizer and its gradient clipping are the generated repo's own (model.py,
+train.py's make_optimizer, parallelize.py's grad_norm_and_clip), configured by the repo's
+config/<variant>.py. It is wrapped as train.py wraps it for FSDP2 (activation checkpointing if the plan says so, then
 torch.compile block by block, then fully_shard per block and on the root, bf16 parameters with
 fp32 reduction), here on a process group of one rank. Tokens are synthetic (uniform random ids):
 throughput does not depend on them. One micro-batch per optimizer step.
@@ -84,8 +84,9 @@ def measure(opts) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    import train  # the generated train.py: its defaults, optimizer and clipping
+    import train  # the generated train.py: its defaults and optimizer
     from configurator import load_config
+    from parallelize import grad_norm_and_clip  # train.py's clipping, every layout
     from model import Llama, ModelArgs, flash_attn_func
 
     config_file = repo / "config" / f"{opts.variant}.py"
@@ -141,7 +142,7 @@ def measure(opts) -> dict:
         y = torch.randint(0, cfg.vocab_size, (micro, seq), device=dev, generator=gen)
         _, loss = model(x, y)
         loss.backward()
-        train.clip_and_norm(model, cfg.grad_clip)  # .item(): one host sync per step, as train.py
+        grad_norm_and_clip(model, cfg.grad_clip)  # .item(): one host sync per step, as train.py
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
