@@ -346,7 +346,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
         "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
                 else "the process's peak resident set (getrusage ru_maxrss)"),
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
-    doc["curve"] = run_curve(run_dir)
+    doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
 
 
@@ -434,12 +434,13 @@ def write_calibration(path: Path, doc: dict) -> None:
     write_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", _is_calibration)
 
 
-def run_curve(run_dir: Path) -> dict:
-    """The run's logged curves, {"loss": [[step, loss]], "tokens_per_second": [[step, tokens/s]]},
-    each thinned to at most CURVE_POINTS evenly spaced records (the first and last kept): what the
-    figure plots, carried in the calibration file so that a plan using it can draw it too."""
+def run_curve(records: list[dict]) -> dict:
+    """The run's logged curves (metrics.jsonl's records), {"loss": [[step, loss]],
+    "tokens_per_second": [[step, tokens/s]]}, each thinned to at most CURVE_POINTS evenly spaced
+    records (the first and last kept): what the figure plots, carried in the calibration file so
+    that a plan using it can draw it too."""
     last = {}  # step -> record; a step logged twice (a re-run after a resume) keeps its last
-    for r in read_metrics(run_dir):
+    for r in records:
         if "event" not in r and _number(r.get("step")) is not None:
             last.setdefault(r["step"], {}).update(r)
     steps = sorted(last)

@@ -308,11 +308,11 @@ def test_bad_inputs_are_one_message_and_exit_2(run):
 def test_long_runs_keep_a_bounded_curve(tmp_path):
     """A calibration file carries at most CURVE_POINTS points per curve, evenly spaced over the
     run with its first and last step, so a long run's file stays small."""
-    from llama3gen.calibrate import CURVE_POINTS, run_curve
+    from llama3gen.calibrate import CURVE_POINTS, read_metrics as read, run_curve
     steps = range(10, 10 * (5 * CURVE_POINTS + 7) + 1, 10)
     (tmp_path / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 1 + 1 / s, "tokens_per_s": float(s)}) + "\n" for s in steps))
-    curve = run_curve(tmp_path)
+    curve = run_curve(read(tmp_path))
     loss = curve["loss"]
     assert len(loss) == CURVE_POINTS == len(curve["tokens_per_second"])
     assert loss[0] == [10.0, 1.1] and loss[-1][0] == float(steps[-1])
