@@ -342,20 +342,32 @@ def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:
 
 def _largest_micro_batches(shapes, hardware, tensor_parallel, per_rank, usable) -> dict:
     """{(parallelism, t, checkpointing): the largest divisor of each shape's per-rank batch that
-    fits in memory, 0 where none does (or t cannot split it)}. Shapes that share a per-rank batch
-    are evaluated together, every divisor at once (memory is not monotone at the last divisor:
-    no accumulation there)."""
+    fits in memory, 0 where none does (or t cannot split it)}. Every divisor of every usable
+    shape is evaluated at once, one memory-model call per layout: memory is not monotone at the
+    last divisor (no accumulation there), so no bisection."""
     t, count = tensor_parallel, per_rank.size
     out = {(p, t, c): np.zeros(count, dtype=np.int64)
            for c in hardware.checkpointing_choices for p in hardware.parallelisms(t)}
-    for value in np.unique(per_rank[usable]):
-        index = np.flatnonzero(usable & (per_rank == value))
-        column = _take(shapes, index, extra_axis=True)
-        micro = divisors(int(value))[None, :]
-        for (p, _, c), largest in out.items():
-            total = hardware.memory(column, micro, p, t, c, grad_accum=value // micro).total
-            largest[index] = np.where(total <= hardware.capacity, micro, 0).max(axis=1)
+    index = np.flatnonzero(usable)
+    if index.size == 0:
+        return out
+    micro = divisor_table(per_rank[index])  # 0 pads rows with fewer divisors
+    safe = np.maximum(micro, 1)
+    column = _take(shapes, index, extra_axis=True)
+    for (p, _, c), largest in out.items():
+        total = hardware.memory(column, safe, p, t, c, grad_accum=per_rank[index, None] // safe).total
+        largest[index] = np.where((micro > 0) & (total <= hardware.capacity), micro, 0).max(axis=1)
     return out
+
+
+def divisor_table(values) -> np.ndarray:
+    """(len(values), most divisors) int64: each row the divisors of its value, ascending, then 0."""
+    unique, row = np.unique(values, return_inverse=True)
+    lists = [divisors(int(v)) for v in unique]
+    table = np.zeros((unique.size, max(d.size for d in lists)), dtype=np.int64)
+    for i, d in enumerate(lists):
+        table[i, :d.size] = d
+    return table[row]
 
 
 def _memory(shapes, hardware, parallelism, tensor_parallel, micro, ac, accum) -> MemoryBreakdown:

@@ -644,6 +644,16 @@ class _Loader(yaml.SafeLoader):
                                        node.start_mark) from None
 
 
+def _compose_and_load(text: str):
+    """(the YAML node tree, for error positions; the data it holds), from one parse."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    finally:
+        loader.dispose()
+
+
 def _position(root: yaml.Node | None, loc: tuple, at_key: bool = False) -> yaml.Mark | None:
     """Walk the composed YAML tree along a pydantic error location; return the deepest mark.
 
@@ -746,8 +756,7 @@ def parse_spec_text(text: str, path: str = "<spec>", spec_dir: str | Path | None
         raise UserError(f"spec is larger than {MAX_BYTES // 1024} KiB", where=path,
                         fix="a spec is a few lines of YAML; check you passed the right file")
     try:
-        root = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader) if root is not None else None
+        root, data = _compose_and_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise UserError(f"invalid YAML: {exc.problem or exc.context}", where=_where(path, mark),
