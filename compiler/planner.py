@@ -230,7 +230,7 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
 
 
 def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops,
-                       n_opt: float, val_tokens: int) -> list[P.SweepRun]:
+                       n_opt: float, val_tokens: int, floor: S.Floor) -> list[P.SweepRun]:
     """The runs of one sweep budget: the shapes that fit nearest the targets around n_opt, each
     planned as a full run (trainplan: batch and learning rate at its own budget)."""
     sw = spec.sweep
@@ -251,8 +251,9 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
             f"{where}: the search space has {picks.size} distinct shape(s) that fit and train "
             f"whole steps near N* = {n_opt:.3g} (N from {targets[0]:.3g} to {targets[-1]:.3g}), "
             "too few to bracket the prior law's minimum with shapes on both sides",
-            field="sweep", fix="raise the smallest sweep budget (sweep.budgets), widen "
-            "search.hidden and search.layers, or lower training.global_batch_tokens")
+            field="sweep", fix=f"raise the smallest sweep budget (sweep.budgets) to about "
+            f"{floor.flops:.2g} FLOPs or more (there {floor.why}), widen search.hidden and "
+            "search.layers, or lower training.global_batch_tokens")
     runs = []
     for i in picks:
         choice = _choice(spec, cands, int(i))
@@ -284,17 +285,40 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
     return runs
 
 
+def _sweep_floor(spec: Spec, law, budget: solver.BudgetFlops) -> S.Floor:
+    """The budget at which the prior law's N* is S.FLOOR_FACTOR × the smallest model the search
+    space builds: below it a sweep budget's shapes cannot surround its optimum."""
+    # At 1 FLOP derived axes fall back to the smallest widths; given axes are budget-independent.
+    smallest = solver.enumerate_candidates(spec, solver.BudgetFlops(1.0, budget.convention, "sweep"))
+    if len(smallest) == 0:
+        raise solver.no_valid_shape(spec, budget)
+    i = int(np.argmin(smallest.n_params))
+    n_min, d = float(smallest.n_params[i]), int(smallest.d_model[i])
+    m = spec.model
+    embedded = float(arch.embedding_params(d, m.vocab_size, m.tie_embeddings)) / n_min
+    flops = S.budget_for_n_opt(law, S.FLOOR_FACTOR * n_min)
+    why = (f"the prior law's N* is {S.FLOOR_FACTOR:g}× the smallest model the search space "
+           f"builds ({n_min:.3g} parameters: {int(smallest.n_layers[i])} layers × d_model {d}, "
+           f"{embedded:.0%} of them in the {m.vocab_size:,}-token embedding"
+           f"{'' if m.tie_embeddings else 's'})")
+    smaller = (f"lower the search.layers and search.hidden minimums; d_model moves in steps of "
+               f"head_dim × kv_heads = {m.head_dim * m.kv_heads}, and the embeddings weigh "
+               f"{m.vocab_size:,} × d_model each")
+    return S.Floor(flops, why, smaller)
+
+
 def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -> P.Sweep:
     """The spec's sweep: its ladder of budgets (compiler/sweep.py), every run planned in full."""
     sw = spec.sweep
-    budgets, source = S.sweep_budgets(sw, budget.flops)
     law = spec.search.law()
+    floor = _sweep_floor(spec, law, budget)
+    budgets, source = S.sweep_budgets(sw, budget.flops, floor)
     n_opt = [law.optimum_6nd(float(c)).n_params for c in budgets]  # a rule's is scalar
     val_tokens = sw.val_tokens or S.VAL_TOKENS
     runs = []
     for c, n in zip(budgets, n_opt):
         runs += _sweep_budget_runs(spec, hardware, solver.BudgetFlops(
-            float(c), budget.convention, "sweep"), float(n), val_tokens)
+            float(c), budget.convention, "sweep"), float(n), val_tokens, floor)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UserError("two sweep budgets agree to three digits, so their runs share names",

@@ -5,6 +5,11 @@ with the solver's candidates and trainplan's batch, learning rate and schedule.
 
 - Budgets: the spec's, or by default DEFAULT_BUDGETS log-spaced over DEFAULT_DECADES below the
   largest, which is as high as the cost cap allows: shapes × Σ budgets = max_fraction × target.
+  Where that ladder would start below the floor, the budget at which the prior optimum is
+  FLOOR_FACTOR × the smallest model the search space builds (with a large vocabulary the
+  embeddings alone set that size), it starts at the floor instead, over fewer decades and then
+  fewer budgets, down to MIN_BUDGETS at least MIN_STEP_DECADES apart; below that, no default
+  ladder fits under the cap and the error says what would.
 - Shapes: per budget, targets log-spaced from N*/SPREAD to SPREAD·N* around the prior law's
   optimum N*(C), each mapped to the nearest valid shape. Centred and wide, because an uncentred or
   narrow grid biases the per-budget minima the fit reads (Czech et al. 2026 put that bias at 6.5%
@@ -14,6 +19,7 @@ with the solver's candidates and trainplan's batch, learning rate and schedule.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +40,49 @@ BUDGET_CITATION = ("Czech et al. 2026: an uncentred or narrow isoFLOP grid biase
                    "minima (6.5% of Llama 3's budget)")
 # A run's budget and the cap are compared with this relative slack (float rounding of log-spacing).
 CAP_SLACK = 1e-9
+# A budget's N targets reach down to N*/SPREAD; with N* at √SPREAD × the smallest model, half of
+# that lower span is buildable, enough for shapes below the prior minimum.
+FLOOR_FACTOR = math.sqrt(SPREAD)
+MIN_BUDGETS = 3  # the rollout check fits all but the largest budget: two are left to fit on
+MIN_STEP_DECADES = 0.25  # consecutive default budgets at least 10^0.25 ≈ 1.8× apart
+
+
+def budget_for_n_opt(law, n_params: float) -> float:
+    """The budget C at which the law's compute-optimal N*(C) under C = 6·N·D equals n_params
+    (N* grows with C for every law here: bisection in log C)."""
+    lo, hi = 0.0, 40.0  # log10 FLOPs
+    for _ in range(100):  # 40 decades halved 100 times: far below float resolution
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if law.optimum_6nd(10.0 ** mid).n_params < n_params else (lo, mid)
+    return 10.0 ** hi
+
+
+def _log_spaced_sum(count: int, decades: float) -> float:
+    return float((10.0 ** np.linspace(0.0, decades, count)).sum())
+
+
+def ladder_from(floor: float, cap: float, shapes: int) -> np.ndarray | None:
+    """The widest default ladder that starts at `floor` and costs at most `cap` (shapes runs per
+    budget): DEFAULT_BUDGETS over up to DEFAULT_DECADES, else fewer budgets; None when not even
+    MIN_BUDGETS fit MIN_STEP_DECADES apart."""
+    for count in range(DEFAULT_BUDGETS, MIN_BUDGETS - 1, -1):
+        afford = cap / (shapes * floor)
+        if _log_spaced_sum(count, MIN_STEP_DECADES * (count - 1)) > afford:
+            continue
+        lo, hi = MIN_STEP_DECADES * (count - 1), DEFAULT_DECADES
+        if _log_spaced_sum(count, hi) <= afford:
+            lo = hi
+        for _ in range(100 if lo < hi else 0):  # the span whose ladder costs exactly the cap
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _log_spaced_sum(count, mid) <= afford else (lo, mid)
+        return floor * 10.0 ** np.linspace(0.0, lo, count)
+    return None
+
+
+def floor_fraction(floor: float, shapes: int, target_flops: float) -> float:
+    """The share of the target that the smallest default ladder from `floor` costs."""
+    return shapes * floor * _log_spaced_sum(MIN_BUDGETS, MIN_STEP_DECADES * (MIN_BUDGETS - 1)) \
+        / target_flops
 
 
 def default_budgets(target_flops: float, shapes: int, max_fraction: float) -> np.ndarray:
@@ -43,17 +92,22 @@ def default_budgets(target_flops: float, shapes: int, max_fraction: float) -> np
     return ratios * (max_fraction * target_flops / (shapes * ratios.sum()))
 
 
-def sweep_budgets(sweep, target_flops: float) -> tuple[np.ndarray, str]:
-    """The sweep's budgets, ascending, and where they come from. UserError (field sweep.budgets)
-    when one exceeds the target or the sweep would cost more than max_fraction of it."""
+@dataclass(frozen=True)
+class Floor:
+    """The budget below which the search space builds no shapes around the prior optimum."""
+
+    flops: float
+    why: str  # what sets it, for provenance and messages
+    smaller: str  # how the spec would let the sweep build smaller models
+
+
+def sweep_budgets(sweep, target_flops: float, floor: Floor) -> tuple[np.ndarray, str]:
+    """The sweep's budgets, ascending, and where they come from. UserError (field sweep.budgets) when one exceeds the target or the sweep would cost more than
+    max_fraction of it; (field sweep) when no default ladder above the floor fits the cap."""
     given = sweep.budget_values()
     cap = sweep.max_fraction * target_flops
     if given is None:
-        budgets = default_budgets(target_flops, sweep.shapes, sweep.max_fraction)
-        return budgets, (f"default: {DEFAULT_BUDGETS} budgets log-spaced over {DEFAULT_DECADES:g} "
-                         f"decades, the largest as high as {sweep.shapes} shapes × Σ budgets = "
-                         f"sweep.max_fraction {sweep.max_fraction:g} × target {target_flops:.4g} "
-                         "allows")
+        return _default_ladder(sweep, target_flops, floor)
     budgets = np.asarray(given, dtype=np.float64)
     if budgets.max() >= target_flops:
         raise UserError(f"sweep budget {budgets.max():.4g} FLOPs is not below the target budget "
@@ -69,6 +123,28 @@ def sweep_budgets(sweep, target_flops: float) -> tuple[np.ndarray, str]:
                         fix=f"scale the budgets down (the largest to about {most:.3g}), use fewer "
                             "sweep.shapes, or raise sweep.max_fraction")
     return budgets, "spec: sweep.budgets"
+
+
+def _default_ladder(sweep, target_flops: float, floor: Floor):
+    budgets = default_budgets(target_flops, sweep.shapes, sweep.max_fraction)
+    cap_text = (f"the largest as high as {sweep.shapes} shapes × Σ budgets = sweep.max_fraction "
+                f"{sweep.max_fraction:g} × target {target_flops:.4g} allows")
+    if budgets[0] >= floor.flops:
+        return budgets, (f"default: {DEFAULT_BUDGETS} budgets log-spaced over "
+                         f"{DEFAULT_DECADES:g} decades, {cap_text}")
+    ladder = ladder_from(floor.flops, sweep.max_fraction * target_flops, sweep.shapes)
+    if ladder is None:
+        need = floor_fraction(floor.flops, sweep.shapes, target_flops)
+        raise UserError(
+            f"no default sweep ladder fits: it would start at {floor.flops:.3g} FLOPs, where "
+            f"{floor.why}; {MIN_BUDGETS} budgets from there, "
+            f"{sweep.shapes} shapes each, cost {need:.3g} of the target, more than "
+            f"sweep.max_fraction {sweep.max_fraction:g}", field="sweep",
+            fix=(f"raise sweep.max_fraction to {need:.2g} or more, " if need < 1 else "")
+            + f"let the sweep build smaller models ({floor.smaller}), or list sweep.budgets")
+    span = math.log10(ladder[-1] / ladder[0])
+    return ladder, (f"default: {ladder.size} budgets log-spaced over {span:.3g} decades from "
+                    f"{floor.flops:.4g} FLOPs, where {floor.why}; {cap_text}")
 
 
 def target_params(n_opt, shapes: int) -> np.ndarray:

@@ -104,6 +104,96 @@ def test_default_budgets_from_the_target():
     assert 4 * sum(sw.budgets) == pytest.approx(0.1 * 4e14, rel=1e-12)
 
 
+def test_budget_for_n_opt_inverts_the_closed_form_optimum():
+    from llama3gen import laws
+    law = laws.CATALOG["hoffmann2022"]
+    a, b = law.alpha, law.beta
+    g = (a * law.A / (b * law.B)) ** (1 / (a + b))
+    for n in (1e6, 3.8e8, 7e10):
+        # N* = G·(C/6)^(β/(α+β)) (Hoffmann et al. 2022, Eq. 4) solved for C. The bisection halves
+        # 40 decades 100 times (2^-100·40 ≈ 3e-29 decades): what is left is float64 rounding of
+        # 10**x and of the closed form, ~1e-14 relative; 1e-9 is far above both.
+        closed = 6 * (n / g) ** ((a + b) / b)
+        assert S.budget_for_n_opt(law, n) == pytest.approx(closed, rel=1e-9)
+
+
+def test_a_ladder_from_the_floor_spends_the_cap_in_fewer_decades_then_fewer_budgets():
+    floor, shapes = 1e18, 8
+    steps = lambda budgets: np.diff(np.log10(budgets))
+    wide = S.ladder_from(floor, 1e30, shapes)  # a cap that allows the whole default span
+    assert wide.size == S.DEFAULT_BUDGETS and wide[0] == floor
+    assert np.log10(wide[-1] / wide[0]) == pytest.approx(S.DEFAULT_DECADES, rel=1e-12)
+    for cap in (2e20, 1e20, 6e19):
+        ladder = S.ladder_from(floor, cap, shapes)
+        assert ladder[0] == floor and S.MIN_BUDGETS <= ladder.size <= S.DEFAULT_BUDGETS
+        # bisected until the cost is the cap (100 halvings of 2 decades; float64 sums ~1e-15)
+        assert shapes * ladder.sum() == pytest.approx(cap, rel=1e-9)
+        assert np.all(steps(ladder) >= S.MIN_STEP_DECADES * (1 - 1e-12))
+    assert S.ladder_from(floor, 2e20, shapes).size == S.DEFAULT_BUDGETS
+    # the cheapest ladder: MIN_BUDGETS a step apart, 8 × 1e18 × (1 + 10^0.25 + 10^0.5) = 4.42e19
+    cheapest = shapes * floor * sum(10 ** (S.MIN_STEP_DECADES * k) for k in range(S.MIN_BUDGETS))
+    assert S.floor_fraction(floor, shapes, 1e21) == pytest.approx(cheapest / 1e21, rel=1e-12)
+    assert S.ladder_from(floor, cheapest * 0.999, shapes) is None
+    assert S.ladder_from(floor, cheapest * 1.001, shapes).size == S.MIN_BUDGETS
+
+
+# A 32k vocabulary at 1e21 FLOPs: the default two-decade ladder would start at 1.1e17 FLOPs, where
+# the prior N* (1.7e7) is below the smallest model this space builds (2 layers × 256: 1.85e7, 89% of
+# it embeddings). The ladder starts at the floor instead.
+MID_VOCABULARY = """\
+name: mid
+budget: {flops: 1.0e21}
+model: {vocab_size: 32000, seq_len: 2048, head_dim: 64, kv_heads: 4}
+search:
+  layers: {min: 2, max: 48}
+  hidden: {min: 256, max: 6144, step: 256}
+sweep: {}
+"""
+
+
+def test_a_vocabulary_heavy_space_starts_its_default_ladder_at_the_floor():
+    from llama3gen import laws
+    plan = build_plan(parse_spec_text(MID_VOCABULARY))
+    sw = plan.sweep
+    # By hand: 4 heads of 64 and 4 KV heads, q, k, v, o 4 × 256² = 262,144; the LLaMA-3 FFN
+    # 256·ceil(int(1.3·int(8·256/3)) / 256) = 1024, SwiGLU 3 × 256 × 1024 = 786,432; two norms 512:
+    # 1,049,088 a block. Two blocks, embedding and head 2 × 32,000 × 256, final norm 256.
+    n_min = 2 * 1_049_088 + 16_384_000 + 256
+    floor = S.budget_for_n_opt(laws.CATALOG[plan.law.name], S.FLOOR_FACTOR * n_min)
+    assert sw.budgets[0] == pytest.approx(floor, rel=1e-12)
+    assert S.default_budgets(1e21, 8, 0.1)[0] < floor  # the unchanged default would start below
+    assert "from" in sw.provenance["budgets"] and "embeddings" in sw.provenance["budgets"]
+    assert len(sw.budgets) == S.DEFAULT_BUDGETS
+    assert sw.flops <= sw.max_fraction * plan.budget.flops
+    by_budget = {}
+    for r in sw.runs:
+        by_budget.setdefault(r.budget_flops, []).append(r)
+    for c, rs in by_budget.items():  # every budget's shapes surround its prior minimum
+        assert S.brackets([r.choice.loss for r in sorted(rs, key=lambda r: r.choice.n_params)]), c
+
+
+def test_the_reference_spec_says_why_no_default_sweep_fits(tmp_path):
+    """1.36e21 FLOPs with a 128,256-token vocabulary: the smallest model the search space builds
+    (8 layers × 1024) has 384M parameters, 68% of them embeddings; the prior law reaches twice that
+    only at 1.5e20 FLOPs, and 3 budgets from there cost several times the target."""
+    from llama3gen import laws
+    spec = tmp_path / "s.yaml"
+    spec.write_text((ROOT / "specs" / "1.36e21.yaml").read_text() + "sweep: {}\n")
+    proc = cli("solve", spec)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    # By hand: q, k, v, o 4 × 1024² (8 heads and 8 KV heads of 128), SwiGLU 3 × 1024 × 3584
+    # (3.5·d to 256), two norms: 15,206,400 a block; embedding and head 2 × 128,256 × 1024.
+    n_min = 8 * 15_206_400 + 262_668_288 + 1024
+    floor = S.budget_for_n_opt(laws.CATALOG["hoffmann2022"], S.FLOOR_FACTOR * n_min)
+    need = S.floor_fraction(floor, 8, 1.36e21)
+    assert need > 1  # more than the target itself: no max_fraction would do
+    assert f"{n_min:.3g} parameters" in proc.stderr and "128,256-token embeddings" in proc.stderr
+    assert f"start at {floor:.3g} FLOPs" in proc.stderr and f"cost {need:.3g} of the target" \
+        in proc.stderr
+    assert "raise sweep.max_fraction" not in proc.stderr  # it cannot help
+    assert "head_dim × kv_heads = 1024" in proc.stderr and "sweep:" in proc.stderr
+
+
 def test_no_sweep_no_sweep_key():
     plan = build_plan(parse_spec_text(TINY_SWEEP))
     dumped = plan.model_dump(mode="json")
