@@ -297,8 +297,9 @@ def _sweep_floor(spec: Spec, law, budget: solver.BudgetFlops) -> S.Floor:
     m = spec.model
     embedded = float(arch.embedding_params(d, m.vocab_size, m.tie_embeddings)) / n_min
     flops = S.budget_for_n_opt(law, S.FLOOR_FACTOR * n_min)
+    layers = f"{int(smallest.n_layers[i])} layer{'' if smallest.n_layers[i] == 1 else 's'}"
     why = (f"the prior law's N* is {S.FLOOR_FACTOR:g}× the smallest model the search space "
-           f"builds ({n_min:.3g} parameters: {int(smallest.n_layers[i])} layers × d_model {d}, "
+           f"builds ({n_min:.3g} parameters: {layers} × d_model {d}, "
            f"{embedded:.0%} of them in the {m.vocab_size:,}-token embedding"
            f"{'' if m.tie_embeddings else 's'})")
     smaller = (f"lower the search.layers and search.hidden minimums; d_model moves in steps of "

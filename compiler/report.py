@@ -22,7 +22,9 @@ def goodput_lines(v: Variant) -> list[str]:
         f"{duration(tm.job_mtbf_s / 86400)}; {tm.expected_failures:.3g} expected, "
         f"{tm.restart_s:g} s restart each",
         f"  Young–Daly         √(2 · write · MTBF) = {duration(tm.young_daly_interval_s / 86400)} "
-        f"= {tm.young_daly_interval_steps:,} steps",
+        + (f"= {tm.young_daly_interval_steps:,} steps" if tm.young_daly_interval_s <= tm.days * 86400
+           else f"> the whole run ({duration(tm.days)}): {tm.young_daly_interval_steps:,} steps, "
+                "one checkpoint at the end"),
         f"  goodput            {tm.goodput:.2%} → wall clock {duration(tm.wall_clock_days)} "
         f"(checkpoint writes, lost work and restarts included)",
     ]

@@ -5,6 +5,7 @@ import ast
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from llama3gen import goodput as G
 from llama3gen.planner import build_plan
 from llama3gen.render import render_files
 from llama3gen.spec import parse_spec_text
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Float64 arithmetic of a dozen operations, in another order than goodput.py's: 1e-12 relative
 # is a thousand times the rounding error and far below any modelling difference.
@@ -144,3 +147,15 @@ def test_solve_reports_goodput_and_a_hopeless_job_is_a_clear_error(tmp_path):
     assert len(lines) == 2 and lines[0].startswith(f"error: bad.yaml:{at}:") and "Traceback" not in r.stderr
     assert ": cluster.failures_per_gpu_hour: " in lines[0] and "never finish" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interval_longer_than_the_run_is_reported_as_such(tmp_path):
+    """The tiny CPU run trains for minutes; its job fails every ~3 years, so √(2·δ·M) is ~20
+    minutes, longer than the run: the plan checkpoints once, at the end, and says so."""
+    r = cli("solve", ROOT / "specs" / "tiny-cpu.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.lstrip().startswith("Young–Daly")]
+    assert lines and all("> the whole run" in l and "one checkpoint at the end" in l for l in lines)
+    r = cli("solve", ROOT / "specs" / "1.36e21.yaml", cwd=tmp_path)
+    lines = [l for l in r.stdout.splitlines() if l.lstrip().startswith("Young–Daly")]
+    assert lines and not any("whole run" in l for l in lines)
