@@ -149,6 +149,34 @@ def sweep_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def law_fit_lines(plan: Plan) -> list[str]:
+    """A fitted law's provenance, its CIs at this budget, and the pick under the CI's ends
+    (compiler/lawfit.py; the generated docs/law.md shows the same)."""
+    fit = plan.law.fit
+    runs = f"{fit.runs} runs at " if fit.runs else ""
+    beyond = (f"; this budget is {fit.decades_beyond_fit:.1f} decades beyond the largest"
+              if fit.decades_beyond_fit is not None else "")
+    lines = [f"FITTED LAW ({fit.file}: {runs}{len(fit.budgets)} budgets, {min(fit.budgets):.3g} – "
+             f"{max(fit.budgets):.3g} FLOPs{beyond}):"]
+    pct = f"{100 * fit.ci_level:g}%"
+    ci = "; ".join(f"{name} {si(fit.ci[key][0])} – {si(fit.ci[key][1])}" if key != "loss" else
+                   f"loss {fit.ci[key][0]:.4f} – {fit.ci[key][1]:.4f}"
+                   for name, key in (("N*", "n_params"), ("D*", "tokens"), ("", "loss"))
+                   if key in fit.ci)
+    if ci:
+        lines.append(f"  {pct} CI here     {ci}" + (f" ({fit.resamples:,} bootstrap resamples)"
+                                                    if fit.resamples else ""))
+    if not fit.ends:
+        lines.append("  sensitivity        none: the law file carries no bootstrap refits")
+    for end in fit.ends:
+        where = "the fit" if end.percentile is None else f"{end.percentile:g}th pct. of N*"
+        pick = (f"{end.pick.n_layers}L × {end.pick.d_model} (N {si(end.pick.n_params)}, "
+                f"loss {end.pick.loss:.4f})" if end.pick is not None else end.problem)
+        lines.append(f"  {end.end:<5} {where:<18} N* {si(end.n_params):>9}  D* {si(end.tokens):>10}"
+                     f"  pick {pick}")
+    return lines
+
+
 def solve_report(plan: Plan) -> str:
     co = plan.closed_form
     blocks = [variant_block(plan, v) for v in plan.variants]
@@ -164,6 +192,8 @@ def solve_report(plan: Plan) -> str:
         *sens,
         RULE,
     ]
+    if plan.law.fit is not None:
+        tail += law_fit_lines(plan) + [RULE]
     if plan.sweep is not None:
         tail += sweep_lines(plan) + [RULE]
     if plan.warnings:

@@ -155,6 +155,22 @@ def test_readme_and_docs_show_the_cis_and_the_sensitivity(fitted):
         assert f"{row['end']}: N* " in svg and f"pick {row['pick']['n_layers']}L × " in svg
 
 
+def test_solve_reports_the_fitted_law_and_the_picks_at_its_ends(fitted):
+    base, _, _, repo = fitted
+    proc = cli("solve", "spec.yaml", cwd=base)
+    assert proc.returncode == 0, proc.stderr
+    fit = json.loads((repo / "llama3gen.lock.json").read_text())["plan"]["law"]["fit"]
+    out = proc.stdout
+    block = out[out.index("FITTED LAW (law.json: 40 runs at 5 budgets"):]
+    lo, hi = fit["ci"]["loss"]
+    assert f"loss {lo:.4f} – {hi:.4f}" in block and "2.1 decades beyond" in block
+    for row in fit["ends"]:  # the same picks the lock holds, one line each
+        pick = row["pick"]
+        assert f"pick {pick['n_layers']}L × {pick['d_model']} " in block, row["end"]
+        assert f"loss {pick['loss']:.4f})" in block
+    assert "97.5th pct. of N*" in block and "2.5th pct. of N*" in block
+
+
 def test_catalog_law_plans_have_no_fit_and_no_law_page():
     plan = build_plan(parse_spec_text((REPO_ROOT / "specs" / "1.36e21.yaml").read_text()))
     assert "fit" not in plan.model_dump(mode="json")["law"]
