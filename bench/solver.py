@@ -3,6 +3,7 @@
     python bench/solver.py                 # full run (about a minute on 2 cores)
     python bench/solver.py --quick         # smoke run: few repetitions, a small search space
     python bench/solver.py --profile       # also print where `solve` spends its time
+    python bench/solver.py --instructions  # also count instructions (valgrind): noise-free A/B
 
 Three measurements, side by side in one run:
 
@@ -208,6 +209,19 @@ def profile_command(env: dict, argv: list[str], rows: int = 20) -> None:
     print("\n".join(table[:rows + 3]))
 
 
+def count_instructions(cmd: list[str], env: dict) -> int:
+    """Instructions `cmd` executes (valgrind's callgrind, which runs it ~50× slower): the same
+    on a loaded machine as on a quiet one, so two versions of the compiler compare exactly."""
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = subprocess.run(["valgrind", "--tool=callgrind",
+                               f"--callgrind-out-file={scratch}/out", *cmd],
+                              capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    collected = [line for line in proc.stderr.splitlines() if "Collected" in line]
+    if proc.returncode != 0 or not collected:
+        raise SystemExit(f"valgrind {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return int(collected[-1].split()[-1])
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -236,6 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 runs, a 100×100 space (targets still printed)")
     parser.add_argument("--profile", action="store_true", help="profile solve and compile even if they pass")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the instructions of solve and of the interpreter's start (valgrind)")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.layers, args.hidden, args.repeats = 2, 100, 100, 1
@@ -276,6 +292,12 @@ def main(argv=None) -> int:
     print(f"  plain Python loop (bench)    {r['loop_time']:8.3f} s  {r['loop_rate']:>14,.0f} candidates/s")
     print(f"  speed-up numpy / loop: {r['numpy_rate'] / r['loop_rate']:.1f}×; both pick "
           f"{n_layers} layers × d_model {d_model} (loss {loss:.6f})")
+
+    if args.instructions:
+        solve_ir = count_instructions(cmd + ["solve", args.spec], env)
+        start_ir = count_instructions([sys.executable, "-c", "pass"], env)
+        print(f"\ninstructions (valgrind callgrind): solve {solve_ir / 1e6:,.0f} M, of which "
+              f"interpreter start {start_ir / 1e6:,.0f} M")
 
     if args.profile or not solve_ok:
         profile_command(env, ["solve", args.spec])
