@@ -65,18 +65,25 @@ def ladder_from(floor: float, cap: float, shapes: int) -> np.ndarray | None:
     """The widest default ladder that starts at `floor` and costs at most `cap` (shapes runs per
     budget): DEFAULT_BUDGETS over up to DEFAULT_DECADES, else fewer budgets; None when not even
     MIN_BUDGETS fit MIN_STEP_DECADES apart."""
+    afford = cap / (shapes * floor)  # the largest Σ budgets / floor
     for count in range(DEFAULT_BUDGETS, MIN_BUDGETS - 1, -1):
-        afford = cap / (shapes * floor)
-        if _log_spaced_sum(count, MIN_STEP_DECADES * (count - 1)) > afford:
-            continue
-        lo, hi = MIN_STEP_DECADES * (count - 1), DEFAULT_DECADES
-        if _log_spaced_sum(count, hi) <= afford:
-            lo = hi
-        for _ in range(100 if lo < hi else 0):  # the span whose ladder costs exactly the cap
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if _log_spaced_sum(count, mid) <= afford else (lo, mid)
-        return floor * 10.0 ** np.linspace(0.0, lo, count)
+        narrowest = MIN_STEP_DECADES * (count - 1)
+        if _log_spaced_sum(count, narrowest) <= afford:
+            span = _widest_span(count, narrowest, afford)
+            return floor * 10.0 ** np.linspace(0.0, span, count)
     return None
+
+
+def _widest_span(count: int, lo: float, afford: float) -> float:
+    """The widest span in decades, up to DEFAULT_DECADES, of `count` log-spaced budgets whose sum
+    is at most `afford` × the first (`lo` is affordable)."""
+    hi = DEFAULT_DECADES
+    if _log_spaced_sum(count, hi) <= afford:
+        return hi
+    for _ in range(100):  # bisection: the span whose ladder costs exactly the cap
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _log_spaced_sum(count, mid) <= afford else (lo, mid)
+    return lo
 
 
 def floor_fraction(floor: float, shapes: int, target_flops: float) -> float:
