@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import UserError
 
 # Llama 3 paper (Grattafiori et al. 2024, §3.3.4): 419 unexpected interruptions in a 54-day
@@ -89,61 +91,88 @@ def write_bandwidth(spec_GBps: float | None, world_size: int) -> tuple[float, st
             f"× {world_size} devices")
 
 
-def young_daly_interval(write_seconds: float, mtbf_seconds: float) -> float:
-    """Seconds of training between checkpoints that minimise the expected loss: √(2·δ·M)."""
-    return math.sqrt(2 * write_seconds * mtbf_seconds)
-
-
-def wall_clock(train_seconds: float, saves: int, write_seconds: float, interval_seconds: float,
-               mtbf_seconds: float | None, restart_seconds: float) -> float:
-    """Expected wall-clock seconds (module docstring); train_seconds without failures (M None).
-
-    Raises UserError when a failure is expected before a checkpoint can save the work."""
-    if mtbf_seconds is None:
-        return train_seconds
-    loss_per_failure = restart_seconds + (interval_seconds + write_seconds) / 2
-    left = 1 - loss_per_failure / mtbf_seconds
-    wall = (train_seconds + saves * write_seconds) / left if left > 0 else math.inf
-    if not math.isfinite(wall):
-        raise UserError(
-            f"the job is expected to fail every {mtbf_seconds:,.0f} s, sooner than it restarts "
-            f"({restart_seconds:g} s) and redoes the work since its last checkpoint (half of "
-            f"{interval_seconds:.4g} s between checkpoints, {write_seconds:.3g} s each to write): "
-            "it would never finish", field="cluster.failures_per_gpu_hour",
-            fix="use fewer devices, faster storage (cluster.checkpoint_write_GBps), a shorter "
-                "cluster.restart_s, or the cluster's own failures_per_gpu_hour (0: no failures)")
-    return wall
-
-
 def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds: float,
                  max_iters: int, write_GBps: float, failures_per_gpu_hour: float,
                  restart_seconds: float, ckpt_interval: int | None,
                  default_interval: int) -> Goodput:
-    """The checkpoint interval and goodput of one pick.
+    """The checkpoint interval and goodput of one pick (schedule() for one candidate).
 
     write_GBps is the job's aggregate storage bandwidth. Sharded (DCP), every rank writes its
     1/world share at once, but they share that bandwidth: the write takes the whole checkpoint's
     bytes over it either way (unsharded, rank 0 writes everything, assumed to reach it too).
     ckpt_interval: the spec's, which wins; default_interval: the rule when failures are off."""
+    s = schedule(n_params, train_seconds, max_iters, world_size=world_size, write_GBps=write_GBps,
+                 failures_per_gpu_hour=failures_per_gpu_hour, restart_seconds=restart_seconds,
+                 ckpt_interval=ckpt_interval, default_interval=default_interval)
+    write_s, wall = float(s.write_seconds), float(s.wall_seconds)
+    mtbf_s = None if s.mtbf_seconds is None else float(s.mtbf_seconds)
+    if not math.isfinite(wall):
+        raise never_finishes(mtbf_s, restart_seconds, float(s.interval_seconds), write_s)
     total = float(CHECKPOINT_BYTES_PER_PARAM) * n_params
-    per_rank = total / world_size if sharded else total
-    write_s = total / (write_GBps * 1e9)
-    step_s = train_seconds / max_iters
+    return Goodput(
+        failures_per_gpu_hour=failures_per_gpu_hour, write_GBps=write_GBps,
+        restart_seconds=float(restart_seconds), checkpoint_bytes=total,
+        checkpoint_bytes_per_rank=total / world_size if sharded else total, write_seconds=write_s,
+        mtbf_seconds=mtbf_s,
+        young_daly_seconds=None if mtbf_s is None else float(s.young_daly_seconds),
+        young_daly_steps=None if mtbf_s is None else int(s.young_daly_steps),
+        interval_steps=int(s.interval_steps), interval_seconds=float(s.interval_seconds),
+        saves=int(s.saves), expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
+        goodput=train_seconds / wall if wall > 0 else 1.0, wall_clock_seconds=wall)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Checkpoints and the expected wall clock of candidates (arrays broadcast over them)."""
+
+    write_seconds: np.ndarray  # δ
+    mtbf_seconds: float | None  # M for the job; None: failures not modelled
+    young_daly_seconds: np.ndarray | None  # √(2·δ·M)
+    young_daly_steps: np.ndarray | None  # that many steps, within [1, max_iters]
+    interval_steps: np.ndarray
+    interval_seconds: np.ndarray
+    saves: np.ndarray  # checkpoints in the whole run, the final one included
+    wall_seconds: np.ndarray  # expected wall clock; inf where the job would never finish
+
+
+def schedule(n_params, train_seconds, max_iters, *, world_size: int, write_GBps: float,
+             failures_per_gpu_hour: float, restart_seconds: float, ckpt_interval: int | None,
+             default_interval) -> Schedule:
+    """The checkpoint interval, saves and expected wall clock (module docstring) of every
+    candidate: n_params, train_seconds, max_iters and default_interval may be arrays."""
+    n_params, train_s = np.asarray(n_params, np.float64), np.asarray(train_seconds, np.float64)
+    max_iters = np.asarray(max_iters, np.int64)
+    write_s = float(CHECKPOINT_BYTES_PER_PARAM) * n_params / (write_GBps * 1e9)
+    step_s = train_s / max_iters
     mtbf_s = yd_s = yd_steps = None
     if failures_per_gpu_hour > 0:
         mtbf_s = 3600 / (failures_per_gpu_hour * world_size)
-        yd_s = young_daly_interval(write_s, mtbf_s)
-        # clamp before int(): τ / step can exceed any int64 on tiny steps
-        steps = yd_s / step_s if step_s > 0 else math.inf
-        yd_steps = int(max(1, min(max_iters, round(min(steps, 1e18)))))
-    interval = ckpt_interval or (yd_steps if yd_steps is not None else default_interval)
+        yd_s = np.sqrt(2 * write_s * mtbf_s)
+        # clamp before the int cast: τ / step can exceed any int64 on tiny steps
+        with np.errstate(divide="ignore"):
+            steps = np.where(step_s > 0, yd_s / step_s, np.inf)
+        yd_steps = np.clip(np.round(np.minimum(steps, 1e18)), 1, max_iters).astype(np.int64)
+        interval = yd_steps if ckpt_interval is None else np.full_like(max_iters, ckpt_interval)
+    else:
+        interval = np.broadcast_to(np.asarray(ckpt_interval or default_interval, np.int64),
+                                   max_iters.shape)
     interval_s = interval * step_s
-    saves = math.ceil(max_iters / interval)  # train.py also saves at the last step
-    wall = wall_clock(train_seconds, saves, write_s, interval_s, mtbf_s, restart_seconds)
-    return Goodput(
-        failures_per_gpu_hour=failures_per_gpu_hour, write_GBps=write_GBps,
-        restart_seconds=float(restart_seconds), checkpoint_bytes=total, checkpoint_bytes_per_rank=per_rank, write_seconds=write_s,
-        mtbf_seconds=mtbf_s, young_daly_seconds=yd_s, young_daly_steps=yd_steps,
-        interval_steps=interval, interval_seconds=interval_s, saves=saves,
-        expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
-        goodput=train_seconds / wall if wall > 0 else 1.0, wall_clock_seconds=wall)
+    saves = -(-max_iters // interval)  # train.py also saves at the last step
+    if mtbf_s is None:
+        wall = train_s
+    else:
+        left = 1 - (restart_seconds + (interval_s + write_s) / 2) / mtbf_s
+        with np.errstate(divide="ignore"):
+            wall = np.where(left > 0, (train_s + saves * write_s) / np.where(left > 0, left, 1),
+                            np.inf)
+    return Schedule(write_s, mtbf_s, yd_s, yd_steps, interval, interval_s, saves, wall)
+
+
+def never_finishes(mtbf_seconds, restart_seconds, interval_seconds, write_seconds) -> UserError:
+    return UserError(
+        f"the job is expected to fail every {mtbf_seconds:,.0f} s, sooner than it restarts "
+        f"({restart_seconds:g} s) and redoes the work since its last checkpoint (half of "
+        f"{interval_seconds:.4g} s between checkpoints, {write_seconds:.3g} s each to write): "
+        "it would never finish", field="cluster.failures_per_gpu_hour",
+        fix="use fewer devices, faster storage (cluster.checkpoint_write_GBps), a shorter "
+            "cluster.restart_s, or the cluster's own failures_per_gpu_hour (0: no failures)")

@@ -13,7 +13,7 @@ from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale, fits_somehow
 from .hardware import kernel_efficiency
 from .spec import Spec
-from .trainplan import candidate_batches, plan_training
+from .trainplan import candidate_batches, plan_training, wall_clock_seconds
 
 
 def _shape(spec: Spec, c: solver.Candidates, i: int) -> P.Shape:
@@ -366,8 +366,10 @@ def build_plan(spec: Spec) -> P.Plan:
     cands = solver.with_throughput(spec, budget, cands, evaluation.tokens_per_second)
     if budget.job_seconds is not None:  # a time budget's tokens follow the speed, the batch them
         evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
-    seq_len = spec.model.seq_len
-    cands = solver.with_batches(cands, candidate_batches(spec, cands) * seq_len)
+    batch_tokens = candidate_batches(spec, cands) * spec.model.seq_len
+    cands = solver.with_batches(cands, batch_tokens)
+    cands = dataclasses.replace(cands, wall_seconds=wall_clock_seconds(
+        spec, cands.n_params, cands.seconds, np.rint(cands.tokens_trained / batch_tokens)))
     law_info = _law(spec)
 
     hw, gpu = spec.hardware, spec.hardware.device()

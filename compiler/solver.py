@@ -81,6 +81,8 @@ class Candidates:
     seconds: np.ndarray  # predicted wall-clock time to train tokens_trained on the spec's hardware
     enumerated: int
     tokens_trained: np.ndarray | None = None  # whole optimizer steps: ceil(D / batch) × batch
+    # seconds with checkpoint writes, lost work and restarts (trainplan.wall_clock_seconds)
+    wall_seconds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.n_layers.size)
@@ -90,6 +92,10 @@ class Candidates:
         return ModelShape(self.n_layers, self.d_model, self.n_heads, self.n_kv_heads,
                           self.head_dim, self.ffn_hidden, model.vocab_size, model.seq_len,
                           model.tie_embeddings)
+
+    def days_to_finish(self) -> np.ndarray:
+        """Expected wall-clock days: with checkpoints and failures where known."""
+        return (self.seconds if self.wall_seconds is None else self.wall_seconds) / SECONDS_PER_DAY
 
     def take(self, idx: np.ndarray) -> "Candidates":
         """The candidates at idx (indices or a boolean mask), every array alike."""
@@ -337,7 +343,8 @@ MAX_OVERSHOOT = 0.01
 def constraint_masks(variant: Variant, c: Candidates) -> dict[str, np.ndarray]:
     """One boolean mask per constraint the variant sets (True = allowed), checked on the plan that
     is generated: D ≤ tokens trained, so a lower bound on D/N holds for both, and an upper bound
-    and max_days are checked on the tokens trained."""
+    and max_days are checked on the tokens trained; max_days on the expected wall clock where
+    the candidates have one (failures and checkpoints included), else on the training time."""
     masks: dict[str, np.ndarray] = {}
     trained = c.tokens if c.tokens_trained is None else c.tokens_trained
     if variant.tokens_per_param is not None:
@@ -352,7 +359,7 @@ def constraint_masks(variant: Variant, c: Candidates) -> dict[str, np.ndarray]:
         if variant.params.max is not None:
             masks["params.max"] = c.n_params <= variant.params.max
     if variant.max_days is not None:
-        masks["max_days"] = c.seconds <= variant.max_days * SECONDS_PER_DAY
+        masks["max_days"] = c.days_to_finish() <= variant.max_days
     within_budget = trained <= c.tokens * (1 + MAX_OVERSHOOT)
     if not within_budget.all():  # reported only where it bites
         masks["budget"] = within_budget
@@ -440,9 +447,14 @@ def _relax(name: str, idx: np.ndarray, c: Candidates, spec: Spec, memory_fix) ->
     if name == "params.max":
         return f"params.max: {_sig(c.n_params[idx].min(), True)} or more"
     if name == "max_days":
-        fastest = c.seconds[idx].min() / SECONDS_PER_DAY
+        fastest = c.days_to_finish()[idx].min()
+        if not np.isfinite(fastest):
+            return ("no shape would finish: the job fails more often than it restarts and redoes "
+                    "the work since its last checkpoint; use fewer devices, faster storage "
+                    "(cluster.checkpoint_write_GBps), a shorter cluster.restart_s, or the "
+                    "cluster's own failures_per_gpu_hour")
         return (f"max_days: {_sig(fastest, True)} or more (the fastest shape needs {fastest:.3g} "
-                "days on this hardware), or add GPUs")
+                "days on this hardware, checkpoints and expected failures included), or add GPUs")
     if name == "budget":
         return _batch_hint(spec, c.tokens[idx].max())
     if name == "memory" and memory_fix is not None:

@@ -99,6 +99,28 @@ def _check_host_memory(spec: Spec, lay: Layout) -> None:
             fix=f"set cluster.mem_per_node_gb to at least {math.ceil(need / GIB)}, or leave it out")
 
 
+def default_ckpt_interval(max_iters):
+    """The interval rule when failures are not modelled: a tenth of the run, 1 to 1000 steps."""
+    return np.clip(np.asarray(max_iters) // 10, 1, 1000)
+
+
+def goodput_settings(spec: Spec) -> dict:
+    """The cluster's failure, storage and restart settings, as goodput.schedule takes them."""
+    cl, world = spec.cluster, spec.hardware.world_size
+    return dict(world_size=world,
+                write_GBps=G.write_bandwidth(cl.checkpoint_write_GBps, world)[0],
+                failures_per_gpu_hour=G.failure_rate(cl.failures_per_gpu_hour)[0],
+                restart_seconds=G.DEFAULT_RESTART_S if cl.restart_s is None else cl.restart_s,
+                ckpt_interval=spec.training.ckpt_interval)
+
+
+def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.ndarray:
+    """Every candidate's expected wall clock, checkpoints and failures included: the pick's
+    goodput (below) for each of them. What a variant's max_days bounds."""
+    return G.schedule(n_params, train_seconds, max_iters, **goodput_settings(spec),
+                      default_interval=default_ckpt_interval(max_iters)).wall_seconds
+
+
 def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_seconds: float
              ) -> tuple[G.Goodput, dict[str, str]]:
     """The checkpoint interval (Young–Daly) and the goodput of the pick, with provenance."""
@@ -107,11 +129,9 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
     GBps, GBps_why = G.write_bandwidth(cl.checkpoint_write_GBps, world)
     restart = G.DEFAULT_RESTART_S if cl.restart_s is None else cl.restart_s
     sharded = world > 1 and lay.parallelism in ("fsdp", "hsdp")  # as train.py decides
-    old_rule = max(1, min(1000, max_iters // 10))
-    g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, world_size=world,
-                       train_seconds=train_seconds, max_iters=max_iters, write_GBps=GBps,
-                       failures_per_gpu_hour=rate, restart_seconds=restart,
-                       ckpt_interval=tr.ckpt_interval, default_interval=old_rule)
+    g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, train_seconds=train_seconds,
+                       max_iters=max_iters, **goodput_settings(spec),
+                       default_interval=int(default_ckpt_interval(max_iters)))
     how = (f"DCP: each of {world} ranks writes its {g.checkpoint_bytes_per_rank:.3g} bytes at "
            "once, sharing the bandwidth" if sharded else "rank 0 writes it all")
     why = {

@@ -159,3 +159,31 @@ def test_an_interval_longer_than_the_run_is_reported_as_such(tmp_path):
     r = cli("solve", ROOT / "specs" / "1.36e21.yaml", cwd=tmp_path)
     lines = [l for l in r.stdout.splitlines() if l.lstrip().startswith("Young–Daly")]
     assert lines and not any("whole run" in l for l in lines)
+
+
+def test_max_days_bounds_the_expected_wall_clock():
+    """One failure per 100 GPU-hours on 8 A100s: the reference pick trains 13.6 days but takes
+    about 14.3 with checkpoints, lost work and restarts. A max_days between the two removes it:
+    the constraint is on the expected wall clock the plan reports, not on the training alone."""
+    base = (ROOT / "specs" / "1.36e21.yaml").read_text().replace(
+        "  partition: gpu\n", "  partition: gpu\n  failures_per_gpu_hour: 0.01\n")
+    free = build_plan(parse_spec_text(base)).variants[0]
+    assert free.timing.wall_clock_days > free.timing.days * 1.02  # failures cost a few percent
+    limit = (free.timing.days + free.timing.wall_clock_days) / 2
+    bound = build_plan(parse_spec_text(base.replace(
+        "  - name: optimal\n", f"  - name: optimal\n    max_days: {limit!r}\n"))).variants[0]
+    assert bound.choice.n_params < free.choice.n_params
+    assert bound.timing.wall_clock_days <= limit < free.timing.wall_clock_days
+    assert bound.stats.removed_by["max_days"] > 0
+
+
+def test_max_days_on_a_job_that_never_finishes_says_so(tmp_path):
+    # one failure per GPU-hour on 8 GPUs: every 450 s, shorter than a 600 s restart
+    text = (ROOT / "specs" / "1.36e21.yaml").read_text().replace(
+        "  partition: gpu\n", "  partition: gpu\n  failures_per_gpu_hour: 1\n").replace(
+        "  - name: optimal\n", "  - name: optimal\n    max_days: 30\n")
+    (tmp_path / "s.yaml").write_text(text)
+    r = cli("solve", "s.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "no shape would finish" in r.stderr and "failures_per_gpu_hour" in r.stderr
+    assert "inf" not in r.stderr
