@@ -1,7 +1,9 @@
 """Goodput: the share of the wall clock that trains, once failures and checkpoints are counted.
 
-Pure arithmetic on one pick (docs/DESIGN.md, "Goodput"). A job of W devices fails, on average,
-every M = 1 / (W · failures per device-hour) hours. Every checkpoint stops training for its
+Pure arithmetic (docs/DESIGN.md, "Goodput"): `schedule` over arrays of candidates (a variant's
+max_days bounds their expected wall clock), `plan_goodput` for the pick through the same
+function. A job of W devices fails, on average, every M = 1 / (W · failures per device-hour)
+hours. Every checkpoint stops training for its
 write time δ; every failure costs a restart R and the work since the last checkpoint. Checkpointing
 every τ seconds of training minimises the sum at τ ≈ √(2·δ·M) (Young 1974; Daly 2006).
 
@@ -162,9 +164,8 @@ def schedule(n_params, train_seconds, max_iters, *, world_size: int, write_GBps:
         wall = train_s
     else:
         left = 1 - (restart_seconds + (interval_s + write_s) / 2) / mtbf_s
-        with np.errstate(divide="ignore"):
-            wall = np.where(left > 0, (train_s + saves * write_s) / np.where(left > 0, left, 1),
-                            np.inf)
+        wall = np.where(left > 0, (train_s + saves * write_s) / np.where(left > 0, left, 1),
+                        np.inf)
     return Schedule(write_s, mtbf_s, yd_s, yd_steps, interval, interval_s, saves, wall)
 
 
