@@ -137,9 +137,10 @@ def test_a_ladder_from_the_floor_spends_the_cap_in_fewer_decades_then_fewer_budg
     assert S.ladder_from(floor, cheapest * 1.001, shapes).size == S.MIN_BUDGETS
 
 
-# A 32k vocabulary at 1e21 FLOPs: the default two-decade ladder would start at 1.1e17 FLOPs, where
-# the prior N* (1.7e7) is below the smallest model this space builds (2 layers × 256: 1.85e7, 89% of
-# it embeddings). The ladder starts at the floor instead.
+# A 32k vocabulary at 1e21 FLOPs: the default two-decade ladder would start at 8.6e16 FLOPs, where
+# the prior N* (2.3e7) is barely above the smallest model this space builds (2 layers × 256:
+# 1.85e7, 89% of it embeddings), so that budget's grid has one shape below N* and the rest above.
+# The ladder starts at the floor instead (N* = 2 × 1.85e7, at 2.2e17 FLOPs).
 MID_VOCABULARY = """\
 name: mid
 budget: {flops: 1.0e21}
