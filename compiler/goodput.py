@@ -174,6 +174,9 @@ def never_finishes(mtbf_seconds, restart_seconds, interval_seconds, write_second
         f"the job is expected to fail every {mtbf_seconds:,.0f} s, sooner than it restarts "
         f"({restart_seconds:g} s) and redoes the work since its last checkpoint (half of "
         f"{interval_seconds:.4g} s between checkpoints, {write_seconds:.3g} s each to write): "
-        "it would never finish", field="cluster.failures_per_gpu_hour",
-        fix="use fewer devices, faster storage (cluster.checkpoint_write_GBps), a shorter "
-            "cluster.restart_s, or the cluster's own failures_per_gpu_hour (0: no failures)")
+        "it would never finish", field="cluster.failures_per_gpu_hour", fix=NEVER_FINISHES_FIX)
+
+
+NEVER_FINISHES_FIX = ("use fewer devices, faster storage (cluster.checkpoint_write_GBps), a shorter "
+                      "cluster.restart_s, or the cluster's own failures_per_gpu_hour (0: no "
+                      "failures)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arch, datalimited, laws
+from . import arch, datalimited, goodput, laws
 from .errors import UserError
 from .memory import ModelShape
 from .spec import MAX_CANDIDATES, MAX_D_MODEL, MAX_LAYERS, Spec, Variant
@@ -450,9 +450,7 @@ def _relax(name: str, idx: np.ndarray, c: Candidates, spec: Spec, memory_fix) ->
         fastest = c.days_to_finish()[idx].min()
         if not np.isfinite(fastest):
             return ("no shape would finish: the job fails more often than it restarts and redoes "
-                    "the work since its last checkpoint; use fewer devices, faster storage "
-                    "(cluster.checkpoint_write_GBps), a shorter cluster.restart_s, or the "
-                    "cluster's own failures_per_gpu_hour")
+                    f"the work since its last checkpoint; {goodput.NEVER_FINISHES_FIX}")
         return (f"max_days: {_sig(fastest, True)} or more (the fastest shape needs {fastest:.3g} "
                 "days on this hardware, checkpoints and expected failures included), or add GPUs")
     if name == "budget":

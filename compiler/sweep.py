@@ -109,8 +109,9 @@ class Floor:
 
 
 def sweep_budgets(sweep, target_flops: float, floor: Floor) -> tuple[np.ndarray, str]:
-    """The sweep's budgets, ascending, and where they come from. UserError (field sweep.budgets) when one exceeds the target or the sweep would cost more than
-    max_fraction of it; (field sweep) when no default ladder above the floor fits the cap."""
+    """The sweep's budgets, ascending, and where they come from. UserError (field sweep.budgets)
+    when one exceeds the target or the sweep would cost more than max_fraction of it; (field
+    sweep) when no default ladder above the floor fits the cap."""
     given = sweep.budget_values()
     cap = sweep.max_fraction * target_flops
     if given is None:

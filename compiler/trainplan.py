@@ -125,12 +125,14 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
              ) -> tuple[G.Goodput, dict[str, str]]:
     """The checkpoint interval (Young–Daly) and the goodput of the pick, with provenance."""
     cl, tr, world = spec.cluster, spec.training, spec.hardware.world_size
-    rate, rate_why = G.failure_rate(cl.failures_per_gpu_hour)
-    GBps, GBps_why = G.write_bandwidth(cl.checkpoint_write_GBps, world)
-    restart = G.DEFAULT_RESTART_S if cl.restart_s is None else cl.restart_s
+    settings = goodput_settings(spec)
+    rate, GBps = settings["failures_per_gpu_hour"], settings["write_GBps"]
+    restart = settings["restart_seconds"]
+    rate_why = G.failure_rate(cl.failures_per_gpu_hour)[1]
+    GBps_why = G.write_bandwidth(cl.checkpoint_write_GBps, world)[1]
     sharded = world > 1 and lay.parallelism in ("fsdp", "hsdp")  # as train.py decides
     g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, train_seconds=train_seconds,
-                       max_iters=max_iters, **goodput_settings(spec),
+                       max_iters=max_iters, **settings,
                        default_interval=int(default_ckpt_interval(max_iters)))
     how = (f"DCP: each of {world} ranks writes its {g.checkpoint_bytes_per_rank:.3g} bytes at "
            "once, sharing the bandwidth" if sharded else "rank 0 writes it all")
