@@ -161,9 +161,12 @@ class Run:
             return sorted((self.repo / "logs").glob(f"*-{self.job_id}.out"))
         return sorted((self.repo / "logs" / "submitit" / str(self.job_id)).glob("*_log.*"))
 
-    def log_tail(self, chars=6000):
-        text = "".join(f"==> {p.name}\n{p.read_text(errors='replace')}" for p in self.log_files)
-        return text[-chars:]
+    def log_tail(self, chars=8000):
+        """The end of every log file, each its share of `chars`: one rank's long traceback must not
+        hide why another rank failed."""
+        files = self.log_files
+        share = chars // max(len(files), 1)
+        return "".join(f"==> {p.name}\n{p.read_text(errors='replace')[-share:]}\n" for p in files)
 
     def wait(self, deadline_s=JOB_DEADLINE_S):
         """Wait until SLURM reports the job ended; returns scontrol's record."""
@@ -564,6 +567,25 @@ def test_submit_py_local_trains_two_ranks(base_repo, tmp_path):
     assert max(losses) == STEPS and losses[STEPS] < losses[10]
     job_id = re.search(r"submitted job (\d+) \(local\)", out.stdout).group(1)
     assert (repo / "logs" / "submitit" / job_id / f"{job_id}_0_log.out").exists()
+
+
+def test_submit_py_master_port_stays_below_ephemeral_ports(base_repo, monkeypatch):
+    """Rank 0's store port comes from the job id in 20000-29999, like scripts/train.sbatch's, not
+    from submitit's 20000-60000: CI's job 21530268 got 49368 there, inside Linux's ephemeral
+    ports, and its rank 0 died at start-up while rank 1 waited for the store until the time limit."""
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("generated_submit", base_repo / "submit.py")
+    generated = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(generated)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    lowest_ephemeral = 32768  # Linux's default net.ipv4.ip_local_port_range starts here
+    for job_id in ("21530268", "9999", "10000", "123456789"):
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        port = generated.master_port()
+        assert port == 20000 + int(job_id) % 10000 and 20000 <= port < lowest_ephemeral
+    monkeypatch.setenv("MASTER_PORT", "12345")  # the user's choice wins
+    assert generated.master_port() == 12345
 
 
 def test_sbatch_benchmark_option_times_the_real_nodes(base_repo, tmp_path):

@@ -57,6 +57,20 @@ def time_limit_minutes(time_limit):
     return -(-total_s // 60)
 
 
+def master_port():
+    """The port rank 0's rendezvous store listens on: MASTER_PORT if set, else 20000-29999 from the
+    job id, as scripts/train.sbatch picks it. submitit's own choice (20000-60000) reaches into
+    Linux's ephemeral ports (32768-60999), where another process's connection can already hold it
+    and rank 0 fails at start-up; jobs sharing a node collide only if their ids agree mod 10000."""
+    import submitit
+
+    if "MASTER_PORT" in os.environ:
+        return int(os.environ["MASTER_PORT"])
+    # An array task's job id is "<array>_<task>"; SLURM_JOB_ID is its own number.
+    job_id = os.environ.get("SLURM_JOB_ID") or submitit.JobEnvironment().job_id
+    return 20000 + int(job_id) % 10000
+
+
 class Train:
     """What each SLURM task runs: train.py as a subprocess, with this task's rank.
 
@@ -74,7 +88,7 @@ class Train:
         import submitit
 
         dist = submitit.helpers.TorchDistributedEnvironment()  # from SLURM_* (or the local executor)
-        env = dict(os.environ, MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port),
+        env = dict(os.environ, MASTER_ADDR=dist.master_addr, MASTER_PORT=str(master_port()),
                    RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size),
                    LOCAL_RANK=str(dist.local_rank), LOCAL_WORLD_SIZE=str(dist.local_world_size))
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
