@@ -353,7 +353,19 @@ def _calibration(spec: Spec) -> P.Calibration | None:
     return plan_record(spec.hardware.calibration_data, spec.hardware.calibration)
 
 
-def build_plan(spec: Spec) -> P.Plan:
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """Every candidate shape of the search space with its tokens, batch and wall clock, and its
+    one evaluation on the hardware (memory, fits, layout, speed)."""
+
+    budget: solver.BudgetFlops
+    hardware: HardwareView
+    cands: solver.Candidates
+    evaluation: Evaluation
+    beyond: int  # shapes that fit no layout at any scale: they need pipeline or context parallelism
+
+
+def _search(spec: Spec) -> _Search:
     budget = solver.budget_flops(spec)
     cands = solver.enumerate_candidates(spec, budget)
     if len(cands) == 0:
@@ -370,88 +382,118 @@ def build_plan(spec: Spec) -> P.Plan:
     cands = solver.with_batches(cands, batch_tokens)
     cands = dataclasses.replace(cands, wall_seconds=wall_clock_seconds(
         spec, cands.n_params, cands.seconds, np.rint(cands.tokens_trained / batch_tokens)))
-    law_info = _law(spec)
-
-    hw, gpu = spec.hardware, spec.hardware.device()
-    beyond = int((~evaluation.fits & ~fits_at_any_scale(shapes, hardware)).sum())
     if not evaluation.fits.any():
         raise _nothing_fits(spec, hardware, cands, evaluation)
-    variants = []
-    limited_cands = None  # the candidates under the data-constrained law, once one needs them
-    for v in spec.variants:
-        masks, memory_fix = {"memory": evaluation.fits}, _memory_fix(spec, hardware, cands)
-        result = solver.solve_variant(spec, v, cands, masks, memory_fix)
-        ranked, limited = cands, None
-        if repeats_data(spec, cands, result.pick):  # too few unique tokens: re-rank (issue #16)
-            if limited_cands is None:
-                limited_cands = solver.with_unique_tokens(spec, cands)
-            unconstrained = result.pick
-            ranked = limited_cands
-            result = solver.solve_variant(spec, v, ranked, masks, memory_fix)
-            limited = data_limited(spec, cands, ranked, result.pick, unconstrained)
-        choice = _choice(spec, ranked, result.pick)
-        lay = _layout(spec, hardware, cands, evaluation, result.pick)
-        training, memory, timing, reasons, provenance = plan_training(
-            spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
-        fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
-        provenance.update({
-            "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
-            "loss": law_info.formula if limited is None else
-                    f"{law_info.formula}, at {datalimited.FORMULA} ({datalimited.CITATION})",
-            "n_params": "compiler/arch.py param_count (embeddings included)",
-        })
-        variants.append(P.Variant(
-            name=v.name, description=v.description or "", constraints=_constraints(v), choice=choice,
-            top=_top(ranked, result),
-            stats=P.SearchStats(enumerated=cands.enumerated, valid_shapes=len(cands),
-                                feasible=result.feasible, near_optimal=result.near_optimal,
-                                removed_by=result.removed_by,
-                                need_pipeline_or_context_parallel=beyond),
-            tie_break=result.tie_break, training=training, memory=memory, timing=timing,
-            layout_reasons=reasons, provenance=provenance,
-            **data_epochs(spec, training.tokens_trained), data_limited=limited))
+    beyond = int((~evaluation.fits & ~fits_at_any_scale(shapes, hardware)).sum())
+    return _Search(budget, hardware, cands, evaluation, beyond)
 
-    # A fitted law: its runs, CIs, and the pick re-solved at the CI's ends (compiler/lawfit.py).
-    law_info = law_info.model_copy(update={"fit": lawfit.law_fit(spec, budget.flops, variants[0])})
+
+def _solve(spec: Spec, v, search: _Search, limited_cands: solver.Candidates | None):
+    """The variant's pick, re-ranked under the data-constrained law when the pick would repeat
+    data (issue #16). Returns (result, the candidates it ranked, the data-limited record or None,
+    the data-constrained candidates: computed once, when a variant first needs them)."""
+    cands, fits = search.cands, search.evaluation.fits
+    masks, memory_fix = {"memory": fits}, _memory_fix(spec, search.hardware, cands)
+    result = solver.solve_variant(spec, v, cands, masks, memory_fix)
+    if not repeats_data(spec, cands, result.pick):
+        return result, cands, None, limited_cands
+    if limited_cands is None:
+        limited_cands = solver.with_unique_tokens(spec, cands)
+    unconstrained = result.pick
+    result = solver.solve_variant(spec, v, limited_cands, masks, memory_fix)
+    limited = data_limited(spec, cands, limited_cands, result.pick, unconstrained)
+    return result, limited_cands, limited, limited_cands
+
+
+def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.VariantResult,
+             ranked: solver.Candidates, limited: P.DataLimited | None) -> P.Variant:
+    budget, hardware = search.budget, search.hardware
+    choice = _choice(spec, ranked, result.pick)
+    lay = _layout(spec, hardware, search.cands, search.evaluation, result.pick)
+    training, memory, timing, reasons, provenance = plan_training(
+        spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
+    fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
+    provenance.update({
+        "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
+        "loss": law_info.formula if limited is None else
+                f"{law_info.formula}, at {datalimited.FORMULA} ({datalimited.CITATION})",
+        "n_params": "compiler/arch.py param_count (embeddings included)",
+    })
+    return P.Variant(
+        name=v.name, description=v.description or "", constraints=_constraints(v), choice=choice,
+        top=_top(ranked, result),
+        stats=P.SearchStats(enumerated=search.cands.enumerated, valid_shapes=len(search.cands),
+                            feasible=result.feasible, near_optimal=result.near_optimal,
+                            removed_by=result.removed_by,
+                            need_pipeline_or_context_parallel=search.beyond),
+        tie_break=result.tie_break, training=training, memory=memory, timing=timing,
+        layout_reasons=reasons, provenance=provenance,
+        **data_epochs(spec, training.tokens_trained), data_limited=limited)
+
+
+def _closed_form(spec: Spec, budget: solver.BudgetFlops) -> P.Optimum:
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
             "the limit the discrete search approaches")
     if budget.convention != "6N":
         note += "; the budget counts exact FLOPs here, so this is an approximation"
-    sensitivity = []
+    return P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
+                     tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note)
+
+
+def _sensitivity(budget: solver.BudgetFlops) -> list[P.Sensitivity]:
+    """The closed-form optimum under every catalog law: how much the pick rests on the law."""
+    rows = []
     for other in laws.CATALOG.values():
         o = other.optimum_6nd(budget.flops)
-        sensitivity.append(P.Sensitivity(law=other.name, n_params=o.n_params, tokens=o.tokens,
-                                          tokens_per_param=o.tokens_per_param, loss=o.loss))
-    front = [P.FrontierPoint(n_params=n, loss=l)  # the law the picks were ranked by
-             for n, l in solver.frontier(cands if limited_cands is None else limited_cands)]
+        rows.append(P.Sensitivity(law=other.name, n_params=o.n_params, tokens=o.tokens,
+                                  tokens_per_param=o.tokens_per_param, loss=o.loss))
+    return rows
 
-    job = P.Job(
-        name=spec.name, partition=spec.cluster.partition, account=spec.cluster.account,
-        qos=spec.cluster.qos, time_limit=spec.cluster.time_limit, nodes=hw.nodes,
-        gpus_per_node=0 if gpu.is_cpu else hw.gpus_per_node,
+
+def _hardware(spec: Spec, hardware: HardwareView) -> P.Hardware:
+    hw, gpu = spec.hardware, spec.hardware.device()
+    return P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
+                      gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                      world_size=hw.world_size, mfu=hw.measured_mfu,
+                      kernel_efficiency=hardware.kernel_efficiency,
+                      kernel_efficiency_source=kernel_efficiency(gpu, spec.training.compile)[1],
+                      intra_node_GBps=hardware.interconnect.intra_node_GBps,
+                      inter_node_GBps=hardware.interconnect.inter_node_GBps,
+                      interconnect_source=hardware.interconnect.source,
+                      usd_per_gpu_hour=hw.usd_per_gpu_hour, source=gpu.source)
+
+
+def _job(spec: Spec) -> P.Job:
+    hw, cluster = spec.hardware, spec.cluster
+    return P.Job(
+        name=spec.name, partition=cluster.partition, account=cluster.account, qos=cluster.qos,
+        time_limit=cluster.time_limit, nodes=hw.nodes,
+        gpus_per_node=0 if hw.device().is_cpu else hw.gpus_per_node,
         tasks_per_node=hw.gpus_per_node, cpus_per_task=hw.cpus_per_gpu,
-        mem_per_node_gb=spec.cluster.mem_per_node_gb, signal_before_s=spec.cluster.signal_before_s,
+        mem_per_node_gb=cluster.mem_per_node_gb, signal_before_s=cluster.signal_before_s,
         requeue=True, variants=[v.name for v in spec.variants], default_variant=spec.variants[0].name)
 
+
+def build_plan(spec: Spec) -> P.Plan:
+    search = _search(spec)
+    law_info = _law(spec)
+    variants, limited_cands = [], None
+    for v in spec.variants:
+        result, ranked, limited, limited_cands = _solve(spec, v, search, limited_cands)
+        variants.append(_variant(spec, v, search, law_info, result, ranked, limited))
+    # A fitted law: its runs, CIs, and the pick re-solved at the CI's ends (compiler/lawfit.py).
+    budget = search.budget
+    law_info = law_info.model_copy(update={"fit": lawfit.law_fit(spec, budget.flops, variants[0])})
+    front = [P.FrontierPoint(n_params=n, loss=l)  # the law the picks were ranked by
+             for n, l in solver.frontier(search.cands if limited_cands is None else limited_cands)]
     return P.Plan(
         llama3gen_version=__version__, name=spec.name,
         spec=spec.model_dump(mode="json"), law=law_info,
         budget=P.Budget(flops=budget.flops, convention=budget.convention, source=budget.source),
-        hardware=P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
-                            gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-                            world_size=hw.world_size, mfu=hw.measured_mfu,
-                            kernel_efficiency=hardware.kernel_efficiency,
-                            kernel_efficiency_source=kernel_efficiency(gpu, spec.training.compile)[1],
-                            intra_node_GBps=hardware.interconnect.intra_node_GBps,
-                            inter_node_GBps=hardware.interconnect.inter_node_GBps,
-                            interconnect_source=hardware.interconnect.source,
-                            usd_per_gpu_hour=hw.usd_per_gpu_hour, source=gpu.source),
-        closed_form=P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
-                              tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note),
-        sensitivity=sensitivity, frontier=front, variants=variants, job=job,
-        recipe=P.Recipe(**hardware.recipe.as_dict()),
+        hardware=_hardware(spec, search.hardware), closed_form=_closed_form(spec, budget),
+        sensitivity=_sensitivity(budget), frontier=front, variants=variants, job=_job(spec),
+        recipe=P.Recipe(**search.hardware.recipe.as_dict()),
         warnings=extrapolation_warnings(spec, variants) + epoch_warnings(variants),
-        sweep=None if spec.sweep is None else plan_sweep(spec, hardware, budget),
+        sweep=None if spec.sweep is None else plan_sweep(spec, search.hardware, budget),
         calibration=_calibration(spec))
-

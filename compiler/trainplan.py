@@ -6,6 +6,7 @@ Pure functions from (spec, choice) to Plan pieces. Every value carries its prove
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -172,16 +173,58 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
                   ) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
     """The plan of a pick whose layout (evaluate.py's, for the batch global_batch() gives) is
     `lay`, on devices of `capacity` bytes whose compute reaches hardware_efficiency of peak."""
-    hw, tr = spec.hardware, spec.training
-    gpu = hw.device()
-    world = hw.world_size
-    shape = choice.shape
-    provenance: dict[str, str] = {}
+    tr, world = spec.training, spec.hardware.world_size
+    steps, provenance = _steps(spec, choice)
+    assert (lay.micro_batch_size * lay.grad_accum * (world // lay.tensor_parallel)
+            == steps.batch_seqs or not lay.fits)
+    if not lay.fits:
+        raise UserError(f"{lay.problem}", field="hardware",
+                        fix=lay.fix or "use more or larger GPUs, or a shorter model.seq_len")
+    _check_host_memory(spec, lay)
+    provenance["layout"] = "compiler/layout.py: " + "; ".join(lay.reasons)
 
-    batch_seqs, provenance["global_batch_size"] = global_batch(spec, choice, world)
+    tokens_trained = steps.max_iters * steps.batch_tokens
+    seconds = tokens_trained / lay.tokens_per_second
+    good, why = _goodput(spec, choice, lay, steps.max_iters, seconds)
+    provenance.update(why)
+    is_cpu = spec.hardware.device().is_cpu
+    training = P.Training(
+        parallelism=lay.parallelism, tensor_parallel=lay.tensor_parallel, world_size=world,
+        global_batch_size=steps.batch_seqs, global_batch_tokens=steps.batch_tokens,
+        micro_batch_size=lay.micro_batch_size, grad_accum=lay.grad_accum,
+        max_iters=steps.max_iters, tokens_trained=float(tokens_trained),
+        learning_rate=steps.lr, min_lr=_four_digits(steps.lr * tr.min_lr_ratio),
+        lr_schedule=tr.schedule, warmup_iters=steps.warmup, decay_frac=tr.decay_frac,
+        weight_decay=tr.weight_decay, beta1=tr.beta1, beta2=tr.beta2, grad_clip=tr.grad_clip,
+        activation_checkpointing=lay.activation_checkpointing, compile=tr.compile,
+        dtype="float32" if is_cpu else "bfloat16", device="cpu" if is_cpu else "cuda",
+        eval_interval=tr.eval_interval or max(1, min(1000, steps.max_iters // 10)),
+        eval_iters=tr.eval_iters, log_interval=min(LOG_INTERVAL, steps.max_iters),
+        ckpt_interval=good.interval_steps, keep_last_ckpts=tr.keep_last_ckpts, seed=tr.seed,
+        init_std=0.02)
+    provenance["init_std"] = "0.02, as GPT-2, nanoGPT and torchtitan's LLaMA (assumption)"
+    memory = _memory(spec, lay, capacity, provenance)
+    timing = _timing(spec, choice.shape, lay, training, seconds, good, hardware_efficiency,
+                     provenance)
+    return training, memory, timing, list(lay.reasons), provenance
+
+
+@dataclass(frozen=True)
+class _Steps:
+    batch_seqs: int
+    batch_tokens: int
+    lr: float
+    max_iters: int
+    warmup: int
+
+
+def _steps(spec: Spec, choice: P.Choice) -> tuple[_Steps, dict[str, str]]:
+    """Batch, learning rate and step counts of the pick, with where each comes from."""
+    tr = spec.training
+    provenance: dict[str, str] = {}
+    batch_seqs, provenance["global_batch_size"] = global_batch(spec, choice, spec.hardware.world_size)
     lr, provenance["learning_rate"] = learning_rate(spec, choice)
-    lr = _four_digits(lr)
-    batch_tokens = batch_seqs * shape.seq_len
+    batch_tokens = batch_seqs * choice.shape.seq_len
     max_iters = max(1, math.ceil(choice.tokens / batch_tokens))
     provenance["max_iters"] = (f"ceil(D / global batch tokens) = ceil({choice.tokens:.6g} / "
                                f"{batch_tokens}); trains {max_iters * batch_tokens:.6g} tokens ≥ D")
@@ -189,41 +232,11 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
     provenance["warmup_iters"] = (f"{tr.warmup_frac:g} of max_iters, at most {tr.max_warmup_iters} "
                                   "(training.warmup_frac, training.max_warmup_iters)")
     provenance["min_lr"] = f"learning_rate × training.min_lr_ratio {tr.min_lr_ratio:g}"
+    return _Steps(batch_seqs, batch_tokens, _four_digits(lr), max_iters, warmup), provenance
 
-    assert (lay.micro_batch_size * lay.grad_accum * (world // lay.tensor_parallel) == batch_seqs
-            or not lay.fits)
-    if not lay.fits:
-        raise UserError(f"{lay.problem}", field="hardware",
-                        fix=lay.fix or "use more or larger GPUs, or a shorter model.seq_len")
-    device = "cpu" if gpu.is_cpu else "cuda"
-    _check_host_memory(spec, lay)
-    provenance["layout"] = "compiler/layout.py: " + "; ".join(lay.reasons)
 
-    eval_interval = tr.eval_interval or max(1, min(1000, max_iters // 10))
-    seconds = max_iters * batch_tokens / lay.tokens_per_second
-    good, why = _goodput(spec, choice, lay, max_iters, seconds)
-    provenance.update(why)
-    is_cpu = device == "cpu"
-    training = P.Training(
-        parallelism=lay.parallelism, tensor_parallel=lay.tensor_parallel, world_size=world,
-        global_batch_size=batch_seqs,
-        global_batch_tokens=batch_tokens, micro_batch_size=lay.micro_batch_size,
-        grad_accum=lay.grad_accum, max_iters=max_iters, tokens_trained=float(max_iters * batch_tokens),
-        learning_rate=lr, min_lr=_four_digits(lr * tr.min_lr_ratio), lr_schedule=tr.schedule, warmup_iters=warmup,
-        decay_frac=tr.decay_frac, weight_decay=tr.weight_decay, beta1=tr.beta1, beta2=tr.beta2,
-        grad_clip=tr.grad_clip, activation_checkpointing=lay.activation_checkpointing,
-        compile=tr.compile, dtype="float32" if is_cpu else "bfloat16",
-        device="cpu" if is_cpu else "cuda", eval_interval=eval_interval, eval_iters=tr.eval_iters,
-        log_interval=min(LOG_INTERVAL, max_iters), ckpt_interval=good.interval_steps,
-        keep_last_ckpts=tr.keep_last_ckpts, seed=tr.seed, init_std=0.02)
-    provenance["init_std"] = "0.02, as GPT-2, nanoGPT and torchtitan's LLaMA (assumption)"
-
-    mem = lay.memory
-    memory = P.Memory(parameters=mem["parameters"], gradients=mem["gradients"],
-                      optimizer=mem["optimizer"], activations=mem["activations"],
-                      logits=mem["logits"], other=mem["other"], total=mem["total"],
-                      calibration=mem["calibration"] if hw.measured_memory_ratio else None,
-                      capacity=capacity, fits=lay.fits)
+def _memory(spec: Spec, lay: Layout, capacity: float, provenance: dict[str, str]) -> P.Memory:
+    hw, mem = spec.hardware, lay.memory
     if hw.measured_memory_ratio:
         peak = hw.calibration_data["peak_memory"]
         provenance["memory"] = (
@@ -231,32 +244,42 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
             f"{hw.calibration_data['measured_on'].get('run')} measured ({peak.get('how')}) over "
             f"what memory.py predicts for that run's own shape and layout (calibration "
             f"{hw.calibration}); applied here as an assumption that the model errs alike")
+    return P.Memory(parameters=mem["parameters"], gradients=mem["gradients"],
+                    optimizer=mem["optimizer"], activations=mem["activations"],
+                    logits=mem["logits"], other=mem["other"], total=mem["total"],
+                    calibration=mem["calibration"] if hw.measured_memory_ratio else None,
+                    capacity=capacity, fits=lay.fits)
 
-    hardware_flops = lay.hardware_flops_per_token * training.tokens_trained
+
+def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, seconds: float,
+            good: G.Goodput, hardware_efficiency: float, provenance: dict[str, str]
+            ) -> P.Timing:
+    hw, gpu, world = spec.hardware, spec.hardware.device(), spec.hardware.world_size
     gpu_hours = seconds / 3600 * world
     measured = hw.measured_mfu is not None  # hardware.mfu, or hardware.calibration's
     source = ("predicted: compiler/steptime.py (compute + exposed communication)" if not measured
               else "spec: hardware.mfu (measured)" if hw.calibration is None
               else calibrate.mfu_source(hw.calibration_data, hw.calibration, shape, training))
-    timing = P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu, mfu_source=source,
-                      step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
-                      exposed_comm_seconds=lay.exposed_comm_seconds, hardware_flops=hardware_flops,
-                      days=seconds / 86400, gpu_hours=gpu_hours,
-                      cost_usd=None if hw.usd_per_gpu_hour is None else gpu_hours * hw.usd_per_gpu_hour,
-                      **good.timing_fields())
     recompute = (", + one forward of the blocks for activation recomputation"
                  if lay.activation_checkpointing else "")
     if measured:
         provenance["timing"] = (
             f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.measured_mfu:g} "
-            f"(measured: {hw.calibration or 'spec'}) / {lay.hardware_flops_per_token:,.0f} hardware FLOPs per token (exact "
-            f"convention{recompute}); days = tokens trained / tokens/s")
+            f"(measured: {hw.calibration or 'spec'}) / {lay.hardware_flops_per_token:,.0f} "
+            f"hardware FLOPs per token (exact convention{recompute}); days = tokens trained / "
+            "tokens/s")
     else:
+        tensor = f" × tensor parallel {lay.tensor_parallel}" if lay.tensor_parallel > 1 else ""
         provenance["timing"] = (
             f"tokens/s = global batch tokens / step time; step = compute {lay.compute_seconds:.3g} s "
             f"({lay.hardware_flops_per_token:,.0f} hardware FLOPs per token{recompute}, at "
             f"{hardware_efficiency:.1%} of {gpu.bf16_tflops:g} TFLOP/s) + exposed communication "
-            f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}"
-            f"{f' × tensor parallel {lay.tensor_parallel}' if lay.tensor_parallel > 1 else ''}); "
+            f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}{tensor}); "
             f"predicted MFU {lay.mfu:.1%}; days = tokens trained / tokens/s")
-    return training, memory, timing, list(lay.reasons), provenance
+    return P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu, mfu_source=source,
+                    step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
+                    exposed_comm_seconds=lay.exposed_comm_seconds,
+                    hardware_flops=lay.hardware_flops_per_token * training.tokens_trained,
+                    days=seconds / 86400, gpu_hours=gpu_hours,
+                    cost_usd=None if hw.usd_per_gpu_hour is None else gpu_hours * hw.usd_per_gpu_hour,
+                    **good.timing_fields())
