@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from . import __version__, arch, datalimited, lawfit, laws, layout, solver
+from . import __version__, arch, datalimited, lawfit, laws, layout, solver, timebudget
 from . import sweep as S
 from . import plan as P
 from .errors import UserError
@@ -240,7 +240,7 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
         raise solver.no_valid_shape(spec, budget)
     shapes = cands.shapes(spec.model)
     evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
-    cands = solver.with_throughput(spec, budget, cands, evaluation.tokens_per_second)
+    cands = solver.with_throughput(cands, evaluation.tokens_per_second)
     cands = solver.with_batches(cands, candidate_batches(spec, cands) * spec.model.seq_len)
     usable = evaluation.fits & (cands.tokens_trained <= cands.tokens * (1 + solver.MAX_OVERSHOOT))
     ok = np.flatnonzero(usable)
@@ -374,10 +374,11 @@ def _search(spec: Spec) -> _Search:
     # fits is the memory constraint) and speed (checkpointing where memory needs it).
     hardware = HardwareView.from_spec(spec)
     shapes = cands.shapes(spec.model)
-    evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
-    cands = solver.with_throughput(spec, budget, cands, evaluation.tokens_per_second)
-    if budget.job_seconds is not None:  # a time budget's tokens follow the speed, the batch them
+    if budget.job_seconds is None:
         evaluation = evaluate(shapes, hardware, candidate_batches(spec, cands))
+        cands = solver.with_throughput(cands, evaluation.tokens_per_second)
+    else:  # a time budget's tokens follow the speed, the batch the tokens, the speed the batch
+        cands, evaluation = timebudget.spend(spec, budget, cands, shapes, hardware)
     batch_tokens = candidate_batches(spec, cands) * spec.model.seq_len
     cands = solver.with_batches(cands, batch_tokens)
     cands = dataclasses.replace(cands, wall_seconds=wall_clock_seconds(

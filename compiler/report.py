@@ -104,9 +104,11 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"({tm.mfu_source})",
         f"  step               {tm.step_seconds:.3g} s = compute {tm.compute_seconds:.3g} s + "
         f"exposed communication {tm.exposed_comm_seconds:.3g} s",
-        f"  time               {duration(tm.days)}, {tm.gpu_hours:,.1f} GPU-hours"
-        + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else "") + " (training only)",
+        f"  time               {duration(tm.days)} of training",
         *goodput_lines(v),
+        f"  GPU-hours          {tm.gpu_hours:,.1f}"
+        + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else "")
+        + " (GPUs × wall clock: what a reservation bills)",
         *data_limited_lines(v),
         "",
         "TOP CANDIDATES (ranked by loss, then time):",

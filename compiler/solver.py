@@ -44,7 +44,9 @@ def budget_flops(spec: Spec) -> BudgetFlops:
         how = f"budget.days {spec.budget.days:g} × 24 h × {hw.world_size} GPUs"
     flops = gpu_hours * 3600 * gpu.peak_flops * hw.effective_mfu
     source = (f"{how} × 3600 s × {gpu.bf16_tflops:g} TFLOP/s ({gpu.name} peak) × MFU "
-              f"{hw.effective_mfu:g}; hardware FLOPs, so counted with the exact convention")
+              f"{hw.effective_mfu:g}; hardware FLOPs, so counted with the exact convention; the "
+              "budget is wall clock: each candidate trains for what checkpoint writes and "
+              "failures leave of it (compiler/goodput.py)")
     return _at_least_min(BudgetFlops(flops, "exact", source,
                                      job_seconds=gpu_hours * 3600 / hw.world_size))
 
@@ -295,18 +297,22 @@ def with_unique_tokens(spec: Spec, c: Candidates) -> Candidates:
     return dataclasses.replace(c, loss=loss, objective=loss)
 
 
-def with_throughput(spec: Spec, budget: BudgetFlops, c: Candidates,
-                    tokens_per_second: np.ndarray) -> Candidates:
-    """Candidates timed by a throughput model that knows the layout (activation checkpointing
-    where memory needs it costs one more forward of the blocks). A time budget buys
-    job seconds × tokens/s tokens, so recomputation costs tokens; a FLOPs budget's tokens stay."""
+def with_throughput(c: Candidates, tokens_per_second: np.ndarray) -> Candidates:
+    """Candidates of a FLOPs budget timed by a throughput model that knows the layout
+    (activation checkpointing where memory needs it costs one more forward of the blocks); 0
+    tokens/s: does not fit, never finishes. Their tokens stay (a time budget's follow the speed:
+    compiler/timebudget.py)."""
     fits = tokens_per_second > 0
-    tps = np.where(fits, tokens_per_second, 1.0)
-    tokens, loss, objective = c.tokens, c.loss, c.objective
-    if budget.job_seconds is not None:
-        tokens = np.where(fits, budget.job_seconds * tps, c.tokens)
-        loss, objective = score(spec, c.n_params, tokens)
-    seconds = np.where(fits, tokens / tps, np.inf)
+    seconds = np.where(fits, c.tokens / np.where(fits, tokens_per_second, 1.0), np.inf)
+    return dataclasses.replace(c, seconds=seconds)
+
+
+def with_tokens(spec: Spec, c: Candidates, tokens: np.ndarray,
+                tokens_per_second: np.ndarray) -> Candidates:
+    """Candidates that train `tokens` at tokens_per_second (a time budget's: timebudget.py)."""
+    loss, objective = score(spec, c.n_params, tokens)
+    fits = tokens_per_second > 0
+    seconds = np.where(fits, tokens / np.where(fits, tokens_per_second, 1.0), np.inf)
     return dataclasses.replace(c, tokens=tokens, loss=loss, objective=objective, seconds=seconds)
 
 

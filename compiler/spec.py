@@ -82,7 +82,8 @@ class StrictModel(BaseModel):
 
 
 class Budget(StrictModel):
-    """Exactly one of: FLOPs, GPU-hours, or wall-clock days on the spec's hardware."""
+    """Exactly one of: FLOPs, GPU-hours, or days on the spec's hardware. GPU-hours and days
+    are wall clock: the run trains for what checkpoint writes and failures leave of them."""
 
     flops: Annotated[float, Field(gt=0, le=1e32, allow_inf_nan=False)] | None = None
     gpu_hours: Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)] | None = None

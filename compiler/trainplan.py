@@ -251,11 +251,14 @@ def _memory(spec: Spec, lay: Layout, capacity: float, provenance: dict[str, str]
                     capacity=capacity, fits=lay.fits)
 
 
+BILLED = "GPU-hours and cost = GPUs × the expected wall clock (goodput's), what a reservation bills"
+
+
 def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, seconds: float,
             good: G.Goodput, hardware_efficiency: float, provenance: dict[str, str]
             ) -> P.Timing:
     hw, gpu, world = spec.hardware, spec.hardware.device(), spec.hardware.world_size
-    gpu_hours = seconds / 3600 * world
+    gpu_hours = good.wall_clock_seconds / 3600 * world  # what a reservation bills
     measured = hw.measured_mfu is not None  # hardware.mfu, or hardware.calibration's
     source = ("predicted: compiler/steptime.py (compute + exposed communication)" if not measured
               else "spec: hardware.mfu (measured)" if hw.calibration is None
@@ -267,7 +270,7 @@ def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, secon
             f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.measured_mfu:g} "
             f"(measured: {hw.calibration or 'spec'}) / {lay.hardware_flops_per_token:,.0f} "
             f"hardware FLOPs per token (exact convention{recompute}); days = tokens trained / "
-            "tokens/s")
+            f"tokens/s; {BILLED}")
     else:
         tensor = f" × tensor parallel {lay.tensor_parallel}" if lay.tensor_parallel > 1 else ""
         provenance["timing"] = (
@@ -275,7 +278,7 @@ def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, secon
             f"({lay.hardware_flops_per_token:,.0f} hardware FLOPs per token{recompute}, at "
             f"{hardware_efficiency:.1%} of {gpu.bf16_tflops:g} TFLOP/s) + exposed communication "
             f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}{tensor}); "
-            f"predicted MFU {lay.mfu:.1%}; days = tokens trained / tokens/s")
+            f"predicted MFU {lay.mfu:.1%}; days = tokens trained / tokens/s; {BILLED}")
     return P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu, mfu_source=source,
                     step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
                     exposed_comm_seconds=lay.exposed_comm_seconds,

@@ -187,3 +187,48 @@ def test_max_days_on_a_job_that_never_finishes_says_so(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "no shape would finish" in r.stderr and "failures_per_gpu_hour" in r.stderr
     assert "inf" not in r.stderr
+
+
+def time_budget_spec(budget, failures):
+    return (f"name: job\nbudget: {{{budget}}}\n"
+            "hardware: {gpu: h100-sxm, gpus_per_node: 8, nodes: 64, usd_per_gpu_hour: 2.0}\n"
+            f"cluster: {{failures_per_gpu_hour: {failures}}}\nvariants: [{{name: optimal}}]\n")
+
+
+@pytest.mark.parametrize("budget", ["days: 14", "gpu_hours: 172032"])
+def test_a_time_budget_is_the_expected_wall_clock(budget):
+    """days and gpu_hours are wall clock: on 512 H100s at one failure per 10,000 GPU-hours the
+    job fails every ~20 h, so the pick trains for less than the budget and its expected wall
+    clock, saves and failures included, is the budget (172,032 GPU-hours = 14 days × 512). What
+    the plan bills (GPU-hours, cost) is that wall clock. Bounds: the plan trains whole steps, so
+    it may run past the budget by one step; the fixed point (timebudget._full_tokens) settles
+    far below that (1e-6)."""
+    v = plan_of(time_budget_spec(budget, 1e-4)).variants[0]
+    t, world, wall_s = v.timing, 512, 14 * 86400
+    assert 0.9 < t.goodput < 0.99  # failures cost this job a few percent
+    assert t.days * 86400 < wall_s * 0.99
+    assert -1e-6 * wall_s <= t.wall_clock_days * 86400 - wall_s <= t.step_seconds + 1e-6 * wall_s
+    assert t.gpu_hours == pytest.approx(t.wall_clock_days * 24 * world, rel=EXACT)
+    assert t.cost_usd == pytest.approx(t.gpu_hours * 2.0, rel=EXACT)
+
+
+def test_a_time_budget_without_failures_trains_for_all_of_it():
+    """Failure rate 0 (failures not modelled) keeps the old behaviour: the whole budget trains."""
+    v = plan_of(time_budget_spec("days: 14", 0)).variants[0]
+    assert v.timing.goodput == 1.0
+    assert 0 <= v.timing.days * 86400 - 14 * 86400 <= v.timing.step_seconds
+
+
+def test_a_time_budget_is_never_overrun_where_the_batch_changes_the_speed():
+    """100,000 GPU-hours on 512 H100s, failures off: the 17.6B pick's speed at the FLOPs-derived
+    batch (5,120 sequences, 10 per rank) buys tokens whose batch is 11 per rank, where micro-
+    batches can only be 1 or 11 and the speed falls 17%. The plan used to train those tokens at
+    the slower speed: 120,864 GPU-hours, 21% over the budget. It now keeps the batch whose
+    speed it was evaluated at and trains the most tokens that keep that batch: under the budget
+    by less than one rounding step of the batch (B ∝ C^0.327, so a tenth more batch is
+    1.1^(1/0.327) = 1.34× the compute: at worst 25% under; here 2%), and consistent
+    (plan_training asserts that the layout divides the plan's batch)."""
+    v = plan_of(time_budget_spec("gpu_hours: 100000", 0)).variants[0]
+    assert v.timing.gpu_hours <= 100000 + v.timing.step_seconds * 512 / 3600
+    assert v.timing.gpu_hours > 100000 * 0.7
+    assert v.training.global_batch_size % 512 == 0

@@ -1,0 +1,98 @@
+"""A time budget's tokens (budget.days, budget.gpu_hours): what each candidate trains in that
+wall clock, at a batch and speed that agree.
+
+Three things depend on one another. A candidate's tokens are its training time × its speed; its
+batch is DeepSeek's B_opt at C = M·D (trainplan.batch_sequences), so it follows the tokens; and
+its speed follows the batch, because micro-batches must divide each rank's share (11 sequences
+per rank allow micro-batches of 1 or 11 only). The training time is what the wall clock leaves
+after checkpoint writes, lost work and restarts (compiler/goodput.py): T ← T · budget / wall(T)
+from T = budget settles in WALL_CLOCK_ROUNDS, because goodput hardly depends on T (the Young–Daly
+interval does not); with failures off, T is the budget.
+
+A plan is consistent when the batch its tokens give is the batch its speed was evaluated at, and
+within budget when its expected wall clock is at most the budget. `spend` evaluates every
+candidate at a batch, spends the budget at that speed and evaluates again at the batch those
+tokens give. Most candidates settle in one round; next to a rounding step of the batch some
+alternate between two batches, a slow one whose tokens make the batch the fast one, and a fast
+one whose tokens make it the slow one. For each candidate `spend` keeps, of the batches it
+evaluated, the one that trains the most tokens consistently within budget: all the budget at
+that speed where those tokens keep the batch, else the most tokens that keep it (under the
+budget, never over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import solver
+from .evaluate import Evaluation, HardwareView, evaluate
+from .memory import ModelShape
+from .spec import Spec
+from .trainplan import candidate_batches, wall_clock_seconds
+
+ROUNDS = 4  # evaluations at new batches; two suffice where a candidate alternates
+WALL_CLOCK_ROUNDS = 3
+BISECTIONS = 60  # halvings of a log-token interval under 75 wide: to 1e-16, float64's resolution
+
+
+def spend(spec: Spec, budget: solver.BudgetFlops, cands: solver.Candidates, shapes: ModelShape,
+          hardware: HardwareView) -> tuple[solver.Candidates, Evaluation]:
+    """Every candidate's tokens for the time budget, and the evaluation at the batch they give."""
+    batches = candidate_batches(spec, cands)
+    best_tokens, best_batches = np.zeros(len(cands)), batches
+    fallback = cands.tokens
+    for _ in range(ROUNDS):
+        evaluation = evaluate(shapes, hardware, batches)
+        tps = evaluation.tokens_per_second
+        full = _full_tokens(spec, budget, cands, tps)
+        full_batches = _batches(spec, cands, full)
+        tokens = np.where(full_batches == batches, full,
+                          np.where(full_batches > batches,
+                                   _most_tokens_keeping(spec, cands, batches, full), 0.0))
+        tokens = np.where(tps > 0, tokens, 0.0)
+        better = tokens > best_tokens
+        best_tokens = np.where(better, tokens, best_tokens)
+        best_batches = np.where(better, batches, best_batches)
+        fallback = np.where(tps > 0, full, fallback)
+        if np.array_equal(full_batches, batches):
+            break
+        batches = full_batches
+    # A candidate no round evaluated consistently (none fitted, or ROUNDS ran out) keeps its last
+    # full-budget tokens at its last batch: it does not fit, or its plan overruns by a batch step.
+    unsettled = best_tokens == 0
+    best_tokens = np.where(unsettled, fallback, best_tokens)
+    best_batches = np.where(unsettled, batches, best_batches)
+    evaluation = evaluate(shapes, hardware, best_batches)
+    return solver.with_tokens(spec, cands, best_tokens, evaluation.tokens_per_second), evaluation
+
+
+def _batches(spec: Spec, cands: solver.Candidates, tokens: np.ndarray) -> np.ndarray:
+    return candidate_batches(spec, dataclasses.replace(cands, tokens=tokens))
+
+
+def _full_tokens(spec: Spec, budget: solver.BudgetFlops, cands: solver.Candidates,
+                 tokens_per_second: np.ndarray) -> np.ndarray:
+    """Tokens whose training at tokens_per_second, checkpoints and failures included, takes the
+    budget's wall clock (module docstring)."""
+    train = np.full(len(cands), budget.job_seconds)
+    for _ in range(WALL_CLOCK_ROUNDS):
+        tokens = train * tokens_per_second
+        steps = np.maximum(1, np.ceil(tokens / (_batches(spec, cands, tokens) * spec.model.seq_len)))
+        wall = wall_clock_seconds(spec, cands.n_params, train, steps)
+        finishes = np.isfinite(wall) & (wall > 0)  # else the pick's goodput says why it cannot
+        train = np.where(finishes, train * budget.job_seconds / np.where(finishes, wall, 1), train)
+    return train * tokens_per_second
+
+
+def _most_tokens_keeping(spec: Spec, cands: solver.Candidates, batches: np.ndarray,
+                         above: np.ndarray) -> np.ndarray:
+    """The most tokens below `above` whose batch is still `batches`: bisection in log tokens
+    from one token, whose batch is the smallest there is (the batch grows with the tokens)."""
+    lo, hi = np.zeros(len(cands)), np.log(np.maximum(above, 1.0))
+    for _ in range(BISECTIONS):
+        mid = (lo + hi) / 2
+        keeps = _batches(spec, cands, np.exp(mid)) <= batches
+        lo, hi = np.where(keeps, mid, lo), np.where(keeps, hi, mid)
+    return np.exp(lo)
