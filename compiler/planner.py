@@ -413,6 +413,8 @@ def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.Var
     lay = _layout(spec, hardware, search.cands, search.evaluation, result.pick)
     training, memory, timing, reasons, provenance = plan_training(
         spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
+    if budget.job_seconds is not None:
+        timebudget.check_pick(spec, budget, timing)
     fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
     provenance.update({
         "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",

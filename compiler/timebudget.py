@@ -27,6 +27,7 @@ import dataclasses
 import numpy as np
 
 from . import solver
+from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate
 from .memory import ModelShape
 from .spec import Spec
@@ -96,3 +97,17 @@ def _most_tokens_keeping(spec: Spec, cands: solver.Candidates, batches: np.ndarr
         keeps = _batches(spec, cands, np.exp(mid)) <= batches
         lo, hi = np.where(keeps, mid, lo), np.where(keeps, hi, mid)
     return np.exp(lo)
+
+
+def check_pick(spec: Spec, budget: solver.BudgetFlops, timing) -> None:
+    """The pick's expected wall clock is the budget's, or at most one step more (whole steps).
+    Only a budget shorter than one step and its checkpoint cannot be met: refuse it."""
+    if timing.wall_clock_days * 86400 <= budget.job_seconds * (1 + 1e-6) + timing.step_seconds:
+        return
+    field = "budget.days" if spec.budget.days is not None else "budget.gpu_hours"
+    raise UserError(
+        f"{budget.job_seconds:.3g} s of wall clock is less than the shortest plan takes: one step "
+        f"({timing.step_seconds:.3g} s) and the checkpoint at its end ("
+        f"{timing.checkpoint_write_s:.3g} s to write), {timing.wall_clock_days * 86400:.3g} s",
+        field=field, fix=f"give a budget of at least {timing.wall_clock_days * 86400:.3g} s of wall "
+        "clock, or faster storage (cluster.checkpoint_write_GBps)")

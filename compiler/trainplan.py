@@ -19,6 +19,9 @@ from .memory import GIB
 from .spec import Spec
 
 LOG_INTERVAL = 10
+# More optimizer steps than a run can take: a trillion, 30 years at a millisecond each (and within
+# int64, which the step counters and goodput.schedule use).
+MAX_ITERS = 10**12
 
 
 def deepseek_compute(choice: P.Choice) -> float:
@@ -118,6 +121,7 @@ def goodput_settings(spec: Spec) -> dict:
 def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.ndarray:
     """Every candidate's expected wall clock, checkpoints and failures included: the pick's
     goodput (below) for each of them. What a variant's max_days bounds."""
+    max_iters = np.minimum(max_iters, MAX_ITERS)  # beyond it a pick is refused (_steps)
     return G.schedule(n_params, train_seconds, max_iters, **goodput_settings(spec),
                       default_interval=default_ckpt_interval(max_iters)).wall_seconds
 
@@ -226,6 +230,12 @@ def _steps(spec: Spec, choice: P.Choice) -> tuple[_Steps, dict[str, str]]:
     lr, provenance["learning_rate"] = learning_rate(spec, choice)
     batch_tokens = batch_seqs * choice.shape.seq_len
     max_iters = max(1, math.ceil(choice.tokens / batch_tokens))
+    if max_iters > MAX_ITERS:
+        raise UserError(
+            f"the pick would train {max_iters:.3g} optimizer steps of {batch_tokens:,} tokens, more "
+            f"than the {MAX_ITERS:.0e} any run can take", field="budget",
+            fix="give a smaller budget, allow larger models (search.layers, search.hidden) or a "
+                "larger batch (training.global_batch_tokens)")
     provenance["max_iters"] = (f"ceil(D / global batch tokens) = ceil({choice.tokens:.6g} / "
                                f"{batch_tokens}); trains {max_iters * batch_tokens:.6g} tokens ≥ D")
     warmup = min(tr.max_warmup_iters, max(1, round(tr.warmup_frac * max_iters)))

@@ -232,3 +232,13 @@ def test_a_time_budget_is_never_overrun_where_the_batch_changes_the_speed():
     assert v.timing.gpu_hours <= 100000 + v.timing.step_seconds * 512 / 3600
     assert v.timing.gpu_hours > 100000 * 0.7
     assert v.training.global_batch_size % 512 == 0
+
+
+def test_a_time_budget_shorter_than_one_step_and_its_checkpoint_is_refused(tmp_path):
+    """days: 1e-6 (0.0864 s) on the default 8 A100s: one step and the final checkpoint of any
+    shape take longer, so no plan can keep to it. One error naming the budget, exit 2."""
+    (tmp_path / "s.yaml").write_text("name: edge\nbudget:\n  days: 1.0e-06\nvariants:\n- name: optimal\n")
+    r = cli("solve", "s.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "s.yaml:3:9: budget.days: 0.0864 s of wall clock is less than the shortest plan" in r.stderr
+    assert "fix: give a budget of at least" in r.stderr

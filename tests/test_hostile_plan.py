@@ -152,6 +152,17 @@ def test_batch_larger_than_the_budget_is_refused_with_a_batch_that_works(tmp_pat
     assert any(v.training.tokens_trained > v.choice.tokens for v in plan.variants)
 
 
+def test_more_steps_than_any_run_takes_is_refused(tmp_path):
+    """1e32 FLOPs on one-layer models at the smallest batch: 3.5e19 optimizer steps, past int64's
+    9.2e18 (the planner's goodput arithmetic raised OverflowError there). Refused with a fix."""
+    text = ("name: edge\nbudget: {flops: 1.0e+32}\nvariants: [{name: optimal}]\n"
+            "search: {layers: [1]}\ntraining: {global_batch_tokens: 1}\n")
+    r = solve_text(tmp_path, text)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "spec.yaml:2:9: budget: the pick would train 3.51e+19 optimizer steps" in r.stderr
+    assert "fix: give a smaller budget" in r.stderr
+
+
 def test_max_days_holds_for_the_tokens_trained():
     # With a batch of about 1/200 of D, the pick trains up to 0.5% more tokens than D. A max_days
     # between the D-based and the trained time of the unconstrained pick must not keep it.
