@@ -151,7 +151,7 @@ def schedule(n_params, train_seconds, max_iters, *, world_size: int, write_GBps:
         mtbf_s = 3600 / (failures_per_gpu_hour * world_size)
         yd_s = np.sqrt(2 * write_s * mtbf_s)
         # clamp before the int cast: τ / step can exceed any int64 on tiny steps
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore"):
             steps = np.where(step_s > 0, yd_s / step_s, np.inf)
         yd_steps = np.clip(np.round(np.minimum(steps, 1e18)), 1, max_iters).astype(np.int64)
         interval = yd_steps if ckpt_interval is None else np.full_like(max_iters, ckpt_interval)

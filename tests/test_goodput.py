@@ -240,5 +240,5 @@ def test_a_time_budget_shorter_than_one_step_and_its_checkpoint_is_refused(tmp_p
     (tmp_path / "s.yaml").write_text("name: edge\nbudget:\n  days: 1.0e-06\nvariants:\n- name: optimal\n")
     r = cli("solve", "s.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "s.yaml:3:9: budget.days: 0.0864 s of wall clock is less than the shortest plan" in r.stderr
+    assert "s.yaml:3:9: budget.days: 0.0864 s of wall clock is less than the shortest plan" in r.stderr, r.stderr
     assert "fix: give a budget of at least" in r.stderr
