@@ -255,3 +255,9 @@ def test_a_tiny_time_budget_that_a_checkpoint_nearly_fills_still_plans():
     wall_s = 0.001 * 3600 / 32
     assert t.checkpoint_write_s > 0.2 * wall_s
     assert -1e-6 * wall_s <= t.wall_clock_days * 86400 - wall_s <= t.step_seconds + 1e-6 * wall_s
+
+
+def test_the_generated_readme_states_a_time_budget_as_wall_clock():
+    text = time_budget_spec("days: 14", 1e-4)
+    readme = render_files(plan_of(text), text)["README.md"].decode()
+    assert "for a budget of\n14 days of wall clock (nominally " in readme
