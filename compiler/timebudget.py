@@ -83,14 +83,17 @@ def _refuse_if_too_short(spec: Spec, budget: solver.BudgetFlops, cands: solver.C
     step_s = batches[fits] * spec.model.seq_len / evaluation.tokens_per_second[fits]
     shortest = wall_clock_seconds(spec, cands.n_params[fits], step_s, np.ones(len(step_s))).min()
     if shortest > budget.job_seconds:
-        raise too_short(spec, budget, shortest)
+        raise _too_short(spec, budget, shortest)
 
 
-def too_short(spec: Spec, budget: solver.BudgetFlops, shortest_s: float) -> UserError:
-    field = "budget.days" if spec.budget.days is not None else "budget.gpu_hours"
+def _field(spec: Spec) -> str:
+    return "budget.days" if spec.budget.days is not None else "budget.gpu_hours"
+
+
+def _too_short(spec: Spec, budget: solver.BudgetFlops, shortest_s: float) -> UserError:
     return UserError(
         f"{budget.job_seconds:.4g} s of wall clock is less than the shortest plan takes: one step "
-        f"and the checkpoint at its end, {shortest_s:.4g} s at the least", field=field,
+        f"and the checkpoint at its end, {shortest_s:.4g} s at the least", field=_field(spec),
         fix=f"give a budget of at least {shortest_s:.4g} s of wall clock, or faster storage "
         "(cluster.checkpoint_write_GBps)")
 
@@ -134,9 +137,8 @@ def check_pick(spec: Spec, budget: solver.BudgetFlops, timing) -> None:
     that did not settle in ROUNDS (never seen: 0 of 273,280 fitting candidates of 128 specs)."""
     if timing.wall_clock_days * 86400 <= budget.job_seconds * (1 + 1e-6) + timing.step_seconds:
         return
-    field = "budget.days" if spec.budget.days is not None else "budget.gpu_hours"
     raise UserError(
         f"the pick's plan takes {timing.wall_clock_days * 86400:.4g} s of wall clock, more than the "
         f"{budget.job_seconds:.4g} s the budget gives: its batch and speed did not settle "
-        "(compiler/timebudget.py)", field=field,
+        "(compiler/timebudget.py)", field=_field(spec),
         fix="give training.global_batch_tokens: a fixed batch does not move with the tokens")
