@@ -134,7 +134,7 @@ def _most_tokens_keeping(spec: Spec, cands: solver.Candidates, batches: np.ndarr
 def check_pick(spec: Spec, budget: solver.BudgetFlops, timing) -> None:
     """The pick's expected wall clock is the budget's, or at most one step more (whole steps).
     spend() refused the budgets no plan can keep to; what is left to catch is a batch and speed
-    that did not settle in ROUNDS (never seen: 0 of 273,280 fitting candidates of 128 specs)."""
+    that did not settle in ROUNDS (never seen: no fitting one among 273,280 candidates of 128 specs)."""
     if timing.wall_clock_days * 86400 <= budget.job_seconds * (1 + 1e-6) + timing.step_seconds:
         return
     raise UserError(
