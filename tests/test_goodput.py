@@ -261,3 +261,21 @@ def test_the_generated_readme_states_a_time_budget_as_wall_clock():
     text = time_budget_spec("days: 14", 1e-4)
     readme = render_files(plan_of(text), text)["README.md"].decode()
     assert "for a budget of\n14 days of wall clock (nominally " in readme
+
+
+def test_the_most_tokens_that_keep_a_batch_reach_its_rounding_step():
+    """timebudget._most_tokens_keeping: for every candidate, the tokens it returns keep the batch
+    they were asked to keep, and a hundred-millionth more would not (the bisection runs to
+    float64's resolution in log tokens: 60 halvings of an interval under 75 wide)."""
+    import numpy as np
+
+    from llama3gen import solver, timebudget
+
+    spec = parse_spec_text(time_budget_spec("gpu_hours: 100000", 0))
+    cands = solver.enumerate_candidates(spec, solver.budget_flops(spec))
+    batches = timebudget._batches(spec, cands, cands.tokens)
+    above = cands.tokens * 4  # B ∝ C^0.327: 4× the tokens is 1.57× the batch, past a step
+    assert np.all(timebudget._batches(spec, cands, above) > batches)
+    most = timebudget._most_tokens_keeping(spec, cands, batches, above)
+    assert np.array_equal(timebudget._batches(spec, cands, most), batches)
+    assert np.all(timebudget._batches(spec, cands, most * (1 + 1e-8)) > batches)
