@@ -353,7 +353,7 @@ def _calibration(spec: Spec) -> P.Calibration | None:
     return plan_record(spec.hardware.calibration_data, spec.hardware.calibration)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass  # not frozen: data_constrained() caches its result
 class _Search:
     """Every candidate shape of the search space with its tokens, batch and wall clock, and its
     one evaluation on the hardware (memory, fits, layout, speed)."""
@@ -363,6 +363,13 @@ class _Search:
     cands: solver.Candidates
     evaluation: Evaluation
     beyond: int  # shapes that fit no layout at any scale: they need pipeline or context parallelism
+    unique_cands: solver.Candidates | None = None  # re-scored as data-constrained, on first need
+
+    def data_constrained(self, spec: Spec) -> solver.Candidates:
+        """The candidates under the data-constrained law (issue #16), computed once."""
+        if self.unique_cands is None:
+            self.unique_cands = solver.with_unique_tokens(spec, self.cands)
+        return self.unique_cands
 
 
 def _search(spec: Spec) -> _Search:
@@ -389,21 +396,19 @@ def _search(spec: Spec) -> _Search:
     return _Search(budget, hardware, cands, evaluation, beyond)
 
 
-def _solve(spec: Spec, v, search: _Search, limited_cands: solver.Candidates | None):
+def _solve(spec: Spec, v, search: _Search):
     """The variant's pick, re-ranked under the data-constrained law when the pick would repeat
-    data (issue #16). Returns (result, the candidates it ranked, the data-limited record or None,
-    the data-constrained candidates: computed once, when a variant first needs them)."""
+    data (issue #16). Returns (result, the candidates it ranked, the data-limited record or None)."""
     cands, fits = search.cands, search.evaluation.fits
     masks, memory_fix = {"memory": fits}, _memory_fix(spec, search.hardware, cands)
     result = solver.solve_variant(spec, v, cands, masks, memory_fix)
     if not repeats_data(spec, cands, result.pick):
-        return result, cands, None, limited_cands
-    if limited_cands is None:
-        limited_cands = solver.with_unique_tokens(spec, cands)
+        return result, cands, None
+    limited_cands = search.data_constrained(spec)
     unconstrained = result.pick
     result = solver.solve_variant(spec, v, limited_cands, masks, memory_fix)
     limited = data_limited(spec, cands, limited_cands, result.pick, unconstrained)
-    return result, limited_cands, limited, limited_cands
+    return result, limited_cands, limited
 
 
 def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.VariantResult,
@@ -481,15 +486,16 @@ def _job(spec: Spec) -> P.Job:
 def build_plan(spec: Spec) -> P.Plan:
     search = _search(spec)
     law_info = _law(spec)
-    variants, limited_cands = [], None
+    variants = []
     for v in spec.variants:
-        result, ranked, limited, limited_cands = _solve(spec, v, search, limited_cands)
+        result, ranked, limited = _solve(spec, v, search)
         variants.append(_variant(spec, v, search, law_info, result, ranked, limited))
     # A fitted law: its runs, CIs, and the pick re-solved at the CI's ends (compiler/lawfit.py).
     budget = search.budget
     law_info = law_info.model_copy(update={"fit": lawfit.law_fit(spec, budget.flops, variants[0])})
     front = [P.FrontierPoint(n_params=n, loss=l)  # the law the picks were ranked by
-             for n, l in solver.frontier(search.cands if limited_cands is None else limited_cands)]
+             for n, l in solver.frontier(
+        search.cands if search.unique_cands is None else search.unique_cands)]
     return P.Plan(
         llama3gen_version=__version__, name=spec.name,
         spec=spec.model_dump(mode="json"), law=law_info,

@@ -311,9 +311,8 @@ def with_tokens(spec: Spec, c: Candidates, tokens: np.ndarray,
                 tokens_per_second: np.ndarray) -> Candidates:
     """Candidates that train `tokens` at tokens_per_second (a time budget's: timebudget.py)."""
     loss, objective = score(spec, c.n_params, tokens)
-    fits = tokens_per_second > 0
-    seconds = np.where(fits, tokens / np.where(fits, tokens_per_second, 1.0), np.inf)
-    return dataclasses.replace(c, tokens=tokens, loss=loss, objective=objective, seconds=seconds)
+    rescored = dataclasses.replace(c, tokens=tokens, loss=loss, objective=objective)
+    return with_throughput(rescored, tokens_per_second)
 
 
 def with_batches(c: Candidates, batch_tokens: np.ndarray) -> Candidates:
