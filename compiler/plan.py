@@ -59,7 +59,7 @@ class Candidate(PlanModel):
     tokens: float
     tokens_per_param: float
     loss: float
-    days: float
+    days: float  # training time (the tie-break's), not wall clock: no goodput per candidate
     selected: bool
 
 

@@ -112,7 +112,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         *data_limited_lines(v),
         "",
         "TOP CANDIDATES (ranked by loss, then time):",
-        f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'days':>7}",
+        f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'train d':>7}",
     ]
     for r in v.top:
         mark = "  <- SELECTED" if r.selected else ""
