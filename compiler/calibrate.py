@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 from . import __version__, arch, memory
 from .errors import UserError
-from .jsonfile import read_json
+from .jsonfile import read_json, write_own_file
+
+COMMAND = "llama3gen calibrate"  # in the refusals of write_own_file
 
 KIND = "llama3gen calibration"
 FORMAT = 1
@@ -402,36 +402,9 @@ def _is_our_svg(text: str) -> bool:
     return text.startswith("<svg ") and f"<desc>{CALIBRATION_DESC}</desc>" in text
 
 
-def write_file(path: Path, text: str, ours) -> None:
-    """Write aside, then os.replace: never half-written, never through a symbolic link, never
-    over a file this tool did not write (`ours(text)` says whether it did)."""
-    if path.is_symlink():
-        raise _error("is a symbolic link; calibrate writes no file through one", str(path),
-                     "give a path to a regular file")
-    if path.exists():
-        try:
-            mine = path.is_file() and ours(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
-            mine = False
-        if not mine:
-            raise _error("exists and is not a file `llama3gen calibrate` wrote; not overwriting it",
-                         str(path), "choose another path, or move the file away")
-    parent = path.parent
-    if not parent.is_dir():
-        raise _error("its directory does not exist", str(path), "create the directory first")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _error(f"cannot write it: {exc.strerror}", str(path),
-                     "check the directory's permissions") from None
-
-
 def write_calibration(path: Path, doc: dict) -> None:
-    write_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", _is_calibration)
+    write_own_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", _is_calibration,
+                   COMMAND)
 
 
 def run_curve(records: list[dict]) -> dict:
@@ -458,7 +431,7 @@ def run_curve(records: list[dict]) -> dict:
 
 def write_svg(path: Path, doc: dict) -> None:
     from .figure import calibration_figure
-    write_file(path, calibration_figure(plan_record(doc, str(path))), _is_our_svg)
+    write_own_file(path, calibration_figure(plan_record(doc, str(path))), _is_our_svg, COMMAND)
 
 
 def plan_record(doc: dict, file: str):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .jsonfile import write_own_file
 from .laws import EXPONENT_RANGE, LAW_FORMAT, LAW_KEYS, ScalingLaw
 
 HUBER_DELTA = 1e-3
@@ -696,45 +697,16 @@ def write_law(path: Path, result: FitResult) -> None:
             return json.loads(text).get("format") == LAW_FORMAT
         except (ValueError, AttributeError):
             return False
-    _write_aside(path, json.dumps(result.law_json(), indent=2, sort_keys=True) + "\n", ours)
+    write_own_file(path, json.dumps(result.law_json(), indent=2, sort_keys=True) + "\n", ours,
+                   "llama3gen fit")
 
 
 SVG_DESC = "written by llama3gen fit"  # how fit knows an SVG it may replace
 
 
 def write_svg(path: Path, result: FitResult) -> None:
-    _write_aside(path, fit_svg(result), lambda text: f"<desc>{SVG_DESC}</desc>" in text)
-
-
-def _write_aside(path: Path, text: str, ours) -> None:
-    """To a temporary file beside it, then os.replace, so a reader never sees half a file; never
-    through a symbolic link, never over a file `ours(its text)` does not claim."""
-    import os
-    import tempfile
-    if path.is_symlink():
-        raise UserError("is a symbolic link; llama3gen fit writes no file through one",
-                        where=str(path), fix="give the path of a regular file")
-    if path.exists():
-        try:
-            mine = path.is_file() and ours(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
-            mine = False
-        if not mine:
-            raise UserError("exists and was not written by llama3gen fit; not overwriting it",
-                            where=str(path), fix="choose another path, or move that file away")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    except OSError as exc:
-        raise UserError(f"cannot write it: {exc.strerror}", where=str(path),
-                        fix="give a path in an existing, writable directory") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_own_file(path, fit_svg(result), lambda text: f"<desc>{SVG_DESC}</desc>" in text,
+                   "llama3gen fit")
 
 
 def fit_svg(res: FitResult) -> str:

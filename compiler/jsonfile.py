@@ -1,9 +1,14 @@
-"""Reading the JSON files llama3gen writes for a spec to name (a fitted law, a calibration)."""
+"""The files llama3gen writes outside a generated repo (a fitted law, a calibration, their
+figures): reading them back, and writing them whole, never over a file another program wrote."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 
 def read_json(path, what: str, writer: str):
@@ -22,3 +27,40 @@ def read_json(path, what: str, writer: str):
                          f"{exc.msg}") from None
     except ValueError:
         raise ValueError(f"{what} file {str(path)!r} is not JSON") from None
+
+
+def write_own_file(path: Path, text: str, ours, command: str) -> None:
+    """Write `text` to a temporary file beside `path`, then os.replace: a reader never sees half
+    a file. Never through a symbolic link, never over a file `ours(its text)` does not claim for
+    `command` (the llama3gen command that writes such files); one-line UserErrors otherwise."""
+    if path.is_symlink():
+        raise UserError(f"is a symbolic link; {command} writes no file through one",
+                        where=str(path), fix="give the path of a regular file")
+    if path.exists():
+        try:
+            mine = path.is_file() and ours(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            mine = False
+        if not mine:
+            raise UserError(f"exists and was not written by {command}; not overwriting it",
+                            where=str(path), fix="choose another path, or move that file away")
+    if not path.parent.is_dir():
+        raise UserError("its directory does not exist", where=str(path),
+                        fix="create the directory first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write it: {exc.strerror}", where=str(path),
+                        fix="check the directory's permissions") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise UserError(f"cannot write it: {exc.strerror}", where=str(path),
+                        fix="check the directory's permissions and free space") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
