@@ -284,7 +284,15 @@ def test_generated_sweep_files(sweep_repo):
 # 4.26% (max 8.99%), no better; budgets 5× larger (1e11-1e12, 15 runs, 10 minutes) gave 15.0%: the
 # rollout fits five parameters to two budgets, and the larger models were still far from the law's
 # asymptote, so a longer CI run does not buy a tighter bound either.
-ROLLOUT_MEASURED = {"default kernels": 0.0468, "portable kernels": 0.0379}
+# On an Intel Xeon with AMX (2026-12-02): 3.17% (max 7.27%) with its default kernels and 3.52%
+# (max 7.61%) under the portable ones. There the two kernel sets' final losses of the same 14 runs
+# differ by 1.0% rms and 2.5% at most (measured: these small-batch runs amplify rounding), not the
+# 0.3-0.5% assumed above; refitting with every loss perturbed by 1% (60 draws), 25% of the draws
+# exceed 5% and the largest is 8.3%, still under 10%. Eight shapes per budget instead of five
+# (21 runs) gave 5.22%: the extra shapes lie farther from each budget's optimum, where the law
+# fits worse.
+ROLLOUT_MEASURED = {"default kernels": 0.0468, "portable kernels": 0.0379,
+                    "default kernels, Intel AMX": 0.0317, "portable kernels, Intel AMX": 0.0352}
 ROLLOUT_BOUND = 0.10
 
 
