@@ -1416,7 +1416,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def main(argv=None):
+def build_parser():
     p = ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="text/jsonl files or directories")
     p.add_argument("--out_dir", required=True, help="where train.bin, val.bin, meta.json go")
@@ -1464,7 +1464,11 @@ def main(argv=None):
                           help="join the N shards in <out_dir> into train.bin, val.bin and "
                                "meta.json, as one run without --shard writes them; give the "
                                "shards' arguments")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     try:
         config = read_config(a.config) if a.config else {}
         block_size = a.block_size if a.block_size is not None else config.get("block_size")
