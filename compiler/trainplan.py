@@ -71,8 +71,10 @@ def global_batch(spec: Spec, choice: P.Choice, world_size: int) -> tuple[int, st
         why = (f"B_opt = 0.2920·C^0.3271 = {laws.deepseek_batch_tokens(c):,.0f} tokens at C = M·D = "
                f"{c:.3g} ({laws.DEEPSEEK_CITATION})")
     per_rank_seqs = seqs // world_size
+    rounded = (f", rounded to a multiple of {granule} so micro-batches divide it" if granule > 1
+               else ", rounded to whole sequences")
     return seqs, why + (f"; {seqs} sequences of {seq_len} ({per_rank_seqs} per rank × {world_size} "
-                        f"ranks, rounded to a multiple of {granule} so micro-batches divide it)")
+                        f"ranks{rounded})")
 
 
 def learning_rate(spec: Spec, choice: P.Choice) -> tuple[float, str]:
