@@ -245,6 +245,10 @@ def test_law_file_written_atomically_and_foreign_files_kept(noisy_csv, tmp_path)
     link.symlink_to(law)
     proc = cli(noisy_csv, "--bootstrap", 0, "-o", link)
     assert proc.returncode == 2 and "symbolic link" in proc.stderr
+    for path in (tmp_path / "no-such-dir" / "law.json", tmp_path / "no-such-dir" / "fit.svg"):
+        proc = cli(noisy_csv, "--bootstrap", 0, "-o" if path.suffix == ".json" else "--svg", path)
+        assert proc.returncode == 2 and "its directory does not exist" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not path.parent.exists()
 
 
 def _bad(tmp_path, text):
