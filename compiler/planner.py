@@ -420,9 +420,8 @@ def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.Var
         spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
     if budget.job_seconds is not None:
         timebudget.check_pick(spec, budget, timing)
-    fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
     provenance.update({
-        "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
+        "tokens": _tokens_source(budget, choice, timing),
         "loss": law_info.formula if limited is None else
                 f"{law_info.formula}, at {datalimited.FORMULA} ({datalimited.CITATION})",
         "n_params": "compiler/arch.py param_count (embeddings included)",
@@ -437,6 +436,16 @@ def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.Var
         tie_break=result.tie_break, training=training, memory=memory, timing=timing,
         layout_reasons=reasons, provenance=provenance,
         **data_epochs(spec, training.tokens_trained), data_limited=limited)
+
+
+def _tokens_source(budget: solver.BudgetFlops, choice: P.Choice, timing: P.Timing) -> str:
+    """Where the pick's D comes from: the FLOPs budget, or a time budget's wall clock."""
+    if budget.job_seconds is None:
+        fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
+        return f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}"
+    return (f"the tokens whose expected wall clock at {timing.tokens_per_second:,.0f} tokens/s, "
+            f"checkpoint writes, lost work and restarts included, is the budget's "
+            f"{budget.job_seconds / 86400:.4g} days (compiler/timebudget.py)")
 
 
 def _closed_form(spec: Spec, budget: solver.BudgetFlops) -> P.Optimum:

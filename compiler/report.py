@@ -73,7 +73,9 @@ def variant_block(plan: Plan, v: Variant) -> str:
         + (" at the effective N' and D': data-constrained, see DATA-LIMITED)" if v.data_limited
            else ")"),
         f"  N (parameters)     {si(c.n_params)}   ({c.n_params:,}; embeddings {c.n_params_embedding:,})",
-        f"  D (tokens)         {si(c.tokens)}   (= C / FLOPs per token, exactly)",
+        f"  D (tokens)         {si(c.tokens)}   "
+        + ("(= C / FLOPs per token, exactly)" if plan.spec["budget"]["flops"] is not None
+           else "(what the budget's wall clock trains at this plan's speed: compiler/timebudget.py)"),
         f"  D/N                {c.tokens_per_param:.1f} tokens per parameter",
         *([f"  epochs             {v.epochs:.3g} over the data's unique tokens (spec: data)"]
           if v.epochs is not None and not v.source_epochs else []),

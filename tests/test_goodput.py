@@ -12,6 +12,7 @@ import pytest
 from llama3gen import goodput as G
 from llama3gen.planner import build_plan
 from llama3gen.render import render_files
+from llama3gen.report import variant_block
 from llama3gen.spec import parse_spec_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,6 +262,27 @@ def test_the_generated_readme_states_a_time_budget_as_wall_clock():
     text = time_budget_spec("days: 14", 1e-4)
     readme = render_files(plan_of(text), text)["README.md"].decode()
     assert "for a budget of\n14 days of wall clock (nominally " in readme
+    # D is what the wall clock trains, not C / FLOPs per token: the nominal C gives another D
+    plan = plan_of(text)
+    v = plan.variants[0]
+    assert "Tokens: as many as the budget's wall clock trains" in readme
+    assert "D = C / FLOPs per token" not in readme
+    assert v.provenance["tokens"].startswith("the tokens whose expected wall clock at ")
+    assert abs(plan.budget.flops / v.choice.flops_per_token_exact / v.choice.tokens - 1) > 1e-3
+    report = variant_block(plan, v)
+    assert "(what the budget's wall clock trains at this plan's speed" in report
+
+
+def test_a_flops_budget_states_d_as_c_over_flops_per_token():
+    """The provenance's division is the number shown: C / FLOPs per token in the spec's
+    convention (float64 division of exact integers and C: relative rounding ~1e-16)."""
+    text = "name: f\nbudget: {flops: 1.0e21}\nvariants: [{name: o}]\n"
+    plan = plan_of(text)
+    c = plan.variants[0].choice
+    assert plan.variants[0].provenance["tokens"] == (
+        f"D = C / FLOPs per token (6N) = {1e21:.6g} / {c.flops_per_token_6n:,}")
+    assert c.tokens == pytest.approx(1e21 / c.flops_per_token_6n, rel=1e-12)
+    assert "(= C / FLOPs per token, exactly)" in variant_block(plan, plan.variants[0])
 
 
 def test_the_most_tokens_that_keep_a_batch_reach_its_rounding_step():
