@@ -57,6 +57,16 @@ def data_limited_lines(v: Variant) -> list[str]:
     return lines
 
 
+def _budget_phrase(plan: Plan) -> str:
+    """The budget as the spec gave it: FLOPs, or a time budget with its nominal FLOPs."""
+    budget, flops = plan.spec["budget"], f"C = {plan.budget.flops:.3e} FLOPs"
+    if budget["flops"] is not None:
+        return flops
+    given = (f"{budget['days']:g} days" if budget["days"] is not None
+             else f"{budget['gpu_hours']:g} GPU-hours")
+    return f"{given} of wall clock, nominally {flops}"
+
+
 def variant_block(plan: Plan, v: Variant) -> str:
     c, s, t, tm, mem = v.choice, v.choice.shape, v.training, v.timing, v.memory
     conv = plan.budget.convention
@@ -64,7 +74,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
     lines = [
         RULE,
         f"VARIANT {v.name}: {v.description}".rstrip(": "),
-        f"N-D GRID SEARCH for C = {plan.budget.flops:.3e} FLOPs ({conv} convention; {plan.budget.source})",
+        f"N-D GRID SEARCH for {_budget_phrase(plan)} ({conv} convention; {plan.budget.source})",
         f"law: {plan.law.name}: {plan.law.formula}",
         f"constraints: {constraints}",
         RULE,

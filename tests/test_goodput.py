@@ -271,6 +271,7 @@ def test_the_generated_readme_states_a_time_budget_as_wall_clock():
     assert abs(plan.budget.flops / v.choice.flops_per_token_exact / v.choice.tokens - 1) > 1e-3
     report = variant_block(plan, v)
     assert "(what the budget's wall clock trains at this plan's speed" in report
+    assert "N-D GRID SEARCH for 14 days of wall clock, nominally C = " in report
 
 
 def test_a_flops_budget_states_d_as_c_over_flops_per_token():
