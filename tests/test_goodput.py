@@ -272,6 +272,10 @@ def test_the_generated_readme_states_a_time_budget_as_wall_clock():
     report = variant_block(plan, v)
     assert "(what the budget's wall clock trains at this plan's speed" in report
     assert "N-D GRID SEARCH for 14 days of wall clock, nominally C = " in report
+    comparison = render_files(plan, text)["docs/comparison.md"].decode()
+    assert "Budget: **14 days of wall clock**, nominally " in comparison
+    assert "every variant fills the same wall clock" in comparison
+    assert "D = C / FLOPs per token" not in comparison
 
 
 def test_a_flops_budget_states_d_as_c_over_flops_per_token():
