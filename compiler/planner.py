@@ -452,7 +452,10 @@ def _closed_form(spec: Spec, budget: solver.BudgetFlops) -> P.Optimum:
     opt = spec.search.law().optimum_6nd(budget.flops)
     note = ("closed-form minimum of the law subject to C = 6·N·D (Hoffmann et al. 2022, Eq. 4): "
             "the limit the discrete search approaches")
-    if budget.convention != "6N":
+    if budget.job_seconds is not None:
+        note += ("; for a time budget C is its nominal FLOPs, while each candidate trains what its "
+                 "own predicted speed fits in the wall clock, so the pick need not approach this")
+    elif budget.convention != "6N":
         note += "; the budget counts exact FLOPs here, so this is an approximation"
     return P.Optimum(n_params=opt.n_params, tokens=opt.tokens,
                      tokens_per_param=opt.tokens_per_param, loss=opt.loss, note=note)

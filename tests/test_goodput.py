@@ -276,6 +276,7 @@ def test_the_generated_readme_states_a_time_budget_as_wall_clock():
     assert "Budget: **14 days of wall clock**, nominally " in comparison
     assert "every variant fills the same wall clock" in comparison
     assert "D = C / FLOPs per token" not in comparison
+    assert "for a time budget C is its nominal FLOPs" in plan.closed_form.note
 
 
 def test_a_flops_budget_states_d_as_c_over_flops_per_token():
