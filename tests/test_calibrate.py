@@ -117,6 +117,10 @@ def test_calibration_holds_the_measurement_and_what_it_ran_on(run):
     peak = doc["peak_memory"]
     assert "ru_maxrss" in peak["how"]
     assert peak["measured_over_predicted"] == doc["peak_memory_bytes"] / peak["predicted_for_the_run_bytes"]
+    # On CPU the plan counts memory.CPU_PROCESS_BYTES (1 GiB) for Python with torch imported: a
+    # bound, not a fit. This run's whole resident set measured 0.41 GB against 1.11 GB predicted
+    # (torch 2.13 on a 2-core Xeon, 2026-12-02), so the host-memory check errs on the safe side.
+    assert peak["measured_over_predicted"] < 1, peak
     on = doc["measured_on"]
     assert on["run"] == "tiny-cpu:out/optimal" and on["variant"] == "optimal"
     assert on["world_size"] == 1 and on["gpu"] == "cpu" and on["date"] == bench["time"]
