@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .plan import Plan, Variant
-from .units import duration, si
+from .units import duration, si, time_budget
 
 RULE = "=" * 88
 
@@ -59,12 +59,8 @@ def data_limited_lines(v: Variant) -> list[str]:
 
 def _budget_phrase(plan: Plan) -> str:
     """The budget as the spec gave it: FLOPs, or a time budget with its nominal FLOPs."""
-    budget, flops = plan.spec["budget"], f"C = {plan.budget.flops:.3e} FLOPs"
-    if budget["flops"] is not None:
-        return flops
-    given = (f"{budget['days']:g} days" if budget["days"] is not None
-             else f"{budget['gpu_hours']:g} GPU-hours")
-    return f"{given} of wall clock, nominally {flops}"
+    flops, given = f"C = {plan.budget.flops:.3e} FLOPs", time_budget(plan.spec["budget"])
+    return flops if given is None else f"{given} of wall clock, nominally {flops}"
 
 
 def variant_block(plan: Plan, v: Variant) -> str:
@@ -84,7 +80,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
            else ")"),
         f"  N (parameters)     {si(c.n_params)}   ({c.n_params:,}; embeddings {c.n_params_embedding:,})",
         f"  D (tokens)         {si(c.tokens)}   "
-        + ("(= C / FLOPs per token, exactly)" if plan.spec["budget"]["flops"] is not None
+        + ("(= C / FLOPs per token, exactly)" if time_budget(plan.spec["budget"]) is None
            else "(what the budget's wall clock trains at this plan's speed: compiler/timebudget.py)"),
         f"  D/N                {c.tokens_per_param:.1f} tokens per parameter",
         *([f"  epochs             {v.epochs:.3g} over the data's unique tokens (spec: data)"]

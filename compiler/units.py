@@ -19,3 +19,12 @@ def duration(days: float) -> str:
     if days * 24 >= 1:
         return f"{days * 24:.1f} hours"
     return f"{days * 24 * 60:.1f} minutes"
+
+
+def time_budget(spec_budget: dict) -> str | None:
+    """A spec's time budget as it was given ('14 days', '200000 GPU-hours'); None for FLOPs."""
+    if spec_budget.get("days") is not None:
+        return f"{spec_budget['days']:g} days"
+    if spec_budget.get("gpu_hours") is not None:
+        return f"{spec_budget['gpu_hours']:g} GPU-hours"
+    return None
