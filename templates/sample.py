@@ -222,6 +222,9 @@ def main(argv=None):
         opts.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 in the command line
         parser.error(f"argument --prompt: {opts.prompt!r} is not valid UTF-8 text")
+    if opts.hf and not os.path.isfile(os.path.join(opts.hf, "config.json")):
+        parser.error(f"argument --hf: {opts.hf!r} holds no config.json; give the directory "
+                     f"export_hf.py --out wrote")
     if opts.data_dir and not os.path.isfile(os.path.join(opts.data_dir, "meta.json")):
         parser.error(f"argument --data-dir: {opts.data_dir!r} holds no meta.json; give the "
                      f"directory data/prepare.py wrote")

@@ -440,6 +440,19 @@ def source_epochs(train_data, step, cfg):
     return {"source_epochs": train_data.source_epochs_after(step, cfg.global_batch_size)}
 
 
+def out_dir_problem(out_dir):
+    """Why the run could not create out_dir (or write into it), found without creating it: the
+    dry run's stand-in for set_up's makedirs. None where it can."""
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"out_dir={out_dir!r}: {path} is not a directory; give another out_dir"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"out_dir={out_dir!r}: no permission to write in {path}; give another out_dir"
+    return None
+
+
 def check_without_training(cfg):
     """--dry_run: what a run checks before its first step (the config, the data re-hashed against
     meta.json, the newest checkpoint and whether it resumes onto this data), on the CPU, without
@@ -449,6 +462,9 @@ def check_without_training(cfg):
     if problem:
         raise ConfigError(problem)
     train_data, _, fingerprint = open_data(cfg, world // cfg.tensor_parallel)
+    problem = out_dir_problem(cfg.out_dir)
+    if problem:
+        raise ConfigError(problem)
     if fingerprint is None:
         log(f"data: WARNING: {cfg.data_dir}/meta.json has no fingerprint (prepared by an older "
             f"data/prepare.py): the data cannot be checked; prepare it again to get one")

@@ -408,10 +408,14 @@ def test_sample_refuses_bad_use_in_one_line(repo, cli):
         (["--prompt", "caf\udce9"], ["--prompt", "not valid UTF-8"]),  # Latin-1 bytes in argv
         (["--data-dir", "data"], ["--data-dir", "'data'", "meta.json"]),
     ]
+    hf_cases = [(["--hf", "nowhere"], ["--hf", "'nowhere'", "no config.json", "export_hf.py"]),
+                (["--hf", "config"], ["--hf", "'config'", "no config.json"])]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], ["--device", "'cuda'", "no CUDA", "cpu"]))
     for extra, words in cases:
         assert_refused(cli(sample, "--ckpt", "out", "--max-new-tokens", "2", *extra), *words)
+    for extra, words in hf_cases:
+        assert_refused(cli(sample, "--max-new-tokens", "2", *extra), *words)
     assert_refused(cli(sample, "--hf", "hf", "--config", "config/tiny.py"),
                    "--config", "only with --ckpt")
     assert_refused(cli(sample, "--hf", "hf", "--data-dir", "data/stdlib"),

@@ -227,6 +227,12 @@ def test_out_dir_that_is_a_file_is_refused(repo, monkeypatch):
     message = run_main_here(repo, monkeypatch, "--out_dir=out/a_file")
     assert message.startswith("out_dir='out/a_file': cannot create it as a directory"), message
     assert (repo / "out/a_file").read_text() == "the user's\n"
+    # --dry_run says so too, without creating anything: its "every check passed" is what a run does
+    for out_dir, words in (("out/a_file", "is not a directory"),
+                           ("out/a_file/sub", "is not a directory")):
+        message = run_main_here(repo, monkeypatch, f"--out_dir={out_dir}", "--dry_run")
+        assert message.startswith(f"out_dir={out_dir!r}: ") and words in message, message
+    assert (repo / "out/a_file").read_text() == "the user's\n"
 
 
 # -----------------------------------------------------------------------------
