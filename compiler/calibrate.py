@@ -195,11 +195,20 @@ def run_layout_memory(plan):
         return float(memory.memory_per_device(
             model, layout["micro_batch_size"], parallelism=parallelism, world_size=world or 1,
             gpus_per_node=min(plan.hardware.gpus_per_node, world or 1),
-            activation_checkpointing=bool(layout["activation_checkpointing"]),
+            activation_checkpointing=checkpointed_blocks(layout, shape["n_layer"]),
             grad_accum=layout.get("grad_accum") or 1, device=device,
             compute_dtype=layout.get("dtype"), tensor_parallel=layout.get("tensor_parallel") or 1,
             compiled=bool(layout.get("compile"))).total)
     return total
+
+
+def checkpointed_blocks(layout: dict, n_layer: int) -> int:
+    """How many blocks a layout record checkpoints, as train.py reads its config: with
+    activation_checkpointing the first checkpointed_layers (0, or a record from before that
+    setting: all), else none."""
+    if not layout.get("activation_checkpointing"):
+        return 0
+    return int(layout.get("checkpointed_layers") or n_layer)
 
 
 def _shape(config: dict) -> dict | None:
@@ -215,6 +224,7 @@ def _layout(config: dict, start: dict) -> dict | None:
             "global_batch_size": config.get("global_batch_size"),
             "micro_batch_size": config.get("micro_batch_size"), "grad_accum": start.get("grad_accum"),
             "activation_checkpointing": config.get("activation_checkpointing"),
+            "checkpointed_layers": config.get("checkpointed_layers", 0),
             "compile": config.get("compile"), "dtype": config.get("dtype"),
             "tensor_parallel": config.get("tensor_parallel", 1)}
 
@@ -234,6 +244,7 @@ def _plan_layout(variant) -> dict:
     return {"parallelism": t.parallelism if t.world_size > 1 else "none",
             "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
             "grad_accum": t.grad_accum, "activation_checkpointing": t.activation_checkpointing,
+            "checkpointed_layers": t.checkpointed_layers,
             "compile": t.compile, "dtype": t.dtype, "tensor_parallel": t.tensor_parallel}
 
 
@@ -270,7 +281,10 @@ def shape_text(shape: dict | None) -> str:
 def layout_text(world, layout: dict | None) -> str:
     if not layout:
         return f"{world} rank(s)"
-    ac = ", activation checkpointing" if layout.get("activation_checkpointing") else ""
+    ac = ""
+    if layout.get("activation_checkpointing"):
+        blocks = layout.get("checkpointed_layers")
+        ac = ", activation checkpointing" + (f" of {blocks} blocks" if blocks else "")
     compiled = ", compiled" if layout.get("compile") else ""
     return (f"{world} rank(s) {layout.get('parallelism')}, micro-batch "
             f"{layout.get('micro_batch_size')} × accum {layout.get('grad_accum')}{ac}{compiled}")
@@ -510,7 +524,7 @@ def mfu_source(doc: dict, file: str, shape, training) -> str:
     parallelism = training.parallelism if training.world_size > 1 else "none"
     if (m.get("world_size") != training.world_size or layout.get("parallelism") != parallelism
             or layout.get("micro_batch_size") != training.micro_batch_size
-            or bool(layout.get("activation_checkpointing")) != training.activation_checkpointing):
+            or checkpointed_blocks(layout, shape.n_layers) != training.checkpointed_layers):
         text += (f"; measured on {layout_text(m.get('world_size'), layout)}, applied to "
                  f"{training.world_size} rank(s) {parallelism}, micro-batch "
                  f"{training.micro_batch_size}")

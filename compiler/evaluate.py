@@ -10,9 +10,14 @@ The rules (docs/DESIGN.md, "Layout"), for each shape:
    the KV heads and the SwiGLU width), a data-parallel layout over the world / t data ranks
    (DDP, hybrid shard or FSDP full shard; one data rank wraps nothing, "ddp"; tensor parallelism
    composes with FSDP or HSDP, not with DDP: templates/parallelize.py) and activation
-   checkpointing on or off (as the spec allows; it recomputes every block's forward in backward).
+   checkpointing of no block, of some or of every block (as the spec allows: `auto` tries all
+   three; a checkpointed block recomputes its forward in backward).
 2. In each layout the micro-batch per rank is the largest divisor of the per-rank batch (global
-   batch / data ranks) that fits; gradient accumulation makes up the rest.
+   batch / data ranks) that fits; gradient accumulation makes up the rest. Checkpointing some
+   blocks trades recomputation against micro-batch: at every divisor, the fewest leading blocks
+   that fit (memory.py's moments are affine in that number from 1 to L − 1 blocks, so the chord
+   between those ends is exact where one moment is the peak, and errs toward more blocks where
+   the peak moves), and of those, the fastest.
 3. The fastest layout by steptime.py wins. On a tie (a measured MFU times every layout alike but
    for their FLOPs) no checkpointing, then the smaller t, then the larger micro-batch, then the
    least sharding.
@@ -29,10 +34,13 @@ import numpy as np
 
 from . import arch, hardware as catalog
 from .hardware import Interconnect
-from .memory import MemoryBreakdown, ModelShape, Recipe, calibrated, memory_per_device
+from .memory import (CUDA_CONTEXT_BYTES, MemoryBreakdown, ModelShape, Recipe, calibrated,
+                     checkpointed_blocks, memory_per_device, peak_bytes)
 from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
+PARTIAL = "partial"  # the checkpointing choice between none (False) and every block (True)
+ROUNDING_GUARD = 1e-9  # relative: the fewest blocks that fit are never rounded down (_fewest_blocks)
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)  # within a node: NVLink domains are 8 GPUs
 
 
@@ -81,15 +89,30 @@ class HardwareView:
     def memory(self, shapes, micro_batch, parallelism, tensor_parallel, activation_checkpointing,
                grad_accum=1, world_size=None) -> MemoryBreakdown:
         """memory.py's breakdown on this hardware, for train.py as the spec configures it."""
-        predicted = memory_per_device(
-            shapes, micro_batch, parallelism=parallelism,
-            world_size=self.world_size if world_size is None else world_size,
-            gpus_per_node=self.gpus_per_node, activation_checkpointing=activation_checkpointing,
-            grad_accum=grad_accum, device=self.device, recipe=self.recipe,
-            tensor_parallel=tensor_parallel, compiled=self.compiled)
+        predicted = memory_per_device(shapes, micro_batch, **self._memory_args(
+            parallelism, tensor_parallel, activation_checkpointing, grad_accum, world_size))
         if self.memory_ratio == 1.0:
             return predicted
         return calibrated(predicted, self.memory_ratio, self.device)
+
+    def peak_bytes(self, shapes, micro_batch, parallelism, tensor_parallel,
+                   activation_checkpointing, grad_accum=1, world_size=None):
+        """memory(...).total alone, for screening (memory.peak_bytes)."""
+        total = peak_bytes(shapes, micro_batch, **self._memory_args(
+            parallelism, tensor_parallel, activation_checkpointing, grad_accum, world_size))
+        if self.memory_ratio == 1.0:
+            return total
+        kept = CUDA_CONTEXT_BYTES if self.device == "cuda" else 0.0  # as calibrated()
+        return kept + (total - kept) * self.memory_ratio
+
+    def _memory_args(self, parallelism, tensor_parallel, activation_checkpointing, grad_accum,
+                     world_size) -> dict:
+        return dict(parallelism=parallelism,
+                    world_size=self.world_size if world_size is None else world_size,
+                    gpus_per_node=self.gpus_per_node,
+                    activation_checkpointing=activation_checkpointing, grad_accum=grad_accum,
+                    device=self.device, recipe=self.recipe, tensor_parallel=tensor_parallel,
+                    compiled=self.compiled)
 
     @property
     def capacity(self) -> float:
@@ -121,8 +144,10 @@ class HardwareView:
         return [(t, p) for t in self.tensor_parallel_degrees for p in self.parallelisms(t)]
 
     @property
-    def checkpointing_choices(self) -> tuple[bool, ...]:
-        return {"auto": (False, True), True: (True,), False: (False,)}[self.activation_checkpointing]
+    def checkpointing_choices(self) -> tuple:
+        """False (no block), PARTIAL (the fewest leading blocks that fit), True (every block)."""
+        return {"auto": (False, PARTIAL, True), True: (True,),
+                False: (False,)}[self.activation_checkpointing]
 
 
 
@@ -139,14 +164,17 @@ class Evaluation:
     per_rank_batch: np.ndarray  # sequences per data rank per optimizer step
     micro_batch: np.ndarray
     grad_accum: np.ndarray
-    activation_checkpointing: np.ndarray  # bool
+    activation_checkpointing: np.ndarray  # bool: some block recomputes
+    checkpointed_layers: np.ndarray  # how many blocks (the first) recompute: 0 to n_layers
     memory: MemoryBreakdown  # bytes per device at the step's peak, arrays
     hardware_flops_per_token: np.ndarray  # executed: + the recomputed forward, + TP's replicas
     step: StepTime  # seconds per optimizer step and their parts (steptime.py)
     tokens_per_second: np.ndarray  # whole job; 0 where nothing fits
     mfu: np.ndarray  # exact FLOPs per token × tokens/s / (world × peak): the plan's MFU
-    options: dict  # {(parallelism, tensor_parallel, checkpointing): largest fitting micro-batch}
+    options: dict  # {(parallelism, tensor_parallel, checkpointing): largest fitting micro-batch
+    # (with PARTIAL: the fastest one's)}
     speeds: dict  # the same keys: tokens/s at that micro-batch, 0 where none fits
+    partial_layers: dict  # {(parallelism, tensor_parallel): blocks PARTIAL checkpoints there}
 
     def __len__(self) -> int:
         return int(self.fits.size)
@@ -155,7 +183,8 @@ class Evaluation:
 def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing, tensor_parallel=1,
                              forward_only=False):
     """FLOPs the hardware executes per trained token: arch's exact count (3 forwards' worth),
-    plus, with activation checkpointing, one more forward of the blocks (not of lm_head), plus,
+    plus, with activation checkpointing, one more forward of the checkpointed blocks (True: all;
+    or how many: memory.checkpointed_blocks), not of lm_head, plus,
     under tensor parallelism t, the t − 1 replicas of the output head every rank of a tensor
     group computes. forward_only: the forward's share (a third of the exact count)."""
     s = shapes
@@ -167,7 +196,8 @@ def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing, tenso
     forward_of_blocks = (2 * s.n_layers * arch.layer_matmul_params(
         s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden)
         + 4 * s.n_layers * s.seq_len * s.n_heads * s.head_dim)
-    return exact + np.where(activation_checkpointing, forward_of_blocks, 0) + head_replicas
+    recomputed = checkpointed_blocks(activation_checkpointing, s.n_layers) / s.n_layers
+    return exact + recomputed * forward_of_blocks + head_replicas
 
 
 def divisors(n: int) -> np.ndarray:
@@ -188,59 +218,67 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     count = np.broadcast(*[np.asarray(getattr(shapes, f.name)) for f in fields(shapes)]).size
     global_batch = np.broadcast_to(np.asarray(global_batch, dtype=np.int64), (count,))
     world = hardware.world_size
-    per_rank, usable, options = {}, {}, {}
+    per_rank, usable, options, partial = {}, {}, {}, {}
     for t in hardware.tensor_parallel_degrees:
         data_world = world // t
         per_rank[t] = np.maximum(global_batch // data_world, 1)
         usable[t] = ((global_batch % data_world == 0) & (global_batch >= data_world)
                      & splits_blocks(shapes, t))
-        options.update(_largest_micro_batches(shapes, hardware, t, per_rank[t], usable[t]))
+        largest, blocks = _largest_micro_batches(shapes, hardware, t, per_rank[t], usable[t])
+        options.update(largest)
+        partial.update(blocks)
     splits = np.logical_or.reduce(list(usable.values()))
+    n_layers = np.broadcast_to(np.asarray(shapes.n_layers, dtype=np.int64), (count,))
     # Where nothing fits, the most frugal layout: the largest usable degree, full shard.
     frugal_t = np.full(count, hardware.tensor_parallel_degrees[0], dtype=np.int64)
     for t in hardware.tensor_parallel_degrees:
         frugal_t[usable[t]] = t
     parallelism = np.array([hardware.frugal(t) for t in frugal_t], dtype=object)
     tensor_parallel = frugal_t.copy()
-    ac = np.full(count, hardware.activation_checkpointing is not False)
+    # checkpointing as a level (0 none, 1 PARTIAL, 2 every block) and as a number of blocks
+    level = np.full(count, 2 * (hardware.activation_checkpointing is not False))
     timed, speeds = {}, {}  # (parallelism, t, checkpointing) -> at its largest fitting micro-batch
     best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
-    best_t, best_ac = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
+    best_t = np.zeros(count, dtype=np.int64)
     for checkpointing in hardware.checkpointing_choices:
         for t, p in hardware.layouts():
             key = (p, t, checkpointing)
             m = options[key]
+            blocks = {False: 0 * n_layers, True: n_layers}.get(checkpointing, partial.get((p, t)))
             # micro-batch 1 where none fits: the frugal layout a shape that fits nowhere reports
             timed[key] = time_layout(shapes, hardware, p, t, np.maximum(m, 1), per_rank[t],
-                                     checkpointing)
+                                     blocks)
             speeds[key] = speed = np.where(m > 0, timed[key][1], 0.0)
+            code = LEVELS[checkpointing]
             better = (speed > best_speed) | ((speed == best_speed) & (t == best_t)
-                                             & (checkpointing == best_ac) & (m > best_micro))
+                                             & (code == level) & (m > best_micro))
             better &= m > 0
-            parallelism[better], tensor_parallel[better], ac[better] = p, t, checkpointing
+            parallelism[better], tensor_parallel[better], level[better] = p, t, code
             best_speed[better], best_micro[better] = speed[better], m[better]
-            best_t[better], best_ac[better] = t, checkpointing
+            best_t[better] = t
     micro = np.where(best_micro > 0, best_micro, 1)
     undecided = best_micro == 0
     fits = splits & ~undecided
     # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
-    ac[~splits] = hardware.activation_checkpointing is True
+    level[~splits] = 2 * (hardware.activation_checkpointing is True)
+    blocks = _checkpointed_layers(level, partial, parallelism, tensor_parallel, n_layers)
     batch = np.choose(np.searchsorted(hardware.tensor_parallel_degrees, tensor_parallel),
                       [per_rank[t] for t in hardware.tensor_parallel_degrees])
     accum = batch // micro
-    memory = _memory(shapes, hardware, parallelism, tensor_parallel, micro, ac, accum)
-    step, tokens_per_second = _chosen_times(timed, parallelism, tensor_parallel, ac, count)
+    memory = _memory(shapes, hardware, parallelism, tensor_parallel, micro, blocks, accum)
+    step, tokens_per_second = _chosen_times(timed, parallelism, tensor_parallel, level, count)
     exact = hardware_flops_per_token(shapes, False)
     tokens_per_second = np.where(fits, tokens_per_second, 0.0)
     problem = np.where(fits, "", np.where(splits, NO_FIT, NO_SPLIT))
     return Evaluation(fits=fits, problem=problem, parallelism=parallelism,
                       tensor_parallel=tensor_parallel, per_rank_batch=batch, micro_batch=micro,
-                      grad_accum=accum, activation_checkpointing=ac, memory=memory,
-                      hardware_flops_per_token=hardware_flops_per_token(shapes, ac,
+                      grad_accum=accum, activation_checkpointing=blocks > 0,
+                      checkpointed_layers=blocks, memory=memory,
+                      hardware_flops_per_token=hardware_flops_per_token(shapes, blocks,
                                                                         tensor_parallel),
                       step=step, tokens_per_second=tokens_per_second,
                       mfu=exact * tokens_per_second / (world * hardware.peak_flops),
-                      options=options, speeds=speeds)
+                      options=options, speeds=speeds, partial_layers=partial)
 
 
 def fits_somehow(shapes: ModelShape, hardware: HardwareView, global_batch) -> np.ndarray:
@@ -260,8 +298,8 @@ def fits_somehow(shapes: ModelShape, hardware: HardwareView, global_batch) -> np
         usable = ((global_batch % data_world == 0) & (global_batch >= data_world)
                   & splits_blocks(shapes, t))
         for micro in (np.ones_like(per_rank), per_rank):
-            total = hardware.memory(shapes, micro, hardware.frugal(t), t, checkpointing,
-                                    grad_accum=per_rank // micro).total
+            total = hardware.peak_bytes(shapes, micro, hardware.frugal(t), t, checkpointing,
+                                        grad_accum=per_rank // micro)
             fits |= usable & (np.asarray(total) <= hardware.capacity)
     return fits
 
@@ -279,18 +317,30 @@ def fits_at_any_scale(shapes: ModelShape, hardware: HardwareView) -> np.ndarray:
     fits = np.zeros(np.broadcast(*[np.asarray(getattr(shapes, f.name))
                                    for f in fields(shapes)]).size, dtype=bool)
     for t in degrees:
-        total = hardware.memory(shapes, 1, "fsdp", t, hardware.activation_checkpointing
-                                is not False, world_size=LARGEST_WORLD).total
+        total = hardware.peak_bytes(shapes, 1, "fsdp", t, hardware.activation_checkpointing
+                                    is not False, world_size=LARGEST_WORLD)
         fits |= splits_blocks(shapes, t) & (np.asarray(total) <= hardware.capacity)
     return fits
 
 
-def _chosen_times(timed: dict, parallelism, tensor_parallel, ac, count):
+LEVELS = {False: 0, PARTIAL: 1, True: 2}  # evaluate's checkpointing levels
+
+
+def _checkpointed_layers(level, partial, parallelism, tensor_parallel, n_layers):
+    """Blocks each shape's chosen layout checkpoints: none, PARTIAL's count there, or all."""
+    blocks = np.where(level == 2, n_layers, 0)
+    for (p, t), count in partial.items():
+        index = (level == 1) & (parallelism == p) & (tensor_parallel == t)
+        blocks[index] = count[index]
+    return blocks
+
+
+def _chosen_times(timed: dict, parallelism, tensor_parallel, level, count):
     """Each shape's chosen (or, where nothing fits, frugal) layout was timed: pick its entry."""
     tokens_per_second = np.zeros(count)
     parts = {name: np.zeros(count) for name in ("compute", "exposed_comm", "comm")}
     for (p, t, checkpointing), (step, speed) in timed.items():
-        index = (parallelism == p) & (tensor_parallel == t) & (ac == checkpointing)
+        index = (parallelism == p) & (tensor_parallel == t) & (level == LEVELS[checkpointing])
         for name in parts:
             parts[name][index] = np.broadcast_to(getattr(step, name), (count,))[index]
         tokens_per_second[index] = np.broadcast_to(speed, (count,))[index]
@@ -300,7 +350,8 @@ def _chosen_times(timed: dict, parallelism, tensor_parallel, ac, count):
 def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_parallel: int, micro,
                 per_rank, ac):
     """(StepTime, tokens/s of the job) of the shapes in one layout (steptime.py), or at the
-    spec's measured MFU when it gives one. per_rank: sequences per data rank and step."""
+    spec's measured MFU when it gives one. per_rank: sequences per data rank and step; ac: True,
+    False or the number of (leading) blocks checkpointed."""
     t = tensor_parallel
     flops = hardware_flops_per_token(shapes, ac, t)
     world = hardware.world_size
@@ -322,7 +373,7 @@ def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_paralle
                       gpus_per_node=hardware.gpus_per_node, peak_flops=hardware.peak_flops,
                       kernel_efficiency=hardware.kernel_efficiency,
                       interconnect=hardware.interconnect, tensor_parallel=t,
-                      activation_checkpointing=ac,
+                      activation_checkpointing=checkpointed_blocks(ac, s.n_layers) / s.n_layers,
                       reduce_scatter_every_micro_batch=(
                           hardware.recipe.fsdp_reduce_scatter_every_micro_batch))
     return timed, step_tokens / timed.total
@@ -340,24 +391,65 @@ def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:
                          if f.name != "tie_embeddings"}, tie_embeddings=shapes.tie_embeddings)
 
 
-def _largest_micro_batches(shapes, hardware, tensor_parallel, per_rank, usable) -> dict:
-    """{(parallelism, t, checkpointing): the largest divisor of each shape's per-rank batch that
-    fits in memory, 0 where none does (or t cannot split it)}. Every divisor of every usable
-    shape is evaluated at once, one memory-model call per layout: memory is not monotone at the
-    last divisor (no accumulation there), so no bisection."""
+def _largest_micro_batches(shapes, hardware, tensor_parallel, per_rank, usable):
+    """({(parallelism, t, checkpointing): the largest divisor of each shape's per-rank batch that
+    fits in memory, 0 where none does (or t cannot split it); for PARTIAL the fastest divisor's},
+    {(parallelism, t): the blocks PARTIAL checkpoints at that divisor}). Every divisor of every
+    usable shape is evaluated at once, a few memory-model calls per layout: memory is not
+    monotone at the last divisor (no accumulation there), so no bisection."""
     t, count = tensor_parallel, per_rank.size
+    choices = hardware.checkpointing_choices
     out = {(p, t, c): np.zeros(count, dtype=np.int64)
-           for c in hardware.checkpointing_choices for p in hardware.parallelisms(t)}
+           for c in choices for p in hardware.parallelisms(t)}
+    partial = {(p, t): np.zeros(count, dtype=np.int64)
+               for p in hardware.parallelisms(t) if PARTIAL in choices}
     index = np.flatnonzero(usable)
     if index.size == 0:
-        return out
+        return out, partial
     micro = divisor_table(per_rank[index])  # 0 pads rows with fewer divisors
     safe = np.maximum(micro, 1)
     column = _take(shapes, index, extra_axis=True)
-    for (p, _, c), largest in out.items():
-        total = hardware.memory(column, safe, p, t, c, grad_accum=per_rank[index, None] // safe).total
-        largest[index] = np.where((micro > 0) & (total <= hardware.capacity), micro, 0).max(axis=1)
-    return out
+    accum = per_rank[index, None] // safe
+    for p in hardware.parallelisms(t):
+        totals = {}
+        for c in (False, True):
+            if c in choices or PARTIAL in choices:
+                totals[c] = hardware.peak_bytes(column, safe, p, t, c, grad_accum=accum)
+            if c in choices:
+                fitting = (micro > 0) & (totals[c] <= hardware.capacity)
+                out[(p, t, c)][index] = np.where(fitting, micro, 0).max(axis=1)
+        if PARTIAL in choices:
+            blocks = _fewest_blocks(column, hardware, p, t, safe, accum, totals[False])
+            _, speed = time_layout(column, hardware, p, t, safe, per_rank[index, None], blocks)
+            speed = np.where((micro > 0) & (blocks > 0), speed, 0.0)
+            fastest = speed.argmax(axis=1)
+            rows = np.arange(index.size)
+            chosen = speed[rows, fastest] > 0
+            out[(p, t, PARTIAL)][index] = np.where(chosen, micro[rows, fastest], 0)
+            partial[(p, t)][index] = np.where(chosen, blocks[rows, fastest], 0)
+    return out, partial
+
+
+def _fewest_blocks(column, hardware, parallelism, t, micro, accum, total_none):
+    """At each micro-batch, the fewest leading blocks to checkpoint for it to fit: 1 to L − 1,
+    or 0 where it fits without or needs every block. From 1 to L − 1 blocks the moments are
+    affine in the count and the peak, their maximum, is convex: the chord from 1 to L − 1 lies
+    above it, so where the chord crosses the capacity the step fits. That crossing is exact
+    where one moment is the peak throughout, and errs toward more blocks where the peak moves
+    (tests/test_checkpointing.py checks both on random shapes). ROUNDING_GUARD keeps float64's
+    rounding of the ratio (~1e-15) from ever rounding it down."""
+    layers = np.asarray(column.n_layers, dtype=np.int64)
+    below_all = np.maximum(layers - 1, 1) + 0 * micro
+    one = np.ones_like(below_all)
+    total_one = hardware.peak_bytes(column, micro, parallelism, t, one, grad_accum=accum)
+    total_below = hardware.peak_bytes(column, micro, parallelism, t, below_all, grad_accum=accum)
+    capacity = hardware.capacity
+    need = (total_none > capacity) & (total_below <= capacity) & (layers >= 2)
+    saved_per_block = np.where(need, total_one - total_below, 1.0) / np.maximum(below_all - 1, 1)
+    over = np.where(need, total_one - capacity, 0.0)
+    chord = 1 + np.ceil(np.maximum(over, 0.0) / np.where(saved_per_block > 0, saved_per_block, 1.0)
+                        * (1 + ROUNDING_GUARD))
+    return np.where(need, np.minimum(chord, below_all), 0).astype(np.int64)
 
 
 def divisor_table(values) -> np.ndarray:
@@ -397,6 +489,7 @@ def at(evaluation: Evaluation, i: int) -> dict:
                 per_rank_batch=int(evaluation.per_rank_batch[i]),
                 micro_batch=int(evaluation.micro_batch[i]), grad_accum=int(evaluation.grad_accum[i]),
                 activation_checkpointing=bool(evaluation.activation_checkpointing[i]),
+                checkpointed_layers=int(evaluation.checkpointed_layers[i]),
                 memory=memory,
                 hardware_flops_per_token=float(evaluation.hardware_flops_per_token[i]),
                 tokens_per_second=float(evaluation.tokens_per_second[i]),
@@ -405,4 +498,5 @@ def at(evaluation: Evaluation, i: int) -> dict:
                 exposed_comm_seconds=float(evaluation.step.exposed_comm[i]),
                 comm_seconds=float(evaluation.step.comm[i]),
                 options={k: int(v[i]) for k, v in evaluation.options.items()},
+                partial_layers={k: int(v[i]) for k, v in evaluation.partial_layers.items()},
                 speeds={k: float(v[i]) for k, v in evaluation.speeds.items()})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .evaluate import NO_SPLIT, Evaluation, HardwareView, at, evaluate
+from .evaluate import NO_SPLIT, PARTIAL, Evaluation, HardwareView, at, evaluate
 from .memory import GIB, ModelShape
 
 MAX_GPUS_SEARCHED = 1 << 17  # the "more GPUs" fix searches world sizes up to this
@@ -31,7 +31,7 @@ class Layout:
     world_size: int
     micro_batch_size: int
     grad_accum: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool  # some block recomputes its forward in backward
     memory: dict  # memory.MemoryBreakdown.as_dict(), bytes per device
     tokens_per_second: float  # whole job
     hardware_flops_per_token: float  # exact FLOPs per token (+ the recomputed forward with AC)
@@ -40,6 +40,7 @@ class Layout:
     compute_seconds: float = 0.0
     exposed_comm_seconds: float = 0.0
     tensor_parallel: int = 1  # ranks of a node splitting each block
+    checkpointed_layers: int = 0  # how many blocks (the first) recompute: 0 to n_layers
     reasons: tuple = ()  # one sentence per choice
     problem: str = ""
     fix: str = ""
@@ -58,6 +59,7 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
                     hardware: HardwareView) -> Layout:
     """Candidate i of an evaluation (shape: its fields as scalars), with the reasons or the fix."""
     e = at(evaluation, i)
+    n_layers = int(np.ravel(shape.n_layers)[0])
     lay = Layout(fits=e["fits"], parallelism=e["parallelism"], world_size=hardware.world_size,
                  micro_batch_size=e["micro_batch"], grad_accum=e["grad_accum"],
                  activation_checkpointing=e["activation_checkpointing"], memory=e["memory"],
@@ -67,8 +69,12 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
                  compute_seconds=e["compute_seconds"],
                  exposed_comm_seconds=e["exposed_comm_seconds"],
                  tensor_parallel=e["tensor_parallel"],
-                 options={option_name(p, t, ac): m for (p, t, ac), m in e["options"].items()},
-                 speeds={option_name(p, t, ac): v for (p, t, ac), v in e["speeds"].items()})
+                 checkpointed_layers=e["checkpointed_layers"])
+    def name(key):
+        p, t, ac = key
+        return option_name(p, t, ac, e["partial_layers"].get((p, t), 0), n_layers)
+    lay = dataclasses.replace(lay, options={name(k): m for k, m in e["options"].items()},
+                              speeds={name(k): v for k, v in e["speeds"].items()})
     global_batch = e["per_rank_batch"] * hardware.world_size // lay.tensor_parallel
     if e["problem"] == NO_SPLIT:
         return dataclasses.replace(
@@ -80,15 +86,23 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
         return dataclasses.replace(lay, reasons=(f"does not fit: {problem}", f"fix: {fix}"),
                                    problem=problem, fix=fix, min_gpus=min_gpus,
                                    max_seq_len=max_seq)
-    return dataclasses.replace(lay, reasons=_reasons(lay, hardware, e["per_rank_batch"]))
+    return dataclasses.replace(lay, reasons=_reasons(lay, hardware, e["per_rank_batch"],
+                                                     n_layers))
 
 
-def option_name(parallelism: str, tensor_parallel: int, checkpointing: bool) -> str:
-    """"fsdp", "fsdp+tp4", "fsdp+tp4+ac", "tp8" (one data rank): a layout as Layout.options
-    names it."""
+def option_name(parallelism: str, tensor_parallel: int, checkpointing, blocks: int = 0,
+                n_layers: int = 0) -> str:
+    """"fsdp", "fsdp+tp4", "fsdp+tp4+ac" (every block checkpointed), "fsdp+ac24/80" (24 of 80
+    blocks; "+ac-partial" where partial checkpointing has no fitting option), "tp8" (one data
+    rank): a layout as Layout.options names it."""
     tp = f"tp{tensor_parallel}" if tensor_parallel > 1 else ""
     data = "" if tp and parallelism == "ddp" else parallelism  # TP composes with DDP only alone
-    return "+".join(part for part in (data, tp, "ac" if checkpointing else "") if part)
+    ac = ""
+    if checkpointing == PARTIAL:
+        ac = f"ac{blocks}/{n_layers}" if blocks else "ac-partial"
+    elif checkpointing:
+        ac = "ac"
+    return "+".join(part for part in (data, tp, ac) if part)
 
 
 def _gib(x):
@@ -99,13 +113,14 @@ def _unit(hardware: HardwareView) -> str:
     return "device" if hardware.device == "cpu" else "GPU"
 
 
-def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, ...]:
+def _reasons(lay: Layout, hardware: HardwareView, per_rank: int,
+             n_layers: int) -> tuple[str, ...]:
     unit, t = _unit(hardware), lay.tensor_parallel
     data_ranks = hardware.world_size // t
     micro, mem = lay.micro_batch_size, lay.memory
     reasons = [_parallelism_reason(lay, hardware)]
     if len(hardware.tensor_parallel_degrees) > 1 or t > 1:
-        reasons.append(_tensor_parallel_reason(lay, hardware))
+        reasons.append(_tensor_parallel_reason(lay, hardware, n_layers))
     reasons.append(
         f"micro-batch {micro} per rank: the largest divisor of the per-rank batch "
         f"{per_rank} (= {per_rank * data_ranks} / {data_ranks} "
@@ -113,7 +128,9 @@ def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, .
         f"({_gib(mem['total'])} of {_gib(hardware.capacity)} per {unit}); "
         f"gradient accumulation {lay.grad_accum}")
     setting = hardware.activation_checkpointing
-    if lay.activation_checkpointing and setting is True:
+    if 0 < lay.checkpointed_layers < n_layers:
+        reasons.append(_partial_checkpointing_reason(lay, n_layers))
+    elif lay.activation_checkpointing and setting is True:
         reasons.append("activation checkpointing: on, as the spec asks; recomputing each block "
                        "in backward costs one extra forward (~33% more block compute)")
     elif lay.activation_checkpointing and _fastest_without_checkpointing(lay):
@@ -136,8 +153,24 @@ def _reasons(lay: Layout, hardware: HardwareView, per_rank: int) -> tuple[str, .
 
 def _fastest_without_checkpointing(lay: Layout):
     """(name, tokens/s) of the fastest layout that fits without checkpointing, or None."""
-    fitting = [(v, k) for k, v in lay.speeds.items() if v > 0 and not k.endswith("ac")]
+    fitting = [(v, k) for k, v in lay.speeds.items() if v > 0 and "+ac" not in f"+{k}"]
     return max(fitting)[::-1] if fitting else None
+
+
+def _partial_checkpointing_reason(lay: Layout, n_layers: int) -> str:
+    """Why the first k blocks: the fewest that fit this micro-batch, against none and all."""
+    k = lay.checkpointed_layers
+    every = max((v for name, v in lay.speeds.items() if name.endswith("+ac") or name == "ac"),
+                default=0.0)
+    none = _fastest_without_checkpointing(lay)
+    compared = [f"every block: {every / lay.tokens_per_second:.0%} of this speed" if every
+                else "every block: no layout fits",
+                f"no checkpointing: {none[0]} at {none[1] / lay.tokens_per_second:.0%}" if none
+                else "no checkpointing: no layout fits"]
+    return (f"activation checkpointing: the first {k} of {n_layers} blocks, the fewest with "
+            f"which micro-batch {lay.micro_batch_size} fits (train.py's checkpointed_layers); "
+            f"recomputing them costs ~{k / n_layers * 33:.0f}% more block compute, included "
+            f"in the {lay.tokens_per_second:,.0f} tokens/s ({'; '.join(compared)})")
 
 
 def _parallelism_reason(lay: Layout, hardware: HardwareView):
@@ -161,9 +194,12 @@ def _parallelism_reason(lay: Layout, hardware: HardwareView):
     return f"FSDP full shard over {over}: less sharding fits a smaller micro-batch or none"
 
 
-def _tensor_parallel_reason(lay: Layout, hardware: HardwareView):
+def _tensor_parallel_reason(lay: Layout, hardware: HardwareView, n_layers: int):
     """Why this tensor-parallel degree: the predicted speeds of the best layouts tried."""
-    mine = option_name(lay.parallelism, lay.tensor_parallel, lay.activation_checkpointing)
+    partial = 0 < lay.checkpointed_layers < n_layers
+    mine = option_name(lay.parallelism, lay.tensor_parallel,
+                       PARTIAL if partial else lay.activation_checkpointing,
+                       lay.checkpointed_layers, n_layers)
     others = sorted(((v, k) for k, v in lay.speeds.items() if v > 0 and k != mine), reverse=True)
     named = ", ".join(f"{k} {v / lay.tokens_per_second:.0%}" for v, k in others[:3])
     what = (f"tensor parallel {lay.tensor_parallel}: each block's heads and SwiGLU width split "
@@ -172,7 +208,7 @@ def _tensor_parallel_reason(lay: Layout, hardware: HardwareView):
     if hardware.tensor_parallel != "auto":
         return what + ", as the spec asks (training.tensor_parallel)"
     return (f"{what}: the fastest layout that fits by compiler/steptime.py ({mine}, "
-            f"{lay.tokens_per_second:,.0f} tokens/s)" + (f"; the next, at their own largest "
+            f"{lay.tokens_per_second:,.0f} tokens/s)" + (f"; the next, each at its own "
                                                          f"micro-batch: {named}" if named else ""))
 
 
@@ -182,8 +218,8 @@ def _frugal_total(shape, hardware, ac, tensor_parallel, world_size=None, grad_ac
     if seq_len is not None:
         shape = dataclasses.replace(shape, seq_len=seq_len)
     frugal = hardware.frugal(tensor_parallel) if world_size is None else "fsdp"
-    return hardware.memory(shape, 1, frugal, tensor_parallel, ac, grad_accum=grad_accum,
-                           world_size=world_size).total
+    return hardware.peak_bytes(shape, 1, frugal, tensor_parallel, ac, grad_accum=grad_accum,
+                               world_size=world_size)
 
 
 def _no_fit(shape, hardware: HardwareView, lay: Layout):

@@ -61,6 +61,11 @@ With r = c = 2 and h·dh = d this is (12 + 4·kv/h)·d + 8·f (the rule of thumb
 8·d (the fp32 copies the unfused RMSNorm keeps) plus 4·h + 8 (fp32 log-sum-exp and 1/rms).
 With activation checkpointing of every block, a layer keeps only its input (r·d, Korthikanti's
 2·s·b·h), and backward recomputes one block at a time: one layer's full activations are live again.
+Checkpointing only the first k blocks (train.py's checkpointed_layers; Megatron-LM's
+--recompute-method block --recompute-num-layers k) keeps k inputs and L − k full layers: backward
+meets the un-checkpointed blocks first, while every earlier layer's tensors are still held, so the
+checkpointed ones are best the earliest. Every moment is then affine in k for 1 ≤ k < L, which
+evaluate.py uses to find the fewest blocks that fit.
 
 Output head and loss (V = vocabulary, n tokens per micro-batch): templates/model.py fuses lm_head
 and cross-entropy (LinearCrossEntropy): its forward walks the tokens in chunks of
@@ -75,9 +80,10 @@ log-softmax and two fp32 gradients), 1.8 MB a token at V = 128256; the fused hea
 (4 + c)·V per token of one chunk only: 3 GiB at V = 128256 whatever the micro-batch, close to
 the "~6·V" bytes per token of docs/DESIGN.md's rule of thumb.
 
-The peak is the largest of seven moments of the step (the fused loss's forward, the output head's
-backward, the start and the end of the last block's backward, the first block's backward, the end
-of backward, the optimizer step); the components of the peak moment are reported, so they add up
+The peak is the largest of eight moments of the step (the fused loss's forward, the output head's
+backward, the start and the end of the last block's backward, the end of the last checkpointed
+block's backward when only some are, the first block's backward, the end of backward, the
+optimizer step); the components of the peak moment are reported, so they add up
 to the total.
 On top: ALLOCATOR_MARGIN for the caching allocator's fragmentation and a fixed per-process overhead
 (CUDA context, cuBLAS workspace, NCCL buffers; or, on CPU, the Python process with torch loaded).
@@ -158,8 +164,8 @@ class MemoryBreakdown:
     calibration: what a calibration's measured/predicted peak adds to the total (negative where
                  the run measured less; 0 without one; see calibrated()).
     phase: which moment of the step is the peak ("loss forward", "output head backward",
-           "last block backward", "end of last block backward", "first block backward",
-           "end of backward", "optimizer step").
+           "last block backward", "end of last block backward", "end of last checkpointed
+           block backward", "first block backward", "end of backward", "optimizer step").
     """
 
     parameters: np.ndarray
@@ -337,6 +343,8 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
 
     shape fields, micro_batch, world_size, gpus_per_node, activation_checkpointing and grad_accum
     may be numpy arrays that broadcast together; parallelism, device and compute_dtype are strings.
+    activation_checkpointing: True (every block), False (none), or integers: the number of leading
+    blocks that recompute (checkpointed_blocks).
     With world_size 1 the generated train.py wraps nothing (one process, autocast): pass "ddp".
     tensor_parallel t: consecutive ranks (inside a node) that split each block's matmuls
     (templates/parallelize.py); data parallelism runs over world_size / t ranks, "ddp" only
@@ -345,6 +353,32 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     recipe: what train.py and model.py do (compiler/recipe.py); the generated defaults unless
     given.
     """
+    moments, params, optim = _step_moments(
+        shape, micro_batch, parallelism, world_size, gpus_per_node, activation_checkpointing,
+        grad_accum, device, compute_dtype, recipe, tensor_parallel, compiled)
+    return _at_peak(moments, params, optim, device)
+
+
+def peak_bytes(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
+               gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
+               device: str = "cuda", compute_dtype: str | None = None,
+               recipe: Recipe = TRAIN_PY, tensor_parallel=1, compiled=False):
+    """memory_per_device(...).total alone, summed in the same order, without picking every
+    component at the peak: what the layout search screens candidates with (a third the work)."""
+    moments, params, optim = _step_moments(
+        shape, micro_batch, parallelism, world_size, gpus_per_node, activation_checkpointing,
+        grad_accum, device, compute_dtype, recipe, tensor_parallel, compiled)
+    tracked = np.maximum.reduce(np.broadcast_arrays(
+        *[params + m.gradients + optim + m.activations + m.logits + m.working
+          for m in moments.values()]))
+    context = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
+    return tracked + ALLOCATOR_MARGIN * tracked + context
+
+
+def _step_moments(shape, micro_batch, parallelism, world_size, gpus_per_node,
+                  activation_checkpointing, grad_accum, device, compute_dtype, recipe,
+                  tensor_parallel, compiled):
+    """(the eight moments, master weights, AdamW moments) of memory_per_device's step."""
     c = _dtype_bytes(compute_dtype or default_dtype(device))
     t = np.asarray(tensor_parallel)
     data_world = np.asarray(world_size) // t
@@ -358,9 +392,19 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     gradients = _gradient_moments(parallelism, grads, n_params, shard, units, grad_accum,
                                   data_world, recipe)
     moments = _moments(shape, units, gradients, micro_batch, c, sharded,
-                       np.asarray(activation_checkpointing, dtype=bool),
+                       checkpointed_blocks(activation_checkpointing, shape.n_layers),
                        np.asarray(grad_accum) > 1, recipe, t, compiled)
-    return _at_peak(moments, params, optim, device)
+    return moments, params, optim
+
+
+def checkpointed_blocks(activation_checkpointing, n_layers) -> np.ndarray:
+    """How many blocks recompute their forward in backward, as floats: True means every block,
+    False none, an integer the first k (at most n_layers)."""
+    ac = np.asarray(activation_checkpointing)
+    layers = np.asarray(n_layers, dtype=np.float64)
+    if ac.dtype == bool:
+        return np.where(ac, layers, 0.0)
+    return np.minimum(ac.astype(np.float64), layers)
 
 
 @dataclass(frozen=True)
@@ -404,8 +448,9 @@ def _gradient_moments(parallelism, grads, n_params, shard, units, grad_accum, wo
     return {"accumulated": accumulated, "late": late, "step": step, "shard": shard}
 
 
-def _working_copies(sharded, c, ac, accumulating, n_layers, u: _Units):
-    """Transient copies of weights and gradients at each moment (module docstring)."""
+def _working_copies(sharded, c, k, accumulating, n_layers, u: _Units):
+    """Transient copies of weights and gradients at each moment (module docstring); k blocks
+    (the first) checkpointed."""
     cast = copy_bytes(c)  # autocast's bf16 copy of an fp32 tensor
     if sharded:
         # The root unit (embedding, final norm, lm_head) stays gathered from its forward to the end
@@ -425,19 +470,21 @@ def _working_copies(sharded, c, ac, accumulating, n_layers, u: _Units):
     # with checkpointing but the block being recomputed). lm_head's copy lives only inside the
     # fused loss's forward, beside the fp32 gradient accumulator (and a bf16 matmul result per
     # chunk); in fp32 the accumulator is the gradient backward returns.
-    cached = cast * np.where(ac, 0.0, n_layers * u.block_matmuls)
+    cached = cast * (n_layers - k) * u.block_matmuls
     # A block's backward ends with its weight gradients: in bf16 under autocast, then fp32;
     # the fp32 one becomes .grad (counted in gradients) unless it is added to an earlier one.
-    block_start = cached + np.where(ac, cast * u.block_matmuls, 0.0)
+    # The last block, when checkpointed too, makes its copy again as it recomputes.
+    block_start = cached + np.where(k >= n_layers, cast * u.block_matmuls, 0.0)
     return {"loss": cached + (cast + FP32) * u.head, "head": cached + FP32 * u.head,
             "block_start": block_start,
             "block_end": block_start + cast * u.block + np.where(accumulating, FP32 * u.block, 0.0),
             "root": FP32 * u.root}  # the embedding's fp32 gradient
 
 
-def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, accumulating, recipe,
+def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accumulating, recipe,
              t=1, compiled=False):
-    """{name: Moment} for the seven moments of the step whose largest total is the peak."""
+    """{name: Moment} for the eight moments of the step whose largest total is the peak; the
+    first k blocks checkpointed."""
     # FSDP2 casts the weights to the compute dtype, so the residual stream is in it too; DDP under
     # autocast (and fp32 training) keeps fp32 weights and an fp32 residual stream.
     r = c if sharded else FP32
@@ -452,8 +499,12 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
                   + rope_bytes_per_position(dh, c) * seq)
     # Under sequence parallelism the residual stream, the final norm and a block's input are
     # split t ways; the token ids are not.
-    kept_layer = np.where(ac, checkpoint_bytes_per_token(d, r) / t * tokens, full_layer)
-    layers_saved = L * kept_layer
+    checkpointed_layer = checkpoint_bytes_per_token(d, r) / t * tokens
+    every = k >= L
+    layers_saved = k * checkpointed_layer + (L - k) * full_layer
+    # What the layers below the last one keep: it is checkpointed only when all are.
+    below_last = np.minimum(k, L - 1)
+    others = below_last * checkpointed_layer + (L - 1 - below_last) * full_layer
     head_saved = head_activation_bytes_per_token(d, r, t) * tokens
     # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
     # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
@@ -466,8 +517,8 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     # (under sequence parallelism: the hidden pair's 1/t, the gathered input's gradient whole
     # before its reduce-scatter, the residual's 1/t)
     block_first = full_layer + c * (2 * f / t + d + d / t) * tokens
-    block_live = (L - 1) * kept_layer + block_first
-    working = _working_copies(sharded, c, ac, accumulating, L, u)
+    block_live = others + block_first
+    working = _working_copies(sharded, c, k, accumulating, L, u)
 
     # Gradients present as the last block's backward starts and ends, beyond earlier
     # micro-batches': lm_head's (DDP; FSDP keeps the root's unsharded until the end of backward,
@@ -483,8 +534,19 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
     grads_first = np.where(accumulating, late, late - GRADIENT_BYTES * not_yet / shard)
     # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
     # under activation checkpointing were measured to stay until the block's backward ends.
-    block_end = np.where(ac, block_first, c * d / t * tokens)  # else: the residual's gradient
+    block_end = np.where(every, block_first, c * d / t * tokens)  # else: the residual's gradient
     zero = np.zeros_like(tokens)
+    # With only the first k blocks checkpointed, block k − 1 ends its backward with its
+    # recomputed tensors still live, over the k − 1 inputs below it, the gradients of the blocks
+    # above, and the working copies of a checkpointed block (measured: tests/test_memory.py).
+    partly = (k >= 1) & ~every
+    grads_ck = np.where(accumulating, late,
+                        late - GRADIENT_BYTES * ((k - 1) * u.block
+                                                 + (u.root if sharded else u.root - u.head)) / shard)
+    working_ck = _working_copies(sharded, c, L, accumulating, L, u)["block_end"]
+    last_checkpointed = Moment(np.where(partly, grads_ck, 0.0),
+                               np.where(partly, (k - 1) * checkpointed_layer + block_first, 0.0),
+                               zero, np.where(partly, working_ck, 0.0))
     return {
         "loss forward": Moment(accumulated, layers_saved + head_saved + loss_inputs,
                                loss_logits + grad_head_input, working["loss"]),
@@ -493,8 +555,9 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, ac, acc
         "output head backward": Moment(accumulated, layers_saved + head_saved + grad_head_input,
                                        copy_bytes(r, c) * d * tokens, working["head"]),
         "last block backward": Moment(grads_block_start, block_live, zero, working["block_start"]),
-        "end of last block backward": Moment(grads_block_end, (L - 1) * kept_layer + block_end,
+        "end of last block backward": Moment(grads_block_end, others + block_end,
                                              zero, working["block_end"]),
+        "end of last checkpointed block backward": last_checkpointed,
         "first block backward": Moment(grads_first, block_first, zero, working["block_start"]),
         "end of backward": Moment(late, zero, zero, working["root"]),
         # train.py's fused AdamW (CUDA and CPU) updates in place, without temporaries

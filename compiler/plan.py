@@ -123,7 +123,8 @@ class Training(PlanModel):
     beta1: float
     beta2: float
     grad_clip: float
-    activation_checkpointing: bool
+    activation_checkpointing: bool  # some block recomputes its forward in backward
+    checkpointed_layers: int  # how many: the first k blocks (all of them, or 0)
     compile: bool
     dtype: str
     device: str

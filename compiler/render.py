@@ -22,7 +22,7 @@ import jinja2
 from . import __version__, figure, lawfit
 from .errors import UserError
 from .plan import Plan
-from .units import duration, si, time_budget
+from .units import checkpointing, duration, si, time_budget
 
 LOCK_NAME = "llama3gen.lock.json"
 VARIANT_TEMPLATE = "__variant__"
@@ -102,7 +102,8 @@ def _environment(root: Path) -> jinja2.Environment:
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
         bytecode_cache=_bytecode_cache())
     env.filters.update(shquote=_shquote, cell=_cell, pyrepr=_pyrepr, sci=_sci, si=si,
-                       duration=duration, time_budget=time_budget, gib=_gib, fixed=_fixed, commas=_commas,
+                       duration=duration, time_budget=time_budget, checkpointing=checkpointing,
+                       gib=_gib, fixed=_fixed, commas=_commas,
                        tojson=lambda v: json.dumps(v, sort_keys=True))
     return env
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .plan import Plan, Variant
-from .units import duration, si, time_budget
+from .units import checkpointing, duration, si, time_budget
 
 RULE = "=" * 88
 
@@ -99,7 +99,7 @@ def variant_block(plan: Plan, v: Variant) -> str:
         "",
         "TRAINING PLAN:",
         f"  layout             {t.parallelism}{f' × tensor parallel {t.tensor_parallel}' if t.tensor_parallel > 1 else ''} over {t.world_size} devices, micro-batch {t.micro_batch_size} × "
-        f"accum {t.grad_accum}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}",
+        f"accum {t.grad_accum}, activation checkpointing {checkpointing(t, s.n_layers)}",
         f"  global batch       {t.global_batch_size} × {s.seq_len} = {t.global_batch_tokens:,} tokens "
         f"({v.provenance.get('global_batch_size', '')})",
         f"  learning rate      {t.learning_rate:.3e} peak, {t.lr_schedule}, warmup {t.warmup_iters}, "

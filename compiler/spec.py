@@ -462,6 +462,8 @@ class Training(StrictModel):
     beta1: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.95
     grad_clip: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0
+    # "auto": no block, the fewest leading blocks that fit, or every block, whichever the
+    # planner predicts fastest within memory; true: every block; false: none.
     activation_checkpointing: Literal["auto", True, False] = "auto"
     # Ranks of a node that split each block (templates/parallelize.py): "auto" lets the planner
     # choose 1, 2, 4 or 8 by predicted speed within memory; a number fixes it.

@@ -28,8 +28,8 @@ TP        tensor parallelism over t consecutive ranks of a node (Megatron-LM, Sh
           width) and the whole replicated rest (the output head and loss: every rank of the group
           computes them for the same tokens). A block costs two all-reduces of its activations
           (tokens · d in the compute dtype) in forward (after o_proj and down_proj) and two in
-          backward (the gradients of the attention's and the MLP's inputs), two more when
-          activation checkpointing recomputes the forward. They sit on the critical path: each
+          backward (the gradients of the attention's and the MLP's inputs), two more in each
+          block whose forward activation checkpointing recomputes. They sit on the critical path: each
           one's result is the next matmul's input (no asynchronous TP in train.py). Data
           parallelism then runs over world / t ranks holding 1/t of the blocks' weights each;
           its groups stride over the tensor groups, so they leave the node as soon as the data
@@ -89,7 +89,8 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
     n_params: parameters one rank of a tensor group holds (its 1/t of the blocks' matmuls);
     root_params: the FSDP root unit (embedding, final norm, lm_head); the FLOPs per token are
     those the whole tensor group executes (the replicated output head t times), forward's and
-    forward + backward's (with the recomputation under checkpointing)."""
+    forward + backward's (with the recomputation under checkpointing). activation_checkpointing:
+    the fraction of the blocks that recompute their forward (True: all)."""
     t = np.asarray(tensor_parallel, dtype=np.float64)
     flops_per_s = peak_flops * kernel_efficiency
     compute_mb = hardware_flops_per_token * tokens_per_micro_batch / t / flops_per_s
@@ -127,7 +128,8 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
 def _tensor_parallel_seconds(tokens_per_micro_batch, d_model, n_layers, t, checkpointing,
                              gpus_per_node, interconnect):
     """One micro-batch's TP all-reduces, all on the critical path (module docstring): 4 per
-    block, 6 with the recomputed forward, of tokens · d activations in bf16 over t ranks."""
+    block, 6 with the recomputed forward (checkpointing: the fraction of blocks that recompute),
+    of tokens · d activations in bf16 over t ranks."""
     per_block = 4 + 2 * np.asarray(checkpointing, dtype=np.float64)
     size = BF16 * np.asarray(tokens_per_micro_batch, dtype=np.float64) * np.asarray(d_model)
     bandwidth = group_bandwidth(t, gpus_per_node, interconnect)

@@ -202,7 +202,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
         learning_rate=steps.lr, min_lr=_four_digits(steps.lr * tr.min_lr_ratio),
         lr_schedule=tr.schedule, warmup_iters=steps.warmup, decay_frac=tr.decay_frac,
         weight_decay=tr.weight_decay, beta1=tr.beta1, beta2=tr.beta2, grad_clip=tr.grad_clip,
-        activation_checkpointing=lay.activation_checkpointing, compile=tr.compile,
+        activation_checkpointing=lay.activation_checkpointing,
+        checkpointed_layers=lay.checkpointed_layers, compile=tr.compile,
         dtype="float32" if is_cpu else "bfloat16", device="cpu" if is_cpu else "cuda",
         eval_interval=tr.eval_interval or max(1, min(1000, steps.max_iters // 10)),
         eval_iters=tr.eval_iters, log_interval=min(LOG_INTERVAL, steps.max_iters),
@@ -275,8 +276,12 @@ def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, secon
     source = ("predicted: compiler/steptime.py (compute + exposed communication)" if not measured
               else "spec: hardware.mfu (measured)" if hw.calibration is None
               else calibrate.mfu_source(hw.calibration_data, hw.calibration, shape, training))
-    recompute = (", + one forward of the blocks for activation recomputation"
-                 if lay.activation_checkpointing else "")
+    recompute = ""
+    if lay.activation_checkpointing:
+        which = ("the blocks" if lay.checkpointed_layers == shape.n_layers
+                 else f"the first {lay.checkpointed_layers} of {shape.n_layers} blocks")
+        recompute = f", + one forward of {which} for activation recomputation"
+
     if measured:
         provenance["timing"] = (
             f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.measured_mfu:g} "

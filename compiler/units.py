@@ -21,6 +21,15 @@ def duration(days: float) -> str:
     return f"{days * 24 * 60:.1f} minutes"
 
 
+def checkpointing(training, n_layers: int) -> str:
+    """A plan's activation checkpointing in words: 'off', 'on' (every block), '24 of 80 blocks'."""
+    if not training.activation_checkpointing:
+        return "off"
+    if training.checkpointed_layers in (0, n_layers):
+        return "on"
+    return f"{training.checkpointed_layers} of {n_layers} blocks"
+
+
 def time_budget(spec_budget: dict) -> str | None:
     """A spec's time budget as it was given ('14 days', '200000 GPU-hours'); None for FLOPs."""
     if spec_budget.get("days") is not None:

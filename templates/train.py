@@ -111,7 +111,8 @@ keep_last_ckpts = 3
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast / FSDP2 param dtype on CUDA; CPU always trains in float32
 parallelism = "fsdp"  # "fsdp", "hsdp" (shard in a node, replicate across) or "ddp"; 1 process: none
-activation_checkpointing = False
+activation_checkpointing = False  # blocks recompute their forward in backward
+checkpointed_layers = 0  # how many: the first k (0: all; Megatron-LM's --recompute-num-layers)
 compile = False
 seed = 1337
 # the recipe the plan's memory and speed assume (llama3gen's compiler/recipe.py); change it here
@@ -161,12 +162,15 @@ RULES = {
     "init_from_hf": ANY_TEXT,  # checked when it is used: a run that resumes ignores it
     "data_sources": ANY_TEXT,  # parsed by dataset.parse_sources, with its own message
     "max_nonfinite_steps": at_least(1), "benchmark_iters": at_least(0),
+    "checkpointed_layers": at_least(0),
     "wandb_project": ANY_TEXT,
 }
 RELATIONS = [  # (key, test, what is allowed): settings that must agree with each other
     ("n_kv_head", lambda c: c["n_head"] % c["n_kv_head"] == 0, "a divisor of n_head ({n_head})"),
     ("min_lr", lambda c: c["min_lr"] <= c["learning_rate"],
      "at most learning_rate ({learning_rate})"),
+    ("checkpointed_layers", lambda c: c["checkpointed_layers"] <= c["n_layer"],
+     "at most n_layer ({n_layer})"),
 ]
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1
 PARALLELISM_NAMES = {"fsdp": "FSDP2", "hsdp": "HSDP (FSDP2 on a nodes × GPUs mesh)", "ddp": "DDP"}
@@ -275,6 +279,11 @@ def load_init_from_hf(model, hf_dir):
                           f"{reason}") from None
 
 
+def checkpointed_blocks(cfg):
+    """How many blocks, the first ones, recompute their forward in backward."""
+    return (cfg.checkpointed_layers or cfg.n_layer) if cfg.activation_checkpointing else 0
+
+
 def build_model(cfg, dev, world, start_from_hf):
     """The model, with activation checkpointing, compile and its parallelism applied."""
     args = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)})
@@ -284,10 +293,14 @@ def build_model(cfg, dev, world, start_from_hf):
     if start_from_hf:  # continued pre-training: every rank loads the full weights before wrapping
         load_init_from_hf(model, cfg.init_from_hf)
     layers = model.model.layers
-    if cfg.activation_checkpointing:  # recompute each block's activations in backward
+    # Recompute blocks' activations in backward: every block, or the first k. Backward meets the
+    # last blocks first, while all earlier layers' tensors are held: checkpointing the earliest
+    # lowers that peak most (compiler/memory.py).
+    checkpointed = checkpointed_blocks(cfg)
+    if checkpointed:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(layers):
-            layers[i] = checkpoint_wrapper(block)
+        for i in range(checkpointed):
+            layers[i] = checkpoint_wrapper(layers[i])
     if cfg.compile:  # block by block, in place (parameter names do not change)
         for block in layers:
             block.compile()
@@ -401,6 +414,7 @@ def benchmark_record(cfg, world, dev, accum, steps, seconds):
                        "global_batch_size": cfg.global_batch_size,
                        "micro_batch_size": cfg.micro_batch_size, "grad_accum": accum,
                        "activation_checkpointing": cfg.activation_checkpointing,
+                       "checkpointed_layers": cfg.checkpointed_layers,
                        "compile": cfg.compile, "tensor_parallel": cfg.tensor_parallel,
                        "dtype": cfg.dtype if dev.type == "cuda" else "float32"},
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -669,9 +683,12 @@ def build_training(cfg, run, start_from_hf):
     if cfg.tensor_parallel > 1:
         layout = (f"tensor parallel {cfg.tensor_parallel}"
                   + (f" × {layout}" if run.data_world > 1 else ""))
+    recomputed = checkpointed_blocks(cfg)
     log(f"model: {n_params:,} parameters, {cfg.n_layer} layers, d {cfg.n_embd}; "
         f"{run.world} rank(s) on {run.dev.type}, {layout}; {run.tokens_per_step:,} tokens/step = "
-        f"{run.data_world} × {cfg.micro_batch_size} × {run.accum} accum × {cfg.block_size}")
+        f"{run.data_world} × {cfg.micro_batch_size} × {run.accum} accum × {cfg.block_size}"
+        + (f"; activation checkpointing of {recomputed} of {cfg.n_layer} blocks" if recomputed
+           else ""))
     if start_from_hf:
         log(f"initialised from the Hugging Face weights in {cfg.init_from_hf}")
     return model, optimizer, autocast, sharded

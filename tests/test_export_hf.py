@@ -420,6 +420,12 @@ if rank == 0:
     torch.save(full, os.path.join(out_dir, "gathered_model.pt"))
 dist.barrier()
 dist.destroy_process_group()
+# Everything the test checks is on disk now. Skip interpreter finalization: once, in CI under the
+# portable kernels on an AMD EPYC, rank 1 aborted with "terminate called without an active
+# exception" (a C++ std::terminate, from torch's own threads) and failed the job; 12 reruns
+# passed. Exiting here cannot hide a wrong result: the outputs are compared afterwards.
+sys.stdout.flush()
+os._exit(0)
 """
 
 

@@ -166,20 +166,24 @@ LLAMA3_70B = ModelShape(80, 8192, 64, 8, 128, 28672, 128256, 8192)
 
 def test_a_70b_model_at_8192_on_32_nodes_picks_tensor_parallelism_where_the_fabric_allows():
     """Without tensor parallelism even micro-batch 1 of 70B at 8192 tokens needs activation
-    checkpointing (a third more block compute). TP 8 with sequence parallelism splits the
-    activations 8 ways and fits without it, at micro-batch 1, where each FSDP gather and
-    reduce-scatter over the 32 data ranks serves only 8192 tokens of 1/8 of the compute. On an
-    800 Gb/s fabric per GPU (IBM fms-fsdp's H100 cluster) those collectives mostly hide and TP 8
-    wins; on the catalog's 400 Gb/s NDR they do not, and FSDP with recomputation at micro-batch
-    2 (twice the tokens per gather) is predicted faster. Both are the model's own numbers; the
-    closest published run, torchtitan's Llama 3 70B on 64 A100s with FSDP2 alone and full
-    recomputation at 51.7% MFU, is a row of bench/steptime.py."""
+    checkpointing. TP 8 with sequence parallelism splits the activations 8 ways and fits without
+    it at micro-batch 1, where each FSDP gather and reduce-scatter over the 32 data ranks serves
+    only 8192 tokens of 1/8 of the compute; TP 4 with the first 24 of the 80 blocks checkpointed
+    fits the same micro-batch at half the TP group. On an 800 Gb/s fabric per GPU (IBM
+    fms-fsdp's H100 cluster) those collectives mostly hide and TP 4 wins (639 tokens/s per GPU
+    against 620 for the best layout without TP). On the catalog's 400 Gb/s NDR they do not, and
+    FSDP alone at micro-batch 2 (twice the tokens per gather), with 75 of 80 blocks
+    checkpointed, is predicted faster (602; TP 8 without recomputation 431). Both are the model's
+    own numbers; the closest published run, torchtitan's Llama 3 70B on 64 A100s with FSDP2
+    alone and full recomputation at 51.7% MFU, is a row of bench/steptime.py."""
     fast = evaluate(LLAMA3_70B, h100s(32, inter_node_GBps=100), 2048)
-    assert fast.fits[0] and fast.tensor_parallel[0] == 8 and not fast.activation_checkpointing[0]
-    assert fast.tokens_per_second[0] > fast.speeds[("fsdp", 1, True)][0]
+    assert fast.fits[0] and fast.tensor_parallel[0] > 1
+    without_tp = max(v[0] for (p, t, _), v in fast.speeds.items() if t == 1)
+    assert fast.tokens_per_second[0] > without_tp
     assert fast.speeds[("fsdp", 1, False)][0] == 0  # no TP: does not fit without recomputation
     ndr = evaluate(LLAMA3_70B, h100s(32), 2048)
-    assert ndr.tensor_parallel[0] == 1 and ndr.activation_checkpointing[0]
+    assert ndr.tensor_parallel[0] == 1 and 0 < ndr.checkpointed_layers[0] < 80
+    assert ndr.tokens_per_second[0] > ndr.speeds[("fsdp", 1, True)][0]  # not every block
     tp8 = ndr.speeds[("fsdp", 8, False)][0]
     assert 0 < tp8 < ndr.tokens_per_second[0]
     step, _ = time_layout(LLAMA3_70B, h100s(32), "fsdp", 8, 1, 64, False)

@@ -205,13 +205,18 @@ def test_fsdp_syncing_only_the_last_micro_batch_trains_the_same(repo, single_run
                          start_step=10)
 
 
-def test_activation_checkpointing_recomputes_the_same_numbers(repo, single_run):
+@pytest.mark.parametrize("blocks", [0, 1], ids=["every block", "the first block"])
+def test_activation_checkpointing_recomputes_the_same_numbers(repo, single_run, blocks):
     """Recomputing block activations in backward changes memory, not results (bit for bit on
-    CPU), and leaves parameter names alone."""
-    run_train(repo, "config/tiny.py", "--out_dir=out/ac", "--activation_checkpointing=True")
-    assert train_losses(repo / "out/ac") == train_losses(single_run)
+    CPU: the recomputed forward runs the same kernels on the same inputs), and leaves parameter
+    names alone; checkpointed_layers=1 wraps the first of the 2 blocks only."""
+    out = f"out/ac{blocks}"
+    stdout = run_train(repo, "config/tiny.py", f"--out_dir={out}", "--activation_checkpointing",
+                       f"--checkpointed_layers={blocks}").stdout
+    assert f"activation checkpointing of {blocks or 2} of 2 blocks" in stdout
+    assert train_losses(repo / out) == train_losses(single_run)
     a = checkpoint.load_model_weights(single_run)
-    b = checkpoint.load_model_weights(repo / "out/ac")
+    b = checkpoint.load_model_weights(repo / out)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -52,7 +52,8 @@ device = 'cuda'
 dtype = 'bfloat16'
 parallelism = 'fsdp'
 tensor_parallel = 1  # ranks of a node splitting each block (parallelize.py), as the plan chose
-activation_checkpointing = False
+activation_checkpointing = False  # blocks recompute their forward in backward
+checkpointed_layers = 0  # how many: the first k of 18 (0 with activation_checkpointing: all), as the plan chose
 compile = True  # spec: training.compile
 seed = 1337
 
