@@ -160,3 +160,13 @@ def test_a_plan_that_checkpoints_some_blocks_says_so_and_its_config_does_it():
               if isinstance(n, ast.Assign)}
     assert values["activation_checkpointing"] is True
     assert values["checkpointed_layers"] == t.checkpointed_layers
+
+
+def test_a_runs_layout_record_counts_its_blocks_as_train_py_reads_its_config():
+    """calibrate.py compares a run's layout with the plan's by this count: records written before
+    checkpointed_layers existed meant every block."""
+    from compiler.calibrate import checkpointed_blocks
+    assert checkpointed_blocks({"activation_checkpointing": False, "checkpointed_layers": 5}, 8) == 0
+    assert checkpointed_blocks({"activation_checkpointing": True, "checkpointed_layers": 5}, 8) == 5
+    assert checkpointed_blocks({"activation_checkpointing": True, "checkpointed_layers": 0}, 8) == 8
+    assert checkpointed_blocks({"activation_checkpointing": True}, 8) == 8
