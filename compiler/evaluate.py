@@ -40,6 +40,7 @@ from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
 PARTIAL = "partial"  # the checkpointing choice between none (False) and every block (True)
+LEVELS = {False: 0, PARTIAL: 1, True: 2}  # the checkpointing choices as levels, for ties
 ROUNDING_GUARD = 1e-9  # relative: the fewest blocks that fit are never rounded down (_fewest_blocks)
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)  # within a node: NVLink domains are 8 GPUs
 
@@ -244,7 +245,10 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
         for t, p in hardware.layouts():
             key = (p, t, checkpointing)
             m = options[key]
-            blocks = {False: 0 * n_layers, True: n_layers}.get(checkpointing, partial.get((p, t)))
+            if checkpointing == PARTIAL:
+                blocks = partial[(p, t)]
+            else:
+                blocks = n_layers if checkpointing else 0 * n_layers
             # micro-batch 1 where none fits: the frugal layout a shape that fits nowhere reports
             timed[key] = time_layout(shapes, hardware, p, t, np.maximum(m, 1), per_rank[t],
                                      blocks)
@@ -321,9 +325,6 @@ def fits_at_any_scale(shapes: ModelShape, hardware: HardwareView) -> np.ndarray:
                                     is not False, world_size=LARGEST_WORLD)
         fits |= splits_blocks(shapes, t) & (np.asarray(total) <= hardware.capacity)
     return fits
-
-
-LEVELS = {False: 0, PARTIAL: 1, True: 2}  # evaluate's checkpointing levels
 
 
 def _checkpointed_layers(level, partial, parallelism, tensor_parallel, n_layers):

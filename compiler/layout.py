@@ -60,6 +60,11 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
     """Candidate i of an evaluation (shape: its fields as scalars), with the reasons or the fix."""
     e = at(evaluation, i)
     n_layers = int(np.ravel(shape.n_layers)[0])
+
+    def name(key):  # Layout.options' name of an evaluate.py layout key
+        p, t, ac = key
+        return option_name(p, t, ac, e["partial_layers"].get((p, t), 0), n_layers)
+
     lay = Layout(fits=e["fits"], parallelism=e["parallelism"], world_size=hardware.world_size,
                  micro_batch_size=e["micro_batch"], grad_accum=e["grad_accum"],
                  activation_checkpointing=e["activation_checkpointing"], memory=e["memory"],
@@ -69,12 +74,9 @@ def from_evaluation(evaluation: Evaluation, i: int, shape: ModelShape,
                  compute_seconds=e["compute_seconds"],
                  exposed_comm_seconds=e["exposed_comm_seconds"],
                  tensor_parallel=e["tensor_parallel"],
-                 checkpointed_layers=e["checkpointed_layers"])
-    def name(key):
-        p, t, ac = key
-        return option_name(p, t, ac, e["partial_layers"].get((p, t), 0), n_layers)
-    lay = dataclasses.replace(lay, options={name(k): m for k, m in e["options"].items()},
-                              speeds={name(k): v for k, v in e["speeds"].items()})
+                 checkpointed_layers=e["checkpointed_layers"],
+                 options={name(k): m for k, m in e["options"].items()},
+                 speeds={name(k): v for k, v in e["speeds"].items()})
     global_batch = e["per_rank_batch"] * hardware.world_size // lay.tensor_parallel
     if e["problem"] == NO_SPLIT:
         return dataclasses.replace(
