@@ -332,7 +332,7 @@ def fake_tp_mesh(fake_mesh):
     return init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("dp", "tp"))
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, 2, True])
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_fsdp2_with_tensor_and_sequence_parallelism_matches_fsdpmemtracker(
         fake_tp_mesh, checkpointing, grad_accum):
