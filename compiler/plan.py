@@ -4,8 +4,8 @@ It is the one input of rendering and is written into the generated repo as llama
 Plain data only (pydantic models of ints, floats, strings): no behaviour lives here.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: with real annotations pydantic builds these
+# models without compiling each annotation string first (1.6% of `solve`'s instructions).
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_serializer

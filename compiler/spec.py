@@ -4,8 +4,8 @@
 into a UserError naming file:line:column, the field path, what was wrong and what is allowed.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: with real annotations pydantic builds these
+# models without compiling each annotation string first (1.6% of `solve`'s instructions).
 import functools
 import re
 import types
