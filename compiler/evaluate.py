@@ -34,7 +34,7 @@ import numpy as np
 
 from . import arch, hardware as catalog
 from .hardware import Interconnect
-from .memory import (CUDA_CONTEXT_BYTES, MemoryBreakdown, ModelShape, Recipe, calibrated,
+from .memory import (MemoryBreakdown, ModelShape, Recipe, calibrated, calibrated_total,
                      checkpointed_blocks, memory_per_device, peak_bytes)
 from .steptime import StepTime, step_time
 
@@ -103,8 +103,7 @@ class HardwareView:
             parallelism, tensor_parallel, activation_checkpointing, grad_accum, world_size))
         if self.memory_ratio == 1.0:
             return total
-        kept = CUDA_CONTEXT_BYTES if self.device == "cuda" else 0.0  # as calibrated()
-        return kept + (total - kept) * self.memory_ratio
+        return calibrated_total(total, self.memory_ratio, self.device)
 
     def _memory_args(self, parallelism, tensor_parallel, activation_checkpointing, grad_accum,
                      world_size) -> dict:

@@ -592,10 +592,15 @@ def calibrated(m: MemoryBreakdown, ratio: float, device: str) -> MemoryBreakdown
     (compiler/calibrate.py), the difference booked as `calibration` so the parts still add up.
     On CUDA the context is left out of the scaling: the measurement (the caching allocator's
     reserved bytes) does not see it."""
-    kept = m.context if device == "cuda" else 0.0
-    total = kept + (np.asarray(m.total) - kept) * ratio
+    total = calibrated_total(np.asarray(m.total), ratio, device)
     return dataclasses.replace(m, total=_out(total, total),
                                calibration=_out(total - np.asarray(m.total), total))
+
+
+def calibrated_total(total, ratio: float, device: str):
+    """A predicted total scaled by a measured/predicted ratio, the CUDA context left out."""
+    kept = CUDA_CONTEXT_BYTES if device == "cuda" else 0.0
+    return kept + (total - kept) * ratio
 
 
 def tracked_bytes(m: MemoryBreakdown):

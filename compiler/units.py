@@ -25,7 +25,7 @@ def checkpointing(training, n_layers: int) -> str:
     """A plan's activation checkpointing in words: 'off', 'on' (every block), '24 of 80 blocks'."""
     if not training.activation_checkpointing:
         return "off"
-    if training.checkpointed_layers in (0, n_layers):
+    if training.checkpointed_layers == n_layers:
         return "on"
     return f"{training.checkpointed_layers} of {n_layers} blocks"
 
