@@ -15,9 +15,8 @@ The rules (docs/DESIGN.md, "Layout"), for each shape:
 2. In each layout the micro-batch per rank is the largest divisor of the per-rank batch (global
    batch / data ranks) that fits; gradient accumulation makes up the rest. Checkpointing some
    blocks trades recomputation against micro-batch: at every divisor, the fewest leading blocks
-   that fit (memory.py's moments are affine in that number from 1 to L − 1 blocks, so the chord
-   between those ends is exact where one moment is the peak, and errs toward more blocks where
-   the peak moves), and of those, the fastest.
+   that fit (memory.py's moments are each affine in that number from 1 to L − 1 blocks, so
+   their values at those ends give the exact fewest), and of those, the fastest.
 3. The fastest layout by steptime.py wins. On a tie (a measured MFU times every layout alike but
    for their FLOPs) no checkpointing, then the smaller t, then the larger micro-batch, then the
    least sharding.
@@ -35,7 +34,7 @@ import numpy as np
 from . import arch, hardware as catalog
 from .hardware import Interconnect
 from .memory import (MemoryBreakdown, ModelShape, Recipe, calibrated, calibrated_total,
-                     checkpointed_blocks, memory_per_device, peak_bytes)
+                     checkpointed_blocks, memory_per_device, moment_bytes, peak_bytes)
 from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
@@ -104,6 +103,15 @@ class HardwareView:
         if self.memory_ratio == 1.0:
             return total
         return calibrated_total(total, self.memory_ratio, self.device)
+
+    def moment_bytes(self, shapes, micro_batch, parallelism, tensor_parallel,
+                     activation_checkpointing, grad_accum=1, world_size=None):
+        """peak_bytes(...) before its maximum: each moment's total (memory.moment_bytes)."""
+        moments = moment_bytes(shapes, micro_batch, **self._memory_args(
+            parallelism, tensor_parallel, activation_checkpointing, grad_accum, world_size))
+        if self.memory_ratio == 1.0:
+            return moments
+        return calibrated_total(moments, self.memory_ratio, self.device)
 
     def _memory_args(self, parallelism, tensor_parallel, activation_checkpointing, grad_accum,
                      world_size) -> dict:
@@ -432,24 +440,26 @@ def _largest_micro_batches(shapes, hardware, tensor_parallel, per_rank, usable):
 
 def _fewest_blocks(column, hardware, parallelism, t, micro, accum, total_none):
     """At each micro-batch, the fewest leading blocks to checkpoint for it to fit: 1 to L − 1,
-    or 0 where it fits without or needs every block. From 1 to L − 1 blocks the moments are
-    affine in the count and the peak, their maximum, is convex: the chord from 1 to L − 1 lies
-    above it, so where the chord crosses the capacity the step fits. That crossing is exact
-    where one moment is the peak throughout, and errs toward more blocks where the peak moves
-    (tests/test_checkpointing.py checks both on random shapes). ROUNDING_GUARD keeps float64's
-    rounding of the ratio (~1e-15) from ever rounding it down."""
+    or 0 where it fits without or needs every block. From 1 to L − 1 blocks every moment of the
+    step is affine in the count (memory.moment_bytes), so two evaluations, at 1 and L − 1 blocks,
+    give each moment's line and the count where it falls to the capacity; the step fits where all
+    of them have. ROUNDING_GUARD keeps float64's rounding of the ratio (~1e-15) from ever
+    rounding it down (an exact tie then takes one block more)."""
     layers = np.asarray(column.n_layers, dtype=np.int64)
     below_all = np.maximum(layers - 1, 1) + 0 * micro
     one = np.ones_like(below_all)
-    total_one = hardware.peak_bytes(column, micro, parallelism, t, one, grad_accum=accum)
-    total_below = hardware.peak_bytes(column, micro, parallelism, t, below_all, grad_accum=accum)
+    moments_one = hardware.moment_bytes(column, micro, parallelism, t, one, grad_accum=accum)
+    moments_below = hardware.moment_bytes(column, micro, parallelism, t, below_all,
+                                          grad_accum=accum)
     capacity = hardware.capacity
-    need = (total_none > capacity) & (total_below <= capacity) & (layers >= 2)
-    saved_per_block = np.where(need, total_one - total_below, 1.0) / np.maximum(below_all - 1, 1)
-    over = np.where(need, total_one - capacity, 0.0)
-    chord = 1 + np.ceil(np.maximum(over, 0.0) / np.where(saved_per_block > 0, saved_per_block, 1.0)
-                        * (1 + ROUNDING_GUARD))
-    return np.where(need, np.minimum(chord, below_all), 0).astype(np.int64)
+    need = (total_none > capacity) & (moments_below.max(axis=0) <= capacity) & (layers >= 2)
+    # per moment: bytes saved per block, and the bytes over the capacity at one block
+    saved_per_block = (moments_one - moments_below) / np.maximum(below_all - 1, 1)
+    over = np.maximum(moments_one - capacity, 0.0)
+    falls = saved_per_block > 0  # where over > 0 and need holds, the moment must fall
+    blocks = 1 + np.ceil(np.where(falls, over / np.where(falls, saved_per_block, 1.0), 0.0)
+                         * (1 + ROUNDING_GUARD))
+    return np.where(need, np.minimum(blocks.max(axis=0), below_all), 0).astype(np.int64)
 
 
 def divisor_table(values) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 
 from compiler import arch
 from compiler import hardware as catalog
-from compiler.evaluate import PARTIAL, HardwareView, evaluate, hardware_flops_per_token
+from compiler.evaluate import PARTIAL, ROUNDING_GUARD, HardwareView, evaluate, hardware_flops_per_token
 from compiler.memory import ModelShape, memory_per_device
 from compiler.steptime import _tensor_parallel_seconds
 
@@ -59,13 +59,13 @@ def test_screening_total_is_the_breakdowns_total():
 
 
 def test_the_blocks_chosen_are_the_fewest_that_fit():
-    """For every shape and layout where checkpointing some blocks is an option, the count fits,
-    and it is the fewest (found by trying every count) wherever one moment of the step is the
-    peak from 0 to L − 1 blocks; where the peak moves the chord may take a few more, never fewer."""
+    """For every shape and layout where checkpointing some blocks is an option, the count is the
+    fewest that fits, found by trying every count. One more is allowed only where the fewest
+    fits within ROUNDING_GUARD of the capacity: the guard's deliberate round-up at a tie."""
     view = h100s(4)
     shapes = random_shapes(60, seed=2)
     ev = evaluate(shapes, view, 256)
-    exact = checked = 0
+    checked = moving_peak = 0
     for (p, t), counts in ev.partial_layers.items():
         micro = ev.options[(p, t, PARTIAL)]
         for i in np.flatnonzero(counts):
@@ -74,13 +74,13 @@ def test_the_blocks_chosen_are_the_fewest_that_fit():
             every = np.arange(int(s.n_layers))
             totals = view.peak_bytes(s, m, p, t, every, grad_accum=accum)
             fewest = int(np.flatnonzero(totals <= view.capacity)[0])
-            assert totals[k] <= view.capacity and fewest <= k, (i, p, t, k, fewest)
-            phases = view.memory(s, m, p, t, every[[0, -1]], grad_accum=accum).phase
-            if phases[0] == phases[1]:
-                assert k == fewest, (i, p, t, k, fewest, phases)
-                exact += 1
+            tie = totals[fewest] > view.capacity * (1 - ROUNDING_GUARD)
+            assert k == fewest or (tie and k == fewest + 1), (i, p, t, k, fewest)
+            phases = view.memory(s, m, p, t, every[[1, -1]], grad_accum=accum).phase
+            moving_peak += phases[0] != phases[1]
             checked += 1
-    assert checked > 100 and exact > checked // 2  # the test sees both cases, mostly exact
+    # the test sees both cases: one moment the peak throughout, and a peak that moves
+    assert checked > 100 and 0 < moving_peak < checked, (checked, moving_peak)
 
 
 def test_some_blocks_cost_their_own_recomputation_only():
