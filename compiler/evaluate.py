@@ -34,7 +34,7 @@ import numpy as np
 from . import arch, hardware as catalog
 from .hardware import Interconnect
 from .memory import (MemoryBreakdown, ModelShape, Recipe, calibrated, calibrated_total,
-                     checkpointed_blocks, memory_per_device, moment_bytes, peak_bytes)
+                     checkpointed_blocks, memory_per_device, moment_bytes)
 from .steptime import StepTime, step_time
 
 NO_SPLIT, NO_FIT = "batch does not split over the ranks", "no layout fits in memory"
@@ -97,12 +97,10 @@ class HardwareView:
 
     def peak_bytes(self, shapes, micro_batch, parallelism, tensor_parallel,
                    activation_checkpointing, grad_accum=1, world_size=None):
-        """memory(...).total alone, for screening (memory.peak_bytes)."""
-        total = peak_bytes(shapes, micro_batch, **self._memory_args(
-            parallelism, tensor_parallel, activation_checkpointing, grad_accum, world_size))
-        if self.memory_ratio == 1.0:
-            return total
-        return calibrated_total(total, self.memory_ratio, self.device)
+        """memory(...).total alone, for screening: the moments' maximum (calibrated_total is
+        increasing, so the calibrated moments' maximum is the calibrated peak)."""
+        return np.max(self.moment_bytes(shapes, micro_batch, parallelism, tensor_parallel,
+                                        activation_checkpointing, grad_accum, world_size), axis=0)
 
     def moment_bytes(self, shapes, micro_batch, parallelism, tensor_parallel,
                      activation_checkpointing, grad_accum=1, world_size=None):

@@ -359,25 +359,14 @@ def memory_per_device(shape: ModelShape, micro_batch, *, parallelism: str, world
     return _at_peak(moments, params, optim, device)
 
 
-def peak_bytes(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
-               gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
-               device: str = "cuda", compute_dtype: str | None = None,
-               recipe: Recipe = TRAIN_PY, tensor_parallel=1, compiled=False):
-    """memory_per_device(...).total alone, summed in the same order, without picking every
-    component at the peak: what the layout search screens candidates with (a third the work)."""
-    return np.max(moment_bytes(
-        shape, micro_batch, parallelism=parallelism, world_size=world_size,
-        gpus_per_node=gpus_per_node, activation_checkpointing=activation_checkpointing,
-        grad_accum=grad_accum, device=device, compute_dtype=compute_dtype, recipe=recipe,
-        tensor_parallel=tensor_parallel, compiled=compiled), axis=0)
-
-
 def moment_bytes(shape: ModelShape, micro_batch, *, parallelism: str, world_size=1,
                  gpus_per_node=1, activation_checkpointing=False, grad_accum=1,
                  device: str = "cuda", compute_dtype: str | None = None,
                  recipe: Recipe = TRAIN_PY, tensor_parallel=1, compiled=False) -> np.ndarray:
-    """The total each of the eight moments would be, were it the peak, stacked on a leading axis
-    (the peak is their maximum): each is affine in the checkpointed blocks k for 1 ≤ k < L."""
+    """The total each of the eight moments would be, were it the peak, stacked on a leading axis:
+    their maximum is memory_per_device(...).total, summed in the same order, without picking every
+    component at the peak (what the layout search screens with). Each is affine in the
+    checkpointed blocks k for 1 ≤ k < L."""
     moments, params, optim = _step_moments(
         shape, micro_batch, parallelism, world_size, gpus_per_node, activation_checkpointing,
         grad_accum, device, compute_dtype, recipe, tensor_parallel, compiled)
