@@ -78,7 +78,8 @@ def _refuse_named_files(text: str, repo: Path) -> None:
     named = [key for key, present in (
         ("hardware.calibration", isinstance(hardware, dict) and hardware.get("calibration")),
         ("search.scaling_law: {file}", isinstance(search, dict)
-         and isinstance(search.get("scaling_law"), dict))) if present]
+         and isinstance(search.get("scaling_law"), dict)
+         and "file" in search["scaling_law"])) if present]
     if named:
         raise UserError(f"the spec in {repo}/llama3gen.lock.json names {' and '.join(named)}, a "
                         "file relative to the spec file, which the lock does not locate",

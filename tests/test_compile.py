@@ -101,6 +101,23 @@ def test_check_passes_then_detects_edit_and_compile_refuses(tmp_path):
     assert (out / "notes.txt").read_text() == "mine\n"
 
 
+def test_check_reads_an_inline_law_from_the_lock_and_asks_for_the_spec_of_a_law_file(tmp_path):
+    """A law written in the spec ({E, A, B, alpha, beta}, or {tokens_per_param}) is in the lock's
+    copy of the spec; only {file: ...} names a file relative to a spec the lock cannot locate.
+    (Hypothesis found check refusing every law given as a mapping.)"""
+    spec = tmp_path / "spec.yaml"
+    base = (SPECS / "tiny-cpu.yaml").read_text()
+    spec.write_text(base.replace("search:\n", "search:\n  scaling_law: {tokens_per_param: 20}\n"))
+    out = tmp_path / "repo"
+    assert cli("compile", spec, "-o", out).returncode == 0
+    assert cli("check", out).returncode == 0
+    lock = json.loads((out / "llama3gen.lock.json").read_text())
+    lock["spec_text"] = lock["spec_text"].replace("{tokens_per_param: 20}", "{file: law.json}")
+    (out / "llama3gen.lock.json").write_text(json.dumps(lock))
+    r = cli("check", out)
+    assert r.returncode == 2 and "does not locate" in r.stderr and "--spec SPEC" in r.stderr
+
+
 def test_recompile_after_spec_change_updates_only_generated_files(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text((SPECS / "tiny-cpu.yaml").read_text())
