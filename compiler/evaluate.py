@@ -173,7 +173,7 @@ class Evaluation:
     activation_checkpointing: np.ndarray  # bool: some block recomputes
     checkpointed_layers: np.ndarray  # how many blocks (the first) recompute: 0 to n_layers
     memory: MemoryBreakdown  # bytes per device at the step's peak, arrays
-    hardware_flops_per_token: np.ndarray  # executed: + the recomputed forward, + TP's replicas
+    hardware_flops_per_token: np.ndarray  # executed: + the recomputed forward
     step: StepTime  # seconds per optimizer step and their parts (steptime.py)
     tokens_per_second: np.ndarray  # whole job; 0 where nothing fits
     mfu: np.ndarray  # exact FLOPs per token × tokens/s / (world × peak): the plan's MFU
@@ -186,24 +186,22 @@ class Evaluation:
         return int(self.fits.size)
 
 
-def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing, tensor_parallel=1,
-                             forward_only=False):
+def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing, forward_only=False):
     """FLOPs the hardware executes per trained token: arch's exact count (3 forwards' worth),
     plus, with activation checkpointing, one more forward of the checkpointed blocks (True: all;
-    or how many: memory.checkpointed_blocks), not of lm_head, plus,
-    under tensor parallelism t, the t − 1 replicas of the output head every rank of a tensor
-    group computes. forward_only: the forward's share (a third of the exact count)."""
+    or how many: memory.checkpointed_blocks), not of lm_head. Tensor parallelism adds none: a
+    tensor group splits the blocks and, by sequence, the output head (templates/parallelize.py).
+    forward_only: the forward's share (a third of the exact count)."""
     s = shapes
     exact = arch.flops_per_token_exact(s.n_layers, s.d_model, s.n_heads, s.n_kv_heads,
                                        s.head_dim, s.ffn_hidden, s.vocab_size, s.seq_len)
-    head_replicas = 6 * (np.asarray(tensor_parallel) - 1) * np.asarray(s.vocab_size) * s.d_model
     if forward_only:
-        return exact / 3 + head_replicas / 3
+        return exact / 3
     forward_of_blocks = (2 * s.n_layers * arch.layer_matmul_params(
         s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden)
         + 4 * s.n_layers * s.seq_len * s.n_heads * s.head_dim)
     recomputed = checkpointed_blocks(activation_checkpointing, s.n_layers) / s.n_layers
-    return exact + recomputed * forward_of_blocks + head_replicas
+    return exact + recomputed * forward_of_blocks
 
 
 def divisors(n: int) -> np.ndarray:
@@ -283,8 +281,7 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
                       tensor_parallel=tensor_parallel, per_rank_batch=batch, micro_batch=micro,
                       grad_accum=accum, activation_checkpointing=blocks > 0,
                       checkpointed_layers=blocks, memory=memory,
-                      hardware_flops_per_token=hardware_flops_per_token(shapes, blocks,
-                                                                        tensor_parallel),
+                      hardware_flops_per_token=hardware_flops_per_token(shapes, blocks),
                       step=step, tokens_per_second=tokens_per_second,
                       mfu=exact * tokens_per_second / (world * hardware.peak_flops),
                       options=options, speeds=speeds, partial_layers=partial)
@@ -359,7 +356,7 @@ def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_paralle
     spec's measured MFU when it gives one. per_rank: sequences per data rank and step; ac: True,
     False or the number of (leading) blocks checkpointed."""
     t = tensor_parallel
-    flops = hardware_flops_per_token(shapes, ac, t)
+    flops = hardware_flops_per_token(shapes, ac)
     world = hardware.world_size
     step_tokens = per_rank * (world // t) * np.asarray(shapes.seq_len)
     if hardware.mfu is not None:  # measured: compute at that MFU, nothing more to expose
@@ -372,7 +369,7 @@ def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_paralle
         s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden) * (t - 1) / t
     timed = step_time(parallelism, n_params=local, root_params=root, n_layers=s.n_layers,
                       d_model=s.d_model,
-                      forward_flops_per_token=hardware_flops_per_token(s, False, t, True),
+                      forward_flops_per_token=hardware_flops_per_token(s, False, forward_only=True),
                       hardware_flops_per_token=flops,
                       tokens_per_micro_batch=np.asarray(micro) * np.asarray(s.seq_len),
                       grad_accum=per_rank // np.asarray(micro), world_size=world,

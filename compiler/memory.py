@@ -78,7 +78,9 @@ gradients in place. Eager PyTorch instead keeps
 the logits and peaks at (c + 12)·V bytes per token in the loss's backward (logits, the fp32
 log-softmax and two fp32 gradients), 1.8 MB a token at V = 128256; the fused head holds
 (4 + c)·V per token of one chunk only: 3 GiB at V = 128256 whatever the micro-batch, close to
-the "~6·V" bytes per token of docs/DESIGN.md's rule of thumb.
+the "~6·V" bytes per token of docs/DESIGN.md's rule of thumb. Under tensor parallelism t the
+head works on the rank's n/t tokens only (split by sequence, templates/parallelize.py), with the
+whole lm_head: its inputs, their gradient and its chunks are those of n/t tokens.
 
 The peak is the largest of eight moments of the step (the fused loss's forward, the output head's
 backward, the start and the end of the last block's backward, the end of the last checkpointed
@@ -511,9 +513,10 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
     # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
     # (compute dtype) are live besides one chunk's logits; in its backward, only that gradient.
-    loss_inputs = (r + copy_bytes(c, r)) * d * tokens
-    grad_head_input = c * d * tokens
-    loss_logits = loss_chunk_bytes(V, tokens, c, recipe.loss_chunk_tokens)
+    head_tokens = tokens / t  # the rank's slice of the sequence
+    loss_inputs = (r + copy_bytes(c, r)) * d * head_tokens
+    grad_head_input = c * d * head_tokens
+    loss_logits = loss_chunk_bytes(V, head_tokens, c, recipe.loss_chunk_tokens)
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
     # (under sequence parallelism: the hidden pair's 1/t, the gathered input's gradient whole
@@ -555,7 +558,7 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
         # backward hands the input's gradient back in the input's dtype: under autocast, an fp32
         # copy of the bf16 one
         "output head backward": Moment(accumulated, layers_saved + head_saved + grad_head_input,
-                                       copy_bytes(r, c) * d * tokens, working["head"]),
+                                       copy_bytes(r, c) * d * head_tokens, working["head"]),
         "last block backward": Moment(grads_block_start, block_live, zero, working["block_start"]),
         "end of last block backward": Moment(grads_block_end, others + block_end,
                                              zero, working["block_end"]),

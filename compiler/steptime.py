@@ -25,8 +25,10 @@ HSDP      the same within a node (n = GPUs per node), plus an all-reduce across 
           rank's gradient shard (4·N / GPUs per node) per micro-batch, behind backward as well.
 TP        tensor parallelism over t consecutive ranks of a node (Megatron-LM, Shoeybi et al. 2019,
           Sec. 3): each rank computes 1/t of every block (its heads, its share of the SwiGLU
-          width) and the whole replicated rest (the output head and loss: every rank of the group
-          computes them for the same tokens). A block costs two all-reduces of its activations
+          width) and, with the residual stream split by sequence (Korthikanti et al. 2022), the
+          embedding and the output head and loss for its own 1/t of the tokens; their replicated
+          weights' gradients are summed over the group once per step (V·d fp32 values over the
+          data shards, not modelled: a few ms on NVLink). A block costs two all-reduces of its activations
           (tokens · d in the compute dtype) in forward (after o_proj and down_proj) and two in
           backward (the gradients of the attention's and the MLP's inputs), two more in each
           block whose forward activation checkpointing recomputes. They sit on the critical path: each
@@ -88,8 +90,8 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
 
     n_params: parameters one rank of a tensor group holds (its 1/t of the blocks' matmuls);
     root_params: the FSDP root unit (embedding, final norm, lm_head); the FLOPs per token are
-    those the whole tensor group executes (the replicated output head t times), forward's and
-    forward + backward's (with the recomputation under checkpointing). activation_checkpointing:
+    those the whole tensor group executes, forward's and forward + backward's (with the
+    recomputation under checkpointing), split evenly over its t ranks. activation_checkpointing:
     the fraction of the blocks that recompute their forward (True: all)."""
     t = np.asarray(tensor_parallel, dtype=np.float64)
     flops_per_s = peak_flops * kernel_efficiency

@@ -11,10 +11,12 @@ else in the training loop depends on the layout.
   keeps and normalises 1/t of the tokens, an all-gather brings the whole sequence to the
   attention and the MLP, and o/down reduce-scatter their partial sums back into the rank's
   tokens; that moves as many bytes as the plain two all-reduces per block, and the norms'
-  activations shrink t-fold. The embedding and the fused output head + loss stay replicated in
-  the group: the embedding's output is sliced into the rank's tokens, and the final norm's output
-  is gathered again, so the head computes the same numbers on every rank of the group and the
-  fused loss stays exact. Tensor groups are consecutive ranks, i.e. inside a node.
+  activations shrink t-fold. The two ends stay split by sequence too: each rank embeds only its
+  own tokens, and the fused output head + loss (model.py's sequence_parallel_cross_entropy)
+  scores them against the whole vocabulary, so every softmax lies on one rank and the head's
+  work is split t ways, not repeated. Their weights are replicated in the group; each rank's
+  gradient of them is its tokens' share, summed over the group (grad_norm_and_clip). Tensor
+  groups are consecutive ranks, i.e. inside a node.
 - Data parallelism over the world / t groups: DDP (replicated), FSDP2 full shard, or HSDP
   (shard inside a node, replicate across nodes), composed with TP on a 2-D mesh (data × tensor).
 """
@@ -44,20 +46,33 @@ def tensor_parallel_plan():
 
 
 def backbone_plan():
-    """Around the blocks: the replicated embedding's output is sliced into each rank's tokens
-    (its gradient all-gathered back, so the embedding's stays whole), the final norm works on
-    them, and its output is gathered whole again for the replicated output head."""
+    """Around the blocks: the embedding looks up only the rank's slice of the sequence (its input
+    sliced, no communication) and hands the blocks a plain local tensor; the final norm works on
+    the rank's tokens and leaves them a DTensor split by sequence, which tells model.py to score
+    them with sequence_parallel_cross_entropy."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import PrepareModuleOutput, SequenceParallel
-    return {"embed_tokens": PrepareModuleOutput(output_layouts=Replicate(),
-                                                desired_output_layouts=Shard(1)),
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput, SequenceParallel
+    return {"embed_tokens": PrepareModuleInputOutput(
+                input_layouts=Replicate(), desired_input_layouts=Shard(1),
+                output_layouts=Shard(1), desired_output_layouts=Shard(1)),
             "norm": SequenceParallel()}
 
 
-def _gather_backbone_output():
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import PrepareModuleOutput
-    return PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate())
+def apply_tensor_parallel(model, tp_mesh):
+    """Split every block (inside the activation-checkpointing wrapper, if any) and the backbone's
+    ends over the tensor group; the embedding and lm_head weights become replicated DTensors, so
+    that autograd marks their per-rank gradients as partial sums."""
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import parallelize_module
+    for block in model.model.layers:
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        parallelize_module(block, tp_mesh, tensor_parallel_plan())
+    parallelize_module(model.model, tp_mesh, backbone_plan())
+    distribute_module(model.model.embed_tokens, tp_mesh)  # replicates its weight
+    if model.args.tie_embeddings:  # distribute_module made a new Parameter: tie it again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        distribute_module(model.lm_head, tp_mesh)
 
 
 def check_tensor_parallel(cfg, world):
@@ -87,12 +102,7 @@ def parallelize(model, cfg, dev, world):
     if t > 1 or (data_parallel > 1 and cfg.parallelism in ("fsdp", "hsdp")):
         mesh = _mesh(dev, data_parallel, t, cfg.parallelism)
     if t > 1:
-        from torch.distributed.tensor.parallel import parallelize_module
-        for block in model.model.layers:  # inside the activation-checkpointing wrapper, if any
-            block = getattr(block, "_checkpoint_wrapped_module", block)
-            parallelize_module(block, mesh["tp"], tensor_parallel_plan())
-        parallelize_module(model.model, mesh["tp"], backbone_plan())
-        parallelize_module(model.model, mesh["tp"], _gather_backbone_output())
+        apply_tensor_parallel(model, mesh["tp"])
     sharded = t > 1
     if data_parallel > 1 and cfg.parallelism == "ddp":  # t == 1 (check_tensor_parallel)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -144,8 +154,8 @@ def grad_norm_and_clip(model, max_norm):
             continue
         g = p.grad
         if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
-            # a replicated weight applied to sequence-split tokens (the norms under sequence
-            # parallelism): each rank holds its tokens' part of the gradient; sum them now, so
+            # a replicated weight applied to sequence-split tokens (the norms, the embedding
+            # and lm_head): each rank holds its tokens' part of the gradient; sum them now, so
             # the norm, the clipping and AdamW see the whole gradient
             g = p.grad = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl
                                                         for pl in g.placements])

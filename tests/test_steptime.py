@@ -168,24 +168,30 @@ def test_a_70b_model_at_8192_on_32_nodes_picks_tensor_parallelism_where_the_fabr
     """Without tensor parallelism even micro-batch 1 of 70B at 8192 tokens needs activation
     checkpointing. TP 8 with sequence parallelism splits the activations 8 ways and fits without
     it at micro-batch 1, where each FSDP gather and reduce-scatter over the 32 data ranks serves
-    only 8192 tokens of 1/8 of the compute; TP 4 with the first 24 of the 80 blocks checkpointed
-    fits the same micro-batch at half the TP group. On an 800 Gb/s fabric per GPU (IBM
-    fms-fsdp's H100 cluster) those collectives mostly hide and TP 4 wins (639 tokens/s per GPU
-    against 620 for the best layout without TP). On the catalog's 400 Gb/s NDR they do not, and
-    FSDP alone at micro-batch 2 (twice the tokens per gather), with 75 of 80 blocks
-    checkpointed, is predicted faster (602; TP 8 without recomputation 431). Both are the model's
-    own numbers; the closest published run, torchtitan's Llama 3 70B on 64 A100s with FSDP2
-    alone and full recomputation at 51.7% MFU, is a row of bench/steptime.py."""
+    only 8192 tokens of 1/8 of the compute; TP 4 with some of the 80 blocks checkpointed fits the
+    same micro-batch at half the TP group. On an 800 Gb/s fabric per GPU (IBM fms-fsdp's H100
+    cluster) those collectives mostly hide and TP 4 wins (665 tokens/s per GPU against 622 for
+    the best layout without TP: 7%). On the catalog's 400 Gb/s NDR they do not: FSDP alone at
+    micro-batch 2 (twice the tokens per gather) with 75 of 80 blocks checkpointed and TP 2 at
+    micro-batch 2 are predicted equal (602.1 and 601.9; asserted within 0.2%), far inside the
+    model's error (bench/README.md), so the test asserts the tie, not a winner; TP 8 without
+    recomputation is far behind (431). These are the model's own numbers; the closest
+    published run, torchtitan's Llama 3 70B on 64 A100s with FSDP2 alone and full recomputation
+    at 51.7% MFU, is a row of bench/steptime.py."""
+    def best(ev, tp):
+        return max(v[0] for (p, t, _), v in ev.speeds.items() if tp(t))
+
     fast = evaluate(LLAMA3_70B, h100s(32, inter_node_GBps=100), 2048)
     assert fast.fits[0] and fast.tensor_parallel[0] > 1
-    without_tp = max(v[0] for (p, t, _), v in fast.speeds.items() if t == 1)
-    assert fast.tokens_per_second[0] > without_tp
+    assert fast.tokens_per_second[0] > 1.05 * best(fast, lambda t: t == 1)
     assert fast.speeds[("fsdp", 1, False)][0] == 0  # no TP: does not fit without recomputation
     ndr = evaluate(LLAMA3_70B, h100s(32), 2048)
-    assert ndr.tensor_parallel[0] == 1 and 0 < ndr.checkpointed_layers[0] < 80
+    assert ndr.tokens_per_second[0] == max(best(ndr, lambda t: t == 1), best(ndr, lambda t: t > 1))
+    assert best(ndr, lambda t: t > 1) == pytest.approx(best(ndr, lambda t: t == 1), rel=0.002)
+    assert 0 < ndr.checkpointed_layers[0] < 80
     assert ndr.tokens_per_second[0] > ndr.speeds[("fsdp", 1, True)][0]  # not every block
     tp8 = ndr.speeds[("fsdp", 8, False)][0]
-    assert 0 < tp8 < ndr.tokens_per_second[0]
+    assert 0 < tp8 < 0.8 * ndr.tokens_per_second[0]
     step, _ = time_layout(LLAMA3_70B, h100s(32), "fsdp", 8, 1, 64, False)
     assert step.exposed_comm > 0.3 * step.compute  # FSDP collectives at micro-batch 1
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial  # tensor parallelism's tensors
 
 try:  # optional: Dao-AILab flash-attention 2, used on CUDA with bf16/fp16 tensors
     from flash_attn import flash_attn_func
@@ -187,10 +188,12 @@ class Backbone(nn.Module):
 LOSS_CHUNK_TOKENS = 4096
 
 
-def chunked_cross_entropy(h, weight, targets, chunk_tokens, needs_grad_h, needs_grad_weight):
+def chunked_cross_entropy(h, weight, targets, chunk_tokens, needs_grad_h, needs_grad_weight,
+                          divisor=None):
     """Mean cross-entropy of h @ weight.T against targets (-1: ignored), chunk by chunk, and the
     gradients of its sum with respect to h and weight (None where not wanted). Returns
-    (loss, grad_h, grad_weight, n_kept); the gradients of the mean are these / n_kept."""
+    (loss, grad_h, grad_weight, n); the gradients of the mean are these / n. n is the number of
+    kept targets, or divisor when given (a share of a mean over more tokens than these)."""
     # h (N, d), weight (vocab, d), targets (N,). Under autocast, compute in its dtype as F.linear
     # would.
     device = h.device.type
@@ -233,7 +236,8 @@ def chunked_cross_entropy(h, weight, targets, chunk_tokens, needs_grad_h, needs_
                 else:
                     grad_weight += grad_logits.t() @ h_kept
             del grad_logits  # before the next chunk's logits: one chunk's buffers at a time
-    return loss_sum / n_kept, grad_h, grad_weight, n_kept  # nan if all are ignored, as F's
+    n = n_kept if divisor is None else divisor
+    return loss_sum / n, grad_h, grad_weight, n  # nan if all are ignored, as F's
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -250,10 +254,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_tokens):
+    def forward(ctx, h, weight, targets, chunk_tokens, divisor=None):
         ctx.dtypes, ctx.consumed = (h.dtype, weight.dtype), False  # gradients go back in these
         loss, grad_h, grad_weight, n_kept = chunked_cross_entropy(
-            h, weight, targets, chunk_tokens, *ctx.needs_input_grad[:2])
+            h, weight, targets, chunk_tokens, *ctx.needs_input_grad[:2], divisor=divisor)
         ctx.save_for_backward(grad_h, grad_weight, n_kept)
         return loss
 
@@ -270,14 +274,35 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / n_kept
         return (grad_h.mul_(scale).to(h_dtype) if grad_h is not None else None,
                 grad_weight.mul_(scale).to(weight_dtype) if grad_weight is not None else None,
-                None, None)
+                None, None, None)
 
 
-def linear_cross_entropy(h, weight, targets, chunk_tokens):
+def linear_cross_entropy(h, weight, targets, chunk_tokens, divisor=None):
     """The fused head + loss; without autograd (evaluation), the loss alone, no gradients."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(h, weight, targets, chunk_tokens)
-    return chunked_cross_entropy(h, weight, targets, chunk_tokens, False, False)[0]
+        return LinearCrossEntropy.apply(h, weight, targets, chunk_tokens, divisor)
+    return chunked_cross_entropy(h, weight, targets, chunk_tokens, False, False, divisor)[0]
+
+
+def sequence_parallel_cross_entropy(h, weight, targets, chunk_tokens):
+    """The fused head + loss under tensor parallelism (parallelize.py): h is a DTensor split by
+    sequence over the tensor group, weight replicated in it. Each rank scores its own tokens
+    against the whole vocabulary, so every softmax lies on one rank (the loss stays exact) and
+    the head's work is split t ways instead of repeated. Returns the group's mean on every rank,
+    with this rank's share as its gradient: the shares sum to the mean, so the replicated
+    weight's gradient is partial and is summed over the group, as the norms' are."""
+    mesh = h.device_mesh
+    group = mesh.get_group()
+    local = h.to_local()
+    start = mesh.get_local_rank() * -(-h.size(1) // mesh.size())  # Shard(1) splits as torch.chunk
+    targets = targets[:, start:start + local.size(1)].flatten()
+    kept = (targets != -1).sum()
+    torch.distributed.all_reduce(kept, group=group)  # the group's kept targets: the mean's divisor
+    weight = weight.to_local(grad_placements=[Partial()])
+    share = linear_cross_entropy(local.flatten(0, 1), weight, targets, chunk_tokens, kept)
+    total = share.detach().clone()
+    torch.distributed.all_reduce(total, group=group)
+    return share + (total - share.detach())  # the group's value, this rank's gradient
 
 
 class Llama(nn.Module):
@@ -330,6 +355,9 @@ class Llama(nn.Module):
         h = self.model(idx)
         if targets is None:
             return self.lm_head(h), None
+        if isinstance(h, DTensor):  # tensor parallelism: this rank's tokens only (parallelize.py)
+            return None, sequence_parallel_cross_entropy(h, self.lm_head.weight, targets,
+                                                         self.loss_chunk_tokens)
         loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                     self.loss_chunk_tokens)
         return None, loss
