@@ -209,8 +209,12 @@ def _tensor_parallel_reason(lay: Layout, hardware: HardwareView, n_layers: int):
             if lay.tensor_parallel > 1 else "no tensor parallelism")
     if hardware.tensor_parallel != "auto":
         return what + ", as the spec asks (training.tensor_parallel)"
-    return (f"{what}: the fastest layout that fits by compiler/steptime.py ({mine}, "
-            f"{lay.tokens_per_second:,.0f} tokens/s)" + (f"; the next, each at its own "
+    measured = hardware.mfu is not None
+    timed_by = "at the measured MFU" if measured else "by compiler/steptime.py"
+    caveat = ("; a measured MFU times layouts by their FLOPs alone, a tie goes to the simpler"
+              if measured else "")
+    return (f"{what}: the fastest layout that fits {timed_by} ({mine}, "
+            f"{lay.tokens_per_second:,.0f} tokens/s{caveat})" + (f"; the next, each at its own "
                                                          f"micro-batch: {named}" if named else ""))
 
 
