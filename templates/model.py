@@ -256,9 +256,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_tokens, divisor=None):
         ctx.dtypes, ctx.consumed = (h.dtype, weight.dtype), False  # gradients go back in these
-        loss, grad_h, grad_weight, n_kept = chunked_cross_entropy(
+        loss, grad_h, grad_weight, n = chunked_cross_entropy(
             h, weight, targets, chunk_tokens, *ctx.needs_input_grad[:2], divisor=divisor)
-        ctx.save_for_backward(grad_h, grad_weight, n_kept)
+        ctx.save_for_backward(grad_h, grad_weight, n)
         return loss
 
     @staticmethod
@@ -269,9 +269,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("LinearCrossEntropy: backward twice (retain_graph) is not supported")
         ctx.consumed = True
-        grad_h, grad_weight, n_kept = ctx.saved_tensors
+        grad_h, grad_weight, n = ctx.saved_tensors  # n: the mean's divisor
         h_dtype, weight_dtype = ctx.dtypes
-        scale = grad_loss / n_kept
+        scale = grad_loss / n
         return (grad_h.mul_(scale).to(h_dtype) if grad_h is not None else None,
                 grad_weight.mul_(scale).to(weight_dtype) if grad_weight is not None else None,
                 None, None, None)
