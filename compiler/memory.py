@@ -230,20 +230,27 @@ def norm_bytes_per_token(d_model, residual_bytes):
 
 
 def layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn_hidden,
-                                     compute_bytes=2, residual_bytes=2, tensor_parallel=1):
+                                     compute_bytes=2, residual_bytes=2, tensor_parallel=1,
+                                     regather=False):
     """Bytes one block saves for backward per token, without recomputation (module docstring).
 
     Korthikanti et al. 2022's s·b·h·(34 + 5·a·s/h), adapted to LLaMA-3: RMSNorm, GQA, RoPE, SwiGLU,
     flash/SDPA attention, no dropout. Under tensor and sequence parallelism t (Korthikanti's Sec.
     4.2.2, as templates/parallelize.py does it) a rank keeps 1/t of the heads' and the SwiGLU's
     tensors and normalises 1/t of the tokens; the column-parallel matmuls save their gathered
-    input, the whole sequence (Megatron-LM re-gathers it in backward instead; DTensor keeps it).
+    input, the whole sequence, or with regather (Megatron-LM's way; Recipe.tensor_parallel_
+    regather) the rank's 1/t of it, gathered again in backward. Under autocast (an fp32 residual
+    stream, bf16 matmuls) every matmul casts and saves its own copy of its input: q, k and v
+    three, gate and up two; under TP the gather casts once (parallelize.py's GatherSequence).
     """
     c, t = compute_bytes, tensor_parallel
     q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
     norms = 2 * norm_bytes_per_token(d_model, residual_bytes) / t
-    attention = c * d_model + (c * (q_width + 2 * kv_width + q_width) + FP32 * n_heads) / t
-    mlp = c * d_model + c * 4 * ffn_hidden / t
+    gathered_input = np.where(regather, c * d_model / t, c * d_model)
+    autocast = (np.asarray(residual_bytes) > c) & (np.asarray(t) == 1)
+    attention = (np.where(autocast, 3, 1) * gathered_input
+                 + (c * (q_width + 2 * kv_width + q_width) + FP32 * n_heads) / t)
+    mlp = np.where(autocast, 2, 1) * gathered_input + c * 4 * ffn_hidden / t
     return norms + attention + mlp
 
 
@@ -497,10 +504,17 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     seq = np.asarray(s.seq_len, dtype=np.float64)
     tokens = np.asarray(micro_batch, dtype=np.float64) * seq
 
-    per_token = (compiled_layer_activation_bytes_per_token if compiled
-                 else layer_activation_bytes_per_token)
-    full_layer = (per_token(d, h, kv, dh, f, c, r, t) * tokens
-                  + rope_bytes_per_position(dh, c) * seq)
+    rope = rope_bytes_per_position(dh, c) * seq
+    # TP's gathered inputs kept as 1/t (GatherSequence): eager blocks that are not checkpointed;
+    # a recomputed block's forward keeps them whole.
+    regather = (recipe.tensor_parallel_regather and not compiled) & (np.asarray(t) > 1)
+    if compiled:
+        full_layer = compiled_layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens
+    else:
+        full_layer = layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t, regather) * tokens
+    full_layer = full_layer + rope
+    recomputed_layer = (full_layer if compiled else
+                        layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens + rope)
     # Under sequence parallelism the residual stream, the final norm and a block's input are
     # split t ways; the token ids are not.
     checkpointed_layer = checkpoint_bytes_per_token(d, r) / t * tokens
@@ -520,8 +534,11 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
     # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
     # (under sequence parallelism: the hidden pair's 1/t, the gathered input's gradient whole
-    # before its reduce-scatter, the residual's 1/t)
-    block_first = full_layer + c * (2 * f / t + d + d / t) * tokens
+    # before its reduce-scatter, the residual's 1/t; with regather, the input gathered again)
+    gradients = c * (2 * f / t + d + d / t) * tokens
+    recomputed_first = recomputed_layer + gradients
+    block_first = np.where(every, recomputed_first,
+                           full_layer + gradients + regather * c * d * tokens)
     block_live = others + block_first
     working = _working_copies(sharded, c, k, accumulating, L, u)
 
@@ -539,7 +556,7 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     grads_first = np.where(accumulating, late, late - GRADIENT_BYTES * not_yet / shard)
     # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
     # under activation checkpointing were measured to stay until the block's backward ends.
-    block_end = np.where(every, block_first, c * d / t * tokens)  # else: the residual's gradient
+    block_end = np.where(every, recomputed_first, c * d / t * tokens)  # else: the residual's gradient
     zero = np.zeros_like(tokens)
     # With only the first k blocks checkpointed, block k − 1 ends its backward with its
     # recomputed tensors still live, over the k − 1 inputs below it, the gradients of the blocks
@@ -550,7 +567,7 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
                                                  + (u.root if sharded else u.root - u.head)) / shard)
     working_ck = _working_copies(sharded, c, L, accumulating, L, u)["block_end"]
     last_checkpointed = Moment(np.where(partly, grads_ck, 0.0),
-                               np.where(partly, (k - 1) * checkpointed_layer + block_first, 0.0),
+                               np.where(partly, (k - 1) * checkpointed_layer + recomputed_first, 0.0),
                                zero, np.where(partly, working_ck, 0.0))
     return {
         "loss forward": Moment(accumulated, layers_saved + head_saved + loss_inputs,

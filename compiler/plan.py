@@ -333,6 +333,7 @@ class Recipe(PlanModel):
     loss_chunk_tokens: int
     ddp_bucket_view: bool
     fsdp_reduce_scatter_every_micro_batch: bool
+    tensor_parallel_regather: bool
 
 
 class SweepRun(PlanModel):

@@ -24,6 +24,12 @@ class Recipe:
     # sharded; False syncs only the last micro-batch: less communication, but every rank holds the
     # full unsharded fp32 gradient (4 bytes per parameter) until then.
     fsdp_reduce_scatter_every_micro_batch: bool = True
+    # Tensor parallelism: the attention's and the MLP's gathered input is kept for backward as
+    # the rank's 1/t of the sequence and gathered again there (Megatron-LM; parallelize.py's
+    # GatherSequence), in the eager blocks that are not checkpointed: (t − 1)/t of 2·d bytes
+    # per token and block fewer, for one more all-gather of each in backward. False keeps them
+    # whole, as DTensor's PrepareModuleInput does.
+    tensor_parallel_regather: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -28,14 +28,15 @@ TP        tensor parallelism over t consecutive ranks of a node (Megatron-LM, Sh
           width) and, with the residual stream split by sequence (Korthikanti et al. 2022), the
           embedding and the output head and loss for its own 1/t of the tokens; their replicated
           weights' gradients are summed over the group once per step (V·d fp32 values over the
-          data shards, not modelled: a few ms on NVLink). A block costs two all-reduces of its activations
-          (tokens · d in the compute dtype) in forward (after o_proj and down_proj) and two in
-          backward (the gradients of the attention's and the MLP's inputs), two more in each
-          block whose forward activation checkpointing recomputes. They sit on the critical path: each
-          one's result is the next matmul's input (no asynchronous TP in train.py). Data
-          parallelism then runs over world / t ranks holding 1/t of the blocks' weights each;
-          its groups stride over the tensor groups, so they leave the node as soon as the data
-          ranks do.
+          data shards, not modelled: a few ms on NVLink). A block costs two all-reduces of its
+          activations (tokens · d in the compute dtype) in forward (after o_proj and down_proj)
+          and two in backward (the gradients of the attention's and the MLP's inputs), two more
+          in each block whose forward activation checkpointing recomputes, and in the others,
+          with the recipe's tensor_parallel_regather (Megatron-LM's memory saving), one more: the
+          two inputs gathered again in backward. They sit on the critical path: each one's result
+          is the next matmul's input (no asynchronous TP in train.py). Data parallelism then runs
+          over world / t ranks holding 1/t of the blocks' weights each; its groups stride over
+          the tensor groups, so they leave the node as soon as the data ranks do.
 Not modelled: the optimizer step (memory-bound, about 16 bytes per local parameter read and
 written), data loading, stragglers and failures. A spec's hardware.mfu, measured on the user's
 own cluster, replaces the whole model (compute at that MFU, nothing exposed).
@@ -84,7 +85,8 @@ def group_bandwidth(ranks, gpus_per_node, interconnect):
 def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_flops_per_token,
               hardware_flops_per_token, tokens_per_micro_batch, grad_accum, world_size,
               gpus_per_node, peak_flops, kernel_efficiency, interconnect, tensor_parallel=1,
-              activation_checkpointing=False, reduce_scatter_every_micro_batch=True) -> StepTime:
+              activation_checkpointing=False, reduce_scatter_every_micro_batch=True,
+              regather=False) -> StepTime:
     """Step time of the candidates under one parallelism ("ddp", "fsdp" or "hsdp"; one data rank:
     no data-parallel communication) and tensor-parallel degree t.
 
@@ -92,7 +94,8 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
     root_params: the FSDP root unit (embedding, final norm, lm_head); the FLOPs per token are
     those the whole tensor group executes, forward's and forward + backward's (with the
     recomputation under checkpointing), split evenly over its t ranks. activation_checkpointing:
-    the fraction of the blocks that recompute their forward (True: all)."""
+    the fraction of the blocks that recompute their forward (True: all); regather: the other
+    blocks gather their sequence-split inputs again in backward (Recipe.tensor_parallel_regather)."""
     t = np.asarray(tensor_parallel, dtype=np.float64)
     flops_per_s = peak_flops * kernel_efficiency
     compute_mb = hardware_flops_per_token * tokens_per_micro_batch / t / flops_per_s
@@ -100,7 +103,7 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
     backward_mb = compute_mb - forward_mb
     accum = np.asarray(grad_accum, dtype=np.float64)
     tp = _tensor_parallel_seconds(tokens_per_micro_batch, d_model, n_layers, t,
-                                  activation_checkpointing, gpus_per_node, interconnect)
+                                  activation_checkpointing, regather, gpus_per_node, interconnect)
     compute = accum * compute_mb
     data_world = world_size // np.asarray(tensor_parallel)
     if np.all(data_world == 1):
@@ -128,11 +131,13 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
 
 
 def _tensor_parallel_seconds(tokens_per_micro_batch, d_model, n_layers, t, checkpointing,
-                             gpus_per_node, interconnect):
+                             regather, gpus_per_node, interconnect):
     """One micro-batch's TP all-reduces, all on the critical path (module docstring): 4 per
     block, 6 with the recomputed forward (checkpointing: the fraction of blocks that recompute),
-    of tokens · d activations in bf16 over t ranks."""
-    per_block = 4 + 2 * np.asarray(checkpointing, dtype=np.float64)
+    5 where the block gathers its two inputs again in backward (regather, the other blocks),
+    of tokens · d activations in bf16 over t ranks (an all-gather pair costs one all-reduce)."""
+    checkpointing = np.asarray(checkpointing, dtype=np.float64)
+    per_block = 4 + 2 * checkpointing + np.where(regather, 1 - checkpointing, 0.0)
     size = BF16 * np.asarray(tokens_per_micro_batch, dtype=np.float64) * np.asarray(d_model)
     bandwidth = group_bandwidth(t, gpus_per_node, interconnect)
     one = np.where(t > 1, ring_seconds("all_reduce", size, t, bandwidth), 0.0)

@@ -9,9 +9,9 @@ else in the training loop depends on the layout.
   the block's heads and of its SwiGLU width. With sequence parallelism (Korthikanti et al. 2022,
   Sec. 4.2.2) the residual stream between the matmuls is split by sequence position: each rank
   keeps and normalises 1/t of the tokens, an all-gather brings the whole sequence to the
-  attention and the MLP, and o/down reduce-scatter their partial sums back into the rank's
-  tokens; that moves as many bytes as the plain two all-reduces per block, and the norms'
-  activations shrink t-fold. The two ends stay split by sequence too: each rank embeds only its
+  attention and the MLP (GatherSequence; backward gathers it again rather than keep it), and
+  o/down reduce-scatter their partial sums back into the rank's tokens; that moves as many
+  bytes as the plain two all-reduces per block, and the norms' activations shrink t-fold. The two ends stay split by sequence too: each rank embeds only its
   own tokens, and the fused output head + loss (model.py's sequence_parallel_cross_entropy)
   scores them against the whole vocabulary, so every softmax lies on one rank and the head's
   work is split t ways, not repeated. Their weights are replicated in the group; each rank's
@@ -25,24 +25,95 @@ import math
 import os
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
 
 
-def tensor_parallel_plan():
+def tensor_parallel_plan(regather=True):
     """The block's modules and how each is split (names as in model.py); the residual stream
-    enters and leaves a block split by sequence (Shard(1)), whole (Replicate) inside."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                                   RowwiseParallel, SequenceParallel)
-    whole = dict(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
+    enters and leaves a block split by sequence (Shard(1)), whole (Replicate) inside: the
+    attention and the MLP gather their input's sequence (GatherSequence)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
     return {"input_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(**whole),  # (x, cos, sin): gather x's sequence
+            "self_attn": GatherSequence(regather),  # of (x, cos, sin), x
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
             "post_attention_layernorm": SequenceParallel(),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp": GatherSequence(regather),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}
+
+
+class GatherSequence(ParallelStyle):
+    """Before the module runs, all-gather its first input's sequence (Shard(1) to Replicate).
+
+    With regather (Megatron-LM's sequence parallelism, Korthikanti et al. 2022, Sec. 4.2.2),
+    the column-parallel matmuls that read the whole sequence keep only the rank's slice of it
+    for backward and gather it again there: 1/t of the input's bytes saved instead of all of
+    it, for one more all-gather in backward. Without it (PyTorch's PrepareModuleInput does
+    this) autograd keeps the gathered input itself. The choice is the recipe's
+    tensor_parallel_regather (llama3gen's compiler/recipe.py), for blocks that are neither
+    checkpointed (their forward is recomputed anyway) nor compiled (torch.compile's partitioner
+    decides what it saves, and does not take saved-tensor hooks)."""
+
+    def __init__(self, regather):
+        super().__init__()
+        self.regather = regather
+
+    def _apply(self, module, device_mesh):
+        saving = []  # the hooks of the forward in progress
+
+        def gather(module, args):
+            part, *rest = args
+            device = part.device.type
+            if torch.is_autocast_enabled(device):  # gather what the matmuls read, cast once
+                part = part.to(torch.get_autocast_dtype(device))
+            whole = part.redistribute(device_mesh, [Replicate()])
+            if self.regather and torch.is_grad_enabled():
+                saving.append(torch.autograd.graph.saved_tensors_hooks(
+                    *_regather_hooks(part, whole)))
+                saving[-1].__enter__()
+            return (whole, *rest)
+
+        def done(module, args, output):
+            if saving:
+                saving.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(gather)
+        module.register_forward_hook(done, always_call=True)
+        return module
+
+
+def _regather_hooks(part, whole):
+    """(pack, unpack) for saved_tensors_hooks: a saved tensor that is `whole` or a view of it
+    (the matmuls save a flattened view) is kept as `part` plus the view's geometry and rebuilt
+    in backward by one all-gather, shared by the module's matmuls; any other is kept as is.
+    `whole` lives as long as the module's forward, so its storage identifies it there."""
+    with torch.no_grad():
+        storage = whole.to_local().untyped_storage().data_ptr()
+    kept, regathered = part.detach(), []
+
+    def pack(tensor):
+        if not isinstance(tensor, DTensor):
+            return tensor
+        with torch.no_grad():
+            local = tensor.to_local()
+        if local.untyped_storage().data_ptr() != storage:
+            return tensor
+        return local.size(), local.stride(), local.storage_offset(), tensor.placements
+
+    def unpack(packed):
+        if not isinstance(packed, tuple):
+            return packed
+        size, stride, offset, placements = packed
+        with torch.no_grad():
+            if not regathered:
+                regathered.append(kept.redistribute(kept.device_mesh, [Replicate()]).to_local())
+            view = regathered[0].as_strided(size, stride, offset)
+            return DTensor.from_local(view, kept.device_mesh, placements, run_check=False)
+
+    return pack, unpack
 
 
 def backbone_plan():
@@ -50,7 +121,6 @@ def backbone_plan():
     sliced, no communication) and hands the blocks a plain local tensor; the final norm works on
     the rank's tokens and leaves them a DTensor split by sequence, which tells model.py to score
     them with sequence_parallel_cross_entropy."""
-    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import PrepareModuleInputOutput, SequenceParallel
     return {"embed_tokens": PrepareModuleInputOutput(
                 input_layouts=Replicate(), desired_input_layouts=Shard(1),
@@ -58,15 +128,16 @@ def backbone_plan():
             "norm": SequenceParallel()}
 
 
-def apply_tensor_parallel(model, tp_mesh):
+def apply_tensor_parallel(model, tp_mesh, regather=True):
     """Split every block (inside the activation-checkpointing wrapper, if any) and the backbone's
     ends over the tensor group; the embedding and lm_head weights become replicated DTensors, so
-    that autograd marks their per-rank gradients as partial sums."""
+    that autograd marks their per-rank gradients as partial sums. regather: GatherSequence's, for
+    the blocks not checkpointed (pass False when the blocks are compiled)."""
     from torch.distributed.tensor import distribute_module
     from torch.distributed.tensor.parallel import parallelize_module
     for block in model.model.layers:
-        block = getattr(block, "_checkpoint_wrapped_module", block)
-        parallelize_module(block, tp_mesh, tensor_parallel_plan())
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        parallelize_module(inner, tp_mesh, tensor_parallel_plan(regather and inner is block))
     parallelize_module(model.model, tp_mesh, backbone_plan())
     distribute_module(model.model.embed_tokens, tp_mesh)  # replicates its weight
     if model.args.tie_embeddings:  # distribute_module made a new Parameter: tie it again
@@ -102,7 +173,8 @@ def parallelize(model, cfg, dev, world):
     if t > 1 or (data_parallel > 1 and cfg.parallelism in ("fsdp", "hsdp")):
         mesh = _mesh(dev, data_parallel, t, cfg.parallelism)
     if t > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"],
+                              regather=cfg.tensor_parallel_regather and not cfg.compile)
     sharded = t > 1
     if data_parallel > 1 and cfg.parallelism == "ddp":  # t == 1 (check_tensor_parallel)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -147,7 +219,6 @@ def grad_norm_and_clip(model, max_norm):
     gradient), FSDP2 shards, TP shards or both. Each rank sums the squares of its local pieces,
     grouped by the mesh dimensions a gradient is split along; each group's sum is reduced once
     over those dimensions, never over one it is replicated on (that would count it twice)."""
-    from torch.distributed.tensor import DTensor, Replicate
     sums = {}  # (mesh, the dimensions a gradient is split along) -> local sum of squares
     for p in model.parameters():
         if p.grad is None:

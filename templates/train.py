@@ -121,6 +121,8 @@ loss_chunk_tokens = 4096  # tokens per chunk of the fused output head + loss (mo
 ddp_bucket_view = True  # DDP gradients are views into its buckets (no second fp32 copy)
 fsdp_reduce_scatter_every_micro_batch = True  # False: sync the last micro-batch only (less
 # communication, but the full fp32 gradient on every rank until then)
+tensor_parallel_regather = True  # TP: keep 1/t of a block's gathered inputs, gather again in
+# backward (parallelize.py's GatherSequence; eager blocks that are not checkpointed)
 # the plan (for MFU and the finish-time estimate); 0 means unknown
 flops_per_token = 0
 peak_flops = 0.0

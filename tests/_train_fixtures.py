@@ -38,6 +38,7 @@ TINY_CONFIG = {
     "device": "cpu", "dtype": "float32", "parallelism": "fsdp",
     "activation_checkpointing": False, "compile": False, "seed": 1337,
     "loss_chunk_tokens": 4096, "ddp_bucket_view": True, "fsdp_reduce_scatter_every_micro_batch": True,
+    "tensor_parallel_regather": True,
     "flops_per_token": 0, "peak_flops": 1e11, "planned_mfu": 0.3, "init_from_hf": "",
 }
 

@@ -197,12 +197,17 @@ def test_design_rule_of_thumb_differs_by_the_fp32_norm_copies_and_statistics():
     assert ours - rule == 8 * d + 4 * h + 8
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_layer_formula_equals_what_autograd_saves_for_the_template_block(dtype):
     """Every tensor the real Block saves for backward, deduplicated by storage, in fp32 (CPU, DDP)
-    and bf16 (FSDP2's compute copies): the per-token formula plus the RoPE table copies."""
+    and bf16 (FSDP2's compute copies): the per-token formula plus the RoPE table copies. Under
+    autocast (DDP and one process on CUDA: fp32 weights and residual, bf16 matmuls; here CPU's
+    autocast, the same casting rules), plus the weights' bf16 copies, which the memory model
+    counts as working copies, not activations."""
     cfg = dict(TINY, n_layer=1)
     args = model_py.ModelArgs(**cfg)
+    autocast = dtype == "autocast"
+    dtype = torch.float32 if autocast else dtype
     block = model_py.Block(args).to(dtype)
     batch, seq = 3, cfg["block_size"]
     cos, sin = model_py.rope_cos_sin(args.head_dim, seq, args.rope_theta)
@@ -217,14 +222,17 @@ def test_layer_formula_equals_what_autograd_saves_for_the_template_block(dtype):
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+          torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
         out = block(x, cos, sin)
-    out.sum().backward()  # the graph is real and complete
-    c = 4 if dtype == torch.float32 else 2
+    out.float().sum().backward()  # the graph is real and complete
+    c = 4 if dtype == torch.float32 and not autocast else 2
     per_token = memory.layer_activation_bytes_per_token(
         args.n_embd, args.n_head, args.n_kv_head, args.head_dim, args.ffn_hidden,
-        compute_bytes=c, residual_bytes=c)
+        compute_bytes=c, residual_bytes=4 if autocast else c)
     expected = per_token * batch * seq + memory.rope_bytes_per_position(args.head_dim, c) * seq
+    if autocast:  # the matmul weights' bf16 copies
+        expected += 2 * sum(p.numel() for p in block.parameters() if p.dim() == 2)
     assert sum(saved.values()) == expected
 
 
@@ -354,6 +362,43 @@ def test_fsdp2_with_tensor_and_sequence_parallelism_matches_fsdpmemtracker(
         activation_checkpointing=checkpointing, grad_accum=grad_accum, device="cpu",
         compute_dtype="bfloat16", tensor_parallel=2)
     assert_close_to_tracked(memory.tracked_bytes(predicted), peak["Total"], 0.97, 1.10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_tensor_parallelism_a_block_keeps_its_gathered_inputs_split(fake_tp_mesh, dtype):
+    """parallelize.py's GatherSequence with regather (Recipe.tensor_parallel_regather): after one
+    block's forward on a rank of TP 2, what it holds (MemTracker's live bytes: the tensors saved
+    for backward and the output) is less than with the gathered inputs kept whole by exactly
+    what the formula says, (1 − 1/t) · 2 · d per token in the compute dtype: each of the
+    attention's and the MLP's inputs is kept as the rank's half of the sequence, not gathered.
+    That the gradients are right is tests/test_train.py's (TP runs match one process)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize = load_template_module("parallelize")
+    args = model_py.ModelArgs(**dict(TINY, n_layer=1))
+    batch, seq, t = 3, TINY["block_size"], 2
+    cos, sin = model_py.rope_cos_sin(args.head_dim, seq, args.rope_theta)
+
+    def held_after_forward(regather):
+        torch.manual_seed(0)
+        block = model_py.Block(args).to(dtype)
+        parallelize_module(block, fake_tp_mesh["tp"], parallelize.tensor_parallel_plan(regather))
+        x = torch.randn(batch, seq // t, args.n_embd, dtype=dtype, requires_grad=True)
+        tracker = MemTracker()
+        tracker.track_external(block)
+        with tracker:
+            before = tracker.get_tracker_snapshot()[torch.device("cpu")]["Total"]
+            out = block(x, cos, sin)
+            held = tracker.get_tracker_snapshot()[torch.device("cpu")]["Total"] - before
+        out.sum().backward()  # the graph is complete (the fake group's values are not checked)
+        return held
+
+    c = 4 if dtype == torch.float32 else 2
+    formula = [memory.layer_activation_bytes_per_token(
+        args.n_embd, args.n_head, args.n_kv_head, args.head_dim, args.ffn_hidden, c, c, t,
+        regather) for regather in (False, True)]
+    assert formula[0] - formula[1] == (1 - 1 / t) * 2 * c * args.n_embd
+    assert held_after_forward(False) - held_after_forward(True) == (
+        (formula[0] - formula[1]) * batch * seq)
 
 
 def test_under_tensor_parallelism_the_output_head_scores_only_the_ranks_tokens(fake_tp_mesh):

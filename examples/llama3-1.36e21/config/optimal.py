@@ -61,6 +61,7 @@ seed = 1337
 loss_chunk_tokens = 4096  # tokens per chunk of model.py's fused output head + loss
 ddp_bucket_view = True  # DDP gradients as views into its buckets: no second fp32 copy
 fsdp_reduce_scatter_every_micro_batch = True  # False: sync the last micro-batch only (full fp32 gradients meanwhile)
+tensor_parallel_regather = True  # TP: keep 1/t of the gathered inputs, gather again in backward
 
 # --- MFU accounting: the plan's numbers, so logs compare achieved with planned ---
 flops_per_token = 11327766528  # exact training FLOPs per token (compiler/arch.py)
