@@ -129,21 +129,25 @@ def test_two_ranks_match_single_process(repo, single_run, parallelism):
                          start_step=10)
 
 
-@pytest.mark.parametrize("ranks, parallelism, checkpointing", [
-    (2, "fsdp", False), (4, "fsdp", False), (2, "fsdp", True)],
-    ids=["tp2", "fsdp2xtp2", "tp2+checkpointing"])
+@pytest.mark.parametrize("ranks, parallelism, checkpointing, compiled", [
+    (2, "fsdp", False, False), (4, "fsdp", False, False), (2, "fsdp", True, False),
+    (2, "fsdp", False, True)],
+    ids=["tp2", "fsdp2xtp2", "tp2+checkpointing", "tp2+compile"])
 def test_tensor_parallel_trains_as_one_process_does(repo, single_run, ranks, parallelism,
-                                                    checkpointing):
+                                                    checkpointing, compiled):
     """Tensor and sequence parallelism (parallelize.py) over 2 ranks, FSDP2 over 2 groups × TP 2
-    on 4 ranks (a 2-D mesh), and TP 2 inside the activation-checkpointing wrapper, at the same
+    on 4 ranks (a 2-D mesh), TP 2 inside the activation-checkpointing wrapper, and TP 2 with
+    compiled blocks (GatherSequence traced by dynamo, the gathered inputs kept whole), at the same
     global batch: the loss curve and weights of one process, within the bounds of
     RELATIVE_TOLERANCE (another reduction order: TP reduce-scatters the partial sums of o_proj
-    and down_proj and sums the norms' gradients over the ranks' tokens). The sharded checkpoint
-    reads back as full tensors."""
-    out = f"out/tp_{ranks}{'_ac' if checkpointing else ''}"
+    and down_proj and sums the norms' gradients over the ranks' tokens; inductor fuses the
+    elementwise work, another rounding). The first three gather their inputs again in backward
+    (the recipe's tensor_parallel_regather), except in the checkpointed blocks. The sharded
+    checkpoint reads back as full tensors."""
+    out = f"out/tp_{ranks}{'_ac' if checkpointing else ''}{'_compiled' if compiled else ''}"
     stdout = run_train(repo, "config/tiny.py", f"--out_dir={out}", f"--parallelism={parallelism}",
                        "--tensor_parallel=2", f"--activation_checkpointing={checkpointing}",
-                       nproc=ranks).stdout
+                       f"--compile={compiled}", nproc=ranks, timeout=600).stdout
     assert "tensor parallel 2" in stdout
     assert f"{ranks // 2} × 4 × {2 // (ranks // 2)} accum" in stdout
     assert checkpoint.verify(repo / out / "checkpoints/step_00000040")["format"] == "dcp"
