@@ -555,8 +555,9 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     not_yet = u.block + (u.root if sharded else u.root - u.head)
     grads_first = np.where(accumulating, late, late - GRADIENT_BYTES * not_yet / shard)
     # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
-    # under activation checkpointing were measured to stay until the block's backward ends.
-    block_end = np.where(every, recomputed_first, c * d / t * tokens)  # else: the residual's gradient
+    # under activation checkpointing were measured to stay until the block's backward ends
+    # (otherwise only the residual's gradient is left).
+    block_end = np.where(every, recomputed_first, c * d / t * tokens)
     zero = np.zeros_like(tokens)
     # With only the first k blocks checkpointed, block k − 1 ends its backward with its
     # recomputed tensors still live, over the k − 1 inputs below it, the gradients of the blocks
@@ -567,7 +568,8 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
                                                  + (u.root if sharded else u.root - u.head)) / shard)
     working_ck = _working_copies(sharded, c, L, accumulating, L, u)["block_end"]
     last_checkpointed = Moment(np.where(partly, grads_ck, 0.0),
-                               np.where(partly, (k - 1) * checkpointed_layer + recomputed_first, 0.0),
+                               np.where(partly, (k - 1) * checkpointed_layer + recomputed_first,
+                                        0.0),
                                zero, np.where(partly, working_ck, 0.0))
     return {
         "loss forward": Moment(accumulated, layers_saved + head_saved + loss_inputs,

@@ -95,7 +95,8 @@ def step_time(parallelism, *, n_params, root_params, n_layers, d_model, forward_
     those the whole tensor group executes, forward's and forward + backward's (with the
     recomputation under checkpointing), split evenly over its t ranks. activation_checkpointing:
     the fraction of the blocks that recompute their forward (True: all); regather: the other
-    blocks gather their sequence-split inputs again in backward (Recipe.tensor_parallel_regather)."""
+    blocks gather their sequence-split inputs again in backward
+    (Recipe.tensor_parallel_regather)."""
     t = np.asarray(tensor_parallel, dtype=np.float64)
     flops_per_s = peak_flops * kernel_efficiency
     compute_mb = hardware_flops_per_token * tokens_per_micro_batch / t / flops_per_s

@@ -11,12 +11,13 @@ else in the training loop depends on the layout.
   keeps and normalises 1/t of the tokens, an all-gather brings the whole sequence to the
   attention and the MLP (GatherSequence; backward gathers it again rather than keep it), and
   o/down reduce-scatter their partial sums back into the rank's tokens; that moves as many
-  bytes as the plain two all-reduces per block, and the norms' activations shrink t-fold. The two ends stay split by sequence too: each rank embeds only its
-  own tokens, and the fused output head + loss (model.py's sequence_parallel_cross_entropy)
-  scores them against the whole vocabulary, so every softmax lies on one rank and the head's
-  work is split t ways, not repeated. Their weights are replicated in the group; each rank's
-  gradient of them is its tokens' share, summed over the group (grad_norm_and_clip). Tensor
-  groups are consecutive ranks, i.e. inside a node.
+  bytes as the plain two all-reduces per block, and the norms' activations shrink t-fold. The
+  two ends stay split by sequence too: each rank embeds only its own tokens, and the fused
+  output head + loss (model.py's sequence_parallel_cross_entropy) scores them against the
+  whole vocabulary, so every softmax lies on one rank and the head's work is split t ways, not
+  repeated. Their weights are replicated in the group; each rank's gradient of them is its
+  tokens' share, summed over the group (grad_norm_and_clip). Tensor groups are consecutive
+  ranks, i.e. inside a node.
 - Data parallelism over the world / t groups: DDP (replicated), FSDP2 full shard, or HSDP
   (shard inside a node, replicate across nodes), composed with TP on a 2-D mesh (data × tensor).
 """
