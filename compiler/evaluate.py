@@ -379,7 +379,7 @@ def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_paralle
                       activation_checkpointing=checkpointed_blocks(ac, s.n_layers) / s.n_layers,
                       reduce_scatter_every_micro_batch=(
                           hardware.recipe.fsdp_reduce_scatter_every_micro_batch),
-                      regather=hardware.recipe.tensor_parallel_regather and not hardware.compiled)
+                      regather=hardware.recipe.regathers(hardware.compiled))
     return timed, step_tokens / timed.total
 
 

@@ -507,14 +507,14 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     rope = rope_bytes_per_position(dh, c) * seq
     # TP's gathered inputs kept as 1/t (GatherSequence): eager blocks that are not checkpointed;
     # a recomputed block's forward keeps them whole.
-    regather = (recipe.tensor_parallel_regather and not compiled) & (np.asarray(t) > 1)
+    regather = recipe.regathers(compiled) & (np.asarray(t) > 1)
     if compiled:
-        full_layer = compiled_layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens
+        full_layer = recomputed_layer = (
+            compiled_layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens + rope)
     else:
-        full_layer = layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t, regather) * tokens
-    full_layer = full_layer + rope
-    recomputed_layer = (full_layer if compiled else
-                        layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens + rope)
+        full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t, regather)
+                      * tokens + rope)
+        recomputed_layer = layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens + rope
     # Under sequence parallelism the residual stream, the final norm and a block's input are
     # split t ways; the token ids are not.
     checkpointed_layer = checkpoint_bytes_per_token(d, r) / t * tokens

@@ -31,6 +31,11 @@ class Recipe:
     # whole, as DTensor's PrepareModuleInput does.
     tensor_parallel_regather: bool = True
 
+    def regathers(self, compiled: bool) -> bool:
+        """Whether tensor-parallel blocks gather their inputs again in backward: eager ones only
+        (a compiled block keeps what torch.compile's partitioner decides)."""
+        return self.tensor_parallel_regather and not compiled
+
     def as_dict(self) -> dict:
         return asdict(self)
 

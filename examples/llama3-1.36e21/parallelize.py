@@ -26,15 +26,16 @@ import math
 import os
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
+                                               PrepareModuleInputOutput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
 
 
 def tensor_parallel_plan(regather=True):
     """The block's modules and how each is split (names as in model.py); the residual stream
     enters and leaves a block split by sequence (Shard(1)), whole (Replicate) inside: the
     attention and the MLP gather their input's sequence (GatherSequence)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
     return {"input_layernorm": SequenceParallel(),
             "self_attn": GatherSequence(regather),  # of (x, cos, sin), x
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
@@ -102,17 +103,16 @@ def _regather_hooks(part, whole):
             local = tensor.to_local()
         if local.untyped_storage().data_ptr() != storage:
             return tensor
-        return local.size(), local.stride(), local.storage_offset(), tensor.placements
+        return local.size(), local.stride(), local.storage_offset()
 
     def unpack(packed):
         if not isinstance(packed, tuple):
             return packed
-        size, stride, offset, placements = packed
         with torch.no_grad():
             if not regathered:
                 regathered.append(kept.redistribute(kept.device_mesh, [Replicate()]).to_local())
-            view = regathered[0].as_strided(size, stride, offset)
-            return DTensor.from_local(view, kept.device_mesh, placements, run_check=False)
+            view = regathered[0].as_strided(*packed)
+            return DTensor.from_local(view, kept.device_mesh, [Replicate()], run_check=False)
 
     return pack, unpack
 
@@ -122,7 +122,6 @@ def backbone_plan():
     sliced, no communication) and hands the blocks a plain local tensor; the final norm works on
     the rank's tokens and leaves them a DTensor split by sequence, which tells model.py to score
     them with sequence_parallel_cross_entropy."""
-    from torch.distributed.tensor.parallel import PrepareModuleInputOutput, SequenceParallel
     return {"embed_tokens": PrepareModuleInputOutput(
                 input_layouts=Replicate(), desired_input_layouts=Shard(1),
                 output_layouts=Shard(1), desired_output_layouts=Shard(1)),
@@ -134,8 +133,6 @@ def apply_tensor_parallel(model, tp_mesh, regather=True):
     ends over the tensor group; the embedding and lm_head weights become replicated DTensors, so
     that autograd marks their per-rank gradients as partial sums. regather: GatherSequence's, for
     the blocks not checkpointed (pass False when the blocks are compiled)."""
-    from torch.distributed.tensor import distribute_module
-    from torch.distributed.tensor.parallel import parallelize_module
     for block in model.model.layers:
         inner = getattr(block, "_checkpoint_wrapped_module", block)
         parallelize_module(inner, tp_mesh, tensor_parallel_plan(regather and inner is block))
