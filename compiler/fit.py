@@ -47,6 +47,7 @@ class Run:
     loss: float
     flops: float
     where: str  # "file:line"
+    epochs: float = float("nan")  # passes over the training data (train.py's log); NaN: unknown
 
     def describe(self) -> str:
         return (f"{self.where} (N {self.params:.4g}, D {self.tokens:.4g}, "
@@ -241,7 +242,10 @@ def _repo_run(config: dict, convention: str, records: list[dict], where: str) ->
         c["vocab_size"], c["block_size"]))
     losses = [r["val_loss"] for r in records if "event" not in r and r.get("step") == c["max_iters"]
               and isinstance(r.get("val_loss"), (int, float)) and not isinstance(r["val_loss"], bool)]
-    return Run(n, d, float(losses[-1]) if losses else float("nan"), fpt * d, where)
+    epochs = [r["epoch"] for r in records if "event" not in r
+              and isinstance(r.get("epoch"), (int, float)) and not isinstance(r["epoch"], bool)]
+    return Run(n, d, float(losses[-1]) if losses else float("nan"), fpt * d, where,
+               float(max(epochs)) if epochs else float("nan"))
 
 
 def repo_target(path: str) -> float | None:
@@ -619,6 +623,13 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
                 f"the target {target_flops:.3g} FLOPs is {t['decades_beyond_fit']:.1f} decades "
                 f"beyond the largest fitted budget ({max(budgets):.3g}); the law and its CIs are "
                 "an extrapolation there")
+    repeated = sorted((r for r in runs if r.epochs > 1), key=lambda r: -r.epochs)
+    if repeated:
+        result.warnings.append(
+            f"{len(repeated)} run(s) read their training data more than once (most: "
+            f"{repeated[0].where}, {repeated[0].epochs:.2f} epochs); L(N, D) counts each token "
+            "once and repeated tokens are worth less (Muennighoff et al. 2023), so their losses "
+            "sit above the law: give the sweep more data or lower its budgets")
     for m in result.approach2.budgets:
         if m.bracketed is False:
             result.warnings.append(f"budget {m.flops:.3g}: the parabola's minimum lies outside "

@@ -355,6 +355,7 @@ class Sweep(PlanModel):
 
     budgets: list[float]
     shapes: int  # asked per budget; fewer where the search space has fewer distinct ones near N*
+    aspect: float  # d_model / n_layers the shapes keep near (one family)
     max_fraction: float
     val_tokens: int
     flops: float  # Σ over runs of FLOPs trained (budget convention)

@@ -230,7 +230,8 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
 
 
 def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops,
-                       n_opt: float, val_tokens: int, floor: S.Floor) -> list[P.SweepRun]:
+                       n_opt: float, val_tokens: int, floor: S.Floor,
+                       family: tuple[float, str]) -> list[P.SweepRun]:
     """The runs of one sweep budget: the shapes that fit nearest the targets around n_opt, each
     planned as a full run (trainplan: batch and learning rate at its own budget)."""
     sw = spec.sweep
@@ -245,7 +246,9 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
     usable = evaluation.fits & (cands.tokens_trained <= cands.tokens * (1 + solver.MAX_OVERSHOOT))
     ok = np.flatnonzero(usable)
     targets = S.target_params([n_opt], sw.shapes)[0]
-    picks = ok[S.nearest_shapes(cands.n_params[ok], targets)] if ok.size else ok
+    aspect, aspect_source = family
+    picks = ok[S.family_shapes(cands.n_params[ok], cands.d_model[ok] / cands.n_layers[ok],
+                               targets, aspect)] if ok.size else ok
     if not S.brackets(cands.loss[picks]):
         raise UserError(
             f"{where}: the search space has {picks.size} distinct shape(s) that fit and train "
@@ -273,8 +276,9 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
             "eval_interval": "max_iters: the fit reads the final validation loss only",
             "eval_iters": f"ceil(val_tokens {val_tokens:,} / {batch_tokens:,} tokens per batch) "
                           "(compiler/sweep.py VAL_TOKENS says why)",
-            "shape": f"nearest valid shape in log N to targets N*/{S.SPREAD:g}..{S.SPREAD:g}·N*, "
-                     f"N* = {n_opt:.4g} (prior law at C; {S.BUDGET_CITATION})",
+            "shape": f"targets N*/{S.SPREAD:g}..{S.SPREAD:g}·N*, N* = {n_opt:.4g} (prior law at "
+                     f"C; {S.BUDGET_CITATION}); near each, the valid shape of aspect nearest "
+                     f"{aspect:.3g} ({aspect_source})",
         })
         s = choice.shape
         runs.append(P.SweepRun(
@@ -308,6 +312,23 @@ def _sweep_floor(spec: Spec, law, budget: solver.BudgetFlops) -> S.Floor:
     return S.Floor(flops, why, smaller)
 
 
+def _refuse_repeated_data(spec: Spec, runs: list[P.SweepRun]) -> None:
+    """A sweep run may not read its data more than once: the fit's L(N, D) counts each token
+    once, and repeated tokens are worth less (Muennighoff et al. 2023), so such a run's loss would
+    sit above the law and bias the fit."""
+    over = [(data_epochs(spec, r.training.tokens_trained)["epochs"] or 0.0, r) for r in runs]
+    over = sorted(((e, r) for e, r in over if e > 1), key=lambda er: -er[0])
+    if over:
+        e, r = over[0]
+        raise UserError(
+            f"{len(over)} sweep run(s) would read the training data more than once ({r.name}: "
+            f"{int(r.training.tokens_trained):,} tokens, {e:.2f} epochs of the spec's data); "
+            "the fit's L(N, D) counts each token once (Muennighoff et al. 2023: repeated tokens "
+            "are worth less)", field="sweep.budgets",
+            fix="lower the sweep budgets (or raise search.hidden's minimum, so that the smallest "
+                "shapes train fewer tokens), or give more unique data")
+
+
 def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -> P.Sweep:
     """The spec's sweep: its ladder of budgets (compiler/sweep.py), every run planned in full."""
     sw = spec.sweep
@@ -316,10 +337,12 @@ def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -
     budgets, source = S.sweep_budgets(sw, budget.flops, floor)
     n_opt = [law.optimum_6nd(float(c)).n_params for c in budgets]  # a rule's is scalar
     val_tokens = sw.val_tokens or S.VAL_TOKENS
+    family = S.family_aspect(sw.aspect, spec.search.aspect.min, spec.search.aspect.max)
     runs = []
     for c, n in zip(budgets, n_opt):
         runs += _sweep_budget_runs(spec, hardware, solver.BudgetFlops(
-            float(c), budget.convention, "sweep"), float(n), val_tokens, floor)
+            float(c), budget.convention, "sweep"), float(n), val_tokens, floor, family)
+    _refuse_repeated_data(spec, runs)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UserError("two sweep budgets agree to three digits, so their runs share names",
@@ -328,7 +351,8 @@ def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -
     flops = sum((r.choice.flops_per_token_exact if exact else r.choice.flops_per_token_6n)
                 * r.training.tokens_trained for r in runs)
     return P.Sweep(
-        budgets=[float(c) for c in budgets], shapes=sw.shapes, max_fraction=sw.max_fraction,
+        budgets=[float(c) for c in budgets], shapes=sw.shapes, aspect=family[0],
+        max_fraction=sw.max_fraction,
         val_tokens=val_tokens, flops=flops, fraction_of_target=flops / budget.flops,
         days=sum(r.timing.days for r in runs),
         max_parallel=sw.max_parallel or len(runs),
@@ -337,6 +361,7 @@ def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -
             "shapes": f"{sw.shapes} per budget asked (sweep.shapes), spread from N*/{S.SPREAD:g} "
                       f"to {S.SPREAD:g}·N* around the prior law's optimum ({law.name}); "
                       f"{S.BUDGET_CITATION}",
+            "aspect": family[1],
             "val_tokens": ("spec: sweep.val_tokens" if sw.val_tokens else
                            f"default {S.VAL_TOKENS:,}: standard error about 0.1% of the loss "
                            "(compiler/sweep.py)"),

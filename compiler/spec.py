@@ -562,6 +562,9 @@ class Sweep(StrictModel):
     val_tokens: Annotated[int, Field(ge=1, le=1 << 40)] | None = None
     # SLURM array tasks running at once (sbatch --array=...%max_parallel); None: all of them.
     max_parallel: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    # d_model / n_layers the sweep's shapes keep near, so that they are one family (compiler/
+    # sweep.py family_shapes); None: the geometric middle of search.aspect.
+    aspect: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
 
     @field_validator("budgets")
     @classmethod

@@ -11,9 +11,14 @@ with the solver's candidates and trainplan's batch, learning rate and schedule.
   fewer budgets, down to MIN_BUDGETS at least MIN_STEP_DECADES apart; below that, no default
   ladder fits under the cap and the error says what would.
 - Shapes: per budget, targets log-spaced from N*/SPREAD to SPREAD·N* around the prior law's
-  optimum N*(C), each mapped to the nearest valid shape. Centred and wide, because an uncentred or
-  narrow grid biases the per-budget minima the fit reads (Czech et al. 2026 put that bias at 6.5%
-  of Llama 3's budget); a ladder whose prior minimum is not inside every budget's shapes is refused.
+  optimum N*(C). Centred and wide, because an uncentred or narrow grid biases the per-budget
+  minima the fit reads (Czech et al. 2026 put that bias at 6.5% of Llama 3's budget); a ladder
+  whose prior minimum is not inside every budget's shapes is refused. Each target takes the
+  valid shape of one family: within half a target step of it in log N, the aspect d_model /
+  n_layers nearest the sweep's (sweep.aspect, by default the middle of search.aspect). L(N, D)
+  sees N only, and shapes of one N differ in loss (Kaplan et al. 2020, Fig. 5: a few percent
+  over aspect 20-200, far more for the shallowest models), so a sweep that mixes shapes adds
+  scatter the law cannot fit.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ CAP_SLACK = 1e-9
 # that lower span is buildable, enough for shapes below the prior minimum.
 FLOOR_FACTOR = math.sqrt(SPREAD)
 MIN_BUDGETS = 3  # the rollout check fits all but the largest budget: two are left to fit on
+# The sweep's aspect when search.aspect has no bounds: the geometric middle of Kaplan et al.
+# 2020's (Fig. 5) flat band, where loss moves a few percent over aspect 20-200.
+FALLBACK_ASPECT = 64.0
+FALLBACK_WHY = "about √(20 × 200), the middle of Kaplan et al. 2020's flat band (Fig. 5)"
 MIN_STEP_DECADES = 0.25  # consecutive default budgets at least 10^0.25 ≈ 1.8× apart
 
 
@@ -161,12 +170,34 @@ def target_params(n_opt, shapes: int) -> np.ndarray:
     return np.asarray(n_opt, dtype=np.float64)[:, None] * offsets[None, :]
 
 
-def nearest_shapes(n_params, targets) -> np.ndarray:
-    """Indices into n_params of the shape nearest in log N to each target, each shape once (in
-    order of N)."""
+def family_aspect(asked: float | None, lowest: float | None, highest: float | None
+                  ) -> tuple[float, str]:
+    """The sweep's aspect and where it comes from: the spec's, else the geometric middle of the
+    search's aspect bounds (the one bound given; neither: FALLBACK_ASPECT)."""
+    if asked is not None:
+        return asked, "spec: sweep.aspect"
+    if lowest and highest:
+        return math.sqrt(lowest * highest), (f"√(search.aspect min {lowest:g} × max "
+                                             f"{highest:g}), the middle of the search's band")
+    if lowest or highest:
+        return float(lowest or highest), "search.aspect's one bound"
+    return FALLBACK_ASPECT, f"default {FALLBACK_ASPECT:g}: {FALLBACK_WHY}"
+
+
+def family_shapes(n_params, aspect, targets, family_aspect: float) -> np.ndarray:
+    """Indices into n_params of one shape per target, each shape once (in order of N): among the
+    shapes within half a target step of the target in log N, the one whose aspect (d_model /
+    n_layers) is nearest family_aspect in log; where none is that near, the nearest in log N."""
     logn = np.log(np.asarray(n_params, dtype=np.float64))
-    nearest = np.abs(logn[:, None] - np.log(targets)[None, :]).argmin(axis=0)
-    unique = np.unique(nearest)
+    logt = np.log(np.asarray(targets, dtype=np.float64))
+    off_n = np.abs(logn[:, None] - logt[None, :])  # (shapes, targets)
+    half_step = 0.5 * (logt[-1] - logt[0]) / max(logt.size - 1, 1)
+    off_family = np.abs(np.log(np.asarray(aspect, dtype=np.float64)) - math.log(family_aspect))
+    # Lexicographic: within the window the family decides (then N); outside it N alone, ranked
+    # after every in-window shape.
+    near = off_n <= half_step * (1 + 1e-12)
+    key = np.where(near, off_family[:, None] + 1e-6 * off_n, 1e6 + off_n)
+    unique = np.unique(key.argmin(axis=0))
     return unique[np.argsort(logn[unique], kind="stable")]
 
 

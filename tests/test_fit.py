@@ -341,3 +341,18 @@ def test_spec_plans_with_the_fitted_law(noisy_csv, tmp_path):
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "search.scaling_law.file: law file" in proc.stderr and "not found" in proc.stderr
+
+
+def test_runs_that_read_their_data_more_than_once_are_named():
+    """A run's epochs come from train.py's log; more than one pass is a warning naming the most
+    repeated run (L(N, D) counts each token once), one pass or an unknown count is not."""
+    import dataclasses
+    runs = sweep_runs()
+    runs[3] = dataclasses.replace(runs[3], epochs=2.5)
+    runs[7] = dataclasses.replace(runs[7], epochs=1.25)
+    runs[9] = dataclasses.replace(runs[9], epochs=1.0)
+    warned = [w for w in fit.fit(runs, [], bootstrap=0).warnings if "more than once" in w]
+    assert len(warned) == 1 and "2 run(s)" in warned[0], warned
+    assert f"{runs[3].where}, 2.50 epochs" in warned[0] and "Muennighoff" in warned[0]
+    once = [dataclasses.replace(r, epochs=min(r.epochs, 1.0)) for r in runs]
+    assert not [w for w in fit.fit(once, [], bootstrap=0).warnings if "more than once" in w]
