@@ -42,7 +42,7 @@ search:
 cluster: {time_limit: "00:10:00"}
 training: {compile: false, global_batch_tokens: 512}
 """
-# The real sweep: 4 budgets × 4 shapes (15 distinct runs, 0.7% of the target) of one family,
+# The real sweep: 4 budgets × 4 shapes (15 distinct runs, 3.9% of the target) of one family,
 # depth 2 or more at aspect 8: 2 × 8, 2 × 16, 3 × 24, 4 × 32, 5 × 40 (a 1-layer model, or a wide
 # shallow one beside a deep narrow one of the same N, sat 5-8% off the law; test_real_sweep_on_cpu
 # says more). Four budgets, so that the rollout check fits three.
