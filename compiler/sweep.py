@@ -184,17 +184,18 @@ def family_aspect(asked: float | None, lowest: float | None, highest: float | No
     return FALLBACK_ASPECT, f"default {FALLBACK_ASPECT:g}: {FALLBACK_WHY}"
 
 
-def family_shapes(n_params, aspect, targets, family_aspect: float) -> np.ndarray:
+def family_shapes(n_params, aspects, targets, family: float) -> np.ndarray:
     """Indices into n_params of one shape per target, each shape once (in order of N): among the
     shapes within half a target step of the target in log N, the one whose aspect (d_model /
-    n_layers) is nearest family_aspect in log; where none is that near, the nearest in log N."""
+    n_layers) is nearest the family's in log; where none is that near, the nearest in log N."""
     logn = np.log(np.asarray(n_params, dtype=np.float64))
     logt = np.log(np.asarray(targets, dtype=np.float64))
     off_n = np.abs(logn[:, None] - logt[None, :])  # (shapes, targets)
     half_step = 0.5 * (logt[-1] - logt[0]) / max(logt.size - 1, 1)
-    off_family = np.abs(np.log(np.asarray(aspect, dtype=np.float64)) - math.log(family_aspect))
-    # Lexicographic: within the window the family decides (then N); outside it N alone, ranked
-    # after every in-window shape.
+    off_family = np.abs(np.log(np.asarray(aspects, dtype=np.float64)) - math.log(family))
+    # Lexicographic keys: in the window the aspect decides and N breaks ties (1e-6 × at most a
+    # half step: it orders only aspects within about 1e-6 of each other); outside the window N
+    # alone, after every shape in it.
     near = off_n <= half_step * (1 + 1e-12)
     key = np.where(near, off_family[:, None] + 1e-6 * off_n, 1e6 + off_n)
     unique = np.unique(key.argmin(axis=0))
