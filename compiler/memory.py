@@ -265,8 +265,9 @@ def compiled_layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head
     1/rms, q, k, v, the attention output twice (SDPA's, and o_proj's contiguous input) and the
     log-sum-exp, o_proj's output (to rebuild the residual for the second norm), gate and up and
     their SwiGLU product (SiLU recomputed). Not saved, unlike eager: the norms' fp32 inputs and
-    normalised values, SiLU's output. Under tensor and sequence parallelism (not measured
-    compiled) the same split as eager: the norms' outputs gathered whole, the rest 1/t.
+    normalised values, SiLU's output. Under tensor and sequence parallelism the same split as
+    eager: the norms' outputs gathered whole, the rest 1/t (measured on one rank of TP 2 in the
+    same test).
     """
     c, r, t = compute_bytes, residual_bytes, tensor_parallel
     q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim

@@ -49,6 +49,8 @@ A100_40GB = dict(gpu_memory_bytes=40 * GB, peak_flops=312e12, mfu=0.45)
 TINY = dict(n_layer=3, n_embd=128, n_head=4, n_kv_head=2, head_dim=32, ffn_hidden=384,
             vocab_size=512, block_size=64)
 TINY_BATCH = 4
+# the reference spec's optimal pick (specs/1.36e21.yaml: 18 layers × 3072, 24 heads)
+PICK_1_36E21 = dict(TINY, n_embd=3072, n_head=24, n_kv_head=8, head_dim=128, ffn_hidden=10752)
 WORLD = 8  # ranks of the fake process group
 
 
@@ -236,12 +238,14 @@ def test_layer_formula_equals_what_autograd_saves_for_the_template_block(dtype):
     assert sum(saved.values()) == expected
 
 
-def partitioner_saved_bytes(block, batch, seq, dtype, autocast):
+def partitioner_saved_bytes(block, batch, seq, dtype, autocast, tensor_parallel=1):
     """Bytes torch.compile's partitioner keeps for backward when it compiles `block` (as
     train.py's block.compile() does): AOTAutograd with inductor's own min-cut partitioner, and
     the saved tensors read off the backward graph's inputs (no code generated). The incoming
     gradient is not a saved tensor; weights and their autocast copies are counted too and
-    cancel in the caller's difference of two batch sizes."""
+    cancel in the caller's difference of two batch sizes. A block under tensor parallelism takes
+    its rank's 1/t of the sequence (parallelize.py's sequence parallelism); its process group
+    is an input of the graph too, not a tensor."""
     import contextlib
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -250,7 +254,8 @@ def partitioner_saved_bytes(block, batch, seq, dtype, autocast):
 
     def backward_inputs(gm, _):
         saved.extend(n.meta["val"] for n in gm.graph.nodes
-                     if n.op == "placeholder" and not n.name.startswith("tangents"))
+                     if n.op == "placeholder" and not n.name.startswith("tangents")
+                     and isinstance(n.meta.get("val"), torch.Tensor))
         return make_boxed_func(gm)
 
     def backend(gm, example_inputs):
@@ -261,7 +266,8 @@ def partitioner_saved_bytes(block, batch, seq, dtype, autocast):
     torch._dynamo.reset()
     args = block.self_attn
     cos, sin = model_py.rope_cos_sin(args.head_dim, seq, 500000.0)
-    x = torch.randn(batch, seq, block.mlp.gate_proj.in_features, dtype=dtype, requires_grad=True)
+    x = torch.randn(batch, seq // tensor_parallel, block.mlp.gate_proj.in_features, dtype=dtype,
+                    requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
         out = torch.compile(block, backend=backend, fullgraph=True)(x, cos, sin)
     out.float().sum().backward()
@@ -270,8 +276,7 @@ def partitioner_saved_bytes(block, batch, seq, dtype, autocast):
 
 @pytest.mark.parametrize("dims, autocast", [
     (TINY, False), (TINY, True),
-    # the reference spec's optimal pick (specs/1.36e21.yaml: 18 layers × 3072, 24 heads)
-    (dict(TINY, n_embd=3072, n_head=24, n_kv_head=8, head_dim=128, ffn_hidden=10752), False)],
+    (PICK_1_36E21, False)],
     ids=["tiny-bf16", "tiny-autocast", "1.36e21-pick-bf16"])
 def test_compiled_layer_formula_is_what_the_compile_partitioner_saves(dims, autocast):
     """With training.compile (train.py compiles each block), fewer tensors are saved: the
@@ -296,6 +301,31 @@ def test_compiled_layer_formula_is_what_the_compile_partitioner_saves(dims, auto
         args.n_embd, args.n_head, args.n_kv_head, args.head_dim, args.ffn_hidden, 2, 2) * seq
     if not autocast:  # the saving the plan gets from compile: a quarter to a third of eager
         assert 0.6 < per_sequence / eager < 0.8
+
+
+@pytest.mark.parametrize("dims", [TINY, PICK_1_36E21], ids=["tiny", "1.36e21-pick"])
+def test_compiled_tensor_parallel_block_saves_what_the_formula_says(fake_tp_mesh, dims):
+    """A compiled block on one rank of TP 2 (parallelize.py's plan without regather, as train.py
+    applies it to compiled blocks; bf16 as under FSDP2): the partitioner keeps the norms'
+    outputs gathered whole and the rest as the rank's 1/t, as
+    compiled_layer_activation_bytes_per_token(tensor_parallel=2) counts. The same 2% bound as
+    the one-rank test; the count is exact when the partitioner saves what the formula lists."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize = load_template_module("parallelize")
+    args = model_py.ModelArgs(**dict(dims, n_layer=1, block_size=16))
+    torch.manual_seed(0)
+    block = model_py.Block(args).to(torch.bfloat16)
+    parallelize_module(block, fake_tp_mesh["tp"], parallelize.tensor_parallel_plan(False))
+    seq, t = 16, 2
+    per_sequence = (partitioner_saved_bytes(block, 2, seq, torch.bfloat16, False, t)
+                    - partitioner_saved_bytes(block, 1, seq, torch.bfloat16, False, t))
+    predicted = memory.compiled_layer_activation_bytes_per_token(
+        args.n_embd, args.n_head, args.n_kv_head, args.head_dim, args.ffn_hidden,
+        compute_bytes=2, residual_bytes=2, tensor_parallel=t) * seq
+    assert predicted == pytest.approx(per_sequence, rel=0.02)
+    one_rank = memory.compiled_layer_activation_bytes_per_token(
+        args.n_embd, args.n_head, args.n_kv_head, args.head_dim, args.ffn_hidden, 2, 2) * seq
+    assert per_sequence < 0.8 * one_rank  # the split is real: the heads' and MLP's halves
 
 
 # -----------------------------------------------------------------------------
