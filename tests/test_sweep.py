@@ -276,6 +276,8 @@ def test_generated_sweep_files(sweep_repo):
                     "eval_interval", "eval_iters"):  # what the sweep decides, with its source
             line = next(x for x in config.splitlines() if x.startswith(f"{key} = "))
             assert "  # " in line and len(line.split("  # ", 1)[1]) > 10, line
+    most = max(r["training"]["max_iters"] * r["training"]["global_batch_tokens"] for r in runs)
+    assert f"the largest run reads {most:,} tokens" in (sweep_repo / "docs" / "sweep.md").read_text()
     listed = subprocess.run([sys.executable, "sweep.py", "pending"], cwd=sweep_repo,
                             capture_output=True, text=True, check=True).stdout.split()
     assert listed == names  # smallest budget first
