@@ -303,11 +303,12 @@ def test_generated_sweep_files(sweep_repo):
 # The rollout check fits the three smaller budgets' runs (11) and predicts the largest budget's
 # (4). Measured on this sweep (2-core x86 CPU, the corpus below, 15 runs; 2.4 minutes two at a
 # time, the same losses), on an Intel Xeon with AMX (2026-12-04): mean relative error 2.90% (max
-# 5.83%) with torch's and numpy's default kernels, 1.87% (max 4.06%) under
-# tests/portable_kernels.sh's (ATEN_CPU_CAPABILITY=default, numpy baseline SIMD; 4.0 minutes).
-# One kernel set repeats its losses exactly; the two sets' final losses of the same 15 runs differ
-# by 1.65% rms and 2.8% at most (these small-batch runs amplify rounding, so another CPU gives
-# another draw of that size). Refitting with every loss perturbed by a further 1.65% (300 draws
+# 5.83%) with torch's and numpy's default kernels (AVX-512), 1.87% (max 4.06%) under
+# tests/portable_kernels.sh's (ATEN_CPU_CAPABILITY=default, numpy baseline SIMD; 4.0 minutes),
+# and 1.63% (max 3.70%) with AVX2 kernels as on a CPU without AVX-512 (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2, numpy without X86_V4). One kernel set repeats its losses exactly; two
+# sets' final losses of the same 15 runs differ by 1.2-1.65% rms and 3.1% at most (these
+# small-batch runs amplify rounding, so another CPU gives another draw of that size). Refitting with every loss perturbed by a further 1.65% (300 draws
 # from each kernel set's losses; conservative, as the measured losses already carry one such
 # draw): median 3.5% and 2.8%, 2.7% and 0.7% of draws over 5%, the largest 5.6%.
 # What made the difference, measured on this machine with default kernels: the old design (3
