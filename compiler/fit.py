@@ -432,6 +432,37 @@ def _polish_weighted(theta0, logn, logd, logl, w):
                    np.repeat(logl[keep], reps))[0]
 
 
+THETA_KEYS = ("A", "B", "E", "alpha", "beta")  # theta = (log A, log B, log E, α, β)
+
+
+NEGLIGIBLE_TERM = 1e-3  # below this share of every run's loss, a term is not seen in the runs
+
+
+def degenerate_fit_warnings(theta, n, d, loss) -> list[str]:
+    """What the runs leave undetermined: a parameter at a bound of BOUNDS, or a term A/N^α or
+    B/D^β too small in every run for the runs to show how the loss depends on N or on D."""
+    import numpy as np
+    law = law_from(theta)
+    out = []
+    for term, what, values in (("A/N^alpha", "N", law.A / np.asarray(n) ** law.alpha),
+                               ("B/D^beta", "D", law.B / np.asarray(d) ** law.beta)):
+        if np.max(values / np.asarray(loss)) < NEGLIGIBLE_TERM:
+            out.append(f"the fitted {term} is below {NEGLIGIBLE_TERM:.1%} of every run's loss: "
+                       f"the runs show no dependence on {what}, so the law cannot say how the "
+                       f"loss falls with {what}; run a wider range of {what}")
+    for key, value, (lo, hi) in zip(THETA_KEYS, theta, BOUNDS):
+        slack = 1e-6 * (hi - lo)
+        side = "lower" if value - lo <= slack else "upper" if hi - value <= slack else None
+        if side is None:
+            continue
+        shown = value if key in ("alpha", "beta") else math.exp(value)
+        out.append(f"{key} = {shown:.4g} sits at the fit's {side} "
+                   "bound: the runs do not determine it, and N*, D* and the loss at the target "
+                   "inherit the bound; runs over a wider range of N and D (more budgets, larger "
+                   "models) would")
+    return out
+
+
 def law_from(theta, name="fitted", citation="llama3gen fit") -> ScalingLaw:
     a, b, e, alpha, beta = (float(v) for v in theta)
     return ScalingLaw(name, math.exp(e), math.exp(a), math.exp(b), alpha, beta, citation)
@@ -623,6 +654,7 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
                 f"the target {target_flops:.3g} FLOPs is {t['decades_beyond_fit']:.1f} decades "
                 f"beyond the largest fitted budget ({max(budgets):.3g}); the law and its CIs are "
                 "an extrapolation there")
+    result.warnings += degenerate_fit_warnings(theta, n, d, loss)
     repeated = sorted((r for r in runs if r.epochs > 1), key=lambda r: -r.epochs)
     if repeated:
         result.warnings.append(

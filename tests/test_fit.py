@@ -356,3 +356,24 @@ def test_runs_that_read_their_data_more_than_once_are_named():
     assert f"{runs[3].where}, 2.50 epochs" in warned[0] and "Muennighoff" in warned[0]
     once = [dataclasses.replace(r, epochs=min(r.epochs, 1.0)) for r in runs]
     assert not [w for w in fit.fit(once, [], bootstrap=0).warnings if "more than once" in w]
+
+
+def test_what_the_runs_leave_undetermined_is_a_warning():
+    """Losses with no N-dependence (L = 2 + 400/D^0.3 exactly): the fit makes A/N^α vanish, and
+    says the runs cannot tell how the loss falls with N. A parameter at a bound of the search is
+    named with its side. Exact runs from Hoffmann et al.'s law get neither."""
+    import dataclasses
+    runs = sweep_runs()
+    assert not [w for w in fit.fit(runs, [], bootstrap=0).warnings if "determine" in w
+                or "no dependence" in w]
+    flat = [dataclasses.replace(r, loss=2.0 + 400 / r.tokens ** 0.3) for r in runs]
+    warned = [w for w in fit.fit(flat, [], bootstrap=0).warnings if "no dependence" in w]
+    assert len(warned) == 1 and "A/N^alpha" in warned[0] and "on N" in warned[0], warned
+    n, d, loss = (np.array([getattr(r, k) for r in runs]) for k in ("params", "tokens", "loss"))
+    theta = fit.fit_law_params(n, d, loss).copy()
+    theta[3] = fit.BOUNDS[3][1]  # alpha at the upper end of its range
+    at_bound = [w for w in fit.degenerate_fit_warnings(theta, n, d, loss) if "bound" in w]
+    assert at_bound == [f"alpha = {fit.BOUNDS[3][1]:.4g} sits at the fit's upper bound: the runs "
+                        "do not determine it, and N*, D* and the loss at the target inherit the "
+                        "bound; runs over a wider range of N and D (more budgets, larger models) "
+                        "would"]
