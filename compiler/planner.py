@@ -246,9 +246,7 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
     usable = evaluation.fits & (cands.tokens_trained <= cands.tokens * (1 + solver.MAX_OVERSHOOT))
     ok = np.flatnonzero(usable)
     targets = S.target_params([n_opt], sw.shapes)[0]
-    aspect, aspect_source = family
-    picks = ok[S.family_shapes(cands.n_params[ok], cands.d_model[ok] / cands.n_layers[ok],
-                               targets, aspect)] if ok.size else ok
+    picks, rule = _sweep_picks(cands, ok, targets, family)
     if not S.brackets(cands.loss[picks]):
         raise UserError(
             f"{where}: the search space has {picks.size} distinct shape(s) that fit and train "
@@ -277,8 +275,7 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
             "eval_iters": f"ceil(val_tokens {val_tokens:,} / {batch_tokens:,} tokens per batch) "
                           "(compiler/sweep.py VAL_TOKENS says why)",
             "shape": f"targets N*/{S.SPREAD:g}..{S.SPREAD:g}·N*, N* = {n_opt:.4g} (prior law at "
-                     f"C; {S.BUDGET_CITATION}); near each, the valid shape of aspect nearest "
-                     f"{aspect:.3g} ({aspect_source})",
+                     f"C; {S.BUDGET_CITATION}); {rule}",
         })
         s = choice.shape
         runs.append(P.SweepRun(
@@ -287,6 +284,26 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
             budget_flops=budget.flops, prior_n_opt=n_opt, choice=choice, training=training,
             timing=timing, provenance=provenance))
     return runs
+
+
+def _sweep_picks(cands, ok: np.ndarray, targets: np.ndarray, family: tuple[float, str]
+                 ) -> tuple[np.ndarray, str]:
+    """Indices of one budget's sweep shapes among the usable `ok`, and the rule that chose them:
+    the family's (compiler/sweep.py family_shapes), or where its shapes do not bracket the prior
+    minimum and the nearest in N do, those."""
+    if ok.size == 0:
+        return ok, "no usable shape"
+    aspect, source = family
+    picks = ok[S.family_shapes(cands.n_params[ok], cands.d_model[ok] / cands.n_layers[ok],
+                               targets, aspect)]
+    rule = f"near each, the valid shape of aspect nearest {aspect:.3g} ({source})"
+    if S.brackets(cands.loss[picks]):
+        return picks, rule
+    nearest = ok[S.nearest_shapes(cands.n_params[ok], targets)]
+    if not S.brackets(cands.loss[nearest]):
+        return picks, rule
+    return nearest, (f"the valid shape nearest each in N: the shapes of aspect nearest "
+                     f"{aspect:.3g} ({source}) did not have the prior minimum inside them")
 
 
 def _sweep_floor(spec: Spec, law, budget: solver.BudgetFlops) -> S.Floor:

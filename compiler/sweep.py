@@ -18,7 +18,8 @@ with the solver's candidates and trainplan's batch, learning rate and schedule.
   n_layers nearest the sweep's (sweep.aspect, by default the middle of search.aspect). L(N, D)
   sees N only, and shapes of one N differ in loss (Kaplan et al. 2020, Fig. 5: a few percent
   over aspect 20-200, far more for the shallowest models), so a sweep that mixes shapes adds
-  scatter the law cannot fit.
+  scatter the law cannot fit. Where a coarse space leaves the family's shapes without the prior
+  minimum inside them, the shapes nearest in N are taken if they have it (the planner says so).
 """
 
 from __future__ import annotations
@@ -182,6 +183,15 @@ def family_aspect(asked: float | None, lowest: float | None, highest: float | No
     if lowest or highest:
         return float(lowest or highest), "search.aspect's one bound"
     return FALLBACK_ASPECT, f"default {FALLBACK_ASPECT:g}: {FALLBACK_WHY}"
+
+
+def nearest_shapes(n_params, targets) -> np.ndarray:
+    """Indices into n_params of the shape nearest in log N to each target, each shape once (in
+    order of N)."""
+    logn = np.log(np.asarray(n_params, dtype=np.float64))
+    nearest = np.abs(logn[:, None] - np.log(targets)[None, :]).argmin(axis=0)
+    unique = np.unique(nearest)
+    return unique[np.argsort(logn[unique], kind="stable")]
 
 
 def family_shapes(n_params, aspects, targets, family: float) -> np.ndarray:
