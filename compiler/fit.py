@@ -30,6 +30,7 @@ from .laws import EXPONENT_RANGE, LAW_FORMAT, LAW_KEYS, ScalingLaw
 HUBER_DELTA = 1e-3
 N_LAW_PARAMS = 5  # E, A, B, alpha, beta
 CI_LEVEL = 0.95
+FARTHEST_RUNS = 3  # named in the report and the JSON: the runs farthest from the law
 # Runs whose FLOPs agree within this factor belong to one budget (a sweep's token counts are
 # rounded to whole steps, so runs of one budget differ by a fraction of a percent, not 10%).
 SAME_BUDGET = 1.1
@@ -552,6 +553,15 @@ class FitResult:
     # at any budget gets CIs of N*, D*, L* that keep the parameters' correlations.
     samples: list[list[float]] = field(default_factory=list)
 
+    def farthest(self, count: int = FARTHEST_RUNS) -> list[dict]:
+        """The runs farthest from the fitted law (relative error of its loss), farthest first:
+        where --exclude-worst or a look at a run's log may be due."""
+        err = [self.law.loss(r.params, r.tokens) / r.loss - 1 for r in self.runs]
+        order = sorted(range(len(err)), key=lambda i: -abs(err[i]))[:count]
+        return [{"run": self.runs[i].where, "loss": self.runs[i].loss,
+                 "law": float(self.law.loss(self.runs[i].params, self.runs[i].tokens)),
+                 "rel_error": float(err[i])} for i in order]
+
     def citation(self) -> str:
         budgets = ", ".join(f"{c:.2g}" for c in self.budgets)
         return f"fitted by llama3gen fit on {len(self.runs)} runs (budgets {budgets} FLOPs)"
@@ -587,7 +597,8 @@ class FitResult:
                 "bootstrap": {"resamples": self.bootstrap, "seed": self.seed},
                 "target": self.target, "approach2": a2_json, "rollout": self.rollout,
                 "budgets": self.budgets,
-                "runs": {"used": len(self.runs), "excluded": [e.to_json() for e in self.excluded]},
+                "runs": {"used": len(self.runs), "excluded": [e.to_json() for e in self.excluded],
+                         "farthest": self.farthest()},
                 "warnings": self.warnings}
 
 
@@ -687,6 +698,9 @@ def report(res: FitResult) -> str:
               f"  {law.formula()}"]
     for key in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"  {key:<6} {getattr(law, key):>12.5g}  {_ci(res.ci.get(key))}")
+    lines.append("  farthest from the law (the law's loss against the run's):")
+    lines += [f"    {f['rel_error']:+.2%}  {f['run']} (loss {f['loss']:.4g}, law {f['law']:.4g})"
+              for f in res.farthest()]
     a2 = res.approach2
     lines += ["", "Approach 2 (a parabola in log N per budget)"]
     for m in a2.budgets:

@@ -377,3 +377,20 @@ def test_what_the_runs_leave_undetermined_is_a_warning():
                         "do not determine it, and N*, D* and the loss at the target inherit the "
                         "bound; runs over a wider range of N and D (more budgets, larger models) "
                         "would"]
+
+
+def test_the_runs_farthest_from_the_law_are_named():
+    """One run's loss raised 5% above exact runs of Hoffmann et al.'s law: the Huber fit keeps
+    the law (the other runs are exact), so that run is the farthest, at 1/1.05 − 1 = −4.76%,
+    first in the JSON and in the report."""
+    import dataclasses
+    runs = sweep_runs()
+    runs[11] = dataclasses.replace(runs[11], loss=runs[11].loss * 1.05)
+    res = fit.fit(runs, [], bootstrap=0)
+    first = res.farthest()[0]
+    assert first["run"] == runs[11].where and len(res.farthest()) == fit.FARTHEST_RUNS
+    # the fit moves the law by less than the Huber threshold (1e-3) at the other runs
+    assert first["rel_error"] == pytest.approx(1 / 1.05 - 1, abs=2e-3)
+    assert res.to_json()["runs"]["farthest"][0] == first
+    report = fit.report(res)
+    assert f"{first['rel_error']:+.2%}  {runs[11].where}" in report
