@@ -191,7 +191,8 @@ def test_report_and_json(noisy_csv):
     t = doc["target"]
     for key in ("n_params", "tokens", "loss"):
         assert t[key + "_ci"][0] <= t[key] <= t[key + "_ci"][1]
-    assert t["flops"] == 1e22 and doc["runs"] == {"used": 40, "excluded": []}
+    assert t["flops"] == 1e22 and doc["runs"]["used"] == 40 and doc["runs"]["excluded"] == []
+    assert len(doc["runs"]["farthest"]) == fit.FARTHEST_RUNS
     assert doc["rollout"]["max_rel_error"] < 0.05  # 0.3% noise; the law is the generating one
     assert doc["approach2"]["target"]["n_params_ratio_3_to_2"] == pytest.approx(1, abs=0.2)
 
