@@ -127,9 +127,10 @@ def test_spec_sweep_budgets_and_cap():
 def test_where_the_family_misses_the_prior_minimum_the_nearest_shapes_are_taken():
     """Depth 2 or more, 4 shapes and the default family (aspect √(4 × 128) = 22.6): at 4e10
     FLOPs the family's shapes near the targets are 2 × 8, 2 × 24 and 2 × 40, with the prior
-    minimum at the smallest; the shapes nearest in N have it inside them, so they are taken, and the provenance
-    says why. At 8e10 the family's shapes bracket it."""
-    plan = build_plan(parse_spec_text(SWEEP_SEARCH + "sweep: {budgets: [4.0e10, 8.0e10], shapes: 4}\n"))
+    minimum at the smallest; the shapes nearest in N have it inside them, so they are taken,
+    and the provenance says why. At 8e10 the family's shapes bracket it."""
+    line = "sweep: {budgets: [4.0e10, 8.0e10], shapes: 4}\n"
+    plan = build_plan(parse_spec_text(SWEEP_SEARCH + line))
     by_budget = {}
     for r in plan.sweep.runs:
         by_budget.setdefault(r.budget_flops, []).append(r)
@@ -294,7 +295,8 @@ def test_generated_sweep_files(sweep_repo):
             line = next(x for x in config.splitlines() if x.startswith(f"{key} = "))
             assert "  # " in line and len(line.split("  # ", 1)[1]) > 10, line
     most = max(r["training"]["max_iters"] * r["training"]["global_batch_tokens"] for r in runs)
-    assert f"the largest run reads {most:,} tokens" in (sweep_repo / "docs" / "sweep.md").read_text()
+    sweep_doc = (sweep_repo / "docs" / "sweep.md").read_text()
+    assert f"the largest run reads {most:,} tokens" in sweep_doc
     listed = subprocess.run([sys.executable, "sweep.py", "pending"], cwd=sweep_repo,
                             capture_output=True, text=True, check=True).stdout.split()
     assert listed == names  # smallest budget first
@@ -329,14 +331,14 @@ def test_generated_sweep_files(sweep_repo):
 # with every loss perturbed by a further 1.65% (300 draws from the default and the portable
 # kernels' losses; conservative, as the measured losses already carry one such draw): median
 # 3.5% and 2.8%, 2.7% and 0.7% of draws over 5%, the largest 5.6%.
-# What made the difference, measured on this machine with default kernels: the old design (3
-# budgets × 5 shapes nearest in N, 1-8 layers, the 2 MB corpus of _train_fixtures) gave 3.2-4.7%
-# on three machines, and with its losses perturbed by only 1%, 20% of draws exceeded 5%. Its
-# largest runs read that 1.8M-token corpus up to 3 times, and its shapes mixed 1-layer, 80-wide
-# models with 6-layer, 24-wide ones. One change at a time did not help: the larger corpus alone gave 5.6%, the
-# family alone 5.9%, depth 2 or more on the larger corpus 4.0%; all three with 3 budgets gave
-# 2.6%, with 4 budgets × 5 shapes 3.3% (the extra shapes are 2 × 16 at 3.5M tokens, where that
-# small model has stopped improving and L(N, D)'s separate terms cannot follow it).
+# What made the difference, measured on this machine with default kernels: the old design (3 budgets
+# × 5 shapes nearest in N, 1-8 layers, the 2 MB corpus of _train_fixtures) gave 3.2-4.7% on three
+# machines, and with its losses perturbed by only 1%, 20% of draws exceeded 5%. Its largest runs
+# read that 1.8M-token corpus up to 3 times, and its shapes mixed 1-layer, 80-wide models with
+# 6-layer, 24-wide ones. One change at a time did not help: the larger corpus alone gave 5.6%, the
+# family alone 5.9%, depth 2 or more on the larger corpus 4.0%; all three with 3 budgets gave 2.6%,
+# with 4 budgets × 5 shapes 3.3% (the extra shapes are 2 × 16 at 3.5M tokens, where that small model
+# has stopped improving and L(N, D)'s separate terms cannot follow it).
 ROLLOUT_BOUND = 0.05
 
 # The standard library's modules, top level and then one package level down, in sorted order:
