@@ -290,6 +290,7 @@ def test_generated_sweep_files(sweep_repo):
         config = (sweep_repo / "config" / "sweep" / f"{r['name']}.py").read_text()
         assert f"max_iters = {r['training']['max_iters']}  # ceil(D" in config
         assert f"out_dir = 'out/sweep/{r['name']}'" in config
+        assert "\n# Shape: targets N*/4..4·N*" in config  # the rule that chose it
         for key in ("global_batch_size", "learning_rate", "lr_schedule", "max_iters",
                     "eval_interval", "eval_iters"):  # what the sweep decides, with its source
             line = next(x for x in config.splitlines() if x.startswith(f"{key} = "))
