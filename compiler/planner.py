@@ -232,8 +232,8 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
 def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops,
                        n_opt: float, val_tokens: int, floor: S.Floor,
                        family: tuple[float, str]) -> list[P.SweepRun]:
-    """The runs of one sweep budget: the shapes that fit nearest the targets around n_opt, each
-    planned as a full run (trainplan: batch and learning rate at its own budget)."""
+    """The runs of one sweep budget: the usable shapes _sweep_picks takes near the targets around
+    n_opt, each planned as a full run (trainplan: batch and learning rate at its own budget)."""
     sw = spec.sweep
     cands = solver.enumerate_candidates(spec, budget)
     where = f"sweep budget {budget.flops:.4g} FLOPs"
