@@ -241,12 +241,16 @@ def _repo_run(config: dict, convention: str, records: list[dict], where: str) ->
     fpt = 6 * n if convention == "6N" else int(arch.flops_per_token_exact(
         c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"], c["head_dim"], c["ffn_hidden"],
         c["vocab_size"], c["block_size"]))
-    losses = [r["val_loss"] for r in records if "event" not in r and r.get("step") == c["max_iters"]
-              and isinstance(r.get("val_loss"), (int, float)) and not isinstance(r["val_loss"], bool)]
-    epochs = [r["epoch"] for r in records if "event" not in r
-              and isinstance(r.get("epoch"), (int, float)) and not isinstance(r["epoch"], bool)]
+    losses = [v for step, v in _logged(records, "val_loss") if step == c["max_iters"]]
+    epochs = [v for _, v in _logged(records, "epoch")]
     return Run(n, d, float(losses[-1]) if losses else float("nan"), fpt * d, where,
                float(max(epochs)) if epochs else float("nan"))
+
+
+def _logged(records: list[dict], key: str) -> list[tuple]:
+    """(step, value) of every train.py record (not an event) whose `key` is a number."""
+    return [(r.get("step"), r[key]) for r in records if "event" not in r
+            and isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
 
 
 def repo_target(path: str) -> float | None:
@@ -332,6 +336,7 @@ def _objective(theta, logn, logd, logl):
 
 
 # a, b, e (logs of A, B, E) and the exponents: wide enough for any published law.
+THETA_KEYS = ("A", "B", "E", "alpha", "beta")  # theta = (log A, log B, log E, α, β)
 BOUNDS = ((-30.0, 80.0), (-30.0, 80.0), (-15.0, 5.0), EXPONENT_RANGE, EXPONENT_RANGE)
 
 
@@ -433,9 +438,6 @@ def _polish_weighted(theta0, logn, logd, logl, w):
                    np.repeat(logl[keep], reps))[0]
 
 
-THETA_KEYS = ("A", "B", "E", "alpha", "beta")  # theta = (log A, log B, log E, α, β)
-
-
 NEGLIGIBLE_TERM = 1e-3  # below this share of every run's loss, a term is not seen in the runs
 
 
@@ -456,8 +458,7 @@ def degenerate_fit_warnings(theta, n, d, loss) -> list[str]:
         side = "lower" if value - lo <= slack else "upper" if hi - value <= slack else None
         if side is None:
             continue
-        shown = value if key in ("alpha", "beta") else math.exp(value)
-        out.append(f"{key} = {shown:.4g} sits at the fit's {side} "
+        out.append(f"{key} = {getattr(law, key):.4g} sits at the fit's {side} "
                    "bound: the runs do not determine it, and N*, D* and the loss at the target "
                    "inherit the bound; runs over a wider range of N and D (more budgets, larger "
                    "models) would")
@@ -556,11 +557,11 @@ class FitResult:
     def farthest(self, count: int = FARTHEST_RUNS) -> list[dict]:
         """The runs farthest from the fitted law (relative error of its loss), farthest first:
         where --exclude-worst or a look at a run's log may be due."""
-        err = [self.law.loss(r.params, r.tokens) / r.loss - 1 for r in self.runs]
+        law = [float(self.law.loss(r.params, r.tokens)) for r in self.runs]
+        err = [pred / r.loss - 1 for pred, r in zip(law, self.runs)]
         order = sorted(range(len(err)), key=lambda i: -abs(err[i]))[:count]
-        return [{"run": self.runs[i].where, "loss": self.runs[i].loss,
-                 "law": float(self.law.loss(self.runs[i].params, self.runs[i].tokens)),
-                 "rel_error": float(err[i])} for i in order]
+        return [{"run": self.runs[i].where, "loss": self.runs[i].loss, "law": law[i],
+                 "rel_error": err[i]} for i in order]
 
     def citation(self) -> str:
         budgets = ", ".join(f"{c:.2g}" for c in self.budgets)

@@ -333,10 +333,12 @@ def _refuse_repeated_data(spec: Spec, runs: list[P.SweepRun]) -> None:
     """A sweep run may not read its data more than once: the fit's L(N, D) counts each token
     once, and repeated tokens are worth less (Muennighoff et al. 2023), so such a run's loss would
     sit above the law and bias the fit."""
-    over = [(data_epochs(spec, r.training.tokens_trained)["epochs"] or 0.0, r) for r in runs]
-    over = sorted(((e, r) for e, r in over if e > 1), key=lambda er: -er[0])
+    if spec.data is None:  # nothing to check against
+        return
+    epochs = [data_epochs(spec, r.training.tokens_trained)["epochs"] for r in runs]
+    over = [(e, r) for e, r in zip(epochs, runs) if e > 1]
     if over:
-        e, r = over[0]
+        e, r = max(over, key=lambda er: er[0])  # the most repeated
         raise UserError(
             f"{len(over)} sweep run(s) would read the training data more than once ({r.name}: "
             f"{int(r.training.tokens_trained):,} tokens, {e:.2f} epochs of the spec's data); "

@@ -74,11 +74,20 @@ def make_repo(dest):
     return dest
 
 
-def stdlib_corpus_files(max_bytes=CORPUS_BYTES):
-    """The standard library's top-level .py files in sorted order, up to max_bytes."""
+# Packages left out of a corpus with_packages: site-packages (not the standard library), and the
+# test suite, IDLE, tkinter, turtledemo and lib2to3 (tests, GUI and tooling).
+LEFT_OUT_PACKAGES = {"site-packages", "test", "idlelib", "tkinter", "turtledemo", "lib2to3"}
+
+
+def stdlib_corpus_files(max_bytes=CORPUS_BYTES, with_packages=False):
+    """The standard library's top-level .py files in sorted order, then (with_packages) those one
+    package level down, up to max_bytes."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(stdlib.glob("*.py"))
+    if with_packages:
+        paths += sorted(p for p in stdlib.glob("*/*.py") if p.parent.name not in LEFT_OUT_PACKAGES)
     files, total = [], 0
-    for path in sorted(stdlib.glob("*.py")):
+    for path in paths:
         if total >= max_bytes:
             break
         files.append(str(path))

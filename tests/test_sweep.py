@@ -6,7 +6,6 @@ import math
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from llama3gen import sweep as S
 from llama3gen.planner import build_plan
 from llama3gen.spec import parse_spec_text
 
-from _train_fixtures import subprocess_env
+from _train_fixtures import stdlib_corpus_files, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,23 +341,17 @@ def test_generated_sweep_files(sweep_repo):
 # has stopped improving and L(N, D)'s separate terms cannot follow it).
 ROLLOUT_BOUND = 0.05
 
-# The standard library's modules, top level and then one package level down, in sorted order:
-# 490 files, 10.0 MB of Python 3.11 source, more than the sweep's largest run reads (2 × 8 at
-# 3.2e11 FLOPs: 8.6M tokens), so that no run reads its data twice (the test checks it). Left out:
-# site-packages (not the standard library), and the test suite, IDLE, tkinter, turtledemo and
-# lib2to3 (tests, GUI and tooling).
-SWEEP_CORPUS_LEFT_OUT = {"site-packages", "test", "idlelib", "tkinter", "turtledemo", "lib2to3"}
-
-
-def sweep_corpus_files() -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    packaged = (p for p in stdlib.glob("*/*.py") if p.parent.name not in SWEEP_CORPUS_LEFT_OUT)
-    return [str(p) for p in sorted(stdlib.glob("*.py")) + sorted(packaged)]
+# The standard library's modules, top level and then one package level down (_train_fixtures):
+# 490 files, 10.0 MB of Python 3.11 source, all of them under this cap, more than the sweep's
+# largest run reads (2 × 8 at 3.2e11 FLOPs: 8.6M tokens), so that no run reads its data twice (the
+# test checks it).
+SWEEP_CORPUS_BYTES = 11_000_000
 
 
 def test_real_sweep_on_cpu(sweep_repo):
     # 2% held out: 200k validation tokens, three times the sweep's val_tokens
-    subprocess.run([sys.executable, "data/prepare.py", "--input", *sweep_corpus_files(),
+    corpus = stdlib_corpus_files(SWEEP_CORPUS_BYTES, with_packages=True)
+    subprocess.run([sys.executable, "data/prepare.py", "--input", *corpus,
                     "--out_dir", "data/shards", "--val_fraction", "0.02",
                     "--chunk_tokens", "16384"], cwd=sweep_repo, check=True, capture_output=True)
     lock = json.loads((sweep_repo / "llama3gen.lock.json").read_text())
