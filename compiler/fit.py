@@ -549,7 +549,11 @@ class FitResult:
     seed: int
     target: dict | None = None
     rollout: dict = field(default_factory=dict)
+    # What the runs leave in doubt about the law itself: LAW.json carries these, and a plan made
+    # from it repeats them. report_warnings concern only this report (approach 2's parabolas,
+    # the --target), not the law a plan uses.
     warnings: list[str] = field(default_factory=list)
+    report_warnings: list[str] = field(default_factory=list)
     # The bootstrap refits, (resamples × 5) E, A, B, alpha, beta: LAW.json carries them so a plan
     # at any budget gets CIs of N*, D*, L* that keep the parameters' correlations.
     samples: list[list[float]] = field(default_factory=list)
@@ -578,7 +582,8 @@ class FitResult:
                 "budgets": self.budgets, "runs": len(self.runs),
                 "budget_runs": [len(g) for g in group_budgets(self.runs)],
                 "bootstrap": {"resamples": self.bootstrap, "seed": self.seed,
-                              "samples": self.samples}}
+                              "samples": self.samples},
+                "warnings": self.warnings}
 
     def to_json(self) -> dict:
         law = self.law
@@ -600,7 +605,7 @@ class FitResult:
                 "budgets": self.budgets,
                 "runs": {"used": len(self.runs), "excluded": [e.to_json() for e in self.excluded],
                          "farthest": self.farthest()},
-                "warnings": self.warnings}
+                "warnings": self.warnings + self.report_warnings}
 
 
 
@@ -662,7 +667,7 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
             t["loss_ci"] = _interval([o.loss for o in opts])
         result.target = t
         if round(t["decades_beyond_fit"], 1) > FAR_DECADES:
-            result.warnings.append(
+            result.report_warnings.append(
                 f"the target {target_flops:.3g} FLOPs is {t['decades_beyond_fit']:.1f} decades "
                 f"beyond the largest fitted budget ({max(budgets):.3g}); the law and its CIs are "
                 "an extrapolation there")
@@ -676,8 +681,9 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
             "sit above the law: give the sweep more data or lower its budgets")
     for m in result.approach2.budgets:
         if m.bracketed is False:
-            result.warnings.append(f"budget {m.flops:.3g}: the parabola's minimum lies outside "
-                                   "the model sizes run; its N_opt is an extrapolation")
+            result.report_warnings.append(
+                f"budget {m.flops:.3g}: the parabola's minimum lies outside the model sizes run; "
+                "its N_opt is an extrapolation")
     result.rollout = rollout(runs, groups)
     return result
 
@@ -738,7 +744,7 @@ def report(res: FitResult) -> str:
         lines.append(f"Rollout check: fitted without the largest budget ({r['held_out_flops']:.3g}), "
                      f"its {r['runs']} runs predicted with mean relative error "
                      f"{r['mean_rel_error']:.2%}, max {r['max_rel_error']:.2%}")
-    for w in res.warnings:
+    for w in res.warnings + res.report_warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines) + "\n"
 

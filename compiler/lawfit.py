@@ -47,7 +47,15 @@ def law_fit(spec, flops: float, variant: P.Variant) -> P.LawFit | None:
         fit_params=list(fitted.law.fit_params) if fitted.law.fit_params else None,
         fit_tokens=list(fitted.law.fit_tokens) if fitted.law.fit_tokens else None,
         resamples=fitted.resamples, seed=fitted.seed, ci_level=fitted.ci_level, ci=ci, ends=ends,
-        method=METHOD)
+        method=METHOD, warnings=list(fitted.warnings))
+
+
+def fit_warnings(fit: P.LawFit | None) -> list[str]:
+    """The plan's warnings from its fitted law: what fit said when it wrote the file, repeated
+    where the user reads the plan (a degenerate law looks as sure as any other in a table)."""
+    if fit is None:
+        return []
+    return [f"the law in {fit.file}: llama3gen fit warned that {w}" for w in fit.warnings]
 
 
 def _row(end: str, percentile, law: ScalingLaw, flops: float, pick, problem) -> P.LawEnd:

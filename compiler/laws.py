@@ -115,6 +115,7 @@ class LawFile:
     resamples: int | None
     seed: int | None
     samples: np.ndarray | None = field(default=None, compare=False)  # == on arrays is no bool
+    warnings: tuple[str, ...] = ()  # what fit said the runs leave in doubt (a plan repeats them)
 
     def sample_laws(self) -> list[ScalingLaw]:
         return [ScalingLaw(f"{self.law.name}-resample-{i}", *map(float, row), self.law.citation,
@@ -257,13 +258,17 @@ def _law_file(doc: dict, bad, law: ScalingLaw, label: str) -> LawFile:
         if problem:
             raise bad("bootstrap", f"bootstrap.samples[{k}]: {problem[1]}")
     resamples, seed = boot.get("resamples"), boot.get("seed")
+    warnings = doc.get("warnings", [])
+    if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+        raise bad("warnings", "warnings must be a list of strings (what llama3gen fit warned)")
     return LawFile(
         law=law, label=label, runs=runs, budgets=tuple(map(float, budgets)),
         budget_runs=tuple(budget_runs) if budget_runs else None, ci_level=float(level),
         ci={k: tuple(map(float, v)) for k, v in ci.items()},
         resamples=resamples if _count(resamples) else None,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        samples=np.array(samples, dtype=np.float64) if samples else None)
+        samples=np.array(samples, dtype=np.float64) if samples else None,
+        warnings=tuple(warnings))
 
 
 def load_law_file(path, label: str | None = None) -> ScalingLaw:

@@ -245,6 +245,7 @@ class LawFit(PlanModel):
     ci: dict[str, list[float]]  # E, A, B, alpha, beta as fitted; n_params, tokens, loss here
     ends: list[LawEnd]  # empty: the file carries no bootstrap refits
     method: str
+    warnings: list[str]  # what `llama3gen fit` said the runs leave in doubt
 
 
 class Law(PlanModel):

@@ -214,6 +214,11 @@ def data_limited(spec: Spec, cands: solver.Candidates, limited: solver.Candidate
         unconstrained=_data_limited_pick(spec, cands, limited, unconstrained))
 
 
+def _law_label(law: laws.ScalingLaw) -> str:
+    """The law as a sentence names it: a catalog law by its name, a law file's as "the fitted law"."""
+    return "the fitted law" if law.name == "fitted" else law.name
+
+
 def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
     """Picks outside the ranges the law was fitted on: their losses are extrapolations."""
     law = spec.search.law()
@@ -224,8 +229,9 @@ def extrapolation_warnings(spec: Spec, variants: list[P.Variant]) -> list[str]:
         for what, value, bounds in (("N", n, fit.fit_params), ("D", d, fit.fit_tokens)):
             if bounds is not None and not bounds[0] <= value <= bounds[1]:
                 out.append(f"{v.name}: {what} = {value:.3g} lies outside the {bounds[0]:.2g}–"
-                           f"{bounds[1]:.2g} range {fit.name} was fitted on, so its predicted loss "
-                           "is an extrapolation (the ranking of shapes is still the law's)")
+                           f"{bounds[1]:.2g} range {_law_label(fit)} was fitted on, so its "
+                           "predicted loss is an extrapolation (the ranking of shapes is still "
+                           "the law's)")
     return out
 
 
@@ -559,6 +565,7 @@ def build_plan(spec: Spec) -> P.Plan:
         hardware=_hardware(spec, search.hardware), closed_form=_closed_form(spec, budget),
         sensitivity=_sensitivity(budget), frontier=front, variants=variants, job=_job(spec),
         recipe=P.Recipe(**search.hardware.recipe.as_dict()),
-        warnings=extrapolation_warnings(spec, variants) + epoch_warnings(variants),
+        warnings=(extrapolation_warnings(spec, variants) + epoch_warnings(variants)
+                  + lawfit.fit_warnings(law_info.fit)),
         sweep=None if spec.sweep is None else plan_sweep(spec, search.hardware, budget),
         calibration=_calibration(spec))

@@ -197,6 +197,41 @@ def test_law_file_without_refits_still_plans(fitted, tmp_path, bootstrap, ci):
     assert (f"{lo:.4g} – {hi:.4g}" in page) == ci
 
 
+def test_what_fit_warned_travels_with_the_law_into_the_plan(tmp_path):
+    """Runs with no dependence on N (L = 2 + 400/D^0.3 exactly): fit warns that the law cannot
+    say how the loss falls with N. LAW.json carries that warning, but not those about fit's own
+    report (the --target 2 decades out, approach 2's parabolas), and a plan from the file repeats
+    it in `solve`, the README's warnings and docs/law.md. A file without warnings adds none."""
+    import dataclasses
+    flat = [dataclasses.replace(r, loss=2.0 + 400 / r.tokens ** 0.3) for r in sweep_runs()]
+    write_csv(tmp_path / "runs.csv", flat)
+    proc = cli("fit", "runs.csv", "--bootstrap", 0, "--target", TARGET, "-o", "law.json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = [line.removeprefix("warning: ") for line in proc.stdout.splitlines()
+            if line.startswith("warning: ")]
+    carried = json.loads((tmp_path / "law.json").read_text())["warnings"]
+    assert [w for w in carried if "no dependence on N" in w] == carried and len(carried) == 1
+    assert any("decades beyond" in w for w in said) and any("parabola" in w for w in said)
+    assert set(carried) < set(said)
+
+    (tmp_path / "spec.yaml").write_text(spec_naming("law.json"))
+    repeated = f"the law in law.json: llama3gen fit warned that {carried[0]}"
+    plan = build_plan(parse_spec_text(spec_naming("law.json"), spec_dir=tmp_path))
+    assert plan.law.fit.warnings == carried and repeated in plan.warnings
+    files = render_files(plan, "")
+    assert f"> - {repeated}." in files["README.md"].decode()
+    assert f"- {carried[0]}\n" in files["docs/law.md"].decode()
+    solve = cli("solve", "spec.yaml", cwd=tmp_path)
+    assert solve.returncode == 0 and repeated in solve.stdout, solve.stderr
+
+    doc = json.loads((tmp_path / "law.json").read_text())
+    (tmp_path / "law.json").write_text(json.dumps(dict(doc, warnings=[])))
+    quiet = build_plan(parse_spec_text(spec_naming("law.json"), spec_dir=tmp_path))
+    assert not [w for w in quiet.warnings if "fit warned" in w]
+    assert "What `llama3gen fit` warned" not in render_files(quiet, "")["docs/law.md"].decode()
+
+
 # --------------------------------------------------------------------------- errors: file:line
 
 def first_line(proc) -> str:
@@ -248,6 +283,8 @@ def test_other_planning_errors_name_the_field_line(tmp_path, text, where, says):
      ' "beta": 1e-300\n}', "law.json:4", "beta 1e-300 lies outside [0.001, 5]"),
     ('{\n "format": "llama3gen-law/1",\n "E": 1.7,\n "A": 1e300, "B": 400, "alpha": 0.3,'
      ' "beta": 0.3\n}', "law.json:4", "overflows float64"),
+    ('{\n "format": "llama3gen-law/1", "E": 1.7, "A": 400, "B": 400, "alpha": 0.3, "beta": 0.3,'
+     '\n "warnings": "alpha at its bound"\n}', "law.json:3", "warnings must be a list of strings"),
 ])
 def test_law_file_errors_name_the_file_and_line(tmp_path, text, at, says):
     (tmp_path / "law.json").write_text(text)
