@@ -5,9 +5,13 @@ RUN_DIR is a run's out_dir (train.py's metrics.jsonl, docs/CONTRACT.md "metrics.
 generated repo; the repo's llama3gen.lock.json holds the plan. The measurement is the run's
 `--benchmark_iters` record when it has one, else the median of its logged steps after the first
 WARMUP_RECORDS (compilation and warm-up). A spec names the file as `hardware: {calibration: FILE}`:
-the plan then trains at the measured MFU instead of the step-time model's (evaluate.py), and every
-variant's timing.mfu_source cites the file and the run. MFU is per device and per FLOP, so it
-carries over to another shape or layout; the source string says when it did.
+the plan's step-time model then computes at the kernel efficiency with which it gives the step
+time the run measured, for the run's own shape, layout and ranks (evaluate.calibrated_view), so the
+same run re-planned runs at the measured speed, and another shape, layout or cluster size gets
+its own FLOPs and communication on top. Every variant's timing.mfu_source cites the file and the
+run, and says when the measurement came from another shape or layout. Where the model cannot
+reproduce the run (a file without its layout; communication the model times slower than the
+whole measured step), the measured MFU replaces the model, as a spec's hardware.mfu does.
 
 Only the standard library and the compiler's own modules: no torch.
 """
@@ -209,6 +213,30 @@ def checkpointed_blocks(layout: dict, n_layer: int) -> int:
     if not layout.get("activation_checkpointing"):
         return 0
     return int(layout.get("checkpointed_layers") or n_layer)
+
+
+def calibration_run(doc: dict) -> SimpleNamespace | None:
+    """The calibration run as the step-time model takes it (evaluate.calibrated_view), or
+    None where the file lacks its shape, layout or step time: shape (memory.ModelShape of one),
+    world_size, parallelism, tensor_parallel, micro_batch, per_rank (sequences per data rank and
+    step), checkpointing (False, True or the number of leading blocks), compiled, step_seconds."""
+    import numpy as np  # here: `calibrate` itself stays free of numpy
+    m = doc["measured_on"]
+    shape, layout, step = m.get("shape"), m.get("layout"), _number(doc.get("step_time_s"))
+    if not shape or not layout or not step or not layout.get("micro_batch_size"):
+        return None
+    n_layer = shape["n_layer"]
+    blocks = checkpointed_blocks(layout, n_layer)
+    micro = layout["micro_batch_size"]
+    return SimpleNamespace(
+        shape=memory.ModelShape(*(np.array([shape[k]]) for k in SHAPE_KEYS[:7]),
+                                np.array([shape["block_size"]]), bool(shape.get("tie_embeddings"))),
+        world_size=m.get("world_size") or 1,
+        parallelism="ddp" if layout["parallelism"] == "none" else layout["parallelism"],
+        tensor_parallel=layout.get("tensor_parallel") or 1, micro_batch=micro,
+        per_rank=micro * (layout.get("grad_accum") or 1),
+        checkpointing=blocks == n_layer if blocks in (0, n_layer) else blocks,
+        compiled=bool(layout.get("compile")), step_seconds=step)
 
 
 def _shape(config: dict) -> dict | None:
@@ -507,19 +535,26 @@ def _calibration_problem(doc: dict) -> str | None:
     return None
 
 
-def mfu_source(doc: dict, file: str, shape, training) -> str:
+def mfu_source(doc: dict, file: str, shape, training, efficiency: float | None = None) -> str:
     """timing.mfu_source of a variant planned with a calibration: the file, the run, and whether
-    the MFU came from another shape or layout."""
+    the measurement came from another shape or layout. efficiency: the kernel efficiency the run
+    gave the step-time model (evaluate.calibrated_view); None: the run's MFU replaced the model."""
     m = doc["measured_on"]
-    text = (f"calibration {file}: MFU {doc['mfu']:.4g} measured by run {m.get('run')} "
-            f"({m.get('how')}, {m.get('date') or 'date not recorded'}) on {m.get('world_size')} "
-            f"× {m.get('gpu')}")
+    run = (f"run {m.get('run')} ({m.get('how')}, {m.get('date') or 'date not recorded'}) on "
+           f"{m.get('world_size')} × {m.get('gpu')}")
+    if efficiency is None:
+        text, what = f"calibration {file}: MFU {doc['mfu']:.4g} measured by {run}", "MFU"
+    else:
+        text = (f"predicted: compiler/steptime.py, compute at {efficiency:.4g} of peak, the "
+                f"efficiency at which it gives the step time measured by {run} (calibration "
+                f"{file}), plus this layout's exposed communication")
+        what = "efficiency"
     here = {"n_layer": shape.n_layers, "n_embd": shape.d_model, "n_head": shape.n_heads,
             "n_kv_head": shape.n_kv_heads, "head_dim": shape.head_dim,
             "ffn_hidden": shape.ffn_hidden, "vocab_size": shape.vocab_size,
             "tie_embeddings": shape.tie_embeddings, "block_size": shape.seq_len}
     if m.get("shape") != here:
-        text += f"; MFU measured on {shape_text(m.get('shape'))}, applied to this shape"
+        text += f"; {what} measured on {shape_text(m.get('shape'))}, applied to this shape"
     layout = m.get("layout") or {}
     parallelism = training.parallelism if training.world_size > 1 else "none"
     if (m.get("world_size") != training.world_size or layout.get("parallelism") != parallelism

@@ -20,12 +20,14 @@ The rules (docs/DESIGN.md, "Layout"), for each shape:
 3. The fastest layout by steptime.py wins. On a tie (a measured MFU times every layout alike but
    for their FLOPs) no checkpointing, then the smaller t, then the larger micro-batch, then the
    least sharding.
-Memory comes from memory.py for the Recipe train.py follows; time from steptime.py, or from the
+Memory comes from memory.py for the Recipe train.py follows; time from steptime.py (at the kernel
+efficiency a calibration run implies, when the spec names one: calibrated_view), or from the
 spec's measured MFU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -42,6 +44,9 @@ PARTIAL = "partial"  # the checkpointing choice between none (False) and every b
 LEVELS = {False: 0, PARTIAL: 1, True: 2}  # the checkpointing choices as levels, for ties
 ROUNDING_GUARD = 1e-9  # relative: the fewest blocks that fit are never rounded down (_fewest_blocks)
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)  # within a node: NVLink domains are 8 GPUs
+# A calibration's kernel efficiency is bisected on log k over [MIN_EFFICIENCY, 1]: 60 halvings of
+# that 14-wide interval leave 1e-17, float64's resolution.
+MIN_EFFICIENCY, EFFICIENCY_BISECTIONS = 1e-6, 60
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class HardwareView:
     kernel_efficiency: float  # fraction of peak the compute reaches (hardware.kernel_efficiency)
     interconnect: Interconnect
     mfu: float | None = None  # measured (hardware.mfu or .calibration): replaces the step-time model
+    mfu_source: str = ""  # why a calibration's MFU replaces the model (evaluate.calibrated_view)
+    kernel_efficiency_source: str = ""  # the catalog's, or a calibration's (calibrated_view)
     activation_checkpointing: object = "auto"  # "auto", True or False (training.*)
     tensor_parallel: object = "auto"  # "auto" or a fixed degree (training.tensor_parallel)
     compiled: bool = False  # train.py compiles each block (training.compile): fewer activations
@@ -73,14 +80,20 @@ class HardwareView:
         if hw.interconnect is not None:
             link = Interconnect(hw.interconnect.intra_node_GBps, hw.interconnect.inter_node_GBps,
                                 "spec: hardware.interconnect")
-        efficiency, _ = catalog.kernel_efficiency(gpu, spec.training.compile)
-        return cls(device="cpu" if gpu.is_cpu else "cuda", peak_flops=gpu.peak_flops,
+        efficiency, source = catalog.kernel_efficiency(gpu, spec.training.compile)
+        view = cls(device="cpu" if gpu.is_cpu else "cuda", peak_flops=gpu.peak_flops,
                    memory_bytes=memory_bytes, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-                   kernel_efficiency=efficiency, interconnect=link, mfu=hw.measured_mfu,
+                   kernel_efficiency=efficiency, kernel_efficiency_source=source,
+                   interconnect=link, mfu=hw.mfu,
                    activation_checkpointing=spec.training.activation_checkpointing,
                    tensor_parallel=spec.training.tensor_parallel,
                    compiled=spec.training.compile,
                    memory_ratio=hw.measured_memory_ratio or 1.0)
+        if hw.calibration is None:
+            return view
+        compile_gain = (catalog.kernel_efficiency(gpu, True)[0]
+                        / catalog.kernel_efficiency(gpu, False)[0])
+        return calibrated_view(view, hw.calibration_data, hw.calibration, compile_gain)
 
     @property
     def world_size(self) -> int:
@@ -381,6 +394,71 @@ def time_layout(shapes, hardware: HardwareView, parallelism: str, tensor_paralle
                           hardware.recipe.fsdp_reduce_scatter_every_micro_batch),
                       regather=hardware.recipe.regathers(hardware.compiled))
     return timed, step_tokens / timed.total
+
+
+def calibrated_view(view: HardwareView, doc: dict, file: str, compile_gain: float) -> HardwareView:
+    """`view` calibrated by a run (hardware.calibration): the kernel efficiency at which
+    steptime.py gives the step time the run measured, for the run's own shape, layout and ranks
+    (on this interconnect, nodes of the spec's size), so that every other shape and layout gets
+    its own FLOPs and communication on top. A run with torch.compile on and a plan with it off
+    (or the reverse) scale by the catalog's compiled/eager ratio, compile_gain. Where that cannot
+    be solved (_unsolvable), the measured MFU replaces the model, as a spec's hardware.mfu does."""
+    from .calibrate import calibration_run
+    run = calibration_run(doc)
+    seconds = None if run is None else _run_step_seconds(view, run)
+    why = _unsolvable(run, seconds)
+    if why:
+        return dataclasses.replace(view, mfu=doc["mfu"], mfu_source=why)
+    low, high = math.log(MIN_EFFICIENCY), 0.0  # seconds(k) falls as k grows: bisect on log k
+    for _ in range(EFFICIENCY_BISECTIONS):
+        mid = (low + high) / 2
+        low, high = (mid, high) if seconds(math.exp(mid)) > run.step_seconds else (low, mid)
+    efficiency = math.exp((low + high) / 2)
+    scale = compile_gain ** (int(view.compiled) - int(run.compiled))
+    compiled = "" if scale == 1 else (f", × {scale:.4g} for torch.compile "
+                                      f"{'on' if view.compiled else 'off'} here (the catalog's "
+                                      "compiled/eager ratio)")
+    m = doc["measured_on"]
+    source = (f"calibration {file}: {efficiency:.4g} of peak is the compute at which "
+              f"compiler/steptime.py gives the {run.step_seconds:.4g} s per step run "
+              f"{m.get('run')} measured ({m.get('how')}) on {run.world_size} × {m.get('gpu')}"
+              f"{compiled}")
+    return dataclasses.replace(view, kernel_efficiency=efficiency * scale,
+                               kernel_efficiency_source=source)
+
+
+def _unsolvable(run, seconds) -> str:
+    """Why no kernel efficiency in [MIN_EFFICIENCY, 1] gives the run's step time ("": one does)."""
+    if run is None:
+        return "the calibration file does not record the run's shape, layout and step time"
+    if seconds is None:
+        return (f"the run's {run.world_size} ranks do not fill whole nodes of the spec's size, or "
+                "its tensor-parallel groups")
+    if seconds(1.0) > run.step_seconds:
+        return (f"compiler/steptime.py gives the run {seconds(1.0):.4g} s per step at the full "
+                f"peak, more than the {run.step_seconds:.4g} s it measured: the model's exposed "
+                "communication is too slow for this cluster (set hardware.interconnect)")
+    if seconds(MIN_EFFICIENCY) < run.step_seconds:
+        return (f"the run's {run.step_seconds:.4g} s per step is slower than compiler/steptime.py "
+                f"gives at {MIN_EFFICIENCY:g} of peak")
+    return ""
+
+
+def _run_step_seconds(view: HardwareView, run):
+    """The step-time model's seconds per step of the calibration run, as a function of the
+    kernel efficiency; None where its ranks do not fill whole nodes of the spec's size."""
+    per_node = min(view.gpus_per_node, run.world_size)
+    if run.world_size % per_node or run.world_size % run.tensor_parallel:
+        return None
+    on_run = dataclasses.replace(view, gpus_per_node=per_node, nodes=run.world_size // per_node,
+                                 mfu=None, compiled=run.compiled)
+
+    def seconds(efficiency: float) -> float:
+        step, _ = time_layout(run.shape, dataclasses.replace(on_run, kernel_efficiency=efficiency),
+                              run.parallelism, run.tensor_parallel, run.micro_batch,
+                              run.per_rank, run.checkpointing)
+        return float(np.asarray(step.total).ravel()[0])
+    return seconds
 
 
 def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:

@@ -11,7 +11,6 @@ from . import sweep as S
 from . import plan as P
 from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale, fits_somehow
-from .hardware import kernel_efficiency
 from .spec import Spec
 from .trainplan import candidate_batches, plan_training, wall_clock_seconds
 
@@ -265,8 +264,7 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
     for i in picks:
         choice = _choice(spec, cands, int(i))
         lay = _layout(spec, hardware, cands, evaluation, int(i))
-        training, _, timing, _, provenance = plan_training(
-            spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
+        training, _, timing, _, provenance = plan_training(spec, choice, lay, hardware)
         batch_tokens = training.global_batch_tokens
         training = training.model_copy(update={
             "lr_schedule": "cosine", "eval_interval": training.max_iters,
@@ -466,8 +464,7 @@ def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.Var
     budget, hardware = search.budget, search.hardware
     choice = _choice(spec, ranked, result.pick)
     lay = _layout(spec, hardware, search.cands, search.evaluation, result.pick)
-    training, memory, timing, reasons, provenance = plan_training(
-        spec, choice, lay, hardware.capacity, hardware.kernel_efficiency)
+    training, memory, timing, reasons, provenance = plan_training(spec, choice, lay, hardware)
     if budget.job_seconds is not None:
         timebudget.check_pick(spec, budget, timing)
     provenance.update({
@@ -525,9 +522,9 @@ def _hardware(spec: Spec, hardware: HardwareView) -> P.Hardware:
     hw, gpu = spec.hardware, spec.hardware.device()
     return P.Hardware(gpu=gpu.name, peak_tflops=gpu.bf16_tflops, memory_gb=gpu.memory_gb,
                       gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
-                      world_size=hw.world_size, mfu=hw.measured_mfu,
+                      world_size=hw.world_size, mfu=hardware.mfu,
                       kernel_efficiency=hardware.kernel_efficiency,
-                      kernel_efficiency_source=kernel_efficiency(gpu, spec.training.compile)[1],
+                      kernel_efficiency_source=hardware.kernel_efficiency_source,
                       intra_node_GBps=hardware.interconnect.intra_node_GBps,
                       inter_node_GBps=hardware.interconnect.inter_node_GBps,
                       interconnect_source=hardware.interconnect.source,

@@ -39,7 +39,9 @@ TP        tensor parallelism over t consecutive ranks of a node (Megatron-LM, Sh
           the tensor groups, so they leave the node as soon as the data ranks do.
 Not modelled: the optimizer step (memory-bound, about 16 bytes per local parameter read and
 written), data loading, stragglers and failures. A spec's hardware.mfu, measured on the user's
-own cluster, replaces the whole model (compute at that MFU, nothing exposed).
+own cluster, replaces the whole model (compute at that MFU, nothing exposed); a calibration sets
+kernel_efficiency instead (evaluate.calibrated_view), so those and the unmodelled parts of a
+measured step are folded into the compute.
 """
 
 from __future__ import annotations

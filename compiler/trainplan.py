@@ -14,6 +14,7 @@ from . import goodput as G
 from . import calibrate, laws
 from . import plan as P
 from .errors import UserError
+from .evaluate import HardwareView
 from .layout import Layout
 from .memory import GIB
 from .spec import Spec
@@ -174,11 +175,10 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
     return g, why
 
 
-def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
-                  hardware_efficiency: float
+def plan_training(spec: Spec, choice: P.Choice, lay: Layout, hardware: HardwareView
                   ) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
     """The plan of a pick whose layout (evaluate.py's, for the batch global_batch() gives) is
-    `lay`, on devices of `capacity` bytes whose compute reaches hardware_efficiency of peak."""
+    `lay`, on `hardware` (its capacity per device, its kernel efficiency or measured MFU)."""
     tr, world = spec.training, spec.hardware.world_size
     steps, provenance = _steps(spec, choice)
     assert (lay.micro_batch_size * lay.grad_accum * (world // lay.tensor_parallel)
@@ -210,9 +210,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, capacity: float,
         ckpt_interval=good.interval_steps, keep_last_ckpts=tr.keep_last_ckpts, seed=tr.seed,
         init_std=0.02)
     provenance["init_std"] = "0.02, as GPT-2, nanoGPT and torchtitan's LLaMA (assumption)"
-    memory = _memory(spec, lay, capacity, provenance)
-    timing = _timing(spec, choice.shape, lay, training, seconds, good, hardware_efficiency,
-                     provenance)
+    memory = _memory(spec, lay, hardware.capacity, provenance)
+    timing = _timing(spec, choice.shape, lay, training, seconds, good, hardware, provenance)
     return training, memory, timing, list(lay.reasons), provenance
 
 
@@ -268,14 +267,19 @@ BILLED = "GPU-hours and cost = GPUs × the expected wall clock (goodput's), what
 
 
 def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, seconds: float,
-            good: G.Goodput, hardware_efficiency: float, provenance: dict[str, str]
-            ) -> P.Timing:
+            good: G.Goodput, hardware: HardwareView, provenance: dict[str, str]) -> P.Timing:
     hw, gpu, world = spec.hardware, spec.hardware.device(), spec.hardware.world_size
     gpu_hours = good.wall_clock_seconds / 3600 * world  # what a reservation bills
-    measured = hw.measured_mfu is not None  # hardware.mfu, or hardware.calibration's
-    source = ("predicted: compiler/steptime.py (compute + exposed communication)" if not measured
-              else "spec: hardware.mfu (measured)" if hw.calibration is None
-              else calibrate.mfu_source(hw.calibration_data, hw.calibration, shape, training))
+    measured = hardware.mfu is not None  # hardware.mfu, or a calibration the model cannot take
+    if hw.calibration is not None:
+        source = calibrate.mfu_source(hw.calibration_data, hw.calibration, shape, training,
+                                      None if measured else hardware.kernel_efficiency)
+        if measured:
+            source += f"; it replaces compiler/steptime.py because {hardware.mfu_source}"
+    elif measured:
+        source = "spec: hardware.mfu (measured)"
+    else:
+        source = "predicted: compiler/steptime.py (compute + exposed communication)"
     recompute = ""
     if lay.activation_checkpointing:
         which = ("the blocks" if lay.checkpointed_layers == shape.n_layers
@@ -284,18 +288,20 @@ def _timing(spec: Spec, shape: P.Shape, lay: Layout, training: P.Training, secon
 
     if measured:
         provenance["timing"] = (
-            f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hw.measured_mfu:g} "
+            f"tokens/s = {world} GPUs × {gpu.bf16_tflops:g} TFLOP/s × MFU {hardware.mfu:g} "
             f"(measured: {hw.calibration or 'spec'}) / {lay.hardware_flops_per_token:,.0f} "
             f"hardware FLOPs per token (exact convention{recompute}); days = tokens trained / "
             f"tokens/s; {BILLED}")
     else:
         tensor = f" × tensor parallel {lay.tensor_parallel}" if lay.tensor_parallel > 1 else ""
+        calibrated = f", calibrated by {hw.calibration}" if hw.calibration else ""
         provenance["timing"] = (
             f"tokens/s = global batch tokens / step time; step = compute {lay.compute_seconds:.3g} s "
             f"({lay.hardware_flops_per_token:,.0f} hardware FLOPs per token{recompute}, at "
-            f"{hardware_efficiency:.1%} of {gpu.bf16_tflops:g} TFLOP/s) + exposed communication "
-            f"{lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, {lay.parallelism}{tensor}); "
-            f"predicted MFU {lay.mfu:.1%}; days = tokens trained / tokens/s; {BILLED}")
+            f"{hardware.kernel_efficiency:.1%} of {gpu.bf16_tflops:g} TFLOP/s{calibrated}) + "
+            f"exposed communication {lay.exposed_comm_seconds:.3g} s (compiler/steptime.py, "
+            f"{lay.parallelism}{tensor}); predicted MFU {lay.mfu:.1%}; days = tokens trained / "
+            f"tokens/s; {BILLED}")
     return P.Timing(tokens_per_second=lay.tokens_per_second, mfu=lay.mfu, mfu_source=source,
                     step_seconds=lay.step_seconds, compute_seconds=lay.compute_seconds,
                     exposed_comm_seconds=lay.exposed_comm_seconds,
