@@ -219,7 +219,8 @@ def calibration_run(doc: dict) -> SimpleNamespace | None:
     """The calibration run as the step-time model takes it (evaluate.calibrated_view), or
     None where the file lacks its shape, layout or step time: shape (memory.ModelShape of one),
     world_size, parallelism, tensor_parallel, micro_batch, per_rank (sequences per data rank and
-    step), checkpointing (False, True or the number of leading blocks), compiled, step_seconds."""
+    step), checkpointing (False, True or the number of leading blocks), compiled, step_seconds,
+    peak_flops (the run's device's; None: not recorded)."""
     import numpy as np  # here: `calibrate` itself stays free of numpy
     m = doc["measured_on"]
     shape, layout, step = m.get("shape"), m.get("layout"), _number(doc.get("step_time_s"))
@@ -236,7 +237,8 @@ def calibration_run(doc: dict) -> SimpleNamespace | None:
         tensor_parallel=layout.get("tensor_parallel") or 1, micro_batch=micro,
         per_rank=micro * (layout.get("grad_accum") or 1),
         checkpointing=blocks == n_layer if blocks in (0, n_layer) else blocks,
-        compiled=bool(layout.get("compile")), step_seconds=step)
+        compiled=bool(layout.get("compile")), step_seconds=step,
+        peak_flops=_number(m.get("peak_flops")))
 
 
 def _shape(config: dict) -> dict | None:

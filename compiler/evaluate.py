@@ -446,12 +446,14 @@ def _unsolvable(run, seconds) -> str:
 
 def _run_step_seconds(view: HardwareView, run):
     """The step-time model's seconds per step of the calibration run, as a function of the
-    kernel efficiency; None where its ranks do not fill whole nodes of the spec's size."""
+    kernel efficiency (a fraction of the run's device's peak, which carries over to the spec's
+    device as an MFU would); None where its ranks do not fill whole nodes of the spec's size."""
     per_node = min(view.gpus_per_node, run.world_size)
     if run.world_size % per_node or run.world_size % run.tensor_parallel:
         return None
     on_run = dataclasses.replace(view, gpus_per_node=per_node, nodes=run.world_size // per_node,
-                                 mfu=None, compiled=run.compiled)
+                                 mfu=None, compiled=run.compiled,
+                                 peak_flops=run.peak_flops or view.peak_flops)
 
     def seconds(efficiency: float) -> float:
         step, _ = time_layout(run.shape, dataclasses.replace(on_run, kernel_efficiency=efficiency),

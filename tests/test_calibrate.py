@@ -360,7 +360,7 @@ def hand_written_calibration(plan, step_seconds, compile_on=True) -> dict:
             "measured_on": {
                 "run": "cluster:out/optimal", "how": "benchmark record: 20 timed steps",
                 "date": "2026-12-07T00:00:00Z", "device": "cuda", "gpu": "H100-SXM",
-                "world_size": hw.world_size,
+                "world_size": hw.world_size, "peak_flops": hw.peak_tflops * 1e12,
                 "shape": {"n_layer": s.n_layers, "n_embd": s.d_model, "n_head": s.n_heads,
                           "n_kv_head": s.n_kv_heads, "head_dim": s.head_dim,
                           "ffn_hidden": s.ffn_hidden, "vocab_size": s.vocab_size,
