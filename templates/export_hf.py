@@ -23,7 +23,9 @@ copy of the model; the same bytes come out for the same weights, with no timesta
 --out must be new, empty, or an earlier export of this script whose files are unchanged (its
 manifest says which they are); anything else is refused and left as it is. The export is written
 into a hidden sibling directory and renamed into place, so --out holds either the old export or
-the whole new one, never a mix or a half-written file.
+the whole new one, never a mix or a half-written file. Two exports into one --out at a time (two
+jobs, two terminals) would replace each other's files: the second is refused while the first
+holds the lock file .<out>.export.lock beside --out (removed when it ends).
 
 The reverse, load_hf_into(model, hf_dir), is what train.py's init_from_hf uses to start from a
 Hugging Face Llama (continued pre-training); it refuses a directory whose shapes differ from the
@@ -31,7 +33,9 @@ config, naming every field that differs.
 """
 
 import argparse
+import contextlib
 import ctypes
+import fcntl
 import json
 import math
 import os
@@ -407,23 +411,51 @@ def export(state_dict, args, out_dir, dtype="float32", max_shard_bytes=5 * 10**9
     sizes = [_nbytes(shape, torch_dtype) for shape in shapes]
 
     out_dir = os.path.abspath(out_dir)
-    earlier = earlier_export(out_dir)  # before anything is written: refuse early
-    staging = make_staging_dir(out_dir)
-    try:
-        write_export_files(staging, state_dict, args, names, shapes, sizes, dtype,
-                           max_shard_bytes, tokenizer_file, bos_token_id, eos_token_id)
-    except BaseException as e:  # a failure or Ctrl-C: out_dir is as it was; drop what was staged
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OSError(f"writing the export failed, so {out_dir} was not changed: {e}") \
-                from None
-        raise
-    try:
-        publish(staging, out_dir, earlier)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with exporting_into(out_dir):
+        earlier = earlier_export(out_dir)  # before anything is written: refuse early
+        staging = make_staging_dir(out_dir)
+        try:
+            write_export_files(staging, state_dict, args, names, shapes, sizes, dtype,
+                               max_shard_bytes, tokenizer_file, bos_token_id, eos_token_id)
+        except BaseException as e:  # a failure or Ctrl-C: out_dir is as it was; drop the staging
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise OSError(f"writing the export failed, so {out_dir} was not changed: {e}") \
+                    from None
+            raise
+        try:
+            publish(staging, out_dir, earlier)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return sum(torch.Size(shape).numel() for shape in shapes)
+
+
+@contextlib.contextmanager
+def exporting_into(out_dir):
+    """Hold the lock of exports into out_dir: the file .<name>.export.lock beside it, flock'ed,
+    removed (while still held) when the export ends. ValueError while another process holds it.
+    A lock taken on a file its holder has just removed is no lock: take the new one instead."""
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.export.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"another export_hf.py is writing --out {out_dir} (it holds {path}); "
+                             f"wait for it to finish, or export into another directory") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
 
 
 def write_export_files(directory, state_dict, args, names, shapes, sizes, dtype, max_shard_bytes,

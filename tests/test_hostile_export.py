@@ -323,6 +323,32 @@ def test_ctrl_c_during_an_export_leaves_the_target_as_it_was(repo, earlier):
     assert leftovers(repo) == leftovers(repo / "new") == []
 
 
+def test_a_second_export_into_the_same_directory_is_refused_while_the_first_runs(repo, earlier,
+                                                                                   cli):
+    """Two exports into one --out would replace each other's files between the check and the
+    rename. While one holds the lock (here the test holds it, as a running export would), a
+    second is refused in one line and --out stays as it was; one into another directory is not
+    held up; once the lock is released (the first export ended), the export goes through and
+    leaves no lock file behind."""
+    import fcntl
+    target, before = earlier
+    lock = repo / ".hf-earlier.export.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run(repo, "export_hf.py", "--ckpt", "out", "--out", "hf-earlier")
+        assert_refused(proc, "another export_hf.py is writing --out", "hf-earlier",
+                       ".hf-earlier.export.lock")
+        assert snapshot(target) == before and leftovers(repo) == []
+        proc = cli(export_hf, "--ckpt", "out", "--out", "hf-elsewhere")
+        assert proc.returncode == 0, proc.stderr
+    # The holder ended without removing its file (a crash): a stale file holds nothing up.
+    assert lock.exists()
+    proc = cli(export_hf, "--ckpt", "out", "--out", "hf-earlier")
+    assert proc.returncode == 0, proc.stderr
+    assert_is_the_run(repo, target)
+    assert not lock.exists() and not (repo / ".hf-elsewhere.export.lock").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_parent_leaves_the_earlier_export(repo, earlier, cli):
     target, before = earlier
