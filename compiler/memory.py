@@ -240,17 +240,15 @@ def layer_activation_bytes_per_token(d_model, n_heads, n_kv_heads, head_dim, ffn
     tensors and normalises 1/t of the tokens; the column-parallel matmuls save their gathered
     input, the whole sequence, or with regather (Megatron-LM's way; Recipe.tensor_parallel_
     regather) the rank's 1/t of it, gathered again in backward. Under autocast (an fp32 residual
-    stream, bf16 matmuls) every matmul casts and saves its own copy of its input: q, k and v
-    three, gate and up two; under TP the gather casts once (parallelize.py's GatherSequence).
+    stream, bf16 matmuls) model.py casts each norm's output once (matmul_input), so q, k and v
+    (gate and up) share one bf16 copy of their input, as under TP's GatherSequence.
     """
     c, t = compute_bytes, tensor_parallel
     q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
     norms = 2 * norm_bytes_per_token(d_model, residual_bytes) / t
     gathered_input = np.where(regather, c * d_model / t, c * d_model)
-    autocast = (np.asarray(residual_bytes) > c) & (np.asarray(t) == 1)
-    attention = (np.where(autocast, 3, 1) * gathered_input
-                 + (c * (q_width + 2 * kv_width + q_width) + FP32 * n_heads) / t)
-    mlp = np.where(autocast, 2, 1) * gathered_input + c * 4 * ffn_hidden / t
+    attention = gathered_input + (c * (q_width + 2 * kv_width + q_width) + FP32 * n_heads) / t
+    mlp = gathered_input + c * 4 * ffn_hidden / t
     return norms + attention + mlp
 
 

@@ -142,6 +142,16 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def matmul_input(h):
+    """h in autocast's dtype, cast once here. Left to autocast (DDP and one process on CUDA: an
+    fp32 residual stream, bf16 matmuls), q, k and v (gate and up) would each cast h and keep their
+    own bf16 copy for backward; now they share one, as under FSDP2's bf16 compute."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device))
+    return h
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (HF: LlamaDecoderLayer)."""
 
@@ -153,8 +163,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(matmul_input(self.input_layernorm(x)), cos, sin)
+        return x + self.mlp(matmul_input(self.post_attention_layernorm(x)))
 
 
 class Backbone(nn.Module):
