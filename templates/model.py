@@ -145,7 +145,8 @@ class FeedForward(nn.Module):
 def matmul_input(h):
     """h in autocast's dtype, cast once here. Left to autocast (DDP and one process on CUDA: an
     fp32 residual stream, bf16 matmuls), q, k and v (gate and up) would each cast h and keep their
-    own bf16 copy for backward; now they share one, as under FSDP2's bf16 compute."""
+    own bf16 copy for backward; now they share one, and their gradients are summed in bf16 before
+    the cast's backward returns fp32, as under FSDP2's bf16 compute."""
     device = h.device.type
     if torch.is_autocast_enabled(device):
         return h.to(torch.get_autocast_dtype(device))
