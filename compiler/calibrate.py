@@ -525,8 +525,14 @@ def _calibration_problem(doc: dict) -> str | None:
     if not positive(planned.get("mfu")) or not positive(planned.get("tokens_per_second")):
         return "planned.mfu and planned.tokens_per_second must be numbers > 0"
     world = m.get("world_size")
-    if world is not None and (not isinstance(world, int) or isinstance(world, bool) or world < 1):
+    if world is not None and not _whole(world):
         return f"measured_on.world_size must be a whole number ≥ 1 (got {world!r})"
+    step = doc.get("step_time_s")
+    if step is not None and not positive(step):
+        return f"step_time_s must be a number > 0 (got {step!r})"
+    problem = _run_problem(m.get("shape"), m.get("layout"))
+    if problem:
+        return problem
     curve = doc.get("curve", {})
     if not isinstance(curve, dict) or any(
             not isinstance(curve.get(k, []), list)
@@ -534,6 +540,33 @@ def _calibration_problem(doc: dict) -> str | None:
                    for p in curve.get(k, []))
             for k in ("loss", "tokens_per_second")):
         return "curve.loss and curve.tokens_per_second must be lists of [step, value] numbers"
+    return None
+
+
+def _whole(value, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+PARALLELISMS = ("none", "ddp", "fsdp", "hsdp")  # train.py's, and "none" for one process
+
+
+def _run_problem(shape, layout) -> str | None:
+    """What makes the run's shape or layout record unusable to the step-time model (each may be
+    absent: a file from a run whose config was not found)."""
+    if shape is not None and not (isinstance(shape, dict) and all(
+            _whole(shape.get(k)) for k in SHAPE_KEYS if k != "tie_embeddings")):
+        return ("measured_on.shape must give " + ", ".join(k for k in SHAPE_KEYS
+                                                          if k != "tie_embeddings")
+                + " as whole numbers ≥ 1")
+    if layout is None:
+        return None
+    if not isinstance(layout, dict) or layout.get("parallelism") not in PARALLELISMS:
+        return f"measured_on.layout.parallelism must be one of {', '.join(PARALLELISMS)}"
+    for key, least in (("micro_batch_size", 1), ("grad_accum", 1), ("tensor_parallel", 1),
+                       ("checkpointed_layers", 0)):
+        value = layout.get(key)
+        if (value is not None or key == "micro_batch_size") and not _whole(value, least):
+            return f"measured_on.layout.{key} must be a whole number ≥ {least} (got {value!r})"
     return None
 
 

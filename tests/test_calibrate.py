@@ -257,6 +257,21 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
         (directory / "calibration.json").write_text(json.dumps({**doc, key: value}))
         assert_user_error(cli("solve", calibrated_spec(directory)), "calibration",
                           "llama3gen calibrate")
+    # What the step-time model reads of the run (evaluate.calibrated_view), hand-edited wrong.
+    m = doc["measured_on"]
+    broken_run = {"step": {"step_time_s": 0},
+                  "shape": {"measured_on": {**m, "shape": {**m["shape"], "n_layer": 2.5}}},
+                  "layout": {"measured_on": {**m, "layout": {**m["layout"], "parallelism": "zero"}}},
+                  "micro": {"measured_on": {**m, "layout": {**m["layout"], "micro_batch_size": 0}}},
+                  "tp": {"measured_on": {**m, "layout": {**m["layout"], "tensor_parallel": "2"}}}}
+    for name, edit in broken_run.items():
+        directory = work / f"broken-run-{name}"
+        directory.mkdir()
+        (directory / "calibration.json").write_text(json.dumps({**doc, **edit}))
+        field = {"step": "step_time_s", "shape": "measured_on.shape", "micro":
+                 "measured_on.layout.micro_batch_size", "layout": "measured_on.layout.parallelism",
+                 "tp": "measured_on.layout.tensor_parallel"}[name]
+        assert_user_error(cli("solve", calibrated_spec(directory)), field, "llama3gen calibrate")
 
 
 def test_median_of_logged_steps_without_a_benchmark(run):
