@@ -140,7 +140,7 @@ class Training(PlanModel):
 class Timing(PlanModel):
     tokens_per_second: float  # whole job
     mfu: float  # exact FLOPs per token × tokens/s / (GPUs × peak)
-    mfu_source: str  # predicted by compiler/steptime.py, or the spec's measured hardware.mfu
+    mfu_source: str  # predicted by compiler/steptime.py (calibrated or not), or measured
     step_seconds: float  # one optimizer step: compute + exposed communication
     compute_seconds: float
     exposed_comm_seconds: float  # communication on the critical path, per step
@@ -274,7 +274,8 @@ class Hardware(PlanModel):
     gpus_per_node: int
     nodes: int
     world_size: int
-    mfu: float | None  # the spec's measured hardware.mfu; None: predicted per variant (Timing)
+    mfu: float | None  # measured: hardware.mfu, or a calibration's the model cannot reproduce;
+    # None: predicted per variant (Timing), at kernel_efficiency (a calibration's, if any)
     kernel_efficiency: float  # fraction of peak compute reaches when nothing waits on the network
     kernel_efficiency_source: str
     intra_node_GBps: float  # per GPU, one direction

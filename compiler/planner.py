@@ -214,7 +214,7 @@ def data_limited(spec: Spec, cands: solver.Candidates, limited: solver.Candidate
 
 
 def _law_label(law: laws.ScalingLaw) -> str:
-    """The law as a sentence names it: a catalog law by its name, a law file's as "the fitted law"."""
+    """The law as a sentence names it: a catalog law by name, a law file's as "the fitted law"."""
     return "the fitted law" if law.name == "fitted" else law.name
 
 
