@@ -423,7 +423,7 @@ def calibrated_view(view: HardwareView, doc: dict, file: str, compile_gain: floa
               f"compiler/steptime.py gives the {run.step_seconds:.4g} s per step run "
               f"{m.get('run')} measured ({m.get('how')}) on {run.world_size} × {m.get('gpu')}"
               f"{compiled}")
-    return dataclasses.replace(view, kernel_efficiency=efficiency * scale,
+    return dataclasses.replace(view, kernel_efficiency=min(1.0, efficiency * scale),
                                kernel_efficiency_source=source)
 
 
