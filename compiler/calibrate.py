@@ -18,6 +18,7 @@ Only the standard library and the compiler's own modules: no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -385,6 +386,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                     "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
                     "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
     }
+    doc["speed"] = implied_efficiency(doc, plan)
     ratio, predicted = peak_memory_ratio(doc, plan, run_layout_memory(plan))
     doc["peak_memory"] = {
         "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
@@ -392,6 +394,34 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
+
+
+def implied_efficiency(doc: dict, plan) -> dict:
+    """What the run tells compiler/steptime.py, on the hardware its repo was planned for: the
+    kernel efficiency at which the model gives the run's measured step time (as a spec naming
+    this calibration computes it: evaluate.calibrated_view), beside the one the plan assumed;
+    or why the model cannot take the run. Recorded for the report; a plan recomputes it."""
+    from .evaluate import HardwareView, calibrated_view
+    from .hardware import Interconnect
+    from .recipe import Recipe
+    hw = plan.hardware
+    try:
+        recipe = Recipe(**vars(plan.recipe)) if hasattr(plan, "recipe") else Recipe()
+        view = HardwareView(device=doc["measured_on"]["device"] or "cuda",
+                            peak_flops=hw.peak_tflops * 1e12, memory_bytes=0.0,
+                            gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                            kernel_efficiency=hw.kernel_efficiency,
+                            interconnect=Interconnect(hw.intra_node_GBps, hw.inter_node_GBps,
+                                                      hw.interconnect_source), recipe=recipe)
+    except (AttributeError, TypeError):
+        return {"kernel_efficiency": None, "planned_kernel_efficiency": None,
+                "why_not": f"{LOCK_NAME} does not record the plan's kernel efficiency and "
+                           "interconnect (an older llama3gen)"}
+    compiled = bool((doc["measured_on"].get("layout") or {}).get("compile"))
+    run = calibrated_view(dataclasses.replace(view, compiled=compiled), doc, "", 1.0)
+    return {"kernel_efficiency": None if run.mfu is not None else run.kernel_efficiency,
+            "planned_kernel_efficiency": hw.kernel_efficiency,
+            "why_not": run.mfu_source or None}
 
 
 def comparison_rows(doc: dict) -> list[tuple[str, float | None, float | None, str]]:
@@ -424,6 +454,15 @@ def report(doc: dict) -> str:
     if m["world_size"] != p["world_size"]:
         lines.append(f"note: the run used {m['world_size']} rank(s), the plan {p['world_size']}: "
                      "tokens/s and step time are of different jobs; MFU is per device")
+    speed = doc.get("speed") or {}
+    if speed.get("kernel_efficiency"):
+        lines.append(f"speed: compiler/steptime.py gives the run's measured step time at "
+                     f"{speed['kernel_efficiency']:.1%} of peak (its plan computed at "
+                     f"{speed['planned_kernel_efficiency']:.1%}); a spec with this calibration "
+                     "plans every shape and layout at that, with their own communication on top")
+    elif speed.get("why_not"):
+        lines.append(f"speed: {speed['why_not']}; a spec with this calibration trains at the "
+                     "measured MFU")
     peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
                  f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")

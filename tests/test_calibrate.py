@@ -127,6 +127,13 @@ def test_calibration_holds_the_measurement_and_what_it_ran_on(run):
     assert on["shape"] == bench["shape"] and on["layout"] == bench["layout"]
     planned = variant(lock_plan(repo), "optimal")
     assert doc["planned"]["tokens_per_second"] == planned["timing"]["tokens_per_second"]
+    # What the run tells the step-time model: one process has no communication, so its step is
+    # all compute and the efficiency that gives it is the run's MFU (no recomputation: hardware
+    # FLOPs are the exact ones train.py's MFU counts). The plan assumed the catalog's 0.3.
+    speed = doc["speed"]
+    assert speed["kernel_efficiency"] == pytest.approx(doc["mfu"], rel=1e-9)
+    assert speed["planned_kernel_efficiency"] == lock_plan(repo)["hardware"]["kernel_efficiency"]
+    assert speed["why_not"] is None
 
 
 def test_report_table_has_each_ratio(run):
@@ -140,6 +147,10 @@ def test_report_table_has_each_ratio(run):
     assert "step time" in rows and "GiB" in rows["peak memory / device"]
     assert f"{doc['peak_memory']['measured_over_predicted']:.3f}× what compiler/memory.py" in result.stdout
     assert "the run used 1 rank(s), the plan 2" in result.stdout
+    speed = doc["speed"]
+    assert (f"speed: compiler/steptime.py gives the run's measured step time at "
+            f"{speed['kernel_efficiency']:.1%} of peak (its plan computed at "
+            f"{speed['planned_kernel_efficiency']:.1%})") in result.stdout
 
 
 def test_recompile_plans_at_the_measured_speed_and_cites_the_run(run):
@@ -157,6 +168,8 @@ def test_recompile_plans_at_the_measured_speed_and_cites_the_run(run):
     assert optimal["timing"]["tokens_per_second"] == pytest.approx(
         world * doc["tokens_per_second"] / doc["measured_on"]["world_size"], rel=LOCK_ROUNDING)
     assert optimal["timing"]["mfu"] == pytest.approx(doc["mfu"], rel=LOCK_ROUNDING)
+    assert plan["hardware"]["kernel_efficiency"] == pytest.approx(
+        doc["speed"]["kernel_efficiency"], rel=LOCK_ROUNDING)
     source = optimal["timing"]["mfu_source"]
     assert "calibration calibration.json" in source and "tiny-cpu:out/optimal" in source
     assert "applied to this shape" not in source and "applied to 2 rank(s)" in source
