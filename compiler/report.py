@@ -107,7 +107,9 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  memory / device    {mem.total / 2**30:.1f} GiB of {mem.capacity / 2**30:.1f} GiB "
         f"(params {mem.parameters / 2**30:.1f}, grads {mem.gradients / 2**30:.1f}, "
         f"AdamW {mem.optimizer / 2**30:.1f}, activations {mem.activations / 2**30:.1f}, "
-        f"logits {mem.logits / 2**30:.1f}, other {mem.other / 2**30:.1f})",
+        f"logits {mem.logits / 2**30:.1f}, other {mem.other / 2**30:.1f}"
+        + ("" if mem.calibration is None else
+           f", calibration {mem.calibration / 2**30:+.1f}: the run measured") + ")",
         f"  throughput         {tm.tokens_per_second:,.0f} tokens/s, MFU {tm.mfu:.1%} "
         f"({tm.mfu_source})",
         f"  step               {tm.step_seconds:.3g} s = compute {tm.compute_seconds:.3g} s + "
