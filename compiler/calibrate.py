@@ -387,6 +387,8 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                     "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
     }
     doc["speed"] = implied_efficiency(doc, plan)
+    doc["loss"] = final_loss(records, variant.training.max_iters, variant.choice.loss,
+                             plan.law.name)
     ratio, predicted = peak_memory_ratio(doc, plan, run_layout_memory(plan))
     doc["peak_memory"] = {
         "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
@@ -394,6 +396,20 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
+
+
+def final_loss(records: list[dict], max_iters: int, predicted: float, law: str) -> dict:
+    """The run's validation loss at the plan's last step (as `llama3gen fit` reads a sweep run's),
+    beside the loss the plan predicted there; the last one logged, and where, when the run has
+    not got there. Comparable only under a law fitted on this data and tokenizer (a `llama3gen
+    fit` law file)."""
+    from .fit import logged_values
+    logged = [(step, loss) for step, loss in logged_values(records, "val_loss")
+              if isinstance(step, int)]
+    final = [loss for step, loss in logged if step == max_iters]
+    return {"predicted": predicted, "law": law, "max_iters": max_iters,
+            "final_val_loss": final[-1] if final else None,
+            "last_val_loss": list(logged[-1]) if logged else None}
 
 
 def implied_efficiency(doc: dict, plan) -> dict:
@@ -454,6 +470,7 @@ def report(doc: dict) -> str:
     if m["world_size"] != p["world_size"]:
         lines.append(f"note: the run used {m['world_size']} rank(s), the plan {p['world_size']}: "
                      "tokens/s and step time are of different jobs; MFU is per device")
+    lines += _loss_lines(doc.get("loss"))
     speed = doc.get("speed") or {}
     if speed.get("kernel_efficiency"):
         lines.append(f"speed: compiler/steptime.py gives the run's measured step time at "
@@ -471,6 +488,31 @@ def report(doc: dict) -> str:
                      "compiler/memory.py predicts for the run's own shape and layout; a spec "
                      "with this calibration plans with its predictions scaled by that")
     return "\n".join(lines) + "\n"
+
+
+def _loss_lines(loss: dict | None) -> list[str]:
+    """The report's lines on the final loss against the plan's (none for an older file)."""
+    if not loss:
+        return []
+    predicted, law = loss["predicted"], loss["law"]
+    if loss["final_val_loss"] is not None:
+        measured = loss["final_val_loss"]
+        lines = [f"loss: validation loss {measured:.4f} at the plan's last step "
+                 f"({loss['max_iters']:,}) against the {predicted:.4f} it predicted "
+                 f"({law}; measured/predicted {measured / predicted:.3f})"]
+    elif loss["last_val_loss"]:
+        step, value = loss["last_val_loss"]
+        lines = [f"loss: the run has not reached the plan's last step ({loss['max_iters']:,}); "
+                 f"its last validation loss is {value:.4f} at step {step:,}, the plan predicts "
+                 f"{predicted:.4f} at the end ({law})"]
+    else:
+        return [f"loss: the run logged no validation loss (the plan predicts {predicted:.4f}, "
+                f"{law})"]
+    if law != "fitted":
+        lines.append(f"note: {law} was fitted on other data and another tokenizer, so its loss "
+                     "is on another scale than this run's; a law from `llama3gen fit` of this "
+                     "repo's own sweep predicts this run's")
+    return lines
 
 
 def _is_calibration(text: str) -> bool:

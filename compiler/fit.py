@@ -241,13 +241,13 @@ def _repo_run(config: dict, convention: str, records: list[dict], where: str) ->
     fpt = 6 * n if convention == "6N" else int(arch.flops_per_token_exact(
         c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"], c["head_dim"], c["ffn_hidden"],
         c["vocab_size"], c["block_size"]))
-    losses = [v for step, v in _logged(records, "val_loss") if step == c["max_iters"]]
-    epochs = [v for _, v in _logged(records, "epoch")]
+    losses = [v for step, v in logged_values(records, "val_loss") if step == c["max_iters"]]
+    epochs = [v for _, v in logged_values(records, "epoch")]
     return Run(n, d, float(losses[-1]) if losses else float("nan"), fpt * d, where,
                float(max(epochs)) if epochs else float("nan"))
 
 
-def _logged(records: list[dict], key: str) -> list[tuple]:
+def logged_values(records: list[dict], key: str) -> list[tuple]:
     """(step, value) of every train.py record (not an event) whose `key` is a number."""
     return [(r.get("step"), r[key]) for r in records if "event" not in r
             and isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]

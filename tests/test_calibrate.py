@@ -134,6 +134,7 @@ def test_calibration_holds_the_measurement_and_what_it_ran_on(run):
     assert speed["kernel_efficiency"] == pytest.approx(doc["mfu"], rel=1e-9)
     assert speed["planned_kernel_efficiency"] == lock_plan(repo)["hardware"]["kernel_efficiency"]
     assert speed["why_not"] is None
+    assert doc["loss"]["final_val_loss"] is None and doc["loss"]["last_val_loss"] is None
 
 
 def test_report_table_has_each_ratio(run):
@@ -302,6 +303,28 @@ def test_median_of_logged_steps_without_a_benchmark(run):
     assert doc["tokens_per_second"] == 5000.0 and doc["step_time_s"] == 4096 / 5000.0
     assert doc["measured_on"]["variant"] == "optimal"  # by its shape
     assert "median of 3 logged records" in doc["measured_on"]["how"]
+    # No validation loss at the plan's last step yet: the last one logged, and where.
+    planned = variant(lock_plan(repo), "optimal")
+    last, predicted = planned["training"]["max_iters"], planned["choice"]["loss"]
+    assert doc["loss"] == {"predicted": predicted, "law": "besiroglu2024", "max_iters": last,
+                           "final_val_loss": None, "last_val_loss": None}
+    def log(*records):  # the records before the line cut short, as train.py appends them
+        lines.extend(json.dumps(r) for r in records)
+        (logged_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 70, "lo')
+
+    log({"step": 60, "val_loss": 2.75})
+    text = cli("calibrate", logged_dir).stdout
+    assert (f"loss: the run has not reached the plan's last step ({last:,}); its last validation "
+            f"loss is 2.7500 at step 60") in text
+    # At the plan's last step: that loss against the law's, and why they differ in scale.
+    log({"step": last, "val_loss": 2.5})
+    result = cli("calibrate", logged_dir, "--json")
+    assert json.loads(result.stdout)["loss"]["final_val_loss"] == 2.5
+    text = cli("calibrate", logged_dir).stdout
+    assert (f"loss: validation loss 2.5000 at the plan's last step ({last:,}) against the "
+            f"{predicted:.4f} it predicted (besiroglu2024; measured/predicted "
+            f"{2.5 / predicted:.3f})") in text
+    assert "besiroglu2024 was fitted on other data and another tokenizer" in text
 
 
 def test_bad_inputs_are_one_message_and_exit_2(run):
