@@ -563,6 +563,7 @@ def plan_record(doc: dict, file: str):
     """The calibration as the Plan records it (plan.Calibration); `file`: as the spec names it."""
     from . import plan as P
     m, planned, curve = doc["measured_on"], doc["planned"], doc.get("curve") or {}
+    loss = doc.get("loss") or {}
 
     def numbers(d):
         return P.Measured(tokens_per_second=d["tokens_per_second"], mfu=d["mfu"],
@@ -574,7 +575,8 @@ def plan_record(doc: dict, file: str):
         measured=numbers(doc), planned=numbers(planned), planned_loss=planned.get("loss"),
         memory_ratio=(doc.get("peak_memory") or {}).get("measured_over_predicted"),
         curve_loss=curve.get("loss") or [],
-        curve_tokens_per_second=curve.get("tokens_per_second") or [])
+        curve_tokens_per_second=curve.get("tokens_per_second") or [],
+        final_val_loss=_number(loss.get("final_val_loss")), law=loss.get("law"))
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------

@@ -392,6 +392,11 @@ class Calibration(PlanModel):
     memory_ratio: float | None  # measured / compiler/memory.py's peak for the run's layout
     curve_loss: list[tuple[float, float]]  # (step, loss); empty in files without curves
     curve_tokens_per_second: list[tuple[float, float]]
+    # the run's validation loss at its plan's last step and the law that predicted planned_loss
+    # (None: not there yet, or an older file)
+    final_val_loss: float | None = None
+    law: str | None = None
+    omitted_when_none: ClassVar[tuple[str, ...]] = ("final_val_loss", "law")
 
 
 class Plan(PlanModel):

@@ -252,6 +252,7 @@ def test_recompiled_repo_shows_planned_against_achieved(run):
     optimal = variant(lock_plan(new), "optimal")
     assert f"| `optimal` | {int(optimal['timing']['tokens_per_second']):,} |" in page
     assert f"{doc['peak_memory']['measured_over_predicted']:.3f}×" in page
+    assert "validation loss at the last step" not in page  # a benchmark run evaluates nothing
     figure = (new / "docs" / "calibration.svg").read_text()
     first = (work / "first.svg").read_text()
     assert figure.replace("drawn by llama3gen compile from calibration.json",
@@ -325,6 +326,17 @@ def test_median_of_logged_steps_without_a_benchmark(run):
             f"{predicted:.4f} it predicted (besiroglu2024; measured/predicted "
             f"{2.5 / predicted:.3f})") in text
     assert "besiroglu2024 was fitted on other data and another tokenizer" in text
+    # ... and on the planned-against-achieved page of a repo compiled with that calibration.
+    spec_dir = logged_dir / "spec"
+    spec_dir.mkdir()
+    assert cli("calibrate", logged_dir, "-o", spec_dir / "calibration.json").returncode == 0
+    new = logged_dir / "repo"
+    result = cli("compile", calibrated_spec(spec_dir), "-o", new)
+    assert result.returncode == 0, result.stderr
+    page = (new / "docs" / "calibration.md").read_text()
+    assert (f"| validation loss at the last step | {predicted:.4f} | 2.5000 | "
+            f"{2.5 / predicted:.3f} |") in page
+    assert "besiroglu2024's at the run's tokens; that law was fitted on other data" in page
 
 
 def test_bad_inputs_are_one_message_and_exit_2(run):
