@@ -434,8 +434,9 @@ def _unsolvable(run, seconds) -> str:
     if seconds is None:
         return (f"the run's {run.world_size} ranks do not fill whole nodes of the spec's size, or "
                 "its tensor-parallel groups")
-    if seconds(1.0) > run.step_seconds:
-        return (f"compiler/steptime.py gives the run {seconds(1.0):.4g} s per step at the full "
+    fastest = seconds(1.0)
+    if fastest > run.step_seconds:
+        return (f"compiler/steptime.py gives the run {fastest:.4g} s per step at the full "
                 f"peak, more than the {run.step_seconds:.4g} s it measured: the model's exposed "
                 "communication is too slow for this cluster (set hardware.interconnect)")
     if seconds(MIN_EFFICIENCY) < run.step_seconds:

@@ -564,9 +564,9 @@ def earlier_export(out_dir):
 
 
 def make_staging_dir(out_dir):
-    """A new hidden directory beside out_dir (same file system, so the final rename is atomic)."""
+    """A new hidden directory beside out_dir (same file system, so the final rename is atomic);
+    exporting_into has made out_dir's parent."""
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
     for left in sorted(os.listdir(parent)):
         if left.startswith(f".{name}.export-"):
             print(f"note: {os.path.join(parent, left)} was left by an export that was killed "
