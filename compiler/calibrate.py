@@ -128,7 +128,8 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
                 "peak_memory_bytes": _peak([bench]),
                 "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
                 "how": f"benchmark record: {bench.get('steps')} timed steps",
-                "world_size": bench.get("world_size"), "device": bench.get("device"),
+                "world_size": bench.get("world_size"),
+                "ranks_per_node": bench.get("ranks_per_node"), "device": bench.get("device"),
                 "gpu": bench.get("gpu"), "shape": bench.get("shape") or _shape(config),
                 "layout": bench.get("layout") or _layout(config, start),
                 "date": bench.get("time") or start.get("time"), "config": config}
@@ -161,7 +162,8 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
                                                default=None),
             "how": (f"median of {len(kept)} logged records (steps {steps[0]}-{steps[-1]}; the "
                     f"first {len(logged) - len(kept)} left out as warm-up)"),
-            "world_size": start.get("world_size") or None, "device": start.get("device"),
+            "world_size": start.get("world_size") or None,
+            "ranks_per_node": start.get("ranks_per_node"), "device": start.get("device"),
             "gpu": start.get("gpu"), "shape": _shape(config),
             "layout": _layout(config, start), "date": start.get("time"), "config": config}
 
@@ -219,7 +221,7 @@ def checkpointed_blocks(layout: dict, n_layer: int) -> int:
 def calibration_run(doc: dict) -> SimpleNamespace | None:
     """The calibration run as the step-time model takes it (evaluate.calibrated_view), or
     None where the file lacks its shape, layout or step time: shape (memory.ModelShape of one),
-    world_size, parallelism, tensor_parallel, micro_batch, per_rank (sequences per data rank and
+    world_size, ranks_per_node (None: not recorded), parallelism, tensor_parallel, micro_batch, per_rank (sequences per data rank and
     step), checkpointing (False, True or the number of leading blocks), compiled, step_seconds,
     peak_flops (the run's device's; None: not recorded)."""
     import numpy as np  # here: `calibrate` itself stays free of numpy
@@ -233,7 +235,7 @@ def calibration_run(doc: dict) -> SimpleNamespace | None:
     return SimpleNamespace(
         shape=memory.ModelShape(*(np.array([shape[k]]) for k in SHAPE_KEYS[:7]),
                                 np.array([shape["block_size"]]), bool(shape.get("tie_embeddings"))),
-        world_size=m.get("world_size") or 1,
+        world_size=m.get("world_size") or 1, ranks_per_node=m.get("ranks_per_node"),
         parallelism="ddp" if layout["parallelism"] == "none" else layout["parallelism"],
         tensor_parallel=layout.get("tensor_parallel") or 1, micro_batch=micro,
         per_rank=micro * (layout.get("grad_accum") or 1),
@@ -378,7 +380,8 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
             "run": run, "run_dir": str(run_dir), "how": measured["how"],
             "date": measured["date"], "device": measured["device"],
             "gpu": measured["gpu"] or (plan.hardware.gpu if measured["device"] != "cpu" else "cpu"),
-            "world_size": world, "peak_flops": peak, "variant": variant.name,
+            "world_size": world, "ranks_per_node": measured["ranks_per_node"],
+            "peak_flops": peak, "variant": variant.name,
             "shape": measured["shape"], "layout": measured["layout"]},
         "planned": {"tokens_per_second": t.tokens_per_second, "mfu": t.mfu,
                     "loss": variant.choice.loss,
@@ -458,8 +461,10 @@ def _shown(value, unit: str) -> str:
 
 def report(doc: dict) -> str:
     m, p = doc["measured_on"], doc["planned"]
+    per_node = m.get("ranks_per_node")
+    nodes = f" on {m['world_size'] // per_node} node(s)" if per_node else ""
     lines = [f"run {m['run']} ({m['how']}; {m['date'] or 'date not recorded'})",
-             f"  measured on {layout_text(m['world_size'], m['layout'])}, {m['gpu']}, "
+             f"  measured on {layout_text(m['world_size'], m['layout'])}{nodes}, {m['gpu']}, "
              f"{shape_text(m['shape'])}",
              f"  planned for {layout_text(p['world_size'], p['layout'])}, variant {m['variant']}",
              "", f"{'':<22}{'planned':>14}{'measured':>16}{'measured/planned':>18}"]
@@ -610,6 +615,10 @@ def _calibration_problem(doc: dict) -> str | None:
     world = m.get("world_size")
     if world is not None and not _whole(world):
         return f"measured_on.world_size must be a whole number ≥ 1 (got {world!r})"
+    per_node = m.get("ranks_per_node")
+    if per_node is not None and not (_whole(per_node) and (world or 1) % per_node == 0):
+        return (f"measured_on.ranks_per_node must be a whole number ≥ 1 that divides "
+                f"world_size {world or 1} (got {per_node!r})")
     step = doc.get("step_time_s")
     if step is not None and not positive(step):
         return f"step_time_s must be a number > 0 (got {step!r})"

@@ -419,10 +419,13 @@ def calibrated_view(view: HardwareView, doc: dict, file: str, compile_gain: floa
                                       f"{'on' if view.compiled else 'off'} here (the catalog's "
                                       "compiled/eager ratio)")
     m = doc["measured_on"]
+    nodes, per_node = _run_nodes(view, run)
+    spread = ("" if run.ranks_per_node else
+              ": the file does not say how its ranks were spread, so nodes of the spec's size")
     source = (f"calibration {file}: {efficiency:.4g} of peak is the compute at which "
               f"compiler/steptime.py gives the {run.step_seconds:.4g} s per step run "
-              f"{m.get('run')} measured ({m.get('how')}) on {run.world_size} × {m.get('gpu')}"
-              f"{compiled}")
+              f"{m.get('run')} measured ({m.get('how')}) on {nodes} node(s) × {per_node} "
+              f"{m.get('gpu')}{spread}{compiled}")
     return dataclasses.replace(view, kernel_efficiency=min(1.0, efficiency * scale),
                                kernel_efficiency_source=source)
 
@@ -432,8 +435,9 @@ def _unsolvable(run, seconds) -> str:
     if run is None:
         return "the calibration file does not record the run's shape, layout and step time"
     if seconds is None:
-        return (f"the run's {run.world_size} ranks do not fill whole nodes of the spec's size, or "
-                "its tensor-parallel groups")
+        return (f"the run's {run.world_size} ranks do not fill whole nodes of the spec's size "
+                "(the file does not say how they were spread), or its nodes do not hold whole "
+                "tensor-parallel groups")
     fastest = seconds(1.0)
     if fastest > run.step_seconds:
         return (f"compiler/steptime.py gives the run {fastest:.4g} s per step at the full "
@@ -448,11 +452,12 @@ def _unsolvable(run, seconds) -> str:
 def _run_step_seconds(view: HardwareView, run):
     """The step-time model's seconds per step of the calibration run, as a function of the
     kernel efficiency (a fraction of the run's device's peak, which carries over to the spec's
-    device as an MFU would); None where its ranks do not fill whole nodes of the spec's size."""
-    per_node = min(view.gpus_per_node, run.world_size)
-    if run.world_size % per_node or run.world_size % run.tensor_parallel:
+    device as an MFU would); None where its ranks do not fill whole nodes, or its nodes do not
+    hold whole tensor-parallel groups."""
+    nodes, per_node = _run_nodes(view, run)
+    if nodes * per_node != run.world_size or per_node % run.tensor_parallel:
         return None
-    on_run = dataclasses.replace(view, gpus_per_node=per_node, nodes=run.world_size // per_node,
+    on_run = dataclasses.replace(view, gpus_per_node=per_node, nodes=nodes,
                                  mfu=None, compiled=run.compiled,
                                  peak_flops=run.peak_flops or view.peak_flops)
 
@@ -462,6 +467,14 @@ def _run_step_seconds(view: HardwareView, run):
                               run.per_rank, run.checkpointing)
         return float(np.asarray(step.total).ravel()[0])
     return seconds
+
+
+def _run_nodes(view: HardwareView, run) -> tuple[int, int]:
+    """(nodes, ranks per node) of the calibration run: as it recorded them (train.py logs
+    torchrun's LOCAL_WORLD_SIZE), else nodes of the spec's size (an older file); nodes is
+    rounded down where its ranks do not fill them."""
+    per_node = run.ranks_per_node or min(view.gpus_per_node, run.world_size)
+    return run.world_size // per_node, per_node
 
 
 def _take(shapes: ModelShape, index, extra_axis=False) -> ModelShape:

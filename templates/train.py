@@ -212,6 +212,12 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), dev
 
 
+def ranks_per_node():
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE): with the world size, the nodes a
+    calibration's step-time model spreads the run over."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def all_reduce_mean(value, dev):
     """Mean over ranks of a float or a scalar tensor, as a float (gloo has no AVG: SUM / world)."""
     if not dist.is_initialized():
@@ -409,7 +415,7 @@ def benchmark_record(cfg, world, dev, accum, steps, seconds):
             "mfu": (cfg.flops_per_token * tokens_per_s / (world * cfg.peak_flops)
                     if cfg.flops_per_token and cfg.peak_flops else None),
             "planned_mfu": cfg.planned_mfu or None, **peak_memory(dev),
-            "world_size": world, "device": dev.type,
+            "world_size": world, "ranks_per_node": ranks_per_node(), "device": dev.type,
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "shape": {k: cfg[k] for k in (*MODEL_SHAPE_KEYS, "block_size")},
             "layout": {"parallelism": cfg.parallelism if world > 1 else "none",
@@ -539,7 +545,8 @@ def train(argv, on_exit):
     log(run.train_data.describe_run(cfg.max_iters, cfg.global_batch_size))
     log_plan(cfg, run)
     metrics = on_exit.enter_context(Metrics(cfg, run.master, resumed_step=step if latest else None))
-    metrics.write(event="start", step=step, world_size=run.world, resumed_from=str(latest or ""),
+    metrics.write(event="start", step=step, world_size=run.world,
+                  ranks_per_node=ranks_per_node(), resumed_from=str(latest or ""),
                   device=run.dev.type, grad_accum=run.accum, config=dict(cfg),
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -548,13 +555,13 @@ def train(argv, on_exit):
 
     # --- the training loop
     model.train()
-    progress = Progress(cfg, run, metrics)
     nonfinite_in_a_row, last_saved, status = 0, step if latest else None, 0
     # --benchmark_iters=N: after a few warm-up steps, time N steps; no evaluation, no checkpoint
     benchmark = cfg.benchmark_iters > 0
     timed_from = step + min(BENCHMARK_WARMUP_STEPS, cfg.benchmark_iters)
     last_step = timed_from + cfg.benchmark_iters if benchmark else cfg.max_iters
     warm_up_steps, benchmark_t0 = timed_from - step, None
+    progress = Progress(cfg, run, metrics, last_step)
     while step < last_step:
         if benchmark and step == timed_from:
             sync(run.dev)
@@ -751,8 +758,9 @@ def train_step(cfg, run, model, optimizer, autocast, step, lr):
 class Progress:
     """Speed and the finish estimate, logged every log_interval steps (console and metrics)."""
 
-    def __init__(self, cfg, run, metrics):
+    def __init__(self, cfg, run, metrics, last_step):
         self.cfg, self.run, self.metrics = cfg, run, metrics
+        self.last_step = last_step  # this process's: max_iters, or a benchmark's end
         self.steps_timed, self.time_in_steps = 0, 0.0  # since the start, for the estimate
         self.interval_time, self.interval_steps = 0.0, 0  # since the last report
         self.warned_mfu = False
@@ -774,7 +782,7 @@ class Progress:
                   "unique_tokens": run.train_data.unique_tokens_after(step, cfg.global_batch_size),
                   **source_epochs(run.train_data, step, cfg),
                   **{k: v for k, v in peak_memory(run.dev).items() if v is not None}}
-        line = (f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.3e} | "
+        line = (f"step {step}/{self.last_step} | loss {loss_value:.4f} | lr {lr:.3e} | "
                 f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
         if "source_epochs" in record:  # a mixture: each source's own epochs
             line += " (" + ", ".join(f"{n} {e:.3f}" for n, e in record["source_epochs"].items()) + ")"
@@ -783,7 +791,7 @@ class Progress:
             line += f" | MFU {record['mfu']:.1%}"
             if cfg.planned_mfu:
                 line += f" (plan {cfg.planned_mfu:.0%})"
-        record["eta_s"] = (cfg.max_iters - step) * self.time_in_steps / self.steps_timed
+        record["eta_s"] = (self.last_step - step) * self.time_in_steps / self.steps_timed
         line += f" | eta {format_duration(record['eta_s'])}"
         self.metrics.write(**record)  # first the durable record, then the console
         log(line)

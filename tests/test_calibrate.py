@@ -65,7 +65,8 @@ def run(tmp_path_factory):
     result = cli("compile", TINY_SPEC, "-o", repo)
     assert result.returncode == 0, result.stderr
     prepare_data(repo, "data/shards")
-    run_train(repo, "config/optimal.py", f"--benchmark_iters={BENCH_ITERS}", timeout=300)
+    proc = run_train(repo, "config/optimal.py", f"--benchmark_iters={BENCH_ITERS}", timeout=300)
+    (work / "benchmark.log").write_text(proc.stdout)
     run_dir = repo / "out" / "optimal"
     specs = work / "specs"
     specs.mkdir()
@@ -82,6 +83,7 @@ def test_benchmark_writes_one_summary_and_no_checkpoint(run):
     assert len(benchmarks) == 1
     b = benchmarks[0]
     assert b["steps"] == BENCH_ITERS and b["world_size"] == 1 and b["device"] == "cpu"
+    assert b["ranks_per_node"] == 1  # one process, no torchrun
     assert b["step_time_s"] == pytest.approx(b["seconds"] / BENCH_ITERS, rel=1e-12)  # float64
     assert b["max_memory_allocated"] is None and b["max_memory_reserved"] is None  # CPU
     config = (repo / "config" / "optimal.py").read_text()
@@ -90,6 +92,10 @@ def test_benchmark_writes_one_summary_and_no_checkpoint(run):
     # Warm-up plus timed steps were trained, then it stopped: no evaluation, no checkpoint.
     logged = [r for r in records if "event" not in r and "loss" in r]
     assert logged[-1]["step"] == WARMUP + BENCH_ITERS
+    # progress counts to the benchmark's last step, not to max_iters, and expects no more
+    log = (run[4] / "benchmark.log").read_text()
+    last = WARMUP + BENCH_ITERS
+    assert f"step {last}/{last} |" in log and logged[-1]["eta_s"] == 0, log[-2000:]
     # on CPU the process's peak resident set, no CUDA allocator figures
     assert all(r["step_time_s"] > 0 and "max_memory_allocated" not in r and r["max_rss"] > 0
                for r in logged)
@@ -278,14 +284,16 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                   "shape": {"measured_on": {**m, "shape": {**m["shape"], "n_layer": 2.5}}},
                   "layout": {"measured_on": {**m, "layout": {**m["layout"], "parallelism": "zero"}}},
                   "micro": {"measured_on": {**m, "layout": {**m["layout"], "micro_batch_size": 0}}},
-                  "tp": {"measured_on": {**m, "layout": {**m["layout"], "tensor_parallel": "2"}}}}
+                  "tp": {"measured_on": {**m, "layout": {**m["layout"], "tensor_parallel": "2"}}},
+                  "nodes": {"measured_on": {**m, "ranks_per_node": 2}}}  # of 1 rank
     for name, edit in broken_run.items():
         directory = work / f"broken-run-{name}"
         directory.mkdir()
         (directory / "calibration.json").write_text(json.dumps({**doc, **edit}))
         field = {"step": "step_time_s", "shape": "measured_on.shape", "micro":
                  "measured_on.layout.micro_batch_size", "layout": "measured_on.layout.parallelism",
-                 "tp": "measured_on.layout.tensor_parallel"}[name]
+                 "tp": "measured_on.layout.tensor_parallel",
+                 "nodes": "measured_on.ranks_per_node"}[name]
         assert_user_error(cli("solve", calibrated_spec(directory)), field, "llama3gen calibrate")
 
 
@@ -527,3 +535,38 @@ def test_a_run_the_model_cannot_reproduce_keeps_its_measured_mfu(tmp_path):
     from llama3gen.render import render_files
     page = render_files(plan, "")["docs/calibration.md"].decode()
     assert "trains at the measured MFU" in page
+
+
+def test_a_run_is_timed_on_the_nodes_it_ran_on(tmp_path):
+    """A calibration run's ranks per node (train.py logs torchrun's LOCAL_WORLD_SIZE) decide
+    which of its collectives cross nodes. A run on 4 nodes × 4 GPUs, planned for 2 nodes × 8:
+    the efficiency is solved on the run's own 4 × 4, as a re-plan on 4 × 4 solves it; a file that
+    does not record them is spread over nodes of the spec's size, which times the run otherwise."""
+    from llama3gen.planner import build_plan
+    from llama3gen.spec import parse_spec_text
+
+    def plan(gpus_per_node, nodes, extra=""):
+        text = H100_SPEC.replace("  gpus_per_node: 8\n  nodes: 4\n",
+                                 f"  gpus_per_node: {gpus_per_node}\n  nodes: {nodes}\n{extra}")
+        assert f"gpus_per_node: {gpus_per_node}\n" in text
+        return build_plan(parse_spec_text(text, spec_dir=tmp_path))
+
+    model = plan(4, 4)
+    v0 = model.variants[0]
+    doc = hand_written_calibration(model, SLOWER * v0.timing.step_seconds)
+    doc["measured_on"]["ranks_per_node"] = 4
+    (tmp_path / "cal.json").write_text(json.dumps(doc))
+    del doc["measured_on"]["ranks_per_node"]
+    (tmp_path / "unrecorded.json").write_text(json.dumps(doc))
+
+    # The solve itself (reproducing the run) is checked by hand above; here, where it is made.
+    k = plan(4, 4, "  calibration: cal.json\n").hardware.kernel_efficiency
+    wide = plan(8, 2, "  calibration: cal.json\n")
+    guessed = plan(8, 2, "  calibration: unrecorded.json\n")
+    assert wide.hardware.kernel_efficiency == k  # the run's 4 × 4, whatever the spec's nodes
+    assert plan(4, 4, "  calibration: unrecorded.json\n").hardware.kernel_efficiency == k
+    # 2 × 8 times the run's collectives otherwise (its shard groups inside NVLink): another k.
+    # The bisection pins k to ~1e-16 relative, so a 1e-4 gap is the model's, not rounding.
+    assert abs(guessed.hardware.kernel_efficiency / k - 1) > 1e-4
+    assert "on 4 node(s) × 4 H100-SXM" in wide.hardware.kernel_efficiency_source
+    assert "so nodes of the spec's size" in guessed.hardware.kernel_efficiency_source

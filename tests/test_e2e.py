@@ -60,6 +60,9 @@ def test_torchrun_two_ranks_with_the_planned_layout(repo):
     proc = run_train(repo, "config/chinchilla.py", "--max_iters=10", "--eval_interval=10",
                      "--out_dir=out/two-ranks", nproc=2, timeout=600)
     assert "step 10/10" in proc.stdout, proc.stdout[-3000:]
+    # torchrun's LOCAL_WORLD_SIZE: how `llama3gen calibrate` learns the run's nodes
+    start = next(r for r in read_metrics(repo / "out" / "two-ranks") if r.get("event") == "start")
+    assert start["world_size"] == 2 and start["ranks_per_node"] == 2
 
 
 def test_export_of_the_trained_checkpoint_loads_in_transformers(repo):
