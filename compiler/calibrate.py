@@ -105,44 +105,51 @@ def _train_state_config(run_dir: Path) -> dict:
 def measure(run_dir: Path, records: list[dict]) -> dict:
     """What the run measured: the last benchmark record, else the median of the logged steps of
     the last start that logged any, after its first WARMUP_RECORDS."""
-    segments, current = [], []
-    for r in records:
-        if r.get("event") == "start":
-            current = [r]
-            segments.append(current)
-        else:
-            if not segments:
-                segments.append(current)
-            current.append(r)
+    segments = _starts(records)
     benchmarks = [r for r in records if r.get("event") == "benchmark"
                   and _number(r.get("tokens_per_s")) and _number(r.get("step_time_s"))]
-    start = {}
     if benchmarks:
         bench = benchmarks[-1]
-        for seg in segments:
-            if bench in seg and seg[0].get("event") == "start":
-                start = seg[0]
-        config = start.get("config") or _train_state_config(run_dir)
-        return {"tokens_per_second": bench["tokens_per_s"], "step_time_s": bench["step_time_s"],
-                "mfu": _number(bench.get("mfu")),
-                "peak_memory_bytes": _peak([bench]),
-                "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
-                "how": f"benchmark record: {bench.get('steps')} timed steps",
-                "world_size": bench.get("world_size"),
-                "ranks_per_node": bench.get("ranks_per_node"), "device": bench.get("device"),
-                "gpu": bench.get("gpu"), "shape": bench.get("shape") or _shape(config),
-                "layout": bench.get("layout") or _layout(config, start),
-                "date": bench.get("time") or start.get("time"), "config": config}
-    logged = []
+        start = next((seg[0] for seg in segments
+                      if bench in seg and seg[0].get("event") == "start"), {})
+        return _benchmarked(run_dir, bench, start)
     for seg in reversed(segments):
         logged = [r for r in seg if "event" not in r and _number(r.get("tokens_per_s"))]
         if logged:
-            start = seg[0] if seg and seg[0].get("event") == "start" else {}
-            break
-    if not logged:
-        raise _error(f"{METRICS} has no logged training steps (no record with tokens_per_s)",
-                     str(run_dir / METRICS), "train for at least one log_interval, or run "
-                     "train.py with --benchmark_iters=N")
+            return _logged(run_dir, logged, seg[0] if seg[0].get("event") == "start" else {})
+    raise _error(f"{METRICS} has no logged training steps (no record with tokens_per_s)",
+                 str(run_dir / METRICS), "train for at least one log_interval, or run "
+                 "train.py with --benchmark_iters=N")
+
+
+def _starts(records: list[dict]) -> list[list[dict]]:
+    """The records cut at each "start" event (train.py writes one per process start); records
+    before the first start, if any, make a segment of their own."""
+    segments = []
+    for r in records:
+        if r.get("event") == "start" or not segments:
+            segments.append([])
+        segments[-1].append(r)
+    return segments
+
+
+def _benchmarked(run_dir: Path, bench: dict, start: dict) -> dict:
+    """measure() of a --benchmark_iters record (and the start record of its process)."""
+    config = start.get("config") or _train_state_config(run_dir)
+    return {"tokens_per_second": bench["tokens_per_s"], "step_time_s": bench["step_time_s"],
+            "mfu": _number(bench.get("mfu")),
+            "peak_memory_bytes": _peak([bench]),
+            "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
+            "how": f"benchmark record: {bench.get('steps')} timed steps",
+            "world_size": bench.get("world_size"),
+            "ranks_per_node": bench.get("ranks_per_node"), "device": bench.get("device"),
+            "gpu": bench.get("gpu"), "shape": bench.get("shape") or _shape(config),
+            "layout": bench.get("layout") or _layout(config, start),
+            "date": bench.get("time") or start.get("time"), "config": config}
+
+
+def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
+    """measure() of one process's logged steps: the median after the warm-up records."""
     kept = logged[min(WARMUP_RECORDS, len(logged) - 1):]
     config = start.get("config") or _train_state_config(run_dir)
     tokens_per_step = (config.get("global_batch_size") or 0) * (config.get("block_size") or 0)
