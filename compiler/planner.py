@@ -213,6 +213,19 @@ def data_limited(spec: Spec, cands: solver.Candidates, limited: solver.Candidate
         unconstrained=_data_limited_pick(spec, cands, limited, unconstrained))
 
 
+def measured_mfu_warnings(hardware: HardwareView, variants: list[P.Variant]) -> list[str]:
+    """Tensor-parallel picks timed at a measured MFU, which times every layout alike: their
+    all-reduces on the critical path, which compiler/steptime.py would charge, are free there."""
+    if hardware.mfu is None:
+        return []
+    given = "the calibration's" if hardware.mfu_source else "hardware.mfu"
+    return [f"{v.name}: tensor parallel {v.training.tensor_parallel} trains at {given} MFU "
+            f"{hardware.mfu:.3g}, which times every layout alike: its activations' all-reduces "
+            "are not charged; measure this layout (train.py --benchmark_iters) and give the run "
+            "as hardware.calibration to plan it with them"
+            for v in variants if v.training.tensor_parallel > 1]
+
+
 def _law_label(law: laws.ScalingLaw) -> str:
     """The law as a sentence names it: a catalog law by name, a law file's as "the fitted law"."""
     return "the fitted law" if law.name == "fitted" else law.name
@@ -563,6 +576,7 @@ def build_plan(spec: Spec) -> P.Plan:
         sensitivity=_sensitivity(budget), frontier=front, variants=variants, job=_job(spec),
         recipe=P.Recipe(**search.hardware.recipe.as_dict()),
         warnings=(extrapolation_warnings(spec, variants) + epoch_warnings(variants)
-                  + lawfit.fit_warnings(law_info.fit)),
+                  + lawfit.fit_warnings(law_info.fit)
+                  + measured_mfu_warnings(search.hardware, variants)),
         sweep=None if spec.sweep is None else plan_sweep(spec, search.hardware, budget),
         calibration=_calibration(spec))

@@ -159,6 +159,28 @@ def test_the_interconnect_of_a_spec_overrides_the_catalog():
     assert dataclasses.replace(default, mfu=None).mfu is None
 
 
+def test_a_measured_mfu_says_tensor_parallelism_is_not_charged():
+    """hardware.mfu times every layout alike, so a tensor-parallel pick's all-reduces are free
+    under it: the plan warns and points to a calibration, which the step-time model charges."""
+    from pathlib import Path
+
+    from compiler.planner import build_plan
+    from compiler.spec import parse_spec_text
+    spec = (Path(__file__).parent.parent / "specs" / "h100-4node.yaml").read_text()
+    assert "  mfu: 0.40\n" in spec and "\ntraining:" not in spec
+    tp = "training: {tensor_parallel: 2}\n"
+
+    def warned(text):
+        plan = build_plan(parse_spec_text(text))
+        return [w for w in plan.warnings if "not charged" in w], plan
+    at_mfu, plan = warned(spec + tp)
+    assert [w.split(":")[0] for w in at_mfu] == [v.name for v in plan.variants]
+    assert "hardware.mfu MFU 0.4," in at_mfu[0] and "hardware.calibration" in at_mfu[0]
+    assert not warned(spec)[0]  # the tie-break keeps t = 1 where it fits: nothing to warn
+    modelled, plan = warned(spec.replace("  mfu: 0.40\n", "") + tp)
+    assert not modelled and all(v.timing.exposed_comm_seconds > 0 for v in plan.variants)
+
+
 def h100s(nodes, inter_node_GBps=None):
     gpu = catalog.lookup("h100-sxm")
     link = catalog.interconnect(gpu)
