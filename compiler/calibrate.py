@@ -191,16 +191,17 @@ def peak_memory_ratio(doc: dict, plan, layout_memory) -> tuple[float | None, flo
     m = doc["measured_on"]
     if doc.get("peak_memory_bytes") is None or not m.get("shape") or not m.get("layout"):
         return None, None
-    predicted = layout_memory(m["shape"], m["layout"], m["world_size"], m["device"])
+    predicted = layout_memory(m["shape"], m["layout"], m["world_size"], m["device"],
+                              m.get("ranks_per_node"))
     if m["device"] == "cuda":
         predicted -= memory.CUDA_CONTEXT_BYTES
     return doc["peak_memory_bytes"] / predicted, predicted
 
 
 def run_layout_memory(plan):
-    """memory.py's total for a run's shape and layout (calibration's own fields), on the plan's
-    nodes: a function for peak_memory_ratio."""
-    def total(shape, layout, world, device):
+    """memory.py's total for a run's shape and layout (calibration's own fields), on its nodes
+    (ranks_per_node; not recorded: the plan's): a function for peak_memory_ratio."""
+    def total(shape, layout, world, device, ranks_per_node):
         model = memory.ModelShape(shape["n_layer"], shape["n_embd"], shape["n_head"],
                                   shape["n_kv_head"], shape["head_dim"], shape["ffn_hidden"],
                                   shape["vocab_size"], shape["block_size"],
@@ -208,7 +209,7 @@ def run_layout_memory(plan):
         parallelism = layout["parallelism"] if layout["parallelism"] != "none" else "ddp"
         return float(memory.memory_per_device(
             model, layout["micro_batch_size"], parallelism=parallelism, world_size=world or 1,
-            gpus_per_node=min(plan.hardware.gpus_per_node, world or 1),
+            gpus_per_node=ranks_per_node or min(plan.hardware.gpus_per_node, world or 1),
             activation_checkpointing=checkpointed_blocks(layout, shape["n_layer"]),
             grad_accum=layout.get("grad_accum") or 1, device=device,
             compute_dtype=layout.get("dtype"), tensor_parallel=layout.get("tensor_parallel") or 1,

@@ -570,3 +570,31 @@ def test_a_run_is_timed_on_the_nodes_it_ran_on(tmp_path):
     assert abs(guessed.hardware.kernel_efficiency / k - 1) > 1e-4
     assert "on 4 node(s) × 4 H100-SXM" in wide.hardware.kernel_efficiency_source
     assert "so nodes of the spec's size" in guessed.hardware.kernel_efficiency_source
+
+
+def test_the_runs_memory_is_predicted_on_its_own_nodes(tmp_path):
+    """Hybrid sharding shards within a node: the memory the run is compared with follows the
+    nodes it recorded (4 × 4 here), not the plan's 8 per node."""
+    from llama3gen import memory
+    from llama3gen.calibrate import peak_memory_ratio, run_layout_memory
+    model = h100_plan(tmp_path, 2)
+    doc = hand_written_calibration(model, model.variants[0].timing.step_seconds)
+    m = doc["measured_on"]
+    m["layout"]["parallelism"] = "hsdp"
+    doc["peak_memory_bytes"] = 40e9
+    s = model.variants[0].choice.shape
+
+    def expected(per_node):
+        return float(memory.memory_per_device(
+            memory.ModelShape(s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim,
+                              s.ffn_hidden, s.vocab_size, s.seq_len),
+            m["layout"]["micro_batch_size"], parallelism="hsdp", world_size=16,
+            gpus_per_node=per_node, activation_checkpointing=m["layout"]["checkpointed_layers"],
+            grad_accum=m["layout"]["grad_accum"], device="cuda",
+            tensor_parallel=m["layout"]["tensor_parallel"], compiled=True).total
+                     ) - memory.CUDA_CONTEXT_BYTES
+    for per_node in (4, None):
+        m["ranks_per_node"] = per_node
+        _, predicted = peak_memory_ratio(doc, model, run_layout_memory(model))
+        assert predicted == expected(per_node or 8)
+    assert expected(4) > expected(8)  # 4-way shards hold twice the 8-way ones' model states
