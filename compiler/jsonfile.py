@@ -36,6 +36,9 @@ def write_own_file(path: Path, text: str, ours, command: str) -> None:
     if path.is_symlink():
         raise UserError(f"is a symbolic link; {command} writes no file through one",
                         where=str(path), fix="give the path of a regular file")
+    if path.is_dir():
+        raise UserError(f"is a directory; {command} writes a file", where=str(path),
+                        fix="give the path of a file (in that directory, or elsewhere)")
     if path.exists():
         try:
             mine = path.is_file() and ours(path.read_text(encoding="utf-8"))

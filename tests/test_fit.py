@@ -242,6 +242,8 @@ def test_law_file_written_atomically_and_foreign_files_kept(noisy_csv, tmp_path)
     proc = cli(noisy_csv, "--bootstrap", 0, "-o", foreign)
     assert proc.returncode == 2 and "not written by llama3gen fit" in proc.stderr
     assert foreign.read_text() == "{}"
+    proc = cli(noisy_csv, "--bootstrap", 0, "-o", tmp_path)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr, proc.stderr
     link = tmp_path / "link.json"
     link.symlink_to(law)
     proc = cli(noisy_csv, "--bootstrap", 0, "-o", link)
