@@ -175,6 +175,36 @@ def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
             "layout": _layout(config, start), "date": start.get("time"), "config": config}
 
 
+def checkpoint_saves(records: list[dict]) -> dict | None:
+    """The run's checkpoint saves (train.py's "checkpoint" records): the median time training
+    stopped for one and the bandwidth per device that makes of its bytes; None: no save."""
+    saves = [r for r in records if r.get("event") == "checkpoint" and _positive(r.get("seconds"))
+             and _positive(r.get("bytes")) and _whole(r.get("world_size"))]
+    if not saves:
+        return None
+    return {"saves": len(saves), "bytes": saves[-1]["bytes"],
+            "seconds": statistics.median(r["seconds"] for r in saves),
+            "world_size": saves[-1]["world_size"],
+            "GBps_per_device": statistics.median(r["bytes"] / r["seconds"] / 1e9 / r["world_size"]
+                                                 for r in saves),
+            "how": (f"median of {len(saves)} save(s) by train.py: gather, write, fsync, hash and "
+                    "rename, the time training waits")}
+
+
+def save_bandwidth(doc: dict, file: str) -> tuple[float, str] | None:
+    """(GB/s per device, where) of the calibration run's checkpoint saves, for goodput's write
+    time; None where the file records none."""
+    saves = doc.get("checkpoint")
+    if not saves:
+        return None
+    return saves["GBps_per_device"], (f"calibration {file}: run {doc['measured_on'].get('run')}'s "
+                                      f"checkpoint saves ({saves['how']})")
+
+
+def _positive(value) -> bool:
+    return _number(value) is not None and value > 0
+
+
 def _peak(records: list[dict]) -> float | None:
     """The largest peak the records measured: CUDA's reserved bytes, else (CPU) the peak RSS."""
     for key in ("max_memory_reserved", "max_rss"):
@@ -395,6 +425,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                     "loss": variant.choice.loss,
                     "step_time_s": t.step_seconds, "peak_memory_bytes": variant.memory.total,
                     "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
+                    "checkpoint_write_GBps": t.checkpoint_write_GBps,
                     "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
     }
     doc["speed"] = implied_efficiency(doc, plan)
@@ -405,6 +436,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
         "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
                 else "the process's peak resident set (getrusage ru_maxrss)"),
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
+    doc["checkpoint"] = checkpoint_saves(records)
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
 
@@ -493,6 +525,7 @@ def report(doc: dict) -> str:
     elif speed.get("why_not"):
         lines.append(f"speed: {speed['why_not']}; a spec with this calibration trains at the "
                      "measured MFU")
+    lines.append(_checkpoint_line(doc.get("checkpoint"), p))
     peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
                  f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")
@@ -501,6 +534,20 @@ def report(doc: dict) -> str:
                      "compiler/memory.py predicts for the run's own shape and layout; a spec "
                      "with this calibration plans with its predictions scaled by that")
     return "\n".join(lines) + "\n"
+
+
+def _checkpoint_line(saves: dict | None, planned: dict) -> str:
+    if not saves:
+        return ("checkpoint: the run saved none (a --benchmark_iters run saves none); a spec with "
+                "this calibration keeps its checkpoint write bandwidth")
+    assumed = planned.get("checkpoint_write_GBps")
+    assumed = (f" (its plan assumed {assumed / planned['world_size']:.3g})"
+               if assumed and planned.get("world_size") else "")
+    return (f"checkpoint: {saves['saves']} save(s) of {saves['bytes'] / 1e6:,.1f} MB, "
+            f"{saves['seconds']:.3g} s each (median) on {saves['world_size']} device(s): "
+            f"{saves['GBps_per_device']:.3g} GB/s per device{assumed}; a spec with this "
+            "calibration plans checkpoint writes at that, unless it sets "
+            "cluster.checkpoint_write_GBps")
 
 
 def _loss_lines(loss: dict | None) -> list[str]:
@@ -576,7 +623,7 @@ def plan_record(doc: dict, file: str):
     """The calibration as the Plan records it (plan.Calibration); `file`: as the spec names it."""
     from . import plan as P
     m, planned, curve = doc["measured_on"], doc["planned"], doc.get("curve") or {}
-    loss = doc.get("loss") or {}
+    loss, saves = doc.get("loss") or {}, doc.get("checkpoint") or {}
 
     def numbers(d):
         return P.Measured(tokens_per_second=d["tokens_per_second"], mfu=d["mfu"],
@@ -589,7 +636,10 @@ def plan_record(doc: dict, file: str):
         memory_ratio=(doc.get("peak_memory") or {}).get("measured_over_predicted"),
         curve_loss=curve.get("loss") or [],
         curve_tokens_per_second=curve.get("tokens_per_second") or [],
-        final_val_loss=_number(loss.get("final_val_loss")), law=loss.get("law"))
+        final_val_loss=_number(loss.get("final_val_loss")), law=loss.get("law"),
+        checkpoint_seconds=_number(saves.get("seconds")),
+        checkpoint_bytes=_number(saves.get("bytes")),
+        checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")))
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -610,15 +660,13 @@ def load_calibration(path: Path) -> dict:
 
 def _calibration_problem(doc: dict) -> str | None:
     """What makes a calibration document unusable, or None. The curves are optional."""
-    def positive(value):
-        return _number(value) is not None and value > 0
-    if not positive(doc.get("mfu")) or not positive(doc.get("tokens_per_second")):
+    if not _positive(doc.get("mfu")) or not _positive(doc.get("tokens_per_second")):
         return (f"mfu and tokens_per_second must be numbers > 0 (got {doc.get('mfu')!r}, "
                 f"{doc.get('tokens_per_second')!r})")
     m, planned = doc.get("measured_on"), doc.get("planned")
     if not isinstance(m, dict) or not isinstance(planned, dict):
         return "measured_on and planned must be objects"
-    if not positive(planned.get("mfu")) or not positive(planned.get("tokens_per_second")):
+    if not _positive(planned.get("mfu")) or not _positive(planned.get("tokens_per_second")):
         return "planned.mfu and planned.tokens_per_second must be numbers > 0"
     world = m.get("world_size")
     if world is not None and not _whole(world):
@@ -628,11 +676,15 @@ def _calibration_problem(doc: dict) -> str | None:
         return (f"measured_on.ranks_per_node must be a whole number ≥ 1 that divides "
                 f"world_size {world or 1} (got {per_node!r})")
     step = doc.get("step_time_s")
-    if step is not None and not positive(step):
+    if step is not None and not _positive(step):
         return f"step_time_s must be a number > 0 (got {step!r})"
     problem = _run_problem(m.get("shape"), m.get("layout"))
     if problem:
         return problem
+    saves = doc.get("checkpoint")
+    if saves is not None and not (isinstance(saves, dict) and _positive(saves.get("GBps_per_device"))
+                                  and isinstance(saves.get("how"), str)):
+        return "checkpoint must be null or give GBps_per_device (a number > 0) and how"
     curve = doc.get("curve", {})
     if not isinstance(curve, dict) or any(
             not isinstance(curve.get(k, []), list)

@@ -83,10 +83,17 @@ def failure_rate(spec_rate: float | None) -> tuple[float, str]:
     return DEFAULT_FAILURES_PER_GPU_HOUR, f"default: {FAILURES_SOURCE}"
 
 
-def write_bandwidth(spec_GBps: float | None, world_size: int) -> tuple[float, str]:
-    """Aggregate checkpoint write bandwidth of the job, GB/s, and where it comes from."""
+def write_bandwidth(spec_GBps: float | None, world_size: int,
+                    measured: tuple[float, str] | None = None) -> tuple[float, str]:
+    """Aggregate checkpoint write bandwidth of the job, GB/s, and where it comes from. measured:
+    (GB/s per device, where) from a calibration run's saves; the spec's own value wins."""
     if spec_GBps is not None:
         return spec_GBps, "spec: cluster.checkpoint_write_GBps (aggregate, per job)"
+    if measured is not None:
+        per_device, where = measured
+        return (per_device * world_size,
+                f"{where}: {per_device:.3g} GB/s per device, × {world_size} devices (storage "
+                "assumed to grow with the job, as the default assumes)")
     return (DEFAULT_WRITE_GBPS_PER_GPU * world_size,
             f"default (assumption): Llama 3's storage share per GPU, {LLAMA3_STORAGE_GBPS:g} GB/s "
             f"sustained over {LLAMA3_GPUS:,} GPUs (§3.3.1) = {DEFAULT_WRITE_GBPS_PER_GPU:.3g} GB/s, "

@@ -396,7 +396,13 @@ class Calibration(PlanModel):
     # (None: not there yet, or an older file)
     final_val_loss: float | None = None
     law: str | None = None
-    omitted_when_none: ClassVar[tuple[str, ...]] = ("final_val_loss", "law")
+    # the run's checkpoint saves (median seconds, bytes, GB/s per device); None: it saved none
+    checkpoint_seconds: float | None = None
+    checkpoint_bytes: float | None = None
+    checkpoint_GBps_per_device: float | None = None
+    omitted_when_none: ClassVar[tuple[str, ...]] = (
+        "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
+        "checkpoint_GBps_per_device")
 
 
 class Plan(PlanModel):

@@ -115,10 +115,19 @@ def goodput_settings(spec: Spec) -> dict:
     """The cluster's failure, storage and restart settings, as goodput.schedule takes them."""
     cl, world = spec.cluster, spec.hardware.world_size
     return dict(world_size=world,
-                write_GBps=G.write_bandwidth(cl.checkpoint_write_GBps, world)[0],
+                write_GBps=_write_bandwidth(spec)[0],
                 failures_per_gpu_hour=G.failure_rate(cl.failures_per_gpu_hour)[0],
                 restart_seconds=G.DEFAULT_RESTART_S if cl.restart_s is None else cl.restart_s,
                 ckpt_interval=spec.training.ckpt_interval)
+
+
+def _write_bandwidth(spec: Spec) -> tuple[float, str]:
+    """The job's checkpoint write bandwidth (GB/s) and its source: the spec's, else what the
+    calibration run's saves measured, else the default."""
+    doc = spec.hardware.calibration_data
+    return G.write_bandwidth(spec.cluster.checkpoint_write_GBps, spec.hardware.world_size,
+                             calibrate.save_bandwidth(doc, spec.hardware.calibration) if doc
+                             else None)
 
 
 def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.ndarray:
@@ -137,7 +146,7 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
     rate, GBps = settings["failures_per_gpu_hour"], settings["write_GBps"]
     restart = settings["restart_seconds"]
     rate_why = G.failure_rate(cl.failures_per_gpu_hour)[1]
-    GBps_why = G.write_bandwidth(cl.checkpoint_write_GBps, world)[1]
+    GBps_why = _write_bandwidth(spec)[1]
     sharded = world > 1 and lay.parallelism in ("fsdp", "hsdp")  # as train.py decides
     g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, train_seconds=train_seconds,
                        max_iters=max_iters, **settings,

@@ -344,6 +344,12 @@ def verify(path, *, trust_hashed=False):
     return manifest
 
 
+def saved_bytes(path):
+    """The bytes checkpoint `path` holds, as its manifest lists them (all but the manifest)."""
+    with open(Path(path) / MANIFEST) as f:
+        return sum(entry["bytes"] for entry in json.load(f)["files"].values())
+
+
 def read_train_state(path):
     """The train_state.json of a verified checkpoint: step, tokens seen, the run's config."""
     with open(Path(path) / TRAIN_STATE) as f:

@@ -259,6 +259,7 @@ def test_recompiled_repo_shows_planned_against_achieved(run):
     assert f"| `optimal` | {int(optimal['timing']['tokens_per_second']):,} |" in page
     assert f"{doc['peak_memory']['measured_over_predicted']:.3f}×" in page
     assert "validation loss at the last step" not in page  # a benchmark run evaluates nothing
+    assert "The run saved none" in page and doc["checkpoint"] is None  # ... and saves nothing
     figure = (new / "docs" / "calibration.svg").read_text()
     first = (work / "first.svg").read_text()
     assert figure.replace("drawn by llama3gen compile from calibration.json",
@@ -345,6 +346,61 @@ def test_median_of_logged_steps_without_a_benchmark(run):
     assert (f"| validation loss at the last step | {predicted:.4f} | 2.5000 | "
             f"{2.5 / predicted:.3f} |") in page
     assert "besiroglu2024's at the run's tokens; that law was fitted on other data" in page
+
+
+def test_checkpoint_saves_set_the_next_plans_write_time(run):
+    """A run that saves checkpoints records how long training waited for each and how many
+    bytes it wrote; its calibration makes the next plan's checkpoint write time (and so its
+    Young–Daly interval and goodput) from that, unless the spec sets the bandwidth itself."""
+    repo, _, _, _, work = run
+    run_train(repo, "config/optimal.py", "--max_iters=4", "--ckpt_interval=2", "--eval_interval=4",
+              "--eval_iters=1", "--out_dir=out/saved", timeout=300)
+    saves = [r for r in read_metrics(repo / "out" / "saved") if r.get("event") == "checkpoint"]
+    assert [r["step"] for r in saves] == [2, 4] and all(r["seconds"] > 0 for r in saves)
+    last = repo / "out" / "saved" / "checkpoints" / "step_00000004"
+    on_disk = sum(p.stat().st_size for p in last.iterdir() if p.name != "manifest.json")
+    assert saves[-1]["bytes"] == on_disk
+    # What the plan assumes a checkpoint holds: 12 bytes per parameter (fp32 weights and AdamW's
+    # two moments). Beyond them: per tensor record (weight, exp_avg, exp_avg_sq, Adam's step;
+    # 9 per block + embedding, norm, head) a zip entry, 64-byte alignment and its pickle, under
+    # 512 bytes each, and 16 KiB for the RNG states and train_state.json.
+    plan = variant(lock_plan(repo), "optimal")
+    n, layers = plan["choice"]["n_params"], plan["choice"]["shape"]["n_layers"]
+    assert 12 * n < on_disk < 12 * n + 4 * (9 * layers + 3) * 512 + 16 * 1024
+
+    spec_dir = work / "saved-spec"
+    spec_dir.mkdir()
+    result = cli("calibrate", repo / "out" / "saved", "--json", "-o", spec_dir / "calibration.json")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)["checkpoint"]
+    rates = sorted(r["bytes"] / r["seconds"] / 1e9 for r in saves)  # one device
+    assert measured["saves"] == 2 and measured["GBps_per_device"] == pytest.approx(
+        (rates[0] + rates[1]) / 2, rel=1e-12)  # the median of two: float64 arithmetic
+    text = cli("calibrate", repo / "out" / "saved").stdout
+    assert "checkpoint: 2 save(s) of " in text and "GB/s per device (its plan assumed" in text
+
+    new = work / "saved-repo"
+    assert cli("compile", calibrated_spec(spec_dir), "-o", new).returncode == 0
+    planned = variant(lock_plan(new), "optimal")
+    t, world = planned["timing"], planned["training"]["world_size"]
+    assert t["checkpoint_write_GBps"] == pytest.approx(measured["GBps_per_device"] * world,
+                                                       rel=LOCK_ROUNDING)
+    assert t["checkpoint_write_s"] == pytest.approx(
+        12 * planned["choice"]["n_params"] / (t["checkpoint_write_GBps"] * 1e9), rel=LOCK_ROUNDING)
+    assert "calibration calibration.json: run " in planned["provenance"]["checkpoint_write_s"]
+    page = (new / "docs" / "calibration.md").read_text()
+    assert (f"{measured['GBps_per_device']:.3g} GB/s per device." in page
+            and "is planned at\n  that bandwidth per device" in page)
+    # The spec's own bandwidth still wins.
+    own = work / "saved-own"
+    text = (spec_dir / "calibrated.yaml").read_text()
+    assert "\ncluster:\n" in text
+    (spec_dir / "calibrated.yaml").write_text(
+        text.replace("\ncluster:\n", "\ncluster:\n  checkpoint_write_GBps: 3.5\n"))
+    assert cli("compile", spec_dir / "calibrated.yaml", "-o", own).returncode == 0
+    assert variant(lock_plan(own), "optimal")["timing"]["checkpoint_write_GBps"] == 3.5
+    assert "`cluster.checkpoint_write_GBps` (3.5 GB/s) sets" in (
+        own / "docs" / "calibration.md").read_text()
 
 
 def test_bad_inputs_are_one_message_and_exit_2(run):

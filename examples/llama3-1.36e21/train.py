@@ -551,7 +551,7 @@ def train(argv, on_exit):
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def save():
-        save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen)
+        save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metrics)
 
     # --- the training loop
     model.train()
@@ -813,8 +813,9 @@ class Progress:
                                planned_mfu=cfg.planned_mfu)
 
 
-def save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen):
-    """A checkpoint of step `step`, with where the data stands (checkpoint.py writes it whole)."""
+def save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metrics):
+    """A checkpoint of step `step`, with where the data stands (checkpoint.py writes it whole),
+    and how long training stopped for it (`llama3gen calibrate` plans checkpoint writes by it)."""
     data = run.train_data
     train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
                    "data": {"sampler": "each sequence once per epoch, numpy "
@@ -826,7 +827,11 @@ def save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen):
     t0 = time.time()
     path = checkpoint.save(cfg.out_dir, step, model, optimizer, train_state, sharded=sharded,
                            keep_last=cfg.keep_last_ckpts, log=log)
-    log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+    seconds = time.time() - t0
+    log(f"saved checkpoint {path} ({seconds:.1f}s)")
+    if run.master:
+        metrics.write(event="checkpoint", step=step, seconds=seconds,
+                      bytes=checkpoint.saved_bytes(path), world_size=run.world)
     return path
 
 
