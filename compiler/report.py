@@ -64,17 +64,29 @@ def _budget_phrase(plan: Plan) -> str:
 
 
 def variant_block(plan: Plan, v: Variant) -> str:
-    c, s, t, tm, mem = v.choice, v.choice.shape, v.training, v.timing, v.memory
-    conv = plan.budget.convention
+    """`solve`'s block for one variant: the search, the pick, how it trains, the runners-up
+    and the search's statistics."""
     constraints = ", ".join(f"{k} {val:g}" for k, val in v.constraints.items()) or "none"
     lines = [
         RULE,
         f"VARIANT {v.name}: {v.description}".rstrip(": "),
-        f"N-D GRID SEARCH for {_budget_phrase(plan)} ({conv} convention; {plan.budget.source})",
+        f"N-D GRID SEARCH for {_budget_phrase(plan)} ({plan.budget.convention} convention; "
+        f"{plan.budget.source})",
         f"law: {plan.law.name}: {plan.law.formula}",
         f"constraints: {constraints}",
         RULE,
-        "PICK:",
+    ]
+    sections = [("PICK:", _pick_lines(plan, v)), ("TRAINING PLAN:", _training_lines(v)),
+                ("TOP CANDIDATES (ranked by loss, then time):", _top_lines(v)),
+                ("SEARCH STATISTICS:", _search_lines(v))]
+    for k, (title, body) in enumerate(sections):
+        lines += ([""] if k else []) + [title] + body
+    return "\n".join(lines)
+
+
+def _pick_lines(plan: Plan, v: Variant) -> list[str]:
+    c, s = v.choice, v.choice.shape
+    return [
         f"  predicted loss     {c.loss:.6f}   ({plan.law.name}"
         + (" at the effective N' and D': data-constrained, see DATA-LIMITED)" if v.data_limited
            else ")"),
@@ -96,8 +108,12 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  vocab, seq         {s.vocab_size:,}, {s.seq_len:,} (RoPE θ {s.rope_theta:g}, "
         f"{'tied' if s.tie_embeddings else 'untied'} embeddings)",
         f"  tie-break          {v.tie_break}",
-        "",
-        "TRAINING PLAN:",
+    ]
+
+
+def _training_lines(v: Variant) -> list[str]:
+    s, t, tm, mem = v.choice.shape, v.training, v.timing, v.memory
+    return [
         f"  layout             {t.parallelism}{f' × tensor parallel {t.tensor_parallel}' if t.tensor_parallel > 1 else ''} over {t.world_size} devices, micro-batch {t.micro_batch_size} × "
         f"accum {t.grad_accum}, activation checkpointing {checkpointing(t, s.n_layers)}",
         f"  global batch       {t.global_batch_size} × {s.seq_len} = {t.global_batch_tokens:,} tokens "
@@ -120,20 +136,24 @@ def variant_block(plan: Plan, v: Variant) -> str:
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else "")
         + " (GPUs × wall clock: what a reservation bills)",
         *data_limited_lines(v),
-        "",
-        "TOP CANDIDATES (ranked by loss, then time):",
-        f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} {'heads':>5} {'FFN':>6} {'train d':>7}",
     ]
+
+
+def _top_lines(v: Variant) -> list[str]:
+    lines = [f"  {'rank':>4} {'loss':>9} {'N':>8} {'D':>9} {'D/N':>7} {'L':>4} {'d':>6} "
+             f"{'heads':>5} {'FFN':>6} {'train d':>7}"]
     for r in v.top:
         mark = "  <- SELECTED" if r.selected else ""
         lines.append(f"  {r.rank:>4} {r.loss:>9.6f} {si(r.n_params):>8} {si(r.tokens):>9} "
                      f"{r.tokens_per_param:>7.1f} {r.n_layers:>4} {r.d_model:>6} {r.n_heads:>5} "
                      f"{r.ffn_hidden:>6} {r.days:>7.2f}{mark}")
+    return lines
+
+
+def _search_lines(v: Variant) -> list[str]:
     st = v.stats
     removed = ", ".join(f"{k}: {n:,}" for k, n in st.removed_by.items()) or "none"
-    lines += [
-        "",
-        "SEARCH STATISTICS:",
+    return [
         f"  shapes enumerated (layers × hidden)  {st.enumerated:,}",
         f"  valid LLaMA-3 shapes                 {st.valid_shapes:,}",
         f"  removed by constraint                {removed}",
@@ -144,7 +164,6 @@ def variant_block(plan: Plan, v: Variant) -> str:
         f"  feasible                             {st.feasible:,}",
         f"  within the near-optimal band         {st.near_optimal:,}",
     ]
-    return "\n".join(lines)
 
 
 def sweep_lines(plan: Plan) -> list[str]:
