@@ -31,6 +31,58 @@ def _ranges(xs, ys, pad_fraction):
     return x0, x1, y0 - pad, y1 + pad
 
 
+def _svg_open(width: int, height: int, desc: str | None = None) -> list[str]:
+    """The root element, the description a command recognises its own file by, a white page."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+            *([f"<desc>{escape(desc)}</desc>"] if desc else []),
+            f'<rect width="{width}" height="{height}" fill="white"/>']
+
+
+def _legend(entries: list[tuple[str, str]], x: float, first_y: float) -> list[str]:
+    """One row per (label, colour), a swatch then the label; rows 14 px apart."""
+    out = []
+    for k, (label, colour) in enumerate(entries):
+        y = first_y + 14 * k
+        out.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{x + 15}" y="{y}">{escape(label)}</text>')
+    return out
+
+
+def _value_ticks(py, v0: float, v1: float, left: float, label) -> list[str]:
+    """Five ticks on a vertical axis at `left`, from v0 to v1, labelled label(value)."""
+    out = []
+    for k in range(5):
+        v = v0 + (v1 - v0) * k / 4
+        out.append(f'<line x1="{left - 5}" y1="{_fmt(py(v))}" x2="{left}" y2="{_fmt(py(v))}" '
+                   'stroke="black"/>')
+        out.append(f'<text x="{left - 8}" y="{_fmt(py(v) + 4)}" text-anchor="end">'
+                   f'{escape(label(v))}</text>')
+    return out
+
+
+def _n_ticks(px_log, x0: float, x1: float, base_y: float) -> list[str]:
+    """Ticks at 1, 2 and 5 × 10^k parameters inside [x0, x1] (log10 N); px_log maps log10 N."""
+    out = []
+    for k in range(math.floor(x0), math.ceil(x1) + 1):
+        for m in (1, 2, 5):
+            t = k + math.log10(m)
+            if x0 <= t <= x1:
+                out.append(f'<line x1="{_fmt(px_log(t))}" y1="{base_y}" x2="{_fmt(px_log(t))}" '
+                           f'y2="{base_y + 5}" stroke="black"/>')
+                out.append(f'<text x="{_fmt(px_log(t))}" y="{base_y + 18}" '
+                           f'text-anchor="middle">{si(m * 10.0 ** k, 0)}</text>')
+    return out
+
+
+def _n_axis_titles(height: int, top: float, base_y: float, y_title: str) -> list[str]:
+    """'N, parameters (log scale)' under the plot, y_title turned along its left edge."""
+    return [f'<text x="{(LEFT + WIDTH - RIGHT) // 2}" y="{height - 12}" text-anchor="middle">'
+            'N, parameters (log scale)</text>',
+            f'<text x="16" y="{(top + base_y) // 2}" text-anchor="middle" '
+            f'transform="rotate(-90 16 {(top + base_y) // 2})">{y_title}</text>']
+
+
 def isoflop_svg(plan: Plan) -> str:
     points = [(p.n_params, p.loss) for p in plan.frontier]
     picks = [(v.name, v.choice.n_params, v.choice.loss) for v in plan.variants]
@@ -45,33 +97,19 @@ def isoflop_svg(plan: Plan) -> str:
     def py(loss: float) -> float:
         return TOP + (y1 - loss) / (y1 - y0) * (HEIGHT - TOP - BOTTOM)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-           f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+    out = [*_svg_open(WIDTH, HEIGHT),
            f'<text x="{WIDTH // 2}" y="20" text-anchor="middle" font-size="14">'
            f'{escape(plan.name)}: predicted loss along the {plan.budget.flops:.3g} FLOPs '
            f'({escape(plan.budget.convention)}) isoFLOP line, law {escape(plan.law.name)}'
            + (' with repetition discounted (Muennighoff et al. 2023)'
               if any(v.data_limited for v in plan.variants) else '') + '</text>']
-    # Axes and ticks: decades and quarter-decades of N, five loss ticks.
+    # Axes and ticks: 1, 2 and 5 × 10^k parameters, five loss ticks.
     base_y = HEIGHT - BOTTOM
     out.append(f'<line x1="{LEFT}" y1="{base_y}" x2="{WIDTH - RIGHT}" y2="{base_y}" stroke="black"/>')
     out.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{base_y}" stroke="black"/>')
-    # Ticks at 1, 2 and 5 × 10^k inside the axis.
-    for k in range(math.floor(x0), math.ceil(x1) + 1):
-        for m in (1, 2, 5):
-            t = k + math.log10(m)
-            if x0 <= t <= x1:
-                out.append(f'<line x1="{_fmt(px(t))}" y1="{base_y}" x2="{_fmt(px(t))}" y2="{base_y + 5}" stroke="black"/>')
-                out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">{si(m * 10.0 ** k, 0)}</text>')
-    for k in range(5):
-        v = y0 + (y1 - y0) * k / 4
-        out.append(f'<line x1="{LEFT - 5}" y1="{_fmt(py(v))}" x2="{LEFT}" y2="{_fmt(py(v))}" stroke="black"/>')
-        out.append(f'<text x="{LEFT - 8}" y="{_fmt(py(v) + 4)}" text-anchor="end">{v:.4f}</text>')
-    out.append(f'<text x="{(LEFT + WIDTH - RIGHT) // 2}" y="{HEIGHT - 12}" text-anchor="middle">'
-               'N, parameters (log scale)</text>')
-    out.append(f'<text x="16" y="{(TOP + base_y) // 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {(TOP + base_y) // 2})">predicted loss</text>')
+    out += _n_ticks(px, x0, x1, base_y)
+    out += _value_ticks(py, y0, y1, LEFT, lambda v: f"{v:.4f}")
+    out += _n_axis_titles(HEIGHT, TOP, base_y, "predicted loss")
     # Every candidate's best loss per N bin, as grey dots joined by a line.
     if points:
         path = " ".join(f"{_fmt(px(math.log10(n)))},{_fmt(py(l))}" for n, l in points)
@@ -89,10 +127,7 @@ def isoflop_svg(plan: Plan) -> str:
                    f'stroke="{colour}" stroke-width="2"/>')
         legend.append((f"{name}: N {si(n)}, loss {l:.4f}", colour))
     # The legend sits between the title and the plot, one row per entry, so it never hides a point.
-    for k, (label, colour) in enumerate(legend):
-        y = 38 + 14 * k
-        out.append(f'<rect x="{LEFT}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{LEFT + 15}" y="{y}">{escape(label)}</text>')
+    out += _legend(legend, LEFT, 38)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -126,12 +161,7 @@ def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned
            f'font-size="13">{escape(title)}</text>',
            f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>']
-    for k in range(5):
-        v = v0 + (v1 - v0) * k / 4
-        out.append(f'<line x1="{left - 5}" y1="{_fmt(py(v))}" x2="{left}" y2="{_fmt(py(v))}" '
-                   'stroke="black"/>')
-        out.append(f'<text x="{left - 8}" y="{_fmt(py(v) + 4)}" text-anchor="end">'
-                   f'{escape(y_format(v))}</text>')
+    out += _value_ticks(py, v0, v1, left, y_format)
     for k in range(5):
         s = s0 + (s1 - s0) * k / 4
         out.append(f'<line x1="{_fmt(px(s))}" y1="{bottom}" x2="{_fmt(px(s))}" y2="{bottom + 5}" '
@@ -209,41 +239,26 @@ def sweep_svg(title: str, caption: str, groups: list[dict], target: dict | None 
     xs, ys = [math.log10(n) for n, _ in points], [l for _, l in points]
     x0, x1, y0, y1 = _ranges(xs, ys, pad_fraction=0.06)
     legend_rows = len(groups) + (target is not None)
-    top = 44 + 14 * legend_rows
+    top, height = 44 + 14 * legend_rows, HEIGHT + 14 * legend_rows  # the legend above the plot
+    base_y = height - BOTTOM
+
+    def px_log(logn: float) -> float:
+        return LEFT + (logn - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT)
 
     def px(n: float) -> float:
-        return LEFT + (math.log10(n) - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT)
+        return px_log(math.log10(n))
 
     def py(loss: float) -> float:
-        return top + (y1 - loss) / (y1 - y0) * (HEIGHT + 14 * legend_rows - top - BOTTOM)
+        return top + (y1 - loss) / (y1 - y0) * (base_y - top)
 
-    height = HEIGHT + 14 * legend_rows
-    base_y = height - BOTTOM
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-           f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
-           *([f"<desc>{escape(desc)}</desc>"] if desc else []),
-           f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
+    out = [*_svg_open(WIDTH, height, desc),
            f'<text x="{WIDTH // 2}" y="18" text-anchor="middle" font-size="14">{escape(title)}</text>',
            f'<text x="{WIDTH // 2}" y="33" text-anchor="middle" font-size="11">{escape(caption)}</text>',
            f'<line x1="{LEFT}" y1="{base_y}" x2="{WIDTH - RIGHT}" y2="{base_y}" stroke="black"/>',
            f'<line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{base_y}" stroke="black"/>']
-    for k in range(math.floor(x0), math.ceil(x1) + 1):
-        for m in (1, 2, 5):
-            t = 10.0 ** k * m
-            if x0 <= math.log10(t) <= x1:
-                out.append(f'<line x1="{_fmt(px(t))}" y1="{base_y}" x2="{_fmt(px(t))}" '
-                           f'y2="{base_y + 5}" stroke="black"/>')
-                out.append(f'<text x="{_fmt(px(t))}" y="{base_y + 18}" text-anchor="middle">'
-                           f'{si(t, 0)}</text>')
-    for k in range(5):
-        v = y0 + (y1 - y0) * k / 4
-        out.append(f'<line x1="{LEFT - 5}" y1="{_fmt(py(v))}" x2="{LEFT}" y2="{_fmt(py(v))}" '
-                   'stroke="black"/>')
-        out.append(f'<text x="{LEFT - 8}" y="{_fmt(py(v) + 4)}" text-anchor="end">{v:.3f}</text>')
-    out.append(f'<text x="{(LEFT + WIDTH - RIGHT) // 2}" y="{height - 12}" text-anchor="middle">'
-               'N, parameters (log scale)</text>')
-    out.append(f'<text x="16" y="{(top + base_y) // 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {(top + base_y) // 2})">loss</text>')
+    out += _n_ticks(px_log, x0, x1, base_y)
+    out += _value_ticks(py, y0, y1, LEFT, lambda v: f"{v:.3f}")
+    out += _n_axis_titles(height, top, base_y, "loss")
 
     def cross(n, loss, colour, size=5):
         x, y = px(n), py(loss)
@@ -275,10 +290,7 @@ def sweep_svg(title: str, caption: str, groups: list[dict], target: dict | None 
                        f'y2="{_fmt(py(hi))}" stroke="black"/>')
         out.append(cross(n, loss, "black", 7))
         legend.append((target["label"], "black"))
-    for k, (label, colour) in enumerate(legend):
-        y = 52 + 14 * k
-        out.append(f'<rect x="{LEFT}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{LEFT + 15}" y="{y}">{escape(label)}</text>')
+    out += _legend(legend, LEFT, 52)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
