@@ -434,7 +434,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
     ratio, predicted = peak_memory_ratio(doc, plan, run_layout_memory(plan))
     doc["peak_memory"] = {
         "how": ("torch.cuda.max_memory_reserved" if measured["device"] == "cuda"
-                else "the process's peak resident set (getrusage ru_maxrss)"),
+                else "the process's peak resident set (Linux VmHWM)"),
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
     doc["checkpoint"] = checkpoint_saves(records)
     doc["curve"] = run_curve(records)  # read once, above

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
@@ -234,27 +235,77 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
     optimizer step, one per shape (or one for all)."""
     count = np.broadcast(*[np.asarray(getattr(shapes, f.name)) for f in fields(shapes)]).size
     global_batch = np.broadcast_to(np.asarray(global_batch, dtype=np.int64), (count,))
-    world = hardware.world_size
+    per_rank, usable, options, partial = _layout_options(shapes, hardware, global_batch)
+    splits = np.logical_or.reduce(list(usable.values()))
+    n_layers = np.broadcast_to(np.asarray(shapes.n_layers, dtype=np.int64), (count,))
+    fastest = _fastest_layouts(shapes, hardware, per_rank, usable, options, partial, n_layers)
+    parallelism, tensor_parallel = fastest.parallelism, fastest.tensor_parallel
+    level, best_micro = fastest.level, fastest.micro_batch
+    micro = np.where(best_micro > 0, best_micro, 1)
+    fits = splits & (best_micro > 0)
+    # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
+    level[~splits] = 2 * (hardware.activation_checkpointing is True)
+    blocks = _checkpointed_layers(level, partial, parallelism, tensor_parallel, n_layers)
+    batch = np.choose(np.searchsorted(hardware.tensor_parallel_degrees, tensor_parallel),
+                      [per_rank[t] for t in hardware.tensor_parallel_degrees])
+    accum = batch // micro
+    memory = _memory(shapes, hardware, parallelism, tensor_parallel, micro, blocks, accum)
+    step, tokens_per_second = _chosen_times(fastest.timed, parallelism, tensor_parallel, level,
+                                            count)
+    exact = hardware_flops_per_token(shapes, False)
+    tokens_per_second = np.where(fits, tokens_per_second, 0.0)
+    problem = np.where(fits, "", np.where(splits, NO_FIT, NO_SPLIT))
+    return Evaluation(fits=fits, problem=problem, parallelism=parallelism,
+                      tensor_parallel=tensor_parallel, per_rank_batch=batch, micro_batch=micro,
+                      grad_accum=accum, activation_checkpointing=blocks > 0,
+                      checkpointed_layers=blocks, memory=memory,
+                      hardware_flops_per_token=hardware_flops_per_token(shapes, blocks),
+                      step=step, tokens_per_second=tokens_per_second,
+                      mfu=exact * tokens_per_second / (hardware.world_size * hardware.peak_flops),
+                      options=options, speeds=fastest.speeds, partial_layers=partial)
+
+
+def _layout_options(shapes, hardware: HardwareView, global_batch):
+    """Per tensor-parallel degree t: the sequences per data rank, whether the batch and the
+    blocks split t ways, and the largest fitting micro-batch of every layout (and PARTIAL's
+    blocks): ({t: per_rank}, {t: usable}, options, partial) as _largest_micro_batches gives."""
     per_rank, usable, options, partial = {}, {}, {}, {}
     for t in hardware.tensor_parallel_degrees:
-        data_world = world // t
+        data_world = hardware.world_size // t
         per_rank[t] = np.maximum(global_batch // data_world, 1)
         usable[t] = ((global_batch % data_world == 0) & (global_batch >= data_world)
                      & splits_blocks(shapes, t))
         largest, blocks = _largest_micro_batches(shapes, hardware, t, per_rank[t], usable[t])
         options.update(largest)
         partial.update(blocks)
-    splits = np.logical_or.reduce(list(usable.values()))
-    n_layers = np.broadcast_to(np.asarray(shapes.n_layers, dtype=np.int64), (count,))
-    # Where nothing fits, the most frugal layout: the largest usable degree, full shard.
+    return per_rank, usable, options, partial
+
+
+class _Fastest(NamedTuple):
+    """Each shape's fastest layout, and every layout's timing (keys: parallelism, t and
+    checkpointing)."""
+
+    timed: dict  # key -> time_layout's (StepTime, tokens/s) at its largest fitting micro-batch
+    speeds: dict  # key -> tokens/s, 0 where it does not fit
+    parallelism: np.ndarray  # the fastest's; where nothing fits, the frugal layout (the largest
+    tensor_parallel: np.ndarray  # usable t, full shard)
+    level: np.ndarray  # checkpointing: 0 none, 1 PARTIAL, 2 every block
+    micro_batch: np.ndarray  # 0 where nothing fits
+
+
+def _fastest_layouts(shapes, hardware: HardwareView, per_rank, usable, options, partial,
+                     n_layers) -> _Fastest:
+    """Every layout timed at its largest fitting micro-batch, and each shape's fastest (rule 3
+    of the module docstring, ties included)."""
+    count = n_layers.size
     frugal_t = np.full(count, hardware.tensor_parallel_degrees[0], dtype=np.int64)
     for t in hardware.tensor_parallel_degrees:
         frugal_t[usable[t]] = t
     parallelism = np.array([hardware.frugal(t) for t in frugal_t], dtype=object)
     tensor_parallel = frugal_t.copy()
-    # checkpointing as a level (0 none, 1 PARTIAL, 2 every block) and as a number of blocks
+    # checkpointing as a level (0 none, 1 PARTIAL, 2 every block)
     level = np.full(count, 2 * (hardware.activation_checkpointing is not False))
-    timed, speeds = {}, {}  # (parallelism, t, checkpointing) -> at its largest fitting micro-batch
+    timed, speeds = {}, {}
     best_speed, best_micro = np.zeros(count), np.zeros(count, dtype=np.int64)
     best_t = np.zeros(count, dtype=np.int64)
     for checkpointing in hardware.checkpointing_choices:
@@ -276,28 +327,7 @@ def evaluate(shapes: ModelShape, hardware: HardwareView, global_batch) -> Evalua
             parallelism[better], tensor_parallel[better], level[better] = p, t, code
             best_speed[better], best_micro[better] = speed[better], m[better]
             best_t[better] = t
-    micro = np.where(best_micro > 0, best_micro, 1)
-    undecided = best_micro == 0
-    fits = splits & ~undecided
-    # Not splitting evenly is a batch problem: time it as the spec's checkpointing setting says.
-    level[~splits] = 2 * (hardware.activation_checkpointing is True)
-    blocks = _checkpointed_layers(level, partial, parallelism, tensor_parallel, n_layers)
-    batch = np.choose(np.searchsorted(hardware.tensor_parallel_degrees, tensor_parallel),
-                      [per_rank[t] for t in hardware.tensor_parallel_degrees])
-    accum = batch // micro
-    memory = _memory(shapes, hardware, parallelism, tensor_parallel, micro, blocks, accum)
-    step, tokens_per_second = _chosen_times(timed, parallelism, tensor_parallel, level, count)
-    exact = hardware_flops_per_token(shapes, False)
-    tokens_per_second = np.where(fits, tokens_per_second, 0.0)
-    problem = np.where(fits, "", np.where(splits, NO_FIT, NO_SPLIT))
-    return Evaluation(fits=fits, problem=problem, parallelism=parallelism,
-                      tensor_parallel=tensor_parallel, per_rank_batch=batch, micro_batch=micro,
-                      grad_accum=accum, activation_checkpointing=blocks > 0,
-                      checkpointed_layers=blocks, memory=memory,
-                      hardware_flops_per_token=hardware_flops_per_token(shapes, blocks),
-                      step=step, tokens_per_second=tokens_per_second,
-                      mfu=exact * tokens_per_second / (world * hardware.peak_flops),
-                      options=options, speeds=speeds, partial_layers=partial)
+    return _Fastest(timed, speeds, parallelism, tensor_parallel, level, best_micro)
 
 
 def fits_somehow(shapes: ModelShape, hardware: HardwareView, global_batch) -> np.ndarray:

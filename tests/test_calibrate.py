@@ -103,6 +103,21 @@ def test_benchmark_writes_one_summary_and_no_checkpoint(run):
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 
+def test_cpu_peak_memory_is_the_programs_own_not_its_parents(run):
+    """Linux carries getrusage's ru_maxrss across exec: a train.py started by a large process
+    (torchrun, this test runner) would report the parent's resident set. metrics.py reads the
+    program's own peak. Here a parent holding 1.5 GiB starts a process that imports metrics.py
+    (torch, about 0.2-0.4 GB resident): it must report well under the parent's 1.5 GiB."""
+    repo = run[0]
+    parent = bytearray(3 << 29)  # 1.5 GiB, every page touched so that it is resident
+    parent[::4096] = b"\1" * len(range(0, len(parent), 4096))
+    proc = subprocess.run([sys.executable, "-c", "import metrics; print(metrics.peak_resident_bytes())"],
+                          cwd=repo, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    del parent
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < int(proc.stdout) < 1 << 30
+
+
 def test_negative_benchmark_iters_is_refused(run):
     repo = run[0]
     proc = subprocess.run([sys.executable, "train.py", "config/optimal.py", "--benchmark_iters=-1"],
@@ -121,7 +136,7 @@ def test_calibration_holds_the_measurement_and_what_it_ran_on(run):
     # (one process here, the plan's two ranks apart)
     assert doc["peak_memory_bytes"] == bench["max_rss"] > 0
     peak = doc["peak_memory"]
-    assert "ru_maxrss" in peak["how"]
+    assert "VmHWM" in peak["how"]
     assert peak["measured_over_predicted"] == doc["peak_memory_bytes"] / peak["predicted_for_the_run_bytes"]
     # On CPU the plan counts memory.CPU_PROCESS_BYTES (1 GiB) for Python with torch imported: a
     # bound, not a fit. This run's whole resident set measured 0.41 GB against 1.11 GB predicted

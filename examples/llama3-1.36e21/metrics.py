@@ -117,10 +117,24 @@ class WandB:
 
 def peak_memory(dev):
     """Peaks since the start, in bytes: the CUDA caching allocator's; on CPU the process's peak
-    resident set (getrusage's ru_maxrss, KiB on Linux), what the plan's host memory counts."""
+    resident set, what the plan's host memory counts."""
     if dev.type != "cuda":
-        import resource
         return {"max_memory_allocated": None, "max_memory_reserved": None,
-                "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "max_rss": peak_resident_bytes()}
     return {"max_memory_allocated": torch.cuda.max_memory_allocated(dev),
             "max_memory_reserved": torch.cuda.max_memory_reserved(dev)}
+
+
+def peak_resident_bytes():
+    """This program's peak resident set: Linux's VmHWM. Not getrusage's ru_maxrss, which Linux
+    carries across exec: a train.py started by a large process (torchrun, a test runner) would
+    report its parent's resident set at the fork."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource  # no /proc (macOS): ru_maxrss, in bytes there
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
