@@ -639,7 +639,8 @@ def plan_record(doc: dict, file: str):
         final_val_loss=_number(loss.get("final_val_loss")), law=loss.get("law"),
         checkpoint_seconds=_number(saves.get("seconds")),
         checkpoint_bytes=_number(saves.get("bytes")),
-        checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")))
+        checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")),
+        ranks_per_node=m.get("ranks_per_node"))
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------

@@ -400,9 +400,10 @@ class Calibration(PlanModel):
     checkpoint_seconds: float | None = None
     checkpoint_bytes: float | None = None
     checkpoint_GBps_per_device: float | None = None
+    ranks_per_node: int | None = None  # the run's (None: not recorded, an older file)
     omitted_when_none: ClassVar[tuple[str, ...]] = (
         "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
-        "checkpoint_GBps_per_device")
+        "checkpoint_GBps_per_device", "ranks_per_node")
 
 
 class Plan(PlanModel):

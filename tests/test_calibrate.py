@@ -270,6 +270,7 @@ def test_recompiled_repo_shows_planned_against_achieved(run):
     assert f"| tokens/s | {int(doc['planned']['tokens_per_second']):,} | " \
            f"{int(doc['tokens_per_second']):,} | {ratio:.3f} |" in page
     assert "`tiny-cpu:out/optimal`" in page and "calibration.json" in page
+    assert "on 1 node(s) × 1 cpu." in page  # one process: ranks_per_node 1
     optimal = variant(lock_plan(new), "optimal")
     assert f"| `optimal` | {int(optimal['timing']['tokens_per_second']):,} |" in page
     assert f"{doc['peak_memory']['measured_over_predicted']:.3f}×" in page
