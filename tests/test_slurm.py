@@ -349,6 +349,13 @@ def test_sbatch_job_trains_two_ranks(jobs):
     losses = train_losses(run.out_dir)
     assert max(losses) == STEPS and losses[STEPS] < losses[10]
     assert (run.out_dir / "checkpoints" / f"step_{STEPS:08d}").is_dir()
+    assert nodes_recorded(run) == (2, 2)
+
+
+def nodes_recorded(run):
+    """(world_size, ranks_per_node) of the job's first start record, which calibrate reads."""
+    start = next(r for r in read_metrics(run.out_dir) if r.get("event") == "start")
+    return start["world_size"], start["ranks_per_node"]
 
 
 def test_submitit_job_trains_two_ranks(jobs):
@@ -361,6 +368,7 @@ def test_submitit_job_trains_two_ranks(jobs):
     assert results == ["rank 0: training finished", "rank 1: training finished"]
     names = {p.name for p in run.log_files}
     assert {f"{run.job_id}_0_log.out", f"{run.job_id}_1_log.out"} <= names
+    assert nodes_recorded(run) == (2, 2)  # submit.py sets LOCAL_WORLD_SIZE as torchrun does
     # Same ranks, data and seed as the torchrun job: the same training.
     reference.wait()
     assert_finished_like(run, reference)
@@ -372,6 +380,7 @@ def test_two_node_job_rendezvous_and_trains(jobs):
     assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2"
     text = run.log_tail(100_000)
     assert "2 node(s) × 1 rank(s), rendezvous n1:" in text
+    assert nodes_recorded(run) == (2, 1)  # torchrun's LOCAL_WORLD_SIZE on each node
     reference.wait()
     assert_finished_like(run, reference)  # 2 × 1 ranks train exactly as 1 × 2
 
