@@ -683,9 +683,12 @@ def _calibration_problem(doc: dict) -> str | None:
     if problem:
         return problem
     saves = doc.get("checkpoint")
-    if saves is not None and not (isinstance(saves, dict) and _positive(saves.get("GBps_per_device"))
-                                  and isinstance(saves.get("how"), str)):
-        return "checkpoint must be null or give GBps_per_device (a number > 0) and how"
+    if saves is not None and not (
+            isinstance(saves, dict) and isinstance(saves.get("how"), str)
+            and all(_positive(saves.get(k)) for k in ("GBps_per_device", "seconds", "bytes"))
+            and _whole(saves.get("saves")) and _whole(saves.get("world_size"))):
+        return ("checkpoint must be null or give GBps_per_device, seconds and bytes (numbers > 0), "
+                "saves and world_size (whole numbers ≥ 1) and how")
     curve = doc.get("curve", {})
     if not isinstance(curve, dict) or any(
             not isinstance(curve.get(k, []), list)

@@ -302,7 +302,9 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                   "layout": {"measured_on": {**m, "layout": {**m["layout"], "parallelism": "zero"}}},
                   "micro": {"measured_on": {**m, "layout": {**m["layout"], "micro_batch_size": 0}}},
                   "tp": {"measured_on": {**m, "layout": {**m["layout"], "tensor_parallel": "2"}}},
-                  "nodes": {"measured_on": {**m, "ranks_per_node": 2}}}  # of 1 rank
+                  "nodes": {"measured_on": {**m, "ranks_per_node": 2}},  # of 1 rank
+                  "saves": {"checkpoint": {"GBps_per_device": 1.0, "how": "by hand", "saves": 1,
+                                           "world_size": 1, "seconds": 2.0, "bytes": None}}}
     for name, edit in broken_run.items():
         directory = work / f"broken-run-{name}"
         directory.mkdir()
@@ -310,7 +312,7 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
         field = {"step": "step_time_s", "shape": "measured_on.shape", "micro":
                  "measured_on.layout.micro_batch_size", "layout": "measured_on.layout.parallelism",
                  "tp": "measured_on.layout.tensor_parallel",
-                 "nodes": "measured_on.ranks_per_node"}[name]
+                 "nodes": "measured_on.ranks_per_node", "saves": "checkpoint must be"}[name]
         assert_user_error(cli("solve", calibrated_spec(directory)), field, "llama3gen calibrate")
 
 
