@@ -142,7 +142,7 @@ def _benchmarked(run_dir: Path, bench: dict, start: dict) -> dict:
             "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
             "how": f"benchmark record: {bench.get('steps')} timed steps",
             "world_size": bench.get("world_size"),
-            "ranks_per_node": bench.get("ranks_per_node"), "device": bench.get("device"),
+            "ranks_per_node": _ranks_per_node(bench), "device": bench.get("device"),
             "gpu": bench.get("gpu"), "shape": bench.get("shape") or _shape(config),
             "layout": bench.get("layout") or _layout(config, start),
             "date": bench.get("time") or start.get("time"), "config": config}
@@ -170,9 +170,16 @@ def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
             "how": (f"median of {len(kept)} logged records (steps {steps[0]}-{steps[-1]}; the "
                     f"first {len(logged) - len(kept)} left out as warm-up)"),
             "world_size": start.get("world_size") or None,
-            "ranks_per_node": start.get("ranks_per_node"), "device": start.get("device"),
+            "ranks_per_node": _ranks_per_node(start), "device": start.get("device"),
             "gpu": start.get("gpu"), "shape": _shape(config),
             "layout": _layout(config, start), "date": start.get("time"), "config": config}
+
+
+def _ranks_per_node(record: dict) -> int | None:
+    """A record's ranks per node where it holds a count that fills whole nodes (older train.py
+    versions record none)."""
+    world, per_node = record.get("world_size"), record.get("ranks_per_node")
+    return per_node if _whole(world) and _whole(per_node) and world % per_node == 0 else None
 
 
 def checkpoint_saves(records: list[dict]) -> dict | None:
@@ -259,9 +266,10 @@ def checkpointed_blocks(layout: dict, n_layer: int) -> int:
 def calibration_run(doc: dict) -> SimpleNamespace | None:
     """The calibration run as the step-time model takes it (evaluate.calibrated_view), or
     None where the file lacks its shape, layout or step time: shape (memory.ModelShape of one),
-    world_size, ranks_per_node (None: not recorded), parallelism, tensor_parallel, micro_batch, per_rank (sequences per data rank and
-    step), checkpointing (False, True or the number of leading blocks), compiled, step_seconds,
-    peak_flops (the run's device's; None: not recorded)."""
+    world_size, ranks_per_node (None: not recorded), parallelism, tensor_parallel, micro_batch,
+    per_rank (sequences per data rank and step), checkpointing (False, True or the number of
+    leading blocks), compiled, step_seconds, peak_flops (the run's device's; None: not
+    recorded)."""
     import numpy as np  # here: `calibrate` itself stays free of numpy
     m = doc["measured_on"]
     shape, layout, step = m.get("shape"), m.get("layout"), _number(doc.get("step_time_s"))

@@ -331,6 +331,13 @@ def test_median_of_logged_steps_without_a_benchmark(run):
     assert doc["tokens_per_second"] == 5000.0 and doc["step_time_s"] == 4096 / 5000.0
     assert doc["measured_on"]["variant"] == "optimal"  # by its shape
     assert "median of 3 logged records" in doc["measured_on"]["how"]
+    assert doc["measured_on"]["ranks_per_node"] == 1
+    # A start record with a count that does not fill whole nodes: not recorded, no crash.
+    edited = [json.dumps({**start, "ranks_per_node": "two"})] + lines[1:]
+    (logged_dir / "metrics.jsonl").write_text("\n".join(edited) + "\n")
+    result = cli("calibrate", logged_dir, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["measured_on"]["ranks_per_node"] is None
+    (logged_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 70, "lo')
     # No validation loss at the plan's last step yet: the last one logged, and where.
     planned = variant(lock_plan(repo), "optimal")
     last, predicted = planned["training"]["max_iters"], planned["choice"]["loss"]
