@@ -198,6 +198,38 @@ def checkpoint_saves(records: list[dict]) -> dict | None:
                     "rename, the time training waits")}
 
 
+def slurm_restarts(records: list[dict]) -> dict | None:
+    """The SLURM requeues the run went through: each from a "requeue" record (the process saved
+    and exited) to the next "first_step" record under the same job id (the queue's wait, the new
+    process's start, process group, checkpoint load, compilation and one step). Stops outside
+    SLURM, or resumed under another job id (a new submission, perhaps days later), are left out.
+    The median, or None where there was none."""
+    gaps, stopped = [], None
+    for r in records:
+        if r.get("event") == "requeue":
+            stopped = r if r.get("slurm_job_id") and _positive(r.get("time")) else None
+        elif r.get("event") == "first_step" and stopped is not None:
+            if (r.get("slurm_job_id") == stopped["slurm_job_id"] and _number(r.get("time"))
+                    and r["time"] > stopped["time"]):
+                gaps.append(r["time"] - stopped["time"])
+            stopped = None
+    if not gaps:
+        return None
+    return {"count": len(gaps), "seconds": statistics.median(gaps),
+            "how": (f"median of {len(gaps)} SLURM requeue(s): from the stop to the requeued "
+                    "process's first trained step (queue, start, process group, checkpoint "
+                    "load, compilation)")}
+
+
+def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
+    """(seconds, where) of the calibration run's measured restarts, for goodput; None: none."""
+    restarts = doc.get("restarts")
+    if not restarts:
+        return None
+    return restarts["seconds"], (f"calibration {file}: run {doc['measured_on'].get('run')}'s "
+                                 f"restarts ({restarts['how']})")
+
+
 def save_bandwidth(doc: dict, file: str) -> tuple[float, str] | None:
     """(GB/s per device, where) of the calibration run's checkpoint saves, for goodput's write
     time; None where the file records none."""
@@ -445,6 +477,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                 else "the process's peak resident set (Linux VmHWM)"),
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
     doc["checkpoint"] = checkpoint_saves(records)
+    doc["restarts"] = slurm_restarts(records)
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
 
@@ -534,6 +567,7 @@ def report(doc: dict) -> str:
         lines.append(f"speed: {speed['why_not']}; a spec with this calibration trains at the "
                      "measured MFU")
     lines.append(_checkpoint_line(doc.get("checkpoint"), p))
+    lines.append(_restart_line(doc.get("restarts")))
     peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
                  f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")
@@ -556,6 +590,14 @@ def _checkpoint_line(saves: dict | None, planned: dict) -> str:
             f"{saves['GBps_per_device']:.3g} GB/s per device{assumed}; a spec with this "
             "calibration plans checkpoint writes at that, unless it sets "
             "cluster.checkpoint_write_GBps")
+
+
+def _restart_line(restarts: dict | None) -> str:
+    if not restarts:
+        return ("restarts: none measured (no SLURM requeue resumed under the same job id); a "
+                "spec with this calibration keeps its restart time")
+    return (f"restarts: {restarts['seconds']:.4g} s each, the {restarts['how']}; a spec with this "
+            "calibration plans restarts at that, unless it sets cluster.restart_s")
 
 
 def _loss_lines(loss: dict | None) -> list[str]:
@@ -632,6 +674,7 @@ def plan_record(doc: dict, file: str):
     from . import plan as P
     m, planned, curve = doc["measured_on"], doc["planned"], doc.get("curve") or {}
     loss, saves = doc.get("loss") or {}, doc.get("checkpoint") or {}
+    restarts = doc.get("restarts") or {}
 
     def numbers(d):
         return P.Measured(tokens_per_second=d["tokens_per_second"], mfu=d["mfu"],
@@ -648,7 +691,8 @@ def plan_record(doc: dict, file: str):
         checkpoint_seconds=_number(saves.get("seconds")),
         checkpoint_bytes=_number(saves.get("bytes")),
         checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")),
-        ranks_per_node=m.get("ranks_per_node"))
+        ranks_per_node=m.get("ranks_per_node"), restart_seconds=_number(restarts.get("seconds")),
+        restarts=restarts.get("count"))
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -690,6 +734,12 @@ def _calibration_problem(doc: dict) -> str | None:
     problem = _run_problem(m.get("shape"), m.get("layout"))
     if problem:
         return problem
+    restarts = doc.get("restarts")
+    if restarts is not None and not (
+            isinstance(restarts, dict) and _positive(restarts.get("seconds"))
+            and _whole(restarts.get("count")) and isinstance(restarts.get("how"), str)):
+        return ("restarts must be null or give seconds (a number > 0), count (a whole number "
+                "≥ 1) and how")
     saves = doc.get("checkpoint")
     if saves is not None and not (
             isinstance(saves, dict) and isinstance(saves.get("how"), str)

@@ -401,9 +401,11 @@ class Calibration(PlanModel):
     checkpoint_bytes: float | None = None
     checkpoint_GBps_per_device: float | None = None
     ranks_per_node: int | None = None  # the run's (None: not recorded, an older file)
+    restart_seconds: float | None = None  # median of its SLURM requeues (None: none measured)
+    restarts: int | None = None
     omitted_when_none: ClassVar[tuple[str, ...]] = (
         "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
-        "checkpoint_GBps_per_device", "ranks_per_node")
+        "checkpoint_GBps_per_device", "ranks_per_node", "restart_seconds", "restarts")
 
 
 class Plan(PlanModel):

@@ -117,7 +117,7 @@ def goodput_settings(spec: Spec) -> dict:
     return dict(world_size=world,
                 write_GBps=_write_bandwidth(spec)[0],
                 failures_per_gpu_hour=G.failure_rate(cl.failures_per_gpu_hour)[0],
-                restart_seconds=G.DEFAULT_RESTART_S if cl.restart_s is None else cl.restart_s,
+                restart_seconds=_restart_seconds(spec)[0],
                 ckpt_interval=spec.training.ckpt_interval)
 
 
@@ -128,6 +128,19 @@ def _write_bandwidth(spec: Spec) -> tuple[float, str]:
     return G.write_bandwidth(spec.cluster.checkpoint_write_GBps, spec.hardware.world_size,
                              calibrate.save_bandwidth(doc, spec.hardware.calibration) if doc
                              else None)
+
+
+def _restart_seconds(spec: Spec) -> tuple[float, str]:
+    """Seconds a restart costs and their source: the spec's, else the calibration run's SLURM
+    requeues, else the default."""
+    if spec.cluster.restart_s is not None:
+        return spec.cluster.restart_s, "spec: cluster.restart_s"
+    doc = spec.hardware.calibration_data
+    measured = calibrate.restart_seconds(doc, spec.hardware.calibration) if doc else None
+    if measured is not None:
+        return measured
+    return G.DEFAULT_RESTART_S, (f"default (assumption): {G.DEFAULT_RESTART_S} s to requeue, "
+                                 "start and load a checkpoint")
 
 
 def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.ndarray:
@@ -159,8 +172,7 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
             f"{g.checkpoint_bytes:.4g} bytes ({G.CHECKPOINT_BYTES_PER_PARAM} per parameter: "
             f"checkpoint.py's fp32 weights + AdamW's two fp32 moments) / {GBps:.3g} GB/s "
             f"({GBps_why}); {how}"),
-        "restart_s": ("spec: cluster.restart_s" if cl.restart_s is not None else
-                      f"default (assumption): {restart} s to requeue, start and load a checkpoint"),
+        "restart_s": _restart_seconds(spec)[1],
     }
     step = train_seconds / max_iters
     if g.mtbf_seconds is not None:
@@ -178,7 +190,7 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
     why["goodput"] = (
         "no failures modelled: wall clock = training time" if g.mtbf_seconds is None else
         f"training {train_seconds:.4g} s / wall {g.wall_clock_seconds:.4g} s; wall = (training + "
-        f"{g.saves} saves × {g.write_seconds:.3g} s) / (1 − (restart {restart} s + half of "
+        f"{g.saves} saves × {g.write_seconds:.3g} s) / (1 − (restart {restart:.4g} s + half of "
         f"interval {g.interval_seconds:.4g} s + write) / MTBF {g.mtbf_seconds:.4g} s); "
         f"{g.expected_failures:.3g} expected failures (compiler/goodput.py)")
     return g, why

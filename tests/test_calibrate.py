@@ -10,12 +10,13 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import xml.dom.minidom
 from pathlib import Path
 
 import pytest
 
-from _train_fixtures import prepare_data, read_metrics, run_train, subprocess_env
+from _train_fixtures import prepare_data, read_metrics, run_train, subprocess_env, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPEC = ROOT / "specs" / "tiny-cpu.yaml"
@@ -304,7 +305,8 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                   "tp": {"measured_on": {**m, "layout": {**m["layout"], "tensor_parallel": "2"}}},
                   "nodes": {"measured_on": {**m, "ranks_per_node": 2}},  # of 1 rank
                   "saves": {"checkpoint": {"GBps_per_device": 1.0, "how": "by hand", "saves": 1,
-                                           "world_size": 1, "seconds": 2.0, "bytes": None}}}
+                                           "world_size": 1, "seconds": 2.0, "bytes": None}},
+                  "restarts": {"restarts": {"seconds": -5, "count": 1, "how": "by hand"}}}
     for name, edit in broken_run.items():
         directory = work / f"broken-run-{name}"
         directory.mkdir()
@@ -312,7 +314,8 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
         field = {"step": "step_time_s", "shape": "measured_on.shape", "micro":
                  "measured_on.layout.micro_batch_size", "layout": "measured_on.layout.parallelism",
                  "tp": "measured_on.layout.tensor_parallel",
-                 "nodes": "measured_on.ranks_per_node", "saves": "checkpoint must be"}[name]
+                 "nodes": "measured_on.ranks_per_node", "saves": "checkpoint must be",
+                 "restarts": "restarts must be"}[name]
         assert_user_error(cli("solve", calibrated_spec(directory)), field, "llama3gen calibrate")
 
 
@@ -426,6 +429,83 @@ def test_checkpoint_saves_set_the_next_plans_write_time(run):
     assert variant(lock_plan(own), "optimal")["timing"]["checkpoint_write_GBps"] == 3.5
     assert "`cluster.checkpoint_write_GBps` (3.5 GB/s) sets" in (
         own / "docs" / "calibration.md").read_text()
+
+
+QUEUE_WAIT_S = 2.0  # the test's stand-in for SLURM's wait before a requeued job starts again
+
+
+def test_a_slurm_requeue_sets_the_next_plans_restart_time(run):
+    """A run stopped by a signal under SLURM (exit 75, requeue) and resumed under the same job
+    id: the restart, from the stop to the new process's first trained step, is measured; the
+    calibrated plan counts it per failure, unless the spec sets cluster.restart_s."""
+    import signal
+    repo, _, _, _, work = run
+    env = dict(subprocess_env(), SLURM_JOB_ID="4242")
+    out = ["--out_dir=out/requeued", "--eval_interval=100000", "--ckpt_interval=100000"]
+    proc = subprocess.Popen(train_command("config/optimal.py", "--max_iters=100000", *out),
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 10/"):
+            break
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, "".join(seen) + rest
+    stop = next(r for r in read_metrics(repo / "out" / "requeued") if r.get("event") == "requeue")
+    time.sleep(QUEUE_WAIT_S)
+    again = subprocess.run(train_command("config/optimal.py", f"--max_iters={stop['step'] + 2}",
+                                         *out), cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=300)
+    ended = time.time()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+
+    spec_dir = work / "requeued-spec"
+    spec_dir.mkdir()
+    result = cli("calibrate", repo / "out" / "requeued", "--json", "-o", spec_dir / "calibration.json")
+    assert result.returncode == 0, result.stderr
+    restarts = json.loads(result.stdout)["restarts"]
+    # The stop was written after the signal, the first step before the test saw the process end,
+    # and the process cannot start before the wait: independent bounds from the test's clock.
+    assert restarts["count"] == 1
+    assert QUEUE_WAIT_S < restarts["seconds"] < ended - signalled
+    assert "restarts: " in cli("calibrate", repo / "out" / "requeued").stdout
+
+    new = work / "requeued-repo"
+    assert cli("compile", calibrated_spec(spec_dir), "-o", new).returncode == 0
+    planned = variant(lock_plan(new), "optimal")
+    assert planned["timing"]["restart_s"] == pytest.approx(restarts["seconds"], rel=LOCK_ROUNDING)
+    assert "SLURM requeue" in planned["provenance"]["restart_s"]
+    assert "1 SLURM requeue(s) of the run took" in (new / "docs" / "calibration.md").read_text()
+    text = (spec_dir / "calibrated.yaml").read_text()
+    (spec_dir / "calibrated.yaml").write_text(
+        text.replace("\ncluster:\n", "\ncluster:\n  restart_s: 120\n"))
+    own = work / "requeued-own"
+    assert cli("compile", spec_dir / "calibrated.yaml", "-o", own).returncode == 0
+    assert variant(lock_plan(own), "optimal")["timing"]["restart_s"] == 120
+
+
+def test_only_a_requeue_under_the_same_slurm_job_is_a_restart():
+    """A stop resumed outside SLURM, or under another job id (a new submission), says nothing of
+    what a requeue costs; the median of the rest is."""
+    from llama3gen.calibrate import slurm_restarts
+
+    def stop(t, job):
+        return {"event": "requeue", "step": 1, "time": t, "slurm_job_id": job}
+
+    def first(t, job):
+        return {"event": "first_step", "step": 2, "time": t, "slurm_job_id": job}
+    start = {"event": "start"}
+    assert slurm_restarts([first(0.0, None), stop(10.0, None), start, first(20.0, None)]) is None
+    assert slurm_restarts([stop(10.0, "7"), start, first(9000.0, "8")]) is None
+    records = [first(0.0, "7"), stop(100.0, "7"), start, first(130.0, "7"),  # 30 s
+               stop(200.0, "7"), start, first(290.0, "7"),  # 90 s
+               stop(300.0, "7"), start, first(3e5, "9"),  # resubmitted: not counted
+               stop(400.0, "7"), start, first(440.0, "7")]  # 40 s
+    assert slurm_restarts(records) == {"count": 3, "seconds": 40.0,
+                                       "how": slurm_restarts(records)["how"]}
 
 
 def test_bad_inputs_are_one_message_and_exit_2(run):

@@ -239,6 +239,10 @@ def assert_resumed_like(run, reference, info):
     assert any(r["step"] == saved_on_signal[0] for r in resumed), (
         f"saved at step {saved_on_signal[0]} on the signal but resumed from "
         f"{[r['resumed_from'] for r in resumed]}")
+    # SLURM requeued the same job id: the restart `llama3gen calibrate` times, stop to first step
+    from llama3gen.calibrate import slurm_restarts
+    restarts = slurm_restarts(records)
+    assert restarts and restarts["count"] >= 1 and restarts["seconds"] > 0, records
     assert_finished_like(run, reference)
 
 

@@ -218,6 +218,13 @@ def ranks_per_node():
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def slurm_job_id():
+    """The SLURM job this process runs in (None outside SLURM). A requeued job keeps its id: a
+    stop and the next process's first step under one id are one restart, which `llama3gen
+    calibrate` times."""
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def all_reduce_mean(value, dev):
     """Mean over ranks of a float or a scalar tensor, as a float (gloo has no AVG: SUM / world)."""
     if not dist.is_initialized():
@@ -577,7 +584,7 @@ def train(argv, on_exit):
             metrics.write(event="skipped", step=step + 1, loss=loss_value, grad_norm=grad_norm)
         step += 1
         tokens_seen += run.tokens_per_step
-        progress.add(time.time() - t0)
+        progress.add(step, time.time() - t0)
 
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             log(f"ERROR: stopping at step {step}: {nonfinite_in_a_row} steps in a row had a "
@@ -602,7 +609,7 @@ def train(argv, on_exit):
             if last_saved != step and not benchmark:
                 save()
             log(f"stopping at step {step} after a signal; exit {EXIT_REQUEUE} (requeue to resume)")
-            metrics.write(event="requeue", step=step)
+            metrics.write(event="requeue", step=step, time=time.time(), slurm_job_id=slurm_job_id())
             status = EXIT_REQUEUE
             break
 
@@ -765,11 +772,14 @@ class Progress:
         self.interval_time, self.interval_steps = 0.0, 0  # since the last report
         self.warned_mfu = False
 
-    def add(self, seconds):
+    def add(self, step, seconds):
         self.steps_timed += 1
         self.time_in_steps += seconds
         self.interval_time += seconds
         self.interval_steps += 1
+        if self.steps_timed == 1:  # this process has trained: a restart ends here
+            self.metrics.write(event="first_step", step=step, time=time.time(),
+                               slurm_job_id=slurm_job_id())
 
     def report(self, step, tokens_seen, loss_value, lr, grad_norm):
         cfg, run = self.cfg, self.run
