@@ -207,11 +207,11 @@ def slurm_restarts(records: list[dict]) -> dict | None:
     gaps, stopped = [], None
     for r in records:
         if r.get("event") == "requeue":
-            stopped = r if r.get("slurm_job_id") and _positive(r.get("time")) else None
+            stopped = r if r.get("slurm_job_id") and _positive(r.get("unix_time")) else None
         elif r.get("event") == "first_step" and stopped is not None:
-            if (r.get("slurm_job_id") == stopped["slurm_job_id"] and _number(r.get("time"))
-                    and r["time"] > stopped["time"]):
-                gaps.append(r["time"] - stopped["time"])
+            if (r.get("slurm_job_id") == stopped["slurm_job_id"] and _number(r.get("unix_time"))
+                    and r["unix_time"] > stopped["unix_time"]):
+                gaps.append(r["unix_time"] - stopped["unix_time"])
             stopped = None
     if not gaps:
         return None

@@ -493,10 +493,10 @@ def test_only_a_requeue_under_the_same_slurm_job_is_a_restart():
     from llama3gen.calibrate import slurm_restarts
 
     def stop(t, job):
-        return {"event": "requeue", "step": 1, "time": t, "slurm_job_id": job}
+        return {"event": "requeue", "step": 1, "unix_time": t, "slurm_job_id": job}
 
     def first(t, job):
-        return {"event": "first_step", "step": 2, "time": t, "slurm_job_id": job}
+        return {"event": "first_step", "step": 2, "unix_time": t, "slurm_job_id": job}
     start = {"event": "start"}
     assert slurm_restarts([first(0.0, None), stop(10.0, None), start, first(20.0, None)]) is None
     assert slurm_restarts([stop(10.0, "7"), start, first(9000.0, "8")]) is None

@@ -609,7 +609,8 @@ def train(argv, on_exit):
             if last_saved != step and not benchmark:
                 save()
             log(f"stopping at step {step} after a signal; exit {EXIT_REQUEUE} (requeue to resume)")
-            metrics.write(event="requeue", step=step, time=time.time(), slurm_job_id=slurm_job_id())
+            metrics.write(event="requeue", step=step, unix_time=time.time(),
+                          slurm_job_id=slurm_job_id())
             status = EXIT_REQUEUE
             break
 
@@ -778,7 +779,7 @@ class Progress:
         self.interval_time += seconds
         self.interval_steps += 1
         if self.steps_timed == 1:  # this process has trained: a restart ends here
-            self.metrics.write(event="first_step", step=step, time=time.time(),
+            self.metrics.write(event="first_step", step=step, unix_time=time.time(),
                                slurm_job_id=slurm_job_id())
 
     def report(self, step, tokens_seen, loss_value, lr, grad_norm):
