@@ -464,6 +464,9 @@ def _unsolvable(run, seconds) -> str:
     """Why no kernel efficiency in [MIN_EFFICIENCY, 1] gives the run's step time ("": one does)."""
     if run is None:
         return "the calibration file does not record the run's shape, layout and step time"
+    if seconds is None and run.ranks_per_node:
+        return (f"the run's nodes of {run.ranks_per_node} ranks do not hold whole tensor-parallel "
+                f"groups of {run.tensor_parallel}")
     if seconds is None:
         return (f"the run's {run.world_size} ranks do not fill whole nodes of the spec's size "
                 "(the file does not say how they were spread), or its nodes do not hold whole "

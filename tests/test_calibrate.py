@@ -678,6 +678,15 @@ def test_a_tensor_parallel_run_is_reproduced_with_its_collectives(tmp_path):
     assert v1.timing.step_seconds == pytest.approx(doc["step_time_s"], rel=1e-9)
     assert v1.timing.exposed_comm_seconds > 0
     assert again.hardware.kernel_efficiency < model.hardware.kernel_efficiency
+    # A record whose nodes cannot hold its TP groups (2 ranks on 2 nodes, TP 2): no efficiency
+    # is solved on a layout train.py could not have run; the measured MFU stands, and says why.
+    doc["measured_on"].update(world_size=2, ranks_per_node=1)
+    (tmp_path / "cal.json").write_text(json.dumps(doc))
+    odd = build_plan(parse_spec_text(text.replace(
+        "  nodes: 4\n", "  nodes: 1\n  calibration: cal.json\n"), spec_dir=tmp_path))
+    assert odd.hardware.mfu == doc["mfu"]
+    assert "nodes of 1 ranks do not hold whole tensor-parallel groups of 2" in (
+        odd.variants[0].timing.mfu_source)
 
 
 def test_a_run_the_model_cannot_reproduce_keeps_its_measured_mfu(tmp_path):
