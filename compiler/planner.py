@@ -218,8 +218,8 @@ def measured_mfu_warnings(hardware: HardwareView, variants: list[P.Variant]) -> 
     all-reduces on the critical path, which compiler/steptime.py would charge, are free there."""
     if hardware.mfu is None:
         return []
-    given = "the calibration's" if hardware.mfu_source else "hardware.mfu"
-    return [f"{v.name}: tensor parallel {v.training.tensor_parallel} trains at {given} MFU "
+    given = "the calibration's MFU" if hardware.mfu_source else "hardware.mfu"
+    return [f"{v.name}: tensor parallel {v.training.tensor_parallel} trains at {given} "
             f"{hardware.mfu:.3g}, which times every layout alike: its activations' all-reduces "
             "are not charged; measure this layout (train.py --benchmark_iters) and give the run "
             "as hardware.calibration to plan it with them"

@@ -175,7 +175,7 @@ def test_a_measured_mfu_says_tensor_parallelism_is_not_charged():
         return [w for w in plan.warnings if "not charged" in w], plan
     at_mfu, plan = warned(spec + tp)
     assert [w.split(":")[0] for w in at_mfu] == [v.name for v in plan.variants]
-    assert "hardware.mfu MFU 0.4," in at_mfu[0] and "hardware.calibration" in at_mfu[0]
+    assert "trains at hardware.mfu 0.4," in at_mfu[0] and "hardware.calibration" in at_mfu[0]
     assert not warned(spec)[0]  # the tie-break keeps t = 1 where it fits: nothing to warn
     modelled, plan = warned(spec.replace("  mfu: 0.40\n", "") + tp)
     assert not modelled and all(v.timing.exposed_comm_seconds > 0 for v in plan.variants)
