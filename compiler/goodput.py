@@ -100,6 +100,18 @@ def write_bandwidth(spec_GBps: float | None, world_size: int,
             f"× {world_size} devices")
 
 
+def restart_time(spec_seconds: float | None,
+                 measured: tuple[float, str] | None = None) -> tuple[float, str]:
+    """Seconds one restart costs, and where the number comes from. measured: (seconds, where)
+    from a calibration run's SLURM requeues; the spec's own value wins."""
+    if spec_seconds is not None:
+        return spec_seconds, "spec: cluster.restart_s"
+    if measured is not None:
+        return measured
+    return DEFAULT_RESTART_S, (f"default (assumption): {DEFAULT_RESTART_S} s to requeue, start and "
+                               "load a checkpoint")
+
+
 def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds: float,
                  max_iters: int, write_GBps: float, failures_per_gpu_hour: float,
                  restart_seconds: float, ckpt_interval: int | None,

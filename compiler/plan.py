@@ -407,6 +407,11 @@ class Calibration(PlanModel):
         "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
         "checkpoint_GBps_per_device", "ranks_per_node", "restart_seconds", "restarts")
 
+    @property
+    def nodes(self) -> int | None:
+        """The run's nodes (None: its ranks per node were not recorded)."""
+        return self.world_size // self.ranks_per_node if self.ranks_per_node else None
+
 
 class Plan(PlanModel):
     llama3gen_version: str

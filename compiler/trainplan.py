@@ -133,14 +133,10 @@ def _write_bandwidth(spec: Spec) -> tuple[float, str]:
 def _restart_seconds(spec: Spec) -> tuple[float, str]:
     """Seconds a restart costs and their source: the spec's, else the calibration run's SLURM
     requeues, else the default."""
-    if spec.cluster.restart_s is not None:
-        return spec.cluster.restart_s, "spec: cluster.restart_s"
     doc = spec.hardware.calibration_data
-    measured = calibrate.restart_seconds(doc, spec.hardware.calibration) if doc else None
-    if measured is not None:
-        return measured
-    return G.DEFAULT_RESTART_S, (f"default (assumption): {G.DEFAULT_RESTART_S} s to requeue, "
-                                 "start and load a checkpoint")
+    return G.restart_time(spec.cluster.restart_s,
+                          calibrate.restart_seconds(doc, spec.hardware.calibration) if doc
+                          else None)
 
 
 def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.ndarray:
