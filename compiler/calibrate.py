@@ -13,6 +13,10 @@ run, and says when the measurement came from another shape or layout. Where the 
 reproduce the run (a file without its layout; communication the model times slower than the
 whole measured step), the measured MFU replaces the model, as a spec's hardware.mfu does.
 
+The run's checkpoint saves, its restarts and its unexpected interruptions (processes that died
+with no record of why and were resumed) set the next plan's write bandwidth, restart time and
+failure rate (compiler/goodput.py), where the spec sets none.
+
 Only the standard library and the compiler's own modules: no torch.
 """
 
@@ -103,8 +107,9 @@ def _train_state_config(run_dir: Path) -> dict:
 
 
 def measure(run_dir: Path, records: list[dict]) -> dict:
-    """What the run measured: the last benchmark record, else the median of the logged steps of
-    the last start that logged any, after its first WARMUP_RECORDS."""
+    """What the run measured: the last benchmark record, else the median of one process's logged
+    steps after its first WARMUP_RECORDS: the last process that logged more than those (a
+    process resumed a moment ago logs little but its own warm-up), else the one that logged most."""
     segments = _starts(records)
     benchmarks = [r for r in records if r.get("event") == "benchmark"
                   and _number(r.get("tokens_per_s")) and _number(r.get("step_time_s"))]
@@ -113,10 +118,13 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
         start = next((seg[0] for seg in segments
                       if bench in seg and seg[0].get("event") == "start"), {})
         return _benchmarked(run_dir, bench, start)
-    for seg in reversed(segments):
-        logged = [r for r in seg if "event" not in r and _number(r.get("tokens_per_s"))]
-        if logged:
-            return _logged(run_dir, logged, seg[0] if seg[0].get("event") == "start" else {})
+    logged = [([r for r in seg if "event" not in r and _number(r.get("tokens_per_s"))],
+               seg[0] if seg[0].get("event") == "start" else {}) for seg in segments]
+    settled = [(steps, start) for steps, start in logged if len(steps) > WARMUP_RECORDS]
+    steps, start = (settled[-1] if settled
+                    else max(reversed(logged), key=lambda pair: len(pair[0]), default=([], {})))
+    if steps:
+        return _logged(run_dir, steps, start)
     raise _error(f"{METRICS} has no logged training steps (no record with tokens_per_s)",
                  str(run_dir / METRICS), "train for at least one log_interval, or run "
                  "train.py with --benchmark_iters=N")
@@ -198,27 +206,95 @@ def checkpoint_saves(records: list[dict]) -> dict | None:
                     "rename, the time training waits")}
 
 
-def slurm_restarts(records: list[dict]) -> dict | None:
-    """The SLURM requeues the run went through: each from a "requeue" record (the process saved
-    and exited) to the next "first_step" record under the same job id (the queue's wait, the new
-    process's start, process group, checkpoint load, compilation and one step). Stops outside
-    SLURM, or resumed under another job id (a new submission, perhaps days later), are left out.
-    The median, or None where there was none."""
-    gaps, stopped = [], None
-    for r in records:
-        if r.get("event") == "requeue":
-            stopped = r if r.get("slurm_job_id") and _positive(r.get("unix_time")) else None
-        elif r.get("event") == "first_step" and stopped is not None:
-            if (r.get("slurm_job_id") == stopped["slurm_job_id"] and _number(r.get("unix_time"))
-                    and r["unix_time"] > stopped["unix_time"]):
-                gaps.append(r["unix_time"] - stopped["unix_time"])
-            stopped = None
+# How a process can end with a record of why: saved after a signal and asked for a requeue, stopped
+# on non-finite losses, or finished its benchmark. A process that reached its config's max_iters
+# finished too (_ended_by_itself).
+SELF_ENDINGS = ("requeue", "stopped_nonfinite", "benchmark")
+
+
+def _ended_by_itself(process: list[dict]) -> bool:
+    """Whether a process's records (one of _starts' segments) say why it stopped."""
+    max_iters = ((process[0].get("config") or {}).get("max_iters")
+                 if process[0].get("event") == "start" else None)
+    return any(r.get("event") in SELF_ENDINGS
+               or (_whole(max_iters) and _whole(r.get("step")) and r["step"] >= max_iters)
+               for r in process)
+
+
+def _interrupted(process: list[dict], following: list[dict] | None) -> bool:
+    """An unexpected interruption: a process that trained, stopped with no record of why (a
+    crash, a node or GPU failure, a kill) and was resumed from a checkpoint by the next one."""
+    return (following is not None and following[0].get("event") == "start"
+            and bool(following[0].get("resumed_from"))
+            and any(r.get("event") == "first_step" for r in process)
+            and not _ended_by_itself(process))
+
+
+def _timed(process: list[dict]) -> list[dict]:
+    return [r for r in process if _positive(r.get("unix_time"))]
+
+
+def measured_restarts(records: list[dict]) -> dict | None:
+    """The restarts the run went through under one SLURM job id: from a process's stop to the next
+    process's first trained step (the queue's wait, the new process's start, process group,
+    checkpoint load, compilation and one step). The stop is a "requeue" record's time (the
+    process saved and exited), or an interrupted process's last timed record (up to a
+    log_interval before it died). Stops outside SLURM, or resumed under another job id (a new
+    submission, perhaps days later), are left out. The median, or None where there was none."""
+    gaps, kinds = [], {"requeue": 0, "interruption": 0}
+    processes = _starts(records)
+    for process, following in zip(processes, processes[1:]):
+        requeue = next((r for r in process if r.get("event") == "requeue"), None)
+        if requeue is not None:
+            stop, kind = requeue, "requeue"
+        elif _interrupted(process, following) and _timed(process):
+            stop, kind = _timed(process)[-1], "interruption"
+        else:
+            continue
+        job = stop.get("slurm_job_id") or next(
+            (r.get("slurm_job_id") for r in process if r.get("event") == "first_step"), None)
+        first = next((r for r in following if r.get("event") == "first_step"), None)
+        if (job and _positive(stop.get("unix_time")) and first is not None
+                and first.get("slurm_job_id") == job and _number(first.get("unix_time"))
+                and first["unix_time"] > stop["unix_time"]):
+            gaps.append(first["unix_time"] - stop["unix_time"])
+            kinds[kind] += 1
     if not gaps:
         return None
     return {"count": len(gaps), "seconds": statistics.median(gaps),
-            "how": (f"median of {len(gaps)} SLURM requeue(s): from the stop to the requeued "
-                    "process's first trained step (queue, start, process group, checkpoint "
-                    "load, compilation)")}
+            "how": (f"median of {len(gaps)} restart(s) under the same SLURM job "
+                    f"({kinds['requeue']} after a requeue, {kinds['interruption']} after an "
+                    "interruption): from the stop to the next process's first trained step "
+                    "(queue, start, process group, checkpoint load, compilation)")}
+
+
+def measured_failures(records: list[dict]) -> dict | None:
+    """The run's unexpected interruptions (_interrupted) and the device-hours over which they
+    happened: each process's time from its first to its last timed record (its first trained
+    step to its last log) × its world size. The steps lost to each: from the interrupted
+    process's last logged step back to the checkpoint the next resumed from (a lower bound: the
+    steps after the last log are not recorded). None where no process trained for a timed
+    interval."""
+    processes = _starts(records)
+    count, hours, lost = 0, 0.0, 0
+    for process, following in zip(processes, [*processes[1:], None]):
+        timed = _timed(process)
+        world = process[0].get("world_size") if process[0].get("event") == "start" else 1
+        if len(timed) >= 2 and _whole(world):
+            hours += (timed[-1]["unix_time"] - timed[0]["unix_time"]) * world / 3600
+        if _interrupted(process, following):
+            count += 1
+            logged = [r["step"] for r in process if _whole(r.get("step"), 0)]
+            resumed = following[0].get("step")
+            if logged and _whole(resumed, 0):
+                lost += max(0, max(logged) - resumed)
+    if hours <= 0:
+        return None
+    return {"interruptions": count, "device_hours": hours, "lost_steps": lost,
+            "how": (f"{count} unexpected interruption(s) in {len(processes)} process(es): a "
+                    "process that trained, stopped with no record of why (crash, node or GPU "
+                    "failure, kill) and was resumed from a checkpoint; device-hours from each "
+                    "process's first trained step to its last log, × its ranks")}
 
 
 def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
@@ -228,6 +304,16 @@ def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
         return None
     return restarts["seconds"], (f"calibration {file}: run {doc['measured_on'].get('run')}'s "
                                  f"restarts ({restarts['how']})")
+
+
+def failures_seen(doc: dict, file: str) -> tuple[int, float, str] | None:
+    """(interruptions, device-hours, where) of the calibration run, for goodput's failure rate;
+    None where the file records no timed training (an older file)."""
+    failures = doc.get("failures")
+    if not failures:
+        return None
+    return (failures["interruptions"], failures["device_hours"],
+            f"calibration {file}: run {doc['measured_on'].get('run')}")
 
 
 def save_bandwidth(doc: dict, file: str) -> tuple[float, str] | None:
@@ -477,7 +563,8 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                 else "the process's peak resident set (Linux VmHWM)"),
         "predicted_for_the_run_bytes": predicted, "measured_over_predicted": ratio}
     doc["checkpoint"] = checkpoint_saves(records)
-    doc["restarts"] = slurm_restarts(records)
+    doc["restarts"] = measured_restarts(records)
+    doc["failures"] = measured_failures(records)
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
 
@@ -568,6 +655,7 @@ def report(doc: dict) -> str:
                      "measured MFU")
     lines.append(_checkpoint_line(doc.get("checkpoint"), p))
     lines.append(_restart_line(doc.get("restarts")))
+    lines.append(_failure_line(doc.get("failures")))
     peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
                  f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")
@@ -594,10 +682,24 @@ def _checkpoint_line(saves: dict | None, planned: dict) -> str:
 
 def _restart_line(restarts: dict | None) -> str:
     if not restarts:
-        return ("restarts: none measured (no SLURM requeue resumed under the same job id); a "
+        return ("restarts: none measured (no process resumed under the same SLURM job id); a "
                 "spec with this calibration keeps its restart time")
     return (f"restarts: {restarts['seconds']:.4g} s each, the {restarts['how']}; a spec with this "
             "calibration plans restarts at that, unless it sets cluster.restart_s")
+
+
+def _failure_line(failures: dict | None) -> str:
+    if not failures:
+        return ("failures: no timed training to count them over (a file from an older train.py); "
+                "a spec with this calibration keeps its failure rate")
+    from .goodput import failure_rate
+    rate = failure_rate(None, (failures["interruptions"], failures["device_hours"], "run"))[0]
+    lost = (f", {failures['lost_steps']:,} step(s) redone at least"
+            if failures["interruptions"] else "")
+    return (f"failures: {failures['interruptions']} unexpected interruption(s) in "
+            f"{failures['device_hours']:.4g} device-hours{lost}; a spec with this calibration "
+            f"plans {rate:.3g} failures per device-hour (the default updated by them, "
+            "compiler/goodput.py), unless it sets cluster.failures_per_gpu_hour")
 
 
 def _loss_lines(loss: dict | None) -> list[str]:
@@ -674,7 +776,7 @@ def plan_record(doc: dict, file: str):
     from . import plan as P
     m, planned, curve = doc["measured_on"], doc["planned"], doc.get("curve") or {}
     loss, saves = doc.get("loss") or {}, doc.get("checkpoint") or {}
-    restarts = doc.get("restarts") or {}
+    restarts, failures = doc.get("restarts") or {}, doc.get("failures") or {}
 
     def numbers(d):
         return P.Measured(tokens_per_second=d["tokens_per_second"], mfu=d["mfu"],
@@ -692,7 +794,8 @@ def plan_record(doc: dict, file: str):
         checkpoint_bytes=_number(saves.get("bytes")),
         checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")),
         ranks_per_node=m.get("ranks_per_node"), restart_seconds=_number(restarts.get("seconds")),
-        restarts=restarts.get("count"))
+        restarts=restarts.get("count"), interruptions=failures.get("interruptions"),
+        device_hours=_number(failures.get("device_hours")), lost_steps=failures.get("lost_steps"))
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -740,6 +843,13 @@ def _calibration_problem(doc: dict) -> str | None:
             and _whole(restarts.get("count")) and isinstance(restarts.get("how"), str)):
         return ("restarts must be null or give seconds (a number > 0), count (a whole number "
                 "≥ 1) and how")
+    failures = doc.get("failures")
+    if failures is not None and not (
+            isinstance(failures, dict) and _positive(failures.get("device_hours"))
+            and _whole(failures.get("interruptions"), 0) and _whole(failures.get("lost_steps"), 0)
+            and isinstance(failures.get("how"), str)):
+        return ("failures must be null or give device_hours (a number > 0), interruptions and "
+                "lost_steps (whole numbers ≥ 0) and how")
     saves = doc.get("checkpoint")
     if saves is not None and not (
             isinstance(saves, dict) and isinstance(saves.get("how"), str)

@@ -76,10 +76,29 @@ class Goodput:
             goodput=self.goodput, wall_clock_days=self.wall_clock_seconds / 86400)
 
 
-def failure_rate(spec_rate: float | None) -> tuple[float, str]:
-    """Failures per device-hour, and where the number comes from."""
+# A measured failure count updates the default as a Gamma prior worth this many failures
+# (assumption): its weight is PRIOR_FAILURES / DEFAULT_FAILURES_PER_GPU_HOUR device-hours, about
+# 50,700, so a short calibration run barely moves the rate and weeks on a few hundred GPUs do.
+PRIOR_FAILURES = 1.0
+
+
+def failure_rate(spec_rate: float | None,
+                 measured: tuple[int, float, str] | None = None) -> tuple[float, str]:
+    """Failures per device-hour, and where the number comes from. measured: (interruptions,
+    device-hours, where) seen by a calibration run, which update the default by Gamma–Poisson
+    conjugacy: the posterior mean (PRIOR_FAILURES + n) / (PRIOR_FAILURES / default + hours).
+    The spec's own rate wins."""
     if spec_rate is not None:
         return spec_rate, "spec: cluster.failures_per_gpu_hour"
+    if measured is not None:
+        count, hours, where = measured
+        prior_hours = PRIOR_FAILURES / DEFAULT_FAILURES_PER_GPU_HOUR
+        rate = (PRIOR_FAILURES + count) / (prior_hours + hours)
+        return rate, (f"{where}: {count} unexpected interruption(s) in {hours:.4g} device-hours, "
+                      f"updating the default ({FAILURES_SOURCE}) taken as a prior worth "
+                      f"{PRIOR_FAILURES:g} failure in {prior_hours:,.0f} device-hours (assumption): "
+                      f"({PRIOR_FAILURES:g} + {count}) / ({prior_hours:,.0f} + {hours:.4g}), the "
+                      "Gamma–Poisson posterior mean")
     return DEFAULT_FAILURES_PER_GPU_HOUR, f"default: {FAILURES_SOURCE}"
 
 

@@ -401,11 +401,17 @@ class Calibration(PlanModel):
     checkpoint_bytes: float | None = None
     checkpoint_GBps_per_device: float | None = None
     ranks_per_node: int | None = None  # the run's (None: not recorded, an older file)
-    restart_seconds: float | None = None  # median of its SLURM requeues (None: none measured)
+    restart_seconds: float | None = None  # median of its restarts under SLURM (None: none)
     restarts: int | None = None
+    # its unexpected interruptions, over the device-hours it trained, and the steps they lost
+    # (None: an older file, or no timed training)
+    interruptions: int | None = None
+    device_hours: float | None = None
+    lost_steps: int | None = None
     omitted_when_none: ClassVar[tuple[str, ...]] = (
         "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
-        "checkpoint_GBps_per_device", "ranks_per_node", "restart_seconds", "restarts")
+        "checkpoint_GBps_per_device", "ranks_per_node", "restart_seconds", "restarts",
+        "interruptions", "device_hours", "lost_steps")
 
     @property
     def nodes(self) -> int | None:

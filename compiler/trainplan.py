@@ -113,10 +113,9 @@ def default_ckpt_interval(max_iters):
 
 def goodput_settings(spec: Spec) -> dict:
     """The cluster's failure, storage and restart settings, as goodput.schedule takes them."""
-    cl, world = spec.cluster, spec.hardware.world_size
-    return dict(world_size=world,
+    return dict(world_size=spec.hardware.world_size,
                 write_GBps=_write_bandwidth(spec)[0],
-                failures_per_gpu_hour=G.failure_rate(cl.failures_per_gpu_hour)[0],
+                failures_per_gpu_hour=_failure_rate(spec)[0],
                 restart_seconds=_restart_seconds(spec)[0],
                 ckpt_interval=spec.training.ckpt_interval)
 
@@ -128,6 +127,15 @@ def _write_bandwidth(spec: Spec) -> tuple[float, str]:
     return G.write_bandwidth(spec.cluster.checkpoint_write_GBps, spec.hardware.world_size,
                              calibrate.save_bandwidth(doc, spec.hardware.calibration) if doc
                              else None)
+
+
+def _failure_rate(spec: Spec) -> tuple[float, str]:
+    """Failures per device-hour and their source: the spec's, else the default updated by the
+    calibration run's interruptions, else the default."""
+    doc = spec.hardware.calibration_data
+    return G.failure_rate(spec.cluster.failures_per_gpu_hour,
+                          calibrate.failures_seen(doc, spec.hardware.calibration) if doc
+                          else None)
 
 
 def _restart_seconds(spec: Spec) -> tuple[float, str]:
@@ -150,11 +158,11 @@ def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.nda
 def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_seconds: float
              ) -> tuple[G.Goodput, dict[str, str]]:
     """The checkpoint interval (Young–Daly) and the goodput of the pick, with provenance."""
-    cl, tr, world = spec.cluster, spec.training, spec.hardware.world_size
+    tr, world = spec.training, spec.hardware.world_size
     settings = goodput_settings(spec)
     rate, GBps = settings["failures_per_gpu_hour"], settings["write_GBps"]
     restart = settings["restart_seconds"]
-    rate_why = G.failure_rate(cl.failures_per_gpu_hour)[1]
+    rate_why = _failure_rate(spec)[1]
     GBps_why = _write_bandwidth(spec)[1]
     sharded = world > 1 and lay.parallelism in ("fsdp", "hsdp")  # as train.py decides
     g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, train_seconds=train_seconds,

@@ -792,7 +792,8 @@ class Progress:
                   "tokens_seen": tokens_seen, "epoch": epoch,
                   "unique_tokens": run.train_data.unique_tokens_after(step, cfg.global_batch_size),
                   **source_epochs(run.train_data, step, cfg),
-                  **{k: v for k, v in peak_memory(run.dev).items() if v is not None}}
+                  **{k: v for k, v in peak_memory(run.dev).items() if v is not None},
+                  "unix_time": time.time()}  # the process's last sign of life, should it die
         line = (f"step {step}/{self.last_step} | loss {loss_value:.4f} | lr {lr:.3e} | "
                 f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | epoch {epoch:.3f}")
         if "source_epochs" in record:  # a mixture: each source's own epochs

@@ -306,7 +306,9 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                   "nodes": {"measured_on": {**m, "ranks_per_node": 2}},  # of 1 rank
                   "saves": {"checkpoint": {"GBps_per_device": 1.0, "how": "by hand", "saves": 1,
                                            "world_size": 1, "seconds": 2.0, "bytes": None}},
-                  "restarts": {"restarts": {"seconds": -5, "count": 1, "how": "by hand"}}}
+                  "restarts": {"restarts": {"seconds": -5, "count": 1, "how": "by hand"}},
+                  "failures": {"failures": {"interruptions": -1, "device_hours": 2.0,
+                                            "lost_steps": 0, "how": "by hand"}}}
     for name, edit in broken_run.items():
         directory = work / f"broken-run-{name}"
         directory.mkdir()
@@ -315,7 +317,7 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                  "measured_on.layout.micro_batch_size", "layout": "measured_on.layout.parallelism",
                  "tp": "measured_on.layout.tensor_parallel",
                  "nodes": "measured_on.ranks_per_node", "saves": "checkpoint must be",
-                 "restarts": "restarts must be"}[name]
+                 "restarts": "restarts must be", "failures": "failures must be"}[name]
         assert_user_error(cli("solve", calibrated_spec(directory)), field, "llama3gen calibrate")
 
 
@@ -374,6 +376,27 @@ def test_median_of_logged_steps_without_a_benchmark(run):
     assert (f"| validation loss at the last step | {predicted:.4f} | 2.5000 | "
             f"{2.5 / predicted:.3f} |") in page
     assert "besiroglu2024's at the run's tokens; that law was fitted on other data" in page
+
+
+def test_a_process_resumed_a_moment_ago_does_not_replace_the_measurement(run):
+    """The last process that logged past its warm-up is measured, not one that has logged only
+    its own warm-up since a resume; once that one has, it is."""
+    repo, run_dir, _, _, _ = run
+    resumed_dir = repo / "out" / "resumed"
+    resumed_dir.mkdir()
+    start = next(r for r in read_metrics(run_dir) if r.get("event") == "start")
+
+    def process(first_step, speeds):
+        return [{**start, "step": first_step, "resumed_from": "x" if first_step else ""}] + [
+            {"step": first_step + 10 * (i + 1), "loss": 3.0, "tokens_per_s": speed,
+             "step_time_s": 4096 / speed} for i, speed in enumerate(speeds)]
+    settled = process(0, [10.0, 20.0, 30.0, 4000.0, 5000.0, 6000.0])  # median after warm-up 5000
+    for later, expected in (([7.0], 5000.0), ([7.0, 8.0, 9.0, 300.0], 300.0)):
+        records = settled + process(60, later)
+        (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        result = cli("calibrate", resumed_dir, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["tokens_per_second"] == expected
 
 
 def test_checkpoint_saves_set_the_next_plans_write_time(run):
@@ -477,8 +500,9 @@ def test_a_slurm_requeue_sets_the_next_plans_restart_time(run):
     assert cli("compile", calibrated_spec(spec_dir), "-o", new).returncode == 0
     planned = variant(lock_plan(new), "optimal")
     assert planned["timing"]["restart_s"] == pytest.approx(restarts["seconds"], rel=LOCK_ROUNDING)
-    assert "SLURM requeue" in planned["provenance"]["restart_s"]
-    assert "1 SLURM requeue(s) of the run took" in (new / "docs" / "calibration.md").read_text()
+    assert "(1 after a requeue, 0 after an interruption)" in planned["provenance"]["restart_s"]
+    assert "1 restart(s) of the run under the same SLURM job took" in (
+        new / "docs" / "calibration.md").read_text()
     text = (spec_dir / "calibrated.yaml").read_text()
     (spec_dir / "calibrated.yaml").write_text(
         text.replace("\ncluster:\n", "\ncluster:\n  restart_s: 120\n"))
@@ -487,25 +511,132 @@ def test_a_slurm_requeue_sets_the_next_plans_restart_time(run):
     assert variant(lock_plan(own), "optimal")["timing"]["restart_s"] == 120
 
 
-def test_only_a_requeue_under_the_same_slurm_job_is_a_restart():
+def stop(t, job, step=1):
+    return {"event": "requeue", "step": step, "unix_time": t, "slurm_job_id": job}
+
+
+def first(t, job, step=2):
+    return {"event": "first_step", "step": step, "unix_time": t, "slurm_job_id": job}
+
+
+def started(step=0, world=1, max_iters=100, resumed=True):
+    return {"event": "start", "step": step, "world_size": world, "config": {"max_iters": max_iters},
+            "resumed_from": f"out/checkpoints/step_{step:08d}" if resumed else ""}
+
+
+def logged(t, step):
+    return {"step": step, "loss": 3.0, "tokens_per_s": 1.0, "unix_time": t}
+
+
+def test_only_a_stop_resumed_under_the_same_slurm_job_is_a_restart():
     """A stop resumed outside SLURM, or under another job id (a new submission), says nothing of
-    what a requeue costs; the median of the rest is."""
-    from llama3gen.calibrate import slurm_restarts
-
-    def stop(t, job):
-        return {"event": "requeue", "step": 1, "unix_time": t, "slurm_job_id": job}
-
-    def first(t, job):
-        return {"event": "first_step", "step": 2, "unix_time": t, "slurm_job_id": job}
+    what a restart costs; the median of the rest is. An interrupted process's stop is its last
+    timed record."""
+    from llama3gen.calibrate import measured_restarts
     start = {"event": "start"}
-    assert slurm_restarts([first(0.0, None), stop(10.0, None), start, first(20.0, None)]) is None
-    assert slurm_restarts([stop(10.0, "7"), start, first(9000.0, "8")]) is None
+    assert measured_restarts([first(0.0, None), stop(10.0, None), start, first(20.0, None)]) is None
+    assert measured_restarts([stop(10.0, "7"), start, first(9000.0, "8")]) is None
     records = [first(0.0, "7"), stop(100.0, "7"), start, first(130.0, "7"),  # 30 s
                stop(200.0, "7"), start, first(290.0, "7"),  # 90 s
                stop(300.0, "7"), start, first(3e5, "9"),  # resubmitted: not counted
                stop(400.0, "7"), start, first(440.0, "7")]  # 40 s
-    assert slurm_restarts(records) == {"count": 3, "seconds": 40.0,
-                                       "how": slurm_restarts(records)["how"]}
+    restarts = measured_restarts(records)
+    assert (restarts["count"], restarts["seconds"]) == (3, 40.0)
+    assert "(3 after a requeue, 0 after an interruption)" in restarts["how"]
+    # died after its log at 500 s, resumed at 560 s under the same job: 60 s
+    crashed = [started(0), first(450.0, "7", step=1), logged(500.0, 10),
+               started(5), first(560.0, "7", step=6)]
+    restarts = measured_restarts(crashed)
+    assert (restarts["count"], restarts["seconds"]) == (1, 60.0)
+    assert "(0 after a requeue, 1 after an interruption)" in restarts["how"]
+
+
+def test_interruptions_are_processes_that_died_without_a_record_and_were_resumed():
+    """Hand-counted: process A (4 ranks) trains from 0 s to 100 s, dies after logging step 20
+    and is resumed from step 10 by B, which trains from 400 s to 1000 s and asks for a requeue;
+    C resumes, diverges (a non-finite stop: the run's fault, not the cluster's); D resumes, and
+    finishes at max_iters. Only A's end is an interruption, with 20 − 10 = 10 steps redone; the
+    device-hours are every process's first-to-last timed record × 4 ranks."""
+    from llama3gen.calibrate import measured_failures
+    t0 = 1.765e9  # a unix time: whole seconds, so the differences below are exact
+    records = [
+        started(0, world=4, resumed=False), first(t0, "7", 1), logged(t0 + 100, 20),
+        started(10, world=4), first(t0 + 400, "7", 11), logged(t0 + 900, 30), stop(t0 + 1000, "7", 30),
+        started(30, world=4), first(t0 + 1100, "7", 31), logged(t0 + 1150, 40),
+        {"event": "stopped_nonfinite", "step": 45},
+        started(40, world=4), first(t0 + 1200, "7", 41), logged(t0 + 1300, 100)]
+    failures = measured_failures(records)
+    hours = (100 + 600 + 50 + 100) * 4 / 3600
+    assert failures["interruptions"] == 1 and failures["lost_steps"] == 10
+    assert failures["device_hours"] == pytest.approx(hours, rel=1e-12)  # sums of exact differences, / 3600
+    # the last process's end says nothing (still running, or left); one that never trained, or a
+    # new run started afresh over the old out_dir, is no interruption
+    unknown = [started(0, resumed=False), first(t0, None, 1), logged(t0 + 50, 10)]
+    assert measured_failures(unknown)["interruptions"] == 0
+    never_trained = [started(0, resumed=False), started(0)]
+    assert measured_failures(never_trained) is None  # nothing timed
+    afresh = [started(0, resumed=False), first(t0, None, 1), logged(t0 + 50, 10),
+              started(0, resumed=False), first(t0 + 60, None, 1), logged(t0 + 80, 10)]
+    assert measured_failures(afresh)["interruptions"] == 0
+
+
+def test_a_crash_updates_the_next_plans_failure_rate(run):
+    """A real run killed mid-way (SIGKILL: no record of why, as a node failure leaves it) and
+    resumed under the same SLURM job id: calibrate counts one interruption and its restart; the
+    calibrated plan's failure rate is the default updated by it (Gamma–Poisson, by hand below),
+    unless the spec sets cluster.failures_per_gpu_hour."""
+    import signal
+    from llama3gen.goodput import DEFAULT_FAILURES_PER_GPU_HOUR
+    repo, _, _, _, work = run
+    env = dict(subprocess_env(), SLURM_JOB_ID="4343")
+    out = ["--out_dir=out/crashed", "--eval_interval=100000", "--ckpt_interval=5"]
+    launched = time.time()
+    proc = subprocess.Popen(train_command("config/optimal.py", "--max_iters=100000", *out),
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("step 10/"):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    time.sleep(QUEUE_WAIT_S)
+    resumed_to = 12
+    again = subprocess.run(train_command("config/optimal.py", f"--max_iters={resumed_to}", *out),
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    ended = time.time()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = [r for r in read_metrics(repo / "out" / "crashed") if r.get("event") == "start"][-1]
+    assert resumed["resumed_from"] and 5 <= resumed["step"] <= 10
+
+    spec_dir = work / "crashed-spec"
+    spec_dir.mkdir()
+    result = cli("calibrate", repo / "out" / "crashed", "--json", "-o",
+                 spec_dir / "calibration.json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    failures, restarts = doc["failures"], doc["restarts"]
+    assert failures["interruptions"] == 1
+    assert failures["lost_steps"] >= 10 - resumed["step"]  # it logged step 10 before it died
+    # trained within the test's own clock, on one process
+    assert 0 < failures["device_hours"] < (ended - launched) / 3600
+    assert "(0 after a requeue, 1 after an interruption)" in restarts["how"]
+    assert QUEUE_WAIT_S < restarts["seconds"] < ended - launched
+    assert "failures: 1 unexpected interruption(s)" in cli("calibrate",
+                                                           repo / "out" / "crashed").stdout
+
+    new = work / "crashed-repo"
+    assert cli("compile", calibrated_spec(spec_dir), "-o", new).returncode == 0
+    planned = variant(lock_plan(new), "optimal")
+    by_hand = 2 / (1 / DEFAULT_FAILURES_PER_GPU_HOUR + failures["device_hours"])
+    assert planned["timing"]["failures_per_gpu_hour"] == pytest.approx(by_hand, rel=LOCK_ROUNDING)
+    assert "1 unexpected interruption(s)" in planned["provenance"]["failures_per_gpu_hour"]
+    assert "interrupted 1 time(s)" in (new / "docs" / "calibration.md").read_text()
+    text = (spec_dir / "calibrated.yaml").read_text()
+    (spec_dir / "calibrated.yaml").write_text(
+        text.replace("\ncluster:\n", "\ncluster:\n  failures_per_gpu_hour: 0.001\n"))
+    own = work / "crashed-own"
+    assert cli("compile", spec_dir / "calibrated.yaml", "-o", own).returncode == 0
+    assert variant(lock_plan(own), "optimal")["timing"]["failures_per_gpu_hour"] == 0.001
 
 
 def test_bad_inputs_are_one_message_and_exit_2(run):

@@ -86,6 +86,21 @@ def test_the_default_rate_is_llama3s():
     assert "419" in prov["failures_per_gpu_hour"] and "assumption" in prov["restart_s"]
 
 
+def test_measured_interruptions_update_the_default_rate_by_hand():
+    """The default is a prior worth one failure in 1/r0 device-hours (r0: Llama 3's rate). Three
+    failures seen in 3/r0 hours: (1 + 3) / (1/r0 + 3/r0) = r0 — the evidence agrees with the
+    prior; nine in 3/r0 hours: 10 / (4/r0) = 2.5 r0; none in 1/r0 hours: 1 / (2/r0) = r0 / 2. A
+    spec's own rate wins over any of them."""
+    r0 = 419 / (54 * 24 * 16384)
+    cases = [(3, 3 / r0, r0), (9, 3 / r0, 2.5 * r0), (0, 1 / r0, r0 / 2), (0, 0.0, r0)]
+    for count, hours, expected in cases:
+        rate, source = G.failure_rate(None, (count, hours, "calibration c.json: run r"))
+        # a few float operations on these numbers: well within 1e-12 relative
+        assert rate == pytest.approx(expected, rel=1e-12), (count, hours)
+        assert source.startswith("calibration c.json: run r") and "Gamma–Poisson" in source
+    assert G.failure_rate(1e-3, (9, 3 / r0, "calibration"))[0] == 1e-3
+
+
 def test_failure_rate_zero_keeps_the_old_interval():
     for text in (TINY, gpu_spec(1.36e21, 1)):  # max_iters // 10, and the 1000-step cap
         off = plan_of(text + "cluster: {failures_per_gpu_hour: 0}\n")
