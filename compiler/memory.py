@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
@@ -491,19 +492,20 @@ def _working_copies(sharded, c, k, accumulating, n_layers, u: _Units):
             "root": FP32 * u.root}  # the embedding's fp32 gradient
 
 
-def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accumulating, recipe,
-             t=1, compiled=False):
-    """{name: Moment} for the eight moments of the step whose largest total is the peak; the
-    first k blocks checkpointed."""
-    # FSDP2 casts the weights to the compute dtype, so the residual stream is in it too; DDP under
-    # autocast (and fp32 training) keeps fp32 weights and an fp32 residual stream.
-    r = c if sharded else FP32
-    d, h, kv, dh, f, V = s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden, s.vocab_size
-    L = np.asarray(s.n_layers, dtype=np.float64)
-    seq = np.asarray(s.seq_len, dtype=np.float64)
-    tokens = np.asarray(micro_batch, dtype=np.float64) * seq
+class _Saved(NamedTuple):
+    """What one block keeps for backward and what its backward adds, in bytes per rank of a
+    micro-batch (per candidate)."""
 
-    rope = rope_bytes_per_position(dh, c) * seq
+    full_layer: np.ndarray  # a block that is not checkpointed
+    recomputed_layer: np.ndarray  # a checkpointed block's, once its forward is recomputed
+    checkpointed_layer: np.ndarray  # a checkpointed block's input
+    gradients: np.ndarray  # of its SwiGLU hidden pair and residual, during its backward
+    regather: np.ndarray  # bool: TP eager blocks keep the gathered input as 1/t and gather again
+
+
+def _saved_per_block(s: ModelShape, tokens, c, r, t, compiled, recipe) -> _Saved:
+    d, h, kv, dh, f = s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_hidden
+    rope = rope_bytes_per_position(dh, c) * np.asarray(s.seq_len, dtype=np.float64)
     # TP's gathered inputs kept as 1/t (GatherSequence): eager blocks that are not checkpointed;
     # a recomputed block's forward keeps them whole.
     regather = recipe.regathers(compiled) & (np.asarray(t) > 1)
@@ -514,14 +516,55 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
         full_layer = (layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t, regather)
                       * tokens + rope)
         recomputed_layer = layer_activation_bytes_per_token(d, h, kv, dh, f, c, r, t) * tokens + rope
-    # Under sequence parallelism the residual stream, the final norm and a block's input are
-    # split t ways; the token ids are not.
-    checkpointed_layer = checkpoint_bytes_per_token(d, r) / t * tokens
+    # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
+    # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
+    # (under sequence parallelism: the hidden pair's 1/t, the gathered input's gradient whole
+    # before its reduce-scatter, the residual's 1/t; with regather, the input gathered again)
+    return _Saved(full_layer=full_layer, recomputed_layer=recomputed_layer,
+                  # Under sequence parallelism the residual stream, the final norm and a block's
+                  # input are split t ways; the token ids are not.
+                  checkpointed_layer=checkpoint_bytes_per_token(d, r) / t * tokens,
+                  gradients=c * (2 * f / t + d + d / t) * tokens, regather=regather)
+
+
+def _block_gradients(u: _Units, g: dict, sharded, k, accumulating) -> dict:
+    """Gradients present in the blocks' backward, beyond earlier micro-batches': {"last start",
+    "last end", "first start", "last checkpointed end"}."""
+    # lm_head's (DDP; FSDP keeps the root's unsharded until the end of backward, under working)
+    # and, at the end of the last block's backward, the block's.
+    accumulated, late, shard = g["accumulated"], g["late"], g["shard"]
+    new_head = 0.0 if sharded else GRADIENT_BYTES * u.head
+    # As the first block's backward starts, every gradient but its own and the embedding's (and,
+    # under FSDP, the root unit's) is there; as the last checkpointed one (k − 1) ends, every
+    # gradient but those of the k − 1 below it and the root's.
+    root = u.root if sharded else u.root - u.head
+    return {
+        "last start": np.where(accumulating, late, accumulated + new_head),
+        "last end": np.where(accumulating, late,
+                             accumulated + new_head + GRADIENT_BYTES * u.block / shard),
+        "first start": np.where(accumulating, late,
+                                late - GRADIENT_BYTES * (u.block + root) / shard),
+        "last checkpointed end": np.where(accumulating, late,
+                                          late - GRADIENT_BYTES * ((k - 1) * u.block + root)
+                                          / shard)}
+
+
+def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accumulating, recipe,
+             t=1, compiled=False):
+    """{name: Moment} for the eight moments of the step whose largest total is the peak; the
+    first k blocks checkpointed."""
+    # FSDP2 casts the weights to the compute dtype, so the residual stream is in it too; DDP under
+    # autocast (and fp32 training) keeps fp32 weights and an fp32 residual stream.
+    r = c if sharded else FP32
+    d, V = s.d_model, s.vocab_size
+    L = np.asarray(s.n_layers, dtype=np.float64)
+    tokens = np.asarray(micro_batch, dtype=np.float64) * np.asarray(s.seq_len, dtype=np.float64)
+    b = _saved_per_block(s, tokens, c, r, t, compiled, recipe)
     every = k >= L
-    layers_saved = k * checkpointed_layer + (L - k) * full_layer
+    layers_saved = k * b.checkpointed_layer + (L - k) * b.full_layer
     # What the layers below the last one keep: it is checkpointed only when all are.
     below_last = np.minimum(k, L - 1)
-    others = below_last * checkpointed_layer + (L - 1 - below_last) * full_layer
+    others = below_last * b.checkpointed_layer + (L - 1 - below_last) * b.full_layer
     head_saved = head_activation_bytes_per_token(d, r, t) * tokens
     # The fused head + loss (templates/model.py's LinearCrossEntropy): in its forward, its input
     # (the final norm's output, residual dtype; plus autocast's copy) and the gradient of that input
@@ -530,29 +573,11 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     loss_inputs = (r + copy_bytes(c, r)) * d * head_tokens
     grad_head_input = c * d * head_tokens
     loss_logits = loss_chunk_bytes(V, head_tokens, c, recipe.loss_chunk_tokens)
-    # Backward of a block: the other layers' saved tensors, this layer's full activations (its own,
-    # or recomputed when checkpointed) and the gradients of its SwiGLU hidden pair and residual.
-    # (under sequence parallelism: the hidden pair's 1/t, the gathered input's gradient whole
-    # before its reduce-scatter, the residual's 1/t; with regather, the input gathered again)
-    gradients = c * (2 * f / t + d + d / t) * tokens
-    recomputed_first = recomputed_layer + gradients
+    recomputed_first = b.recomputed_layer + b.gradients
     block_first = np.where(every, recomputed_first,
-                           full_layer + gradients + regather * c * d * tokens)
-    block_live = others + block_first
+                           b.full_layer + b.gradients + b.regather * c * d * tokens)
     working = _working_copies(sharded, c, k, accumulating, L, u)
-
-    # Gradients present as the last block's backward starts and ends, beyond earlier
-    # micro-batches': lm_head's (DDP; FSDP keeps the root's unsharded until the end of backward,
-    # under working) and, at the end, the block's.
-    accumulated, late, shard = g["accumulated"], g["late"], g["shard"]
-    new_head = 0.0 if sharded else GRADIENT_BYTES * u.head
-    grads_block_start = np.where(accumulating, late, accumulated + new_head)
-    grads_block_end = np.where(accumulating, late,
-                               accumulated + new_head + GRADIENT_BYTES * u.block / shard)
-    # As the first block's backward starts, every gradient but its own and the embedding's (and,
-    # under FSDP, the root unit's) is there.
-    not_yet = u.block + (u.root if sharded else u.root - u.head)
-    grads_first = np.where(accumulating, late, late - GRADIENT_BYTES * not_yet / shard)
+    grads = _block_gradients(u, g, sharded, k, accumulating)
     # Autograd frees a block's saved tensors as its backward consumes them; tensors recomputed
     # under activation checkpointing were measured to stay until the block's backward ends
     # (otherwise only the residual's gradient is left).
@@ -562,27 +587,26 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
     # recomputed tensors still live, over the k − 1 inputs below it, the gradients of the blocks
     # above, and the working copies of a checkpointed block (measured: tests/test_memory.py).
     partly = (k >= 1) & ~every
-    grads_ck = np.where(accumulating, late,
-                        late - GRADIENT_BYTES * ((k - 1) * u.block
-                                                 + (u.root if sharded else u.root - u.head)) / shard)
     working_ck = _working_copies(sharded, c, L, accumulating, L, u)["block_end"]
-    last_checkpointed = Moment(np.where(partly, grads_ck, 0.0),
-                               np.where(partly, (k - 1) * checkpointed_layer + recomputed_first,
-                                        0.0),
-                               zero, np.where(partly, working_ck, 0.0))
+    last_checkpointed = Moment(
+        np.where(partly, grads["last checkpointed end"], 0.0),
+        np.where(partly, (k - 1) * b.checkpointed_layer + recomputed_first, 0.0),
+        zero, np.where(partly, working_ck, 0.0))
     return {
-        "loss forward": Moment(accumulated, layers_saved + head_saved + loss_inputs,
+        "loss forward": Moment(g["accumulated"], layers_saved + head_saved + loss_inputs,
                                loss_logits + grad_head_input, working["loss"]),
         # backward hands the input's gradient back in the input's dtype: under autocast, an fp32
         # copy of the bf16 one
-        "output head backward": Moment(accumulated, layers_saved + head_saved + grad_head_input,
+        "output head backward": Moment(g["accumulated"], layers_saved + head_saved + grad_head_input,
                                        copy_bytes(r, c) * d * head_tokens, working["head"]),
-        "last block backward": Moment(grads_block_start, block_live, zero, working["block_start"]),
-        "end of last block backward": Moment(grads_block_end, others + block_end,
+        "last block backward": Moment(grads["last start"], others + block_first, zero,
+                                      working["block_start"]),
+        "end of last block backward": Moment(grads["last end"], others + block_end,
                                              zero, working["block_end"]),
         "end of last checkpointed block backward": last_checkpointed,
-        "first block backward": Moment(grads_first, block_first, zero, working["block_start"]),
-        "end of backward": Moment(late, zero, zero, working["root"]),
+        "first block backward": Moment(grads["first start"], block_first, zero,
+                                       working["block_start"]),
+        "end of backward": Moment(g["late"], zero, zero, working["root"]),
         # train.py's fused AdamW (CUDA and CPU) updates in place, without temporaries
         "optimizer step": Moment(g["step"], zero, zero, zero),
     }
