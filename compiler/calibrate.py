@@ -39,6 +39,8 @@ KIND = "llama3gen calibration"
 FORMAT = 1
 METRICS = "metrics.jsonl"
 LOCK_NAME = "llama3gen.lock.json"
+TRAIN_DTYPE = "bfloat16"  # train.py's default dtype, for a layout record without one
+MIN_MFU = 0.01  # as a spec's hardware.mfu: below it a run is broken, and plans take forever
 WARMUP_RECORDS = 3  # logged records left out without a benchmark record (compile, warm-up)
 CURVE_POINTS = 200  # per curve in a calibration file: a point per ~2 pixels of a figure panel
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
@@ -112,13 +114,13 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
     process resumed a moment ago logs little but its own warm-up), else the one that logged most."""
     segments = _starts(records)
     benchmarks = [r for r in records if r.get("event") == "benchmark"
-                  and _number(r.get("tokens_per_s")) and _number(r.get("step_time_s"))]
+                  and _positive(r.get("tokens_per_s")) and _positive(r.get("step_time_s"))]
     if benchmarks:
         bench = benchmarks[-1]
         start = next((seg[0] for seg in segments
                       if bench in seg and seg[0].get("event") == "start"), {})
         return _benchmarked(run_dir, bench, start)
-    logged = [([r for r in seg if "event" not in r and _number(r.get("tokens_per_s"))],
+    logged = [([r for r in seg if "event" not in r and _positive(r.get("tokens_per_s"))],
                seg[0] if seg[0].get("event") == "start" else {}) for seg in segments]
     settled = [(steps, start) for steps, start in logged if len(steps) > WARMUP_RECORDS]
     steps, start = (settled[-1] if settled
@@ -143,32 +145,34 @@ def _starts(records: list[dict]) -> list[list[dict]]:
 
 def _benchmarked(run_dir: Path, bench: dict, start: dict) -> dict:
     """measure() of a --benchmark_iters record (and the start record of its process)."""
-    config = start.get("config") or _train_state_config(run_dir)
+    config = _start_config(start) or _train_state_config(run_dir)
     return {"tokens_per_second": bench["tokens_per_s"], "step_time_s": bench["step_time_s"],
-            "mfu": _number(bench.get("mfu")),
+            "mfu": _measured(bench.get("mfu")),
             "peak_memory_bytes": _peak([bench]),
-            "peak_memory_allocated_bytes": _number(bench.get("max_memory_allocated")),
-            "how": f"benchmark record: {bench.get('steps')} timed steps",
-            "world_size": bench.get("world_size"),
-            "ranks_per_node": _ranks_per_node(bench), "device": bench.get("device"),
-            "gpu": bench.get("gpu"), "shape": bench.get("shape") or _shape(config),
-            "layout": bench.get("layout") or _layout(config, start),
-            "date": bench.get("time") or start.get("time"), "config": config}
+            "peak_memory_allocated_bytes": _measured(bench.get("max_memory_allocated")),
+            "how": f"benchmark record: {_count(bench.get('steps'))} timed steps",
+            "world_size": _count(bench.get("world_size")),
+            "ranks_per_node": _ranks_per_node(bench), "device": _device(bench),
+            "gpu": _text(bench.get("gpu")),
+            "shape": _usable_shape(bench.get("shape")) or _shape(config),
+            "layout": _usable_layout(bench.get("layout")) or _layout(config, start),
+            "date": _text(bench.get("time")) or _text(start.get("time")), "config": config}
 
 
 def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
     """measure() of one process's logged steps: the median after the warm-up records."""
     kept = logged[min(WARMUP_RECORDS, len(logged) - 1):]
-    config = start.get("config") or _train_state_config(run_dir)
-    tokens_per_step = (config.get("global_batch_size") or 0) * (config.get("block_size") or 0)
+    config = _start_config(start) or _train_state_config(run_dir)
+    tokens_per_step = (_count(config.get("global_batch_size")) or 0) * (
+        _count(config.get("block_size")) or 0)
 
-    def median(key):
-        values = [_number(r.get(key)) for r in kept]
-        return statistics.median(values) if values and None not in values else None
+    def median(key):  # of the records' values, where every one is a number > 0
+        values = [r.get(key) for r in kept]
+        return statistics.median(values) if values and all(map(_positive, values)) else None
     tokens_per_second = median("tokens_per_s")
-    step_time = median("step_time_s") or (tokens_per_step / tokens_per_second
-                                           if tokens_per_step else None)
-    allocated = [_number(r.get("max_memory_allocated")) for r in logged]
+    step_time = median("step_time_s") or _measured(tokens_per_step / tokens_per_second
+                                                    if tokens_per_step else None)
+    allocated = [_measured(r.get("max_memory_allocated")) for r in logged]
     steps = [r.get("step") for r in kept]
     return {"tokens_per_second": tokens_per_second, "step_time_s": step_time,
             "mfu": median("mfu"),
@@ -177,10 +181,28 @@ def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
                                                default=None),
             "how": (f"median of {len(kept)} logged records (steps {steps[0]}-{steps[-1]}; the "
                     f"first {len(logged) - len(kept)} left out as warm-up)"),
-            "world_size": start.get("world_size") or None,
-            "ranks_per_node": _ranks_per_node(start), "device": start.get("device"),
-            "gpu": start.get("gpu"), "shape": _shape(config),
-            "layout": _layout(config, start), "date": start.get("time"), "config": config}
+            "world_size": _count(start.get("world_size")),
+            "ranks_per_node": _ranks_per_node(start), "device": _device(start),
+            "gpu": _text(start.get("gpu")), "shape": _shape(config),
+            "layout": _layout(config, start), "date": _text(start.get("time")), "config": config}
+
+
+def _count(value) -> int | None:
+    return value if _whole(value) else None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _device(record: dict) -> str | None:
+    return record.get("device") if record.get("device") in ("cuda", "cpu") else None
+
+
+def _start_config(record: dict) -> dict:
+    """A start record's config (every setting of the process), or {} (not a start, or edited)."""
+    config = record.get("config") if record.get("event") == "start" else None
+    return config if isinstance(config, dict) else {}
 
 
 def _ranks_per_node(record: dict) -> int | None:
@@ -193,15 +215,17 @@ def _ranks_per_node(record: dict) -> int | None:
 def checkpoint_saves(records: list[dict]) -> dict | None:
     """The run's checkpoint saves (train.py's "checkpoint" records): the median time training
     stopped for one and the bandwidth per device that makes of its bytes; None: no save."""
+    def per_device(r):  # GB/s
+        return r["bytes"] / r["seconds"] / 1e9 / r["world_size"]
     saves = [r for r in records if r.get("event") == "checkpoint" and _positive(r.get("seconds"))
-             and _positive(r.get("bytes")) and _whole(r.get("world_size"))]
+             and _positive(r.get("bytes")) and _whole(r.get("world_size"))
+             and _positive(per_device(r))]  # not 0 or inf: edited numbers
     if not saves:
         return None
     return {"saves": len(saves), "bytes": saves[-1]["bytes"],
             "seconds": statistics.median(r["seconds"] for r in saves),
             "world_size": saves[-1]["world_size"],
-            "GBps_per_device": statistics.median(r["bytes"] / r["seconds"] / 1e9 / r["world_size"]
-                                                 for r in saves),
+            "GBps_per_device": statistics.median(map(per_device, saves)),
             "how": (f"median of {len(saves)} save(s) by train.py: gather, write, fsync, hash and "
                     "rename, the time training waits")}
 
@@ -214,8 +238,7 @@ SELF_ENDINGS = ("requeue", "stopped_nonfinite", "benchmark")
 
 def _ended_by_itself(process: list[dict]) -> bool:
     """Whether a process's records (one of _starts' segments) say why it stopped."""
-    max_iters = ((process[0].get("config") or {}).get("max_iters")
-                 if process[0].get("event") == "start" else None)
+    max_iters = _start_config(process[0]).get("max_iters")
     return any(r.get("event") in SELF_ENDINGS
                or (_whole(max_iters) and _whole(r.get("step")) and r["step"] >= max_iters)
                for r in process)
@@ -281,14 +304,14 @@ def measured_failures(records: list[dict]) -> dict | None:
         timed = _timed(process)
         world = process[0].get("world_size") if process[0].get("event") == "start" else 1
         if len(timed) >= 2 and _whole(world):
-            hours += (timed[-1]["unix_time"] - timed[0]["unix_time"]) * world / 3600
+            hours += max(0.0, timed[-1]["unix_time"] - timed[0]["unix_time"]) * world / 3600
         if _interrupted(process, following):
             count += 1
             logged = [r["step"] for r in process if _whole(r.get("step"), 0)]
             resumed = following[0].get("step")
             if logged and _whole(resumed, 0):
                 lost += max(0, max(logged) - resumed)
-    if hours <= 0:
+    if not 0 < hours < math.inf:  # inf: a hand-edited time
         return None
     return {"interruptions": count, "device_hours": hours, "lost_steps": lost,
             "how": (f"{count} unexpected interruption(s) in {len(processes)} process(es): a "
@@ -330,10 +353,15 @@ def _positive(value) -> bool:
     return _number(value) is not None and value > 0
 
 
+def _measured(value) -> float | None:
+    """A measured size, speed or time: a number > 0, else None (not recorded, or edited)."""
+    return float(value) if _positive(value) else None
+
+
 def _peak(records: list[dict]) -> float | None:
     """The largest peak the records measured: CUDA's reserved bytes, else (CPU) the peak RSS."""
     for key in ("max_memory_reserved", "max_rss"):
-        values = [_number(r.get(key)) for r in records]
+        values = [_measured(r.get(key)) for r in records]
         if any(v is not None for v in values):
             return max(v for v in values if v is not None)
     return None
@@ -367,7 +395,7 @@ def run_layout_memory(plan):
             gpus_per_node=ranks_per_node or min(plan.hardware.gpus_per_node, world or 1),
             activation_checkpointing=checkpointed_blocks(layout, shape["n_layer"]),
             grad_accum=layout.get("grad_accum") or 1, device=device,
-            compute_dtype=layout.get("dtype"), tensor_parallel=layout.get("tensor_parallel") or 1,
+            compute_dtype=layout.get("dtype") or TRAIN_DTYPE, tensor_parallel=layout.get("tensor_parallel") or 1,
             compiled=bool(layout.get("compile"))).total)
     return total
 
@@ -408,22 +436,33 @@ def calibration_run(doc: dict) -> SimpleNamespace | None:
         peak_flops=_number(m.get("peak_flops")))
 
 
+def _usable_shape(shape) -> dict | None:
+    """A run's shape record where the step-time and memory models can take it, else None."""
+    return shape if shape is not None and _run_problem(shape, None) is None else None
+
+
+def _usable_layout(layout) -> dict | None:
+    """A run's layout record where the step-time and memory models can take it, else None."""
+    return layout if layout is not None and _run_problem(None, layout) is None else None
+
+
 def _shape(config: dict) -> dict | None:
-    shape = {k: config.get(k) for k in SHAPE_KEYS}
-    return shape if None not in shape.values() else None
+    return _usable_shape({k: config.get(k) for k in SHAPE_KEYS})
 
 
 def _layout(config: dict, start: dict) -> dict | None:
     if not config:
         return None
-    world = start.get("world_size") or 1
-    return {"parallelism": config.get("parallelism") if world > 1 else "none",
+    world = _count(start.get("world_size")) or 1
+    return _usable_layout({"parallelism": config.get("parallelism") if world > 1 else "none",
             "global_batch_size": config.get("global_batch_size"),
             "micro_batch_size": config.get("micro_batch_size"), "grad_accum": start.get("grad_accum"),
             "activation_checkpointing": config.get("activation_checkpointing"),
             "checkpointed_layers": config.get("checkpointed_layers", 0),
-            "compile": config.get("compile"), "dtype": config.get("dtype"),
-            "tensor_parallel": config.get("tensor_parallel", 1)}
+            "compile": config.get("compile"),
+            # as train.py's benchmark record says it: CPU always trains in float32
+            "dtype": "float32" if _device(start) == "cpu" else config.get("dtype"),
+            "tensor_parallel": config.get("tensor_parallel", 1)})
 
 
 # --- the plan it is compared with -------------------------------------------------------------
@@ -530,9 +569,14 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                                          s["head_dim"], s["ffn_hidden"], s["vocab_size"],
                                          s["block_size"])
         measured["mfu"] = float(fpt) * measured["tokens_per_second"] / (world * peak)
-    if measured["mfu"] is None:
+    if not _positive(measured["mfu"]):  # 0: a speed so small its MFU underflows (edited)
         raise _error("the run's records give no MFU and no model shape to compute it from",
                      str(run_dir / METRICS), "run train.py with the repo's config/<variant>.py")
+    if not MIN_MFU <= measured["mfu"] <= 1:
+        raise _error(f"the run's MFU is {measured['mfu']:.3g}, outside [{MIN_MFU}, 1] (as "
+                     "hardware.mfu): below 1% the run is broken, above 1 the plan's peak "
+                     f"({plan.hardware.peak_tflops:g} TFLOPS per device) is below what it did",
+                     str(run_dir / METRICS), "check the run's records and the spec's hardware.gpu")
     t = variant.timing
     run = f"{plan.name}:{run_dir.relative_to(repo).as_posix()}"
     doc = {
@@ -751,13 +795,13 @@ def run_curve(records: list[dict]) -> dict:
     that a plan using it can draw it too."""
     last = {}  # step -> record; a step logged twice (a re-run after a resume) keeps its last
     for r in records:
-        if "event" not in r and _number(r.get("step")) is not None:
+        if "event" not in r and _whole(r.get("step"), 0):
             last.setdefault(r["step"], {}).update(r)
     steps = sorted(last)
 
     def series(key):
         points = [[float(s), float(last[s][key])] for s in steps
-                  if _number(last[s].get(key)) is not None]
+                  if _number(last[s].get(key)) is not None and last[s][key] >= 0]
         if len(points) <= CURVE_POINTS:
             return points
         keep = sorted({round(i * (len(points) - 1) / (CURVE_POINTS - 1))
@@ -816,9 +860,10 @@ def load_calibration(path: Path) -> dict:
 
 def _calibration_problem(doc: dict) -> str | None:
     """What makes a calibration document unusable, or None. The curves are optional."""
-    if not _positive(doc.get("mfu")) or not _positive(doc.get("tokens_per_second")):
-        return (f"mfu and tokens_per_second must be numbers > 0 (got {doc.get('mfu')!r}, "
-                f"{doc.get('tokens_per_second')!r})")
+    if not (_positive(doc.get("mfu")) and MIN_MFU <= doc["mfu"] <= 1
+            and _positive(doc.get("tokens_per_second"))):
+        return (f"mfu must be a number in [{MIN_MFU}, 1] and tokens_per_second one > 0 (got "
+                f"{doc.get('mfu')!r}, {doc.get('tokens_per_second')!r})")
     m, planned = doc.get("measured_on"), doc.get("planned")
     if not isinstance(m, dict) or not isinstance(planned, dict):
         return "measured_on and planned must be objects"
@@ -859,16 +904,25 @@ def _calibration_problem(doc: dict) -> str | None:
                 "saves and world_size (whole numbers ≥ 1) and how")
     curve = doc.get("curve", {})
     if not isinstance(curve, dict) or any(
-            not isinstance(curve.get(k, []), list)
-            or any(not isinstance(p, list) or len(p) != 2 or None in map(_number, p)
-                   for p in curve.get(k, []))
+            not isinstance(curve.get(k, []), list) or not all(map(_curve_point, curve.get(k, [])))
             for k in ("loss", "tokens_per_second")):
-        return "curve.loss and curve.tokens_per_second must be lists of [step, value] numbers"
+        return ("curve.loss and curve.tokens_per_second must be lists of [step, value]: a whole "
+                "step ≥ 0 and a value ≥ 0")
     return None
 
 
+def _curve_point(point) -> bool:
+    """[step, value] as run_curve writes it: a training step and a loss or a speed."""
+    if not isinstance(point, list) or len(point) != 2 or None in map(_number, point):
+        return False
+    step, value = point
+    return 0 <= step < 2**31 and float(step).is_integer() and value >= 0
+
+
 def _whole(value, least: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    """A whole number ≥ least that fits an int32, as every count and model dimension here does
+    (numpy's arithmetic on larger ones overflows)."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**31
 
 
 PARALLELISMS = ("none", "ddp", "fsdp", "hsdp")  # train.py's, and "none" for one process
@@ -878,14 +932,17 @@ def _run_problem(shape, layout) -> str | None:
     """What makes the run's shape or layout record unusable to the step-time model (each may be
     absent: a file from a run whose config was not found)."""
     if shape is not None and not (isinstance(shape, dict) and all(
-            _whole(shape.get(k)) for k in SHAPE_KEYS if k != "tie_embeddings")):
+            _whole(shape.get(k)) for k in SHAPE_KEYS if k != "tie_embeddings")
+            and isinstance(shape.get("tie_embeddings"), bool)):
         return ("measured_on.shape must give " + ", ".join(k for k in SHAPE_KEYS
                                                           if k != "tie_embeddings")
-                + " as whole numbers ≥ 1")
+                + " as whole numbers ≥ 1 and tie_embeddings as true or false")
     if layout is None:
         return None
     if not isinstance(layout, dict) or layout.get("parallelism") not in PARALLELISMS:
         return f"measured_on.layout.parallelism must be one of {', '.join(PARALLELISMS)}"
+    if layout.get("dtype") not in (None, *memory.DTYPE_BYTES):
+        return f"measured_on.layout.dtype must be one of {', '.join(memory.DTYPE_BYTES)}"
     for key, least in (("micro_batch_size", 1), ("grad_accum", 1), ("tensor_parallel", 1),
                        ("checkpointed_layers", 0)):
         value = layout.get(key)

@@ -149,7 +149,8 @@ def _panel(x_left: float, title: str, series: list[tuple[float, float]], planned
         s0, s1 = s0 - 1, s1 + 1
     v0, v1 = min(values), max(values)
     pad = (v1 - v0) * 0.08 or abs(v1) * 0.08 or 1.0
-    v0, v1 = v0 - pad, v1 + pad
+    if math.isfinite(v1 + pad - (v0 - pad)):  # values near the float limit (a hand-edited file)
+        v0, v1 = v0 - pad, v1 + pad
 
     def px(step: float) -> float:
         return left + (step - s0) / (s1 - s0) * (right - left)

@@ -234,14 +234,16 @@ def _no_fit(shape, hardware: HardwareView, lay: Layout):
     world, unit, capacity = hardware.world_size, _unit(hardware), hardware.capacity
     ac, mem, accum, t = lay.activation_checkpointing, lay.memory, lay.grad_accum, lay.tensor_parallel
     how = f"micro-batch 1{' with activation checkpointing' if ac else ''}"
-    where = f"FSDP full shard over {world} GPUs" if world > 1 else f"one {unit}"
+    where = f"FSDP full shard over {world} {unit}s" if world > 1 else f"one {unit}"
     if t > 1:
         where = (f"tensor parallel {t}" + (f" × FSDP full shard over {world // t} data ranks"
-                                           if world > t else f" over {world} GPUs"))
+                                           if world > t else f" over {world} {unit}s"))
     states = mem["parameters"] + mem["gradients"] + mem["optimizer"]
+    scaled = (f", the prediction × {hardware.memory_ratio:.3g} as the calibration run measured "
+              "(hardware.calibration)" if hardware.memory_ratio != 1.0 else "")
     problem = (f"even {how} and {where} needs {_gib(mem['total'])} per {unit}, more than its "
                f"{_gib(capacity)} (model states {_gib(states)}, activations "
-               f"{_gib(mem['activations'])}, logits {_gib(mem['logits'])}); a smaller "
+               f"{_gib(mem['activations'])}, logits {_gib(mem['logits'])}{scaled}); a smaller "
                "micro-batch is impossible")
     if not ac and _frugal_total(shape, hardware, True, t, grad_accum=accum) <= capacity:
         return problem, "turn on activation checkpointing (training.activation_checkpointing: auto)", \

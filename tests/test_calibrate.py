@@ -289,7 +289,7 @@ def test_recompiled_repo_shows_planned_against_achieved(run):
 def test_calibration_files_that_cannot_be_used_are_refused(run):
     _, _, doc, _, work = run
     broken = {"planned": "fast", "curve": {"loss": [[1, "x"]]}, "measured_on": [],
-              "tokens_per_second": -1}
+              "tokens_per_second": -1, "mfu": 1.5}  # an MFU above 1 is no measurement
     for key, value in broken.items():
         directory = work / f"broken-{key}"
         directory.mkdir()
@@ -391,7 +391,7 @@ def test_a_process_resumed_a_moment_ago_does_not_replace_the_measurement(run):
             {"step": first_step + 10 * (i + 1), "loss": 3.0, "tokens_per_s": speed,
              "step_time_s": 4096 / speed} for i, speed in enumerate(speeds)]
     settled = process(0, [10.0, 20.0, 30.0, 4000.0, 5000.0, 6000.0])  # median after warm-up 5000
-    for later, expected in (([7.0], 5000.0), ([7.0, 8.0, 9.0, 300.0], 300.0)):
+    for later, expected in (([7.0], 5000.0), ([7.0, 8.0, 9.0, 30000.0], 30000.0)):
         records = settled + process(60, later)
         (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         result = cli("calibrate", resumed_dir, "--json")
@@ -646,6 +646,14 @@ def test_bad_inputs_are_one_message_and_exit_2(run):
     assert_user_error(cli("calibrate", empty), "no metrics.jsonl")
     (empty / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0}) + "\n")
     assert_user_error(cli("calibrate", empty), "no logged training steps")
+    # a speed beyond the plan's peak (an edited file, or a wrong hardware.gpu): no calibration
+    start = next(r for r in read_metrics(run_dir) if r.get("event") == "start")
+    (empty / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [start] + [
+        {"step": 10 * i, "loss": 3.0, "tokens_per_s": 1e9, "step_time_s": 4e-6}
+        for i in range(1, 6)]))
+    assert_user_error(cli("calibrate", empty, "-o", work / "fast.json"), "outside [0.01, 1]",
+                      "hardware.gpu")
+    assert not (work / "fast.json").exists()
     outside = work / "not-a-repo"
     shutil.copytree(run_dir, outside)
     assert_user_error(cli("calibrate", outside), "not inside a generated repo")

@@ -10,6 +10,7 @@ other exception is a bug. A few generated specs also go through the CLI (exit 0 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import os
 from pathlib import Path
@@ -345,3 +346,92 @@ def test_generated_specs_through_the_cli(tmp_path_factory, spec):
         assert not (work / "out").exists()
     else:
         assert run_cli_forked(["check", work / "out"], cwd=work).returncode == 0
+
+
+# --- metrics.jsonl: whatever a run, a crash or a hand left there, calibrate reads it or says why
+
+
+def record_strategy(good_start: dict) -> st.SearchStrategy:
+    """metrics.jsonl records: train.py's kinds (its real start record among them), each field
+    plausible (speeds near the tiny plan's 60k tokens/s) or, one draw in eight, junk."""
+    def v(good):
+        return st.integers(0, 7).flatmap(lambda k: JUNK_SCALARS if k == 0 else good)
+    times = st.floats(1.7e9, 1.8e9)
+    config = st.fixed_dictionaries({}, optional={k: v(st.just(good_start["config"][k]))
+                                                 for k in good_start["config"]})
+    start = st.fixed_dictionaries(
+        {"event": st.just("start")},
+        optional={"step": v(st.integers(0, 50)), "world_size": v(st.integers(1, 4)),
+                  "ranks_per_node": v(st.integers(1, 4)), "resumed_from": v(st.sampled_from(["", "x"])),
+                  "grad_accum": v(st.integers(1, 4)), "config": v(config), "time": v(st.text(max_size=5))})
+    timed = st.fixed_dictionaries(
+        {"event": st.sampled_from(["first_step", "requeue"])},
+        optional={"step": v(st.integers(0, 50)), "unix_time": v(times),
+                  "slurm_job_id": v(st.sampled_from(["7", "8", None]))})
+    logged = st.fixed_dictionaries(
+        {"step": v(st.integers(0, 2000))},
+        optional={"loss": v(st.floats(0, 10)), "tokens_per_s": v(st.floats(5e3, 1e5)),
+                  "step_time_s": v(st.floats(1e-3, 10)), "unix_time": v(times),
+                  "val_loss": v(st.floats(0, 10)), "max_rss": v(st.floats(1e6, 1e10)),
+                  "mfu": v(st.floats(0, 1))})
+    other = st.fixed_dictionaries(
+        {"event": v(st.sampled_from(["checkpoint", "benchmark", "stopped_nonfinite", "skipped"]))},
+        optional={"step": v(st.integers(0, 50)), "seconds": v(st.floats(0, 100)),
+                  "bytes": v(st.integers(0, 10**9)), "world_size": v(st.integers(1, 4)),
+                  "tokens_per_s": v(st.floats(1, 1e6)), "step_time_s": v(st.floats(1e-3, 10)),
+                  "steps": v(st.integers(1, 20)), "shape": v(st.just({})),
+                  "layout": v(st.just({"parallelism": "none"}))})
+    return st.one_of(st.just(good_start), start, timed, logged, logged, other)
+
+
+@pytest.fixture(scope="module")
+def calibration_repo(tmp_path_factory):
+    """The tiny spec's repo, its plan's real start record (no training: records are drawn), and
+    the spec with `hardware.calibration` that a drawn run's calibration goes through."""
+    from llama3gen.cli import main
+    work = tmp_path_factory.mktemp("calibrate")
+    tiny = (Path(__file__).resolve().parents[1] / "specs" / "tiny-cpu.yaml").read_text()
+    assert main(["compile", str(Path(__file__).resolve().parents[1] / "specs" / "tiny-cpu.yaml"),
+                 "-o", str(work / "repo")]) == 0
+    config = {}
+    exec((work / "repo" / "config" / "optimal.py").read_text(), {}, config)
+    start = {"event": "start", "step": 0, "world_size": 2, "ranks_per_node": 2, "resumed_from": "",
+             "device": "cpu", "grad_accum": 1, "time": "2026-01-01T00:00:00Z",
+             "config": {k: v for k, v in config.items() if not k.startswith("_")}}
+    assert "\n  nodes: 1\n" in tiny
+    spec = tiny.replace("\n  nodes: 1\n", "\n  nodes: 1\n  calibration: calibration.json\n")
+    return work, start, spec
+
+
+@settings(max_examples=300, **PROFILE)
+@given(data=st.data())
+def test_any_metrics_file_calibrates_or_fails_cleanly(calibration_repo, data):
+    """calibrate, its report and its figure, on records drawn around train.py's: a UserError, or a
+    calibration that a spec takes and plans and renders with."""
+    from llama3gen import calibrate
+    from llama3gen.figure import calibration_figure
+    work, start, spec = calibration_repo
+    records = data.draw(st.lists(record_strategy(start), max_size=25))
+    if data.draw(st.booleans()):  # as train.py begins every file
+        records.insert(0, start)
+    run_dir = work / "repo" / "out" / "drawn"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    try:
+        doc, _, _ = calibrate.calibrate(run_dir)
+    except UserError as exc:
+        assert exc.message and exc.where, exc.render()
+        event("user error")
+        return
+    event("calibration")
+    assert calibrate.report(doc)
+    calibration_figure(calibrate.plan_record(doc, "c.json"))
+    calibrate.write_calibration(work / "calibration.json", doc)
+    try:  # a plan, or a refusal that says why (a drawn peak memory can leave nothing that fits)
+        plan = build_plan(parse_spec_text(spec, str(work / "calibrated.yaml"), work))
+    except UserError as exc:
+        assert exc.message and (exc.where or exc.field), exc.render()
+        event("plan refused")
+        return
+    event("planned")
+    render_files(plan, spec)
