@@ -153,7 +153,8 @@ def cmd_fit(args) -> int:
         runs += got
         excluded += bad
     runs, excluded = fit.select_runs(runs, excluded, args.exclude_worst, ", ".join(args.sources))
-    result = fit.fit(runs, excluded, target_flops=target, bootstrap=args.bootstrap, seed=args.seed)
+    result = fit.fit(runs, excluded, target_flops=target, bootstrap=args.bootstrap, seed=args.seed,
+                     sources=", ".join(args.sources))
     if args.output:
         fit.write_law(Path(args.output), result)
     if args.svg:

@@ -139,9 +139,10 @@ def read_csv(path: str) -> tuple[list[Run], list[Excluded]]:
             excluded.append(Excluded(run, "no final loss (empty)" if not loss_text
                                      else f"loss is {loss_text}, not finite"))
             continue
-        if loss <= 0:
-            raise UserError(f"loss {loss_text!r} must be positive", where=where,
-                            fix="write the run's final validation loss in nats (> 0)")
+        if loss < MIN_LOSS:
+            raise UserError(f"loss {loss_text!r} is below {MIN_LOSS} nats", where=where,
+                            fix="write the run's final validation loss in nats (a loss this "
+                                "small means the validation data leaked into training)")
         runs.append(run)
     return runs, excluded
 
@@ -167,22 +168,54 @@ def read_repo(path: str) -> tuple[list[Run], list[Excluded]]:
         config_path = f"config/sweep/{entry['name']}.py"
         where = str(repo / config_path)
         config = _read_config(repo / config_path, where)
-        started = _metrics(repo / config["out_dir"] / "metrics.jsonl")
+        problem = _config_problem(config)
+        if problem:
+            raise UserError(f"the sweep run's config {problem}", where=where,
+                            fix="re-compile the repo (llama3gen compile SPEC -o DIR)")
+        metrics = f"{config['out_dir']}/metrics.jsonl"
+        started = _metrics(repo / metrics)
         starts = [r for r in started if r.get("event") == "start" and isinstance(r.get("config"), dict)]
-        if starts:
-            config = {**config, **starts[-1]["config"]}
-        run = _repo_run(config, convention, started, where)
-        if math.isfinite(run.loss):
+        ran = {**config, **starts[-1]["config"]} if starts else config
+        problem = _config_problem(ran)
+        if problem:  # an edited record: the run cannot be placed, the others still fit
+            excluded.append(Excluded(_repo_run(config, convention, [], where),
+                                     f"its start record's config {problem} ({metrics})"))
+            continue
+        run = _repo_run(ran, convention, started, where)
+        if math.isfinite(run.loss) and run.loss >= MIN_LOSS:
             runs.append(run)
         else:
             reason = ("not started" if not started else
-                      f"not finished: no validation loss at step {config['max_iters']}")
-            excluded.append(Excluded(run, f"{reason} ({config['out_dir']}/metrics.jsonl)"))
+                      f"not finished: no validation loss at step {ran['max_iters']}"
+                      if math.isnan(run.loss) else f"its final validation loss is {run.loss}")
+            excluded.append(Excluded(run, f"{reason} ({metrics})"))
     return runs, excluded
 
 
 CONFIG_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
                "block_size", "tie_embeddings", "max_iters", "global_batch_size", "out_dir")
+COUNT_KEYS = CONFIG_KEYS[:8] + ("max_iters", "global_batch_size")
+
+
+# Below this a validation loss (nats per token) says the validation data leaked into training,
+# or the number is wrong; near zero, the fit's relative errors (1 / L) overflow.
+MIN_LOSS = 1e-3
+
+
+def _config_problem(config: dict) -> str | None:
+    """What makes a sweep run's settings unusable (N, D and C come from them), or None."""
+    for key in COUNT_KEYS:
+        value = config.get(key)
+        # an int32, as every model dimension and step count is (numpy overflows past int64)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**31):
+            return f"gives {key} {value!r}, not a whole number from 1 to 2**31 - 1"
+    if not isinstance(config.get("tie_embeddings"), bool):
+        return f"gives tie_embeddings {config.get('tie_embeddings')!r}, not True or False"
+    out_dir = config.get("out_dir")
+    if not isinstance(out_dir, str) or not out_dir or Path(out_dir).is_absolute() \
+            or ".." in Path(out_dir).parts:
+        return f"gives out_dir {out_dir!r}, not a directory inside the repo"
+    return None
 
 
 def _read_config(path: Path, where: str) -> dict:
@@ -472,6 +505,8 @@ def law_from(theta, name="fitted", citation="llama3gen fit") -> ScalingLaw:
 
 # --------------------------------------------------------------------------- approach 2
 
+MAX_LOG_DECADES_OUT = 20  # a parabola's vertex this many decades of N from its runs: no minimum
+
 @dataclass
 class BudgetMinimum:
     flops: float
@@ -517,6 +552,9 @@ def approach2(runs: list[Run], groups: list[list[int]]) -> Approach2:
             entry.skipped = "the loss is not convex in log N here (no minimum)"
             continue
         xv = -p1 / (2 * p2)
+        if not abs(xv) < MAX_LOG_DECADES_OUT * math.log(10):
+            entry.skipped = "the parabola is nearly flat: its minimum is out of all range"
+            continue
         m_fit = np.polyfit(x, [math.log(runs[i].flops / runs[i].tokens) for i in g], 1)
         entry.n_opt = float(math.exp(xv + xm))
         entry.tokens_opt = c / float(math.exp(np.polyval(m_fit, xv + xm)))
@@ -530,6 +568,10 @@ def approach2(runs: list[Run], groups: list[list[int]]) -> Approach2:
     logc = np.log([m.flops for m in ok])
     a, logk = np.polyfit(logc, np.log([m.n_opt for m in ok]), 1)
     b, logk2 = np.polyfit(logc, np.log([m.tokens_opt for m in ok]), 1)
+    if not (0 <= a <= 1 and 0 <= b <= 1):  # under C ∝ N·D, a + b = 1: neither can leave [0, 1]
+        result.unavailable = (f"the budgets' minima give N_opt ∝ C^{a:.3g} and D_opt ∝ C^{b:.3g}; "
+                              "with C ∝ N·D both lie in [0, 1]: the minima do not follow C")
+        return result
     result.k_n, result.a_n, result.k_d, result.b_d = (float(math.exp(logk)), float(a),
                                                       float(math.exp(logk2)), float(b))
     return result
@@ -633,7 +675,7 @@ def rollout(runs: list[Run], groups: list[list[int]]) -> dict:
 
 
 def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None = None,
-        bootstrap: int = 1000, seed: int = 0) -> FitResult:
+        bootstrap: int = 1000, seed: int = 0, sources: str = "the runs") -> FitResult:
     """Approach 3 with bootstrap CIs, approach 2, the rollout check. `runs` already selected."""
     import numpy as np
     n = np.array([r.params for r in runs])
@@ -643,12 +685,25 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
     budgets = [float(np.exp(np.mean([math.log(runs[i].flops) for i in g]))) for g in groups]
     theta = fit_law_params(n, d, loss)
     law = law_from(theta)
+    checked = budgets + ([target_flops] if target_flops is not None else [])
+    if not _finite_optimum(law, checked):
+        raise UserError(
+            f"the fitted law (E {law.E:.4g}, A {law.A:.4g}, B {law.B:.4g}, alpha {law.alpha:.3g}, "
+            f"beta {law.beta:.3g}) puts the compute-optimal N or D out of all range at the "
+            "budgets" + (" or the target" if target_flops is not None else "")
+            + ": these runs do not determine it", where=sources, fix=UNDETERMINED_FIX)
 
     # A resample draws len(runs) runs with replacement: a row of multinomial counts.
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(runs), np.full(len(runs), 1.0 / len(runs)), size=bootstrap)
     samples = refit_weighted(theta, np.log(n), np.log(d), np.log(loss), counts.astype(float))
     laws_b = [law_from(t) for t in samples]
+    # A resample that leaves out the runs that pin the law down can fit one without an optimum
+    kept = [i for i, lb in enumerate(laws_b) if _finite_optimum(lb, checked)]
+    if bootstrap and not kept:
+        raise UserError("no bootstrap refit of the law has a finite compute-optimal N and D: "
+                        "these runs do not determine it", where=sources, fix=UNDETERMINED_FIX)
+    samples, laws_b = samples[kept], [laws_b[i] for i in kept]
     ci = {}
     if bootstrap:
         for key in ("E", "A", "B", "alpha", "beta"):
@@ -656,6 +711,10 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
 
     result = FitResult(law, ci, runs, excluded, budgets, approach2(runs, groups), bootstrap, seed,
                        samples=[[getattr(lb, k) for k in LAW_KEYS] for lb in laws_b])
+    if len(kept) < bootstrap:
+        result.warnings.append(
+            f"{bootstrap - len(kept)} of {bootstrap} bootstrap refits put the optimum out of all "
+            f"range; the CIs are over the other {len(kept)}")
     if target_flops is not None:
         opt = law.optimum_6nd(target_flops)
         t = {"flops": target_flops, "n_params": opt.n_params, "tokens": opt.tokens,
@@ -686,6 +745,24 @@ def fit(runs: list[Run], excluded: list[Excluded], *, target_flops: float | None
                 "its N_opt is an extrapolation")
     result.rollout = rollout(runs, groups)
     return result
+
+
+UNDETERMINED_FIX = ("check that each budget's losses fall and rise again across its model sizes "
+                    "(docs/FIT.md); add shapes per budget, or leave out diverged runs "
+                    "(--exclude-worst K)")
+
+
+def _finite_optimum(law: ScalingLaw, budgets: list[float]) -> bool:
+    """Whether the law's compute-optimal N, D and loss are finite and positive at each budget
+    (exponents near their bounds put them beyond float range)."""
+    import numpy as np
+    try:
+        with np.errstate(all="ignore"):
+            optima = [law.optimum_6nd(c) for c in budgets]
+    except (OverflowError, ZeroDivisionError):
+        return False
+    return all(0 < o.n_params < math.inf and 0 < o.tokens < math.inf and math.isfinite(o.loss)
+               for o in optima)
 
 
 # --------------------------------------------------------------------------- report

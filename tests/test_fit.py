@@ -167,6 +167,31 @@ def test_approach2_on_exact_parabolas(tmp_path):
     assert a2["target"]["n_params"] == pytest.approx(k * 1e21**a, rel=1e-7)
 
 
+def test_approach2_minima_that_shrink_as_compute_grows_are_not_a_power_law():
+    """The same exact parabolas with N_opt = k·C^a at a = −0.5 (the optimum shrinking as compute
+    grows): under C ∝ N·D both exponents lie in [0, 1], so approach 2 says it is unavailable
+    rather than extrapolate a line no compute-optimal frontier can follow."""
+    runs = []
+    for c in (1e18, 1e19, 1e20):
+        n_opt = 1e14 * c**-0.5
+        for n in n_opt * np.logspace(-1, 1, 5):
+            runs.append(fit.Run(float(n), c / (6 * n), 3.0 + 0.05 * math.log(n / n_opt) ** 2,
+                                c, "x"))
+    a2 = fit.approach2(runs, fit.group_budgets(runs))
+    assert a2.unavailable and "C^-0.5" in a2.unavailable and "do not follow C" in a2.unavailable
+
+
+def test_a_law_without_a_finite_optimum_is_refused():
+    """Exponents and coefficients at the fit's bounds can put N* beyond float range (G =
+    (αA/(βB))^(1/(α+β)) underflows for A = e^-30, B = e^80 and α + β = 0.02): such a law is
+    not written; Hoffmann's has its optimum at every budget."""
+    from llama3gen.laws import CATALOG, ScalingLaw
+    lo, hi = fit.BOUNDS[0][0], fit.BOUNDS[1][1]
+    degenerate = ScalingLaw("x", 1.0, math.exp(lo), math.exp(hi), 0.01, 0.01, "x")
+    assert not fit._finite_optimum(degenerate, [1e18, 1e21])
+    assert fit._finite_optimum(CATALOG["hoffmann2022"], [1e18, 1e21, 1e25])
+
+
 # --------------------------------------------------------------------------- the CLI
 
 @pytest.fixture(scope="module")
@@ -268,7 +293,7 @@ GOOD = "".join(f"{r.params!r},{r.tokens!r},{r.loss!r}\n" for r in sweep_runs())
     ("params,tokens,loss\n" + GOOD + "1e8,lots,3.0\n", ":42", "tokens 'lots' is not a number"),
     ("params,tokens,loss\n1e8,2e9,abc\n", ":2", "loss 'abc' is not a number"),
     ("params,tokens,loss\n1e8,2e9,3.0\n0,2e9,3.0\n", ":3", "params '0' must be a positive"),
-    ("params,tokens,loss\n1e8,2e9,-3\n", ":2", "loss '-3' must be positive"),
+    ("params,tokens,loss\n1e8,2e9,-3\n", ":2", "loss '-3' is below 0.001 nats"),
     ("params,tokens,loss\n1e8,2e9,3.1\n1e9,2e8,3.0\n2e8,1e9,2.9\n", "", "fewer than the law's 5"),
     ("params,tokens,loss\n" + "".join(f"{n:g},{1e18 / (6 * n):g},3.{i}\n"
                                       for i, n in enumerate(np.logspace(7, 9, 8))),

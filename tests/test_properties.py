@@ -435,3 +435,49 @@ def test_any_metrics_file_calibrates_or_fails_cleanly(calibration_repo, data):
         return
     event("planned")
     render_files(plan, spec)
+
+
+@pytest.fixture(scope="module")
+def sweep_repo_configs(tmp_path_factory):
+    """A compiled sweep repo (test_sweep's spec; nothing trained) and its runs' configs."""
+    from llama3gen.cli import main
+    from test_sweep import SWEEP_LINE, SWEEP_SEARCH
+    work = tmp_path_factory.mktemp("fit")
+    (work / "sweep.yaml").write_text(SWEEP_SEARCH + SWEEP_LINE)
+    assert main(["compile", str(work / "sweep.yaml"), "-o", str(work / "repo")]) == 0
+    configs = {}
+    for path in sorted((work / "repo" / "config" / "sweep").glob("*.py")):
+        exec(path.read_text(), {}, configs.setdefault(path.stem, {}))
+    return work / "repo", configs
+
+
+@settings(max_examples=40, **PROFILE)
+@given(data=st.data())
+def test_any_sweep_records_fit_or_fail_cleanly(sweep_repo_configs, data):
+    """`llama3gen fit REPO` on sweep runs whose start records override settings with junk and
+    whose final losses are drawn (flat, noisy, tiny): a fit, or a UserError, nothing else."""
+    from llama3gen import fit
+    repo, configs = sweep_repo_configs
+
+    def maybe_junk(good):
+        return st.integers(0, 9).flatmap(lambda k: JUNK_SCALARS if k == 0 else good)
+    overrides = st.dictionaries(st.sampled_from(fit.CONFIG_KEYS), JUNK_SCALARS, max_size=2)
+    for config in configs.values():
+        records = [{"event": "start", "config": {**config, **data.draw(overrides)}},
+                   {"step": data.draw(maybe_junk(st.just(config["max_iters"]))),
+                    "val_loss": data.draw(maybe_junk(st.floats(1.0, 4.0))),
+                    "epoch": data.draw(maybe_junk(st.floats(0, 3)))}]
+        out = repo / config["out_dir"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    try:
+        runs, excluded = fit.select_runs(*fit.read_repo(str(repo)), 0, str(repo))
+        result = fit.fit(runs, excluded, target_flops=fit.repo_target(str(repo)), bootstrap=5,
+                         sources=str(repo))
+    except UserError as exc:
+        assert exc.message and exc.where, exc.render()
+        event("user error")
+        return
+    event("fit")
+    assert fit.report(result) and fit.fit_svg(result)
+    json.dumps(result.to_json())

@@ -398,3 +398,33 @@ def test_fit_of_a_repo_without_sweep_or_unfinished_runs(sweep_repo, tmp_path):
     shutil.copytree(sweep_repo, fresh, ignore=shutil.ignore_patterns("out", "data"))
     proc = cli("fit", fresh)  # nothing trained: every run excluded, by name
     assert proc.returncode == 2 and "0 usable runs" in proc.stderr and "excluded" in proc.stderr
+
+
+def test_an_edited_run_is_excluded_by_name_and_an_edited_config_refused(sweep_repo, tmp_path):
+    """A start record whose config cannot place the run (n_layer "two") leaves that run out, named
+    with the reason; a config file the repo cannot be fitted from is an error naming the file."""
+    from llama3gen import arch, laws
+    law = laws.CATALOG["hoffmann2022"]
+    repo = tmp_path / "edited"
+    shutil.copytree(sweep_repo, repo, ignore=shutil.ignore_patterns("out", "data"))
+    configs = {}
+    for path in sorted((repo / "config" / "sweep").glob("*.py")):
+        exec(path.read_text(), {}, configs.setdefault(path, {}))
+    first, config = next(iter(configs.items()))
+    for path, c in configs.items():  # every run finished, at the loss Hoffmann's law gives it
+        n = arch.param_count(c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"], c["head_dim"],
+                             c["ffn_hidden"], c["vocab_size"], c["tie_embeddings"])
+        d = c["max_iters"] * c["global_batch_size"] * c["block_size"]
+        start = {"event": "start", "config": {**c, "n_layer": "two"} if path == first else c}
+        (repo / c["out_dir"]).mkdir(parents=True)
+        (repo / c["out_dir"] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+            start, {"step": c["max_iters"], "val_loss": float(law.loss(n, d))})))
+    proc = cli("fit", repo, "--bootstrap", 0)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{first.stem}" in proc.stdout and "start record's config gives n_layer 'two'" in proc.stdout
+    text = first.read_text()
+    assert f"n_layer = {config['n_layer']}\n" in text
+    first.write_text(text.replace(f"n_layer = {config['n_layer']}\n", "n_layer = -3\n"))
+    proc = cli("fit", repo)
+    assert proc.returncode == 2 and f"{first}" in proc.stderr, proc.stderr
+    assert "gives n_layer -3, not a whole number" in proc.stderr
