@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis): whatever the spec, the compiler ends in a Plan or a UserError.
+"""Property-based tests (hypothesis): whatever the spec, the compiler ends in a Plan or a UserError;
+whatever a run's metrics.jsonl holds, `llama3gen calibrate` and `fit` end in a result or a UserError.
 
 Specs are generated as YAML: mostly plausible values with, field by field, a chance of junk (NaN,
 inf, huge, negative, zero, strings where numbers go, wrong types, hostile strings); plus raw text
