@@ -444,14 +444,20 @@ def test_checkpoint_saves_set_the_next_plans_write_time(run):
             and "is planned at\n  that bandwidth per device" in page)
     # The spec's own bandwidth still wins.
     own = work / "saved-own"
+    assert own_setting_planned(spec_dir, own, "checkpoint_write_GBps", 3.5) == 3.5
+    assert "`cluster.checkpoint_write_GBps` (3.5 GB/s) sets" in (
+        own / "docs" / "calibration.md").read_text()
+
+
+def own_setting_planned(spec_dir, out, key, value):
+    """The calibrated spec in spec_dir with its own cluster.<key>: value, compiled to `out`: the
+    optimal variant's timing[key] (the spec's setting wins over the calibration's)."""
     text = (spec_dir / "calibrated.yaml").read_text()
     assert "\ncluster:\n" in text
     (spec_dir / "calibrated.yaml").write_text(
-        text.replace("\ncluster:\n", "\ncluster:\n  checkpoint_write_GBps: 3.5\n"))
-    assert cli("compile", spec_dir / "calibrated.yaml", "-o", own).returncode == 0
-    assert variant(lock_plan(own), "optimal")["timing"]["checkpoint_write_GBps"] == 3.5
-    assert "`cluster.checkpoint_write_GBps` (3.5 GB/s) sets" in (
-        own / "docs" / "calibration.md").read_text()
+        text.replace("\ncluster:\n", f"\ncluster:\n  {key}: {value}\n"))
+    assert cli("compile", spec_dir / "calibrated.yaml", "-o", out).returncode == 0
+    return variant(lock_plan(out), "optimal")["timing"][key]
 
 
 QUEUE_WAIT_S = 2.0  # the test's stand-in for SLURM's wait before a requeued job starts again
@@ -503,12 +509,7 @@ def test_a_slurm_requeue_sets_the_next_plans_restart_time(run):
     assert "(1 after a requeue, 0 after an interruption)" in planned["provenance"]["restart_s"]
     assert "1 restart(s) of the run under the same SLURM job took" in (
         new / "docs" / "calibration.md").read_text()
-    text = (spec_dir / "calibrated.yaml").read_text()
-    (spec_dir / "calibrated.yaml").write_text(
-        text.replace("\ncluster:\n", "\ncluster:\n  restart_s: 120\n"))
-    own = work / "requeued-own"
-    assert cli("compile", spec_dir / "calibrated.yaml", "-o", own).returncode == 0
-    assert variant(lock_plan(own), "optimal")["timing"]["restart_s"] == 120
+    assert own_setting_planned(spec_dir, work / "requeued-own", "restart_s", 120) == 120
 
 
 def stop(t, job, step=1):
@@ -631,12 +632,8 @@ def test_a_crash_updates_the_next_plans_failure_rate(run):
     assert planned["timing"]["failures_per_gpu_hour"] == pytest.approx(by_hand, rel=LOCK_ROUNDING)
     assert "1 unexpected interruption(s)" in planned["provenance"]["failures_per_gpu_hour"]
     assert "interrupted 1 time(s)" in (new / "docs" / "calibration.md").read_text()
-    text = (spec_dir / "calibrated.yaml").read_text()
-    (spec_dir / "calibrated.yaml").write_text(
-        text.replace("\ncluster:\n", "\ncluster:\n  failures_per_gpu_hour: 0.001\n"))
-    own = work / "crashed-own"
-    assert cli("compile", spec_dir / "calibrated.yaml", "-o", own).returncode == 0
-    assert variant(lock_plan(own), "optimal")["timing"]["failures_per_gpu_hour"] == 0.001
+    assert own_setting_planned(spec_dir, work / "crashed-own", "failures_per_gpu_hour",
+                               0.001) == 0.001
 
 
 def test_bad_inputs_are_one_message_and_exit_2(run):
