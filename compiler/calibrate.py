@@ -538,8 +538,8 @@ def _namespace(value):
 def _read_plan(repo: Path):
     """The lock's plan, read for the fields used here only (attribute access, as on a Plan), so
     that a repo compiled by another llama3gen version with other plan fields still reads."""
-    from .render import read_lock
-    plan = _namespace(read_lock(repo).get("plan"))
+    from .render import read_lock_plan
+    plan = _namespace(read_lock_plan(repo))
     try:
         for v in plan.variants:
             v.name, v.choice.shape.n_layers, v.choice.loss, v.memory.total, v.training.world_size

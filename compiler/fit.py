@@ -155,9 +155,9 @@ def read_repo(path: str) -> tuple[list[Run], list[Excluded]]:
     """The sweep runs of a generated repo: each run's settings from its metrics.jsonl `start`
     record (what train.py ran, overrides included), else its config/sweep/<run>.py; its final
     loss is the validation loss at step max_iters. Unfinished runs are excluded, by name."""
-    from .render import read_lock
+    from .render import read_lock_plan
     repo = Path(path)
-    plan = read_lock(repo).get("plan") or {}
+    plan = read_lock_plan(repo)
     sweep = plan.get("sweep")
     if not isinstance(sweep, dict) or not sweep.get("runs"):
         raise UserError("this repo was compiled without a sweep (its lock file lists no sweep "
@@ -288,8 +288,9 @@ def logged_values(records: list[dict], key: str) -> list[tuple]:
 
 def repo_target(path: str) -> float | None:
     """The target budget a generated repo was compiled for (its lock's plan.budget.flops)."""
-    from .render import read_lock
-    flops = ((read_lock(Path(path)).get("plan") or {}).get("budget") or {}).get("flops")
+    from .render import read_lock_plan
+    budget = read_lock_plan(Path(path)).get("budget")
+    flops = budget.get("flops") if isinstance(budget, dict) else None
     return float(flops) if isinstance(flops, (int, float)) and flops > 0 else None
 
 

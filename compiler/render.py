@@ -198,6 +198,28 @@ def check_relative(rel: str) -> bool:
     return bool(p.parts) and not p.is_absolute() and str(p) == rel and ".." not in p.parts
 
 
+def read_lock_plan(repo: Path) -> dict:
+    """The lock file's plan (a dict). One this llama3gen wrote must validate as a Plan (a
+    hand-edited lock is refused, naming the field); another version's is returned as it is, for
+    the caller to read the fields it knows."""
+    from pydantic import ValidationError
+    lock = read_lock(repo)
+    plan = lock.get("plan")
+    if not isinstance(plan, dict):
+        raise UserError(f"{LOCK_NAME} holds no plan", where=str(repo / LOCK_NAME),
+                        fix="re-compile the repo (llama3gen compile SPEC -o DIR)")
+    if plan.get("llama3gen_version") == __version__:
+        try:
+            Plan.model_validate(plan)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(map(str, error["loc"]))
+            raise UserError(f"{LOCK_NAME}'s plan is not as llama3gen wrote it: plan.{field}: "
+                            f"{error['msg']}", where=str(repo / LOCK_NAME),
+                            fix="re-compile the repo (llama3gen compile SPEC -o DIR)") from None
+    return plan
+
+
 def read_lock(repo: Path) -> dict:
     """The lock file as a dict whose "files" maps plain relative paths to sha256 digests."""
     path = repo / LOCK_NAME

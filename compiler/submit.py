@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
-from .render import LOCK_NAME, read_lock
+from .render import LOCK_NAME, read_lock_plan
 
 SBATCH_SCRIPT = "scripts/train.sbatch"
 SWEEP_SBATCH_SCRIPT = "scripts/sweep.sbatch"
@@ -83,8 +83,7 @@ def _job_of(repo_dir: Path) -> dict:
     if not repo_dir.is_dir():
         raise UserError("no such directory", where=str(repo_dir),
                         fix="pass the directory `llama3gen compile` wrote")
-    lock = read_lock(repo_dir)
-    job = (lock.get("plan") or {}).get("job")
+    job = read_lock_plan(repo_dir).get("job")
     if not isinstance(job, dict) or not {"variants", "default_variant"} <= job.keys():
         raise UserError(f"{LOCK_NAME} has no job section (written by an older llama3gen?)",
                         where=str(repo_dir / LOCK_NAME),

@@ -482,3 +482,51 @@ def test_any_sweep_records_fit_or_fail_cleanly(sweep_repo_configs, data):
     event("fit")
     assert fit.report(result) and fit.fit_svg(result)
     json.dumps(result.to_json())
+
+
+def _plan_paths(value, prefix=()):
+    """Where a lock's plan holds values: every key path, the first 3 items of a list."""
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value[:3]) \
+        if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _plan_paths(item, (*prefix, key))
+
+
+@settings(max_examples=150, **PROFILE)
+@given(data=st.data())
+def test_a_hand_edited_lock_is_read_or_refused_cleanly(calibration_repo, sweep_repo_configs,
+                                                        data):
+    """calibrate, fit and submit --dry-run read the lock's plan: with junk anywhere in it, they
+    work or say which field is wrong, nothing else."""
+    from llama3gen import calibrate, fit, submit
+    work, start, _ = calibration_repo
+    run_dir = work / "repo" / "out" / "edited-lock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [start] + [
+        {"step": 10 * i, "loss": 3.0, "tokens_per_s": 50000.0, "step_time_s": 0.08}
+        for i in range(1, 6)]))
+    repo = data.draw(st.sampled_from([work / "repo", sweep_repo_configs[0]]))
+    path = repo / "llama3gen.lock.json"
+    original = path.read_text()
+    lock = json.loads(original)
+    for _ in range(data.draw(st.integers(1, 3))):  # paths drawn from the plan as edited so far
+        where = data.draw(st.sampled_from([p for p in _plan_paths(lock["plan"]) if p]))
+        parent = lock["plan"]
+        for key in where[:-1]:
+            parent = parent[key]
+        parent[where[-1]] = data.draw(JUNK_SCALARS)
+    path.write_text(json.dumps(lock))
+    try:
+        if repo == work / "repo":
+            calibrate.calibrate(run_dir)
+            submit.submit(repo, None, dry_run=True, use_sbatch=True)
+        else:
+            fit.select_runs(*fit.read_repo(str(repo)), 0, str(repo))
+            fit.repo_target(str(repo))
+        event("read")
+    except UserError as exc:
+        assert exc.message and exc.where, exc.render()
+        event("refused")
+    finally:
+        path.write_text(original)
