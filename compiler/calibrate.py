@@ -395,7 +395,8 @@ def run_layout_memory(plan):
             gpus_per_node=ranks_per_node or min(plan.hardware.gpus_per_node, world or 1),
             activation_checkpointing=checkpointed_blocks(layout, shape["n_layer"]),
             grad_accum=layout.get("grad_accum") or 1, device=device,
-            compute_dtype=layout.get("dtype") or TRAIN_DTYPE, tensor_parallel=layout.get("tensor_parallel") or 1,
+            compute_dtype=layout.get("dtype") or TRAIN_DTYPE,
+            tensor_parallel=layout.get("tensor_parallel") or 1,
             compiled=bool(layout.get("compile"))).total)
     return total
 
@@ -454,15 +455,16 @@ def _layout(config: dict, start: dict) -> dict | None:
     if not config:
         return None
     world = _count(start.get("world_size")) or 1
-    return _usable_layout({"parallelism": config.get("parallelism") if world > 1 else "none",
-            "global_batch_size": config.get("global_batch_size"),
-            "micro_batch_size": config.get("micro_batch_size"), "grad_accum": start.get("grad_accum"),
-            "activation_checkpointing": config.get("activation_checkpointing"),
-            "checkpointed_layers": config.get("checkpointed_layers", 0),
-            "compile": config.get("compile"),
-            # as train.py's benchmark record says it: CPU always trains in float32
-            "dtype": "float32" if _device(start) == "cpu" else config.get("dtype"),
-            "tensor_parallel": config.get("tensor_parallel", 1)})
+    return _usable_layout({
+        "parallelism": config.get("parallelism") if world > 1 else "none",
+        "global_batch_size": config.get("global_batch_size"),
+        "micro_batch_size": config.get("micro_batch_size"), "grad_accum": start.get("grad_accum"),
+        "activation_checkpointing": config.get("activation_checkpointing"),
+        "checkpointed_layers": config.get("checkpointed_layers", 0),
+        "compile": config.get("compile"),
+        # as train.py's benchmark record says it: CPU always trains in float32
+        "dtype": "float32" if _device(start) == "cpu" else config.get("dtype"),
+        "tensor_parallel": config.get("tensor_parallel", 1)})
 
 
 # --- the plan it is compared with -------------------------------------------------------------

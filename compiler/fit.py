@@ -508,6 +508,7 @@ def law_from(theta, name="fitted", citation="llama3gen fit") -> ScalingLaw:
 
 MAX_LOG_DECADES_OUT = 20  # a parabola's vertex this many decades of N from its runs: no minimum
 
+
 @dataclass
 class BudgetMinimum:
     flops: float
@@ -570,8 +571,9 @@ def approach2(runs: list[Run], groups: list[list[int]]) -> Approach2:
     a, logk = np.polyfit(logc, np.log([m.n_opt for m in ok]), 1)
     b, logk2 = np.polyfit(logc, np.log([m.tokens_opt for m in ok]), 1)
     if not (0 <= a <= 1 and 0 <= b <= 1):  # under C ∝ N·D, a + b = 1: neither can leave [0, 1]
-        result.unavailable = (f"the budgets' minima give N_opt ∝ C^{a:.3g} and D_opt ∝ C^{b:.3g}; "
-                              "with C ∝ N·D both lie in [0, 1]: the minima do not follow C")
+        result.unavailable = (f"the budgets' minima give N_opt ∝ C^{a:.3g} and D_opt ∝ "
+                              f"C^{b:.3g}; with C ∝ N·D both lie in [0, 1]: the minima do not "
+                              "follow C")
         return result
     result.k_n, result.a_n, result.k_d, result.b_d = (float(math.exp(logk)), float(a),
                                                       float(math.exp(logk2)), float(b))

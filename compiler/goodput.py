@@ -96,9 +96,9 @@ def failure_rate(spec_rate: float | None,
         rate = (PRIOR_FAILURES + count) / (prior_hours + hours)
         return rate, (f"{where}: {count} unexpected interruption(s) in {hours:.4g} device-hours, "
                       f"updating the default ({FAILURES_SOURCE}) taken as a prior worth "
-                      f"{PRIOR_FAILURES:g} failure in {prior_hours:,.0f} device-hours (assumption): "
-                      f"({PRIOR_FAILURES:g} + {count}) / ({prior_hours:,.0f} + {hours:.4g}), the "
-                      "Gamma–Poisson posterior mean")
+                      f"{PRIOR_FAILURES:g} failure in {prior_hours:,.0f} device-hours "
+                      f"(assumption): ({PRIOR_FAILURES:g} + {count}) / ({prior_hours:,.0f} + "
+                      f"{hours:.4g}), the Gamma–Poisson posterior mean")
     return DEFAULT_FAILURES_PER_GPU_HOUR, f"default: {FAILURES_SOURCE}"
 
 

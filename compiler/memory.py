@@ -597,7 +597,8 @@ def _moments(s: ModelShape, u: _Units, g: dict, micro_batch, c, sharded, k, accu
                                loss_logits + grad_head_input, working["loss"]),
         # backward hands the input's gradient back in the input's dtype: under autocast, an fp32
         # copy of the bf16 one
-        "output head backward": Moment(g["accumulated"], layers_saved + head_saved + grad_head_input,
+        "output head backward": Moment(g["accumulated"],
+                                       layers_saved + head_saved + grad_head_input,
                                        copy_bytes(r, c) * d * head_tokens, working["head"]),
         "last block backward": Moment(grads["last start"], others + block_first, zero,
                                       working["block_start"]),

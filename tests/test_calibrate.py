@@ -562,14 +562,16 @@ def test_interruptions_are_processes_that_died_without_a_record_and_were_resumed
     t0 = 1.765e9  # a unix time: whole seconds, so the differences below are exact
     records = [
         started(0, world=4, resumed=False), first(t0, "7", 1), logged(t0 + 100, 20),
-        started(10, world=4), first(t0 + 400, "7", 11), logged(t0 + 900, 30), stop(t0 + 1000, "7", 30),
+        started(10, world=4), first(t0 + 400, "7", 11), logged(t0 + 900, 30),
+        stop(t0 + 1000, "7", 30),
         started(30, world=4), first(t0 + 1100, "7", 31), logged(t0 + 1150, 40),
         {"event": "stopped_nonfinite", "step": 45},
         started(40, world=4), first(t0 + 1200, "7", 41), logged(t0 + 1300, 100)]
     failures = measured_failures(records)
     hours = (100 + 600 + 50 + 100) * 4 / 3600
     assert failures["interruptions"] == 1 and failures["lost_steps"] == 10
-    assert failures["device_hours"] == pytest.approx(hours, rel=1e-12)  # sums of exact differences, / 3600
+    # sums of exact differences of whole seconds, divided once by 3600: rounding ~1e-16
+    assert failures["device_hours"] == pytest.approx(hours, rel=1e-12)
     # the last process's end says nothing (still running, or left); one that never trained, or a
     # new run started afresh over the old out_dir, is no interruption
     unknown = [started(0, resumed=False), first(t0, None, 1), logged(t0 + 50, 10)]

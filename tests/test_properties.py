@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): whatever the spec, the compiler ends in a Plan or a UserError;
-whatever a run's metrics.jsonl holds, `llama3gen calibrate` and `fit` end in a result or a UserError.
+whatever a run's metrics.jsonl or a lock file holds, `llama3gen calibrate`, `fit` and `submit` end
+in a result or a UserError.
 
 Specs are generated as YAML: mostly plausible values with, field by field, a chance of junk (NaN,
 inf, huge, negative, zero, strings where numbers go, wrong types, hostile strings); plus raw text
@@ -363,8 +364,9 @@ def record_strategy(good_start: dict) -> st.SearchStrategy:
     start = st.fixed_dictionaries(
         {"event": st.just("start")},
         optional={"step": v(st.integers(0, 50)), "world_size": v(st.integers(1, 4)),
-                  "ranks_per_node": v(st.integers(1, 4)), "resumed_from": v(st.sampled_from(["", "x"])),
-                  "grad_accum": v(st.integers(1, 4)), "config": v(config), "time": v(st.text(max_size=5))})
+                  "ranks_per_node": v(st.integers(1, 4)),
+                  "resumed_from": v(st.sampled_from(["", "x"])), "grad_accum": v(st.integers(1, 4)),
+                  "config": v(config), "time": v(st.text(max_size=5))})
     timed = st.fixed_dictionaries(
         {"event": st.sampled_from(["first_step", "requeue"])},
         optional={"step": v(st.integers(0, 50)), "unix_time": v(times),

@@ -421,7 +421,8 @@ def test_an_edited_run_is_excluded_by_name_and_an_edited_config_refused(sweep_re
             start, {"step": c["max_iters"], "val_loss": float(law.loss(n, d))})))
     proc = cli("fit", repo, "--bootstrap", 0)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"{first.stem}" in proc.stdout and "start record's config gives n_layer 'two'" in proc.stdout
+    assert first.stem in proc.stdout
+    assert "start record's config gives n_layer 'two'" in proc.stdout
     text = first.read_text()
     assert f"n_layer = {config['n_layer']}\n" in text
     first.write_text(text.replace(f"n_layer = {config['n_layer']}\n", "n_layer = -3\n"))
