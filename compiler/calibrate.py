@@ -30,8 +30,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from . import __version__, arch, memory
+from .hardware import MIN_MFU
 from .errors import UserError
-from .jsonfile import read_json, write_own_file
+from .jsonfile import read_json, whole_number, write_own_file
 
 COMMAND = "llama3gen calibrate"  # in the refusals of write_own_file
 
@@ -39,8 +40,6 @@ KIND = "llama3gen calibration"
 FORMAT = 1
 METRICS = "metrics.jsonl"
 LOCK_NAME = "llama3gen.lock.json"
-TRAIN_DTYPE = "bfloat16"  # train.py's default dtype, for a layout record without one
-MIN_MFU = 0.01  # as a spec's hardware.mfu: below it a run is broken, and plans take forever
 WARMUP_RECORDS = 3  # logged records left out without a benchmark record (compile, warm-up)
 CURVE_POINTS = 200  # per curve in a calibration file: a point per ~2 pixels of a figure panel
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "vocab_size",
@@ -188,7 +187,7 @@ def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
 
 
 def _count(value) -> int | None:
-    return value if _whole(value) else None
+    return value if whole_number(value) else None
 
 
 def _text(value) -> str | None:
@@ -209,7 +208,7 @@ def _ranks_per_node(record: dict) -> int | None:
     """A record's ranks per node where it holds a count that fills whole nodes (older train.py
     versions record none)."""
     world, per_node = record.get("world_size"), record.get("ranks_per_node")
-    return per_node if _whole(world) and _whole(per_node) and world % per_node == 0 else None
+    return per_node if whole_number(world) and whole_number(per_node) and world % per_node == 0 else None
 
 
 def checkpoint_saves(records: list[dict]) -> dict | None:
@@ -218,7 +217,7 @@ def checkpoint_saves(records: list[dict]) -> dict | None:
     def per_device(r):  # GB/s
         return r["bytes"] / r["seconds"] / 1e9 / r["world_size"]
     saves = [r for r in records if r.get("event") == "checkpoint" and _positive(r.get("seconds"))
-             and _positive(r.get("bytes")) and _whole(r.get("world_size"))
+             and _positive(r.get("bytes")) and whole_number(r.get("world_size"))
              and _positive(per_device(r))]  # not 0 or inf: edited numbers
     if not saves:
         return None
@@ -240,7 +239,7 @@ def _ended_by_itself(process: list[dict]) -> bool:
     """Whether a process's records (one of _starts' segments) say why it stopped."""
     max_iters = _start_config(process[0]).get("max_iters")
     return any(r.get("event") in SELF_ENDINGS
-               or (_whole(max_iters) and _whole(r.get("step")) and r["step"] >= max_iters)
+               or (whole_number(max_iters) and whole_number(r.get("step")) and r["step"] >= max_iters)
                for r in process)
 
 
@@ -303,13 +302,13 @@ def measured_failures(records: list[dict]) -> dict | None:
     for process, following in zip(processes, [*processes[1:], None]):
         timed = _timed(process)
         world = process[0].get("world_size") if process[0].get("event") == "start" else 1
-        if len(timed) >= 2 and _whole(world):
+        if len(timed) >= 2 and whole_number(world):
             hours += max(0.0, timed[-1]["unix_time"] - timed[0]["unix_time"]) * world / 3600
         if _interrupted(process, following):
             count += 1
-            logged = [r["step"] for r in process if _whole(r.get("step"), 0)]
+            logged = [r["step"] for r in process if whole_number(r.get("step"), 0)]
             resumed = following[0].get("step")
-            if logged and _whole(resumed, 0):
+            if logged and whole_number(resumed, 0):
                 lost += max(0, max(logged) - resumed)
     if not 0 < hours < math.inf:  # inf: a hand-edited time
         return None
@@ -372,7 +371,8 @@ def peak_memory_ratio(doc: dict, plan, layout_memory) -> tuple[float | None, flo
     model misses on this machine. On CUDA the predicted total less the CUDA context, which
     max_memory_reserved does not see; on CPU the RSS includes the process, as the total does."""
     m = doc["measured_on"]
-    if doc.get("peak_memory_bytes") is None or not m.get("shape") or not m.get("layout"):
+    if (doc.get("peak_memory_bytes") is None or not m.get("shape") or not m.get("layout")
+            or m.get("device") is None):  # which peak (RSS or CUDA's) is not known
         return None, None
     predicted = layout_memory(m["shape"], m["layout"], m["world_size"], m["device"],
                               m.get("ranks_per_node"))
@@ -395,7 +395,7 @@ def run_layout_memory(plan):
             gpus_per_node=ranks_per_node or min(plan.hardware.gpus_per_node, world or 1),
             activation_checkpointing=checkpointed_blocks(layout, shape["n_layer"]),
             grad_accum=layout.get("grad_accum") or 1, device=device,
-            compute_dtype=layout.get("dtype") or TRAIN_DTYPE,
+            compute_dtype=layout.get("dtype"),
             tensor_parallel=layout.get("tensor_parallel") or 1,
             compiled=bool(layout.get("compile"))).total)
     return total
@@ -797,7 +797,7 @@ def run_curve(records: list[dict]) -> dict:
     that a plan using it can draw it too."""
     last = {}  # step -> record; a step logged twice (a re-run after a resume) keeps its last
     for r in records:
-        if "event" not in r and _whole(r.get("step"), 0):
+        if "event" not in r and whole_number(r.get("step"), 0):
             last.setdefault(r["step"], {}).update(r)
     steps = sorted(last)
 
@@ -872,10 +872,10 @@ def _calibration_problem(doc: dict) -> str | None:
     if not _positive(planned.get("mfu")) or not _positive(planned.get("tokens_per_second")):
         return "planned.mfu and planned.tokens_per_second must be numbers > 0"
     world = m.get("world_size")
-    if world is not None and not _whole(world):
+    if world is not None and not whole_number(world):
         return f"measured_on.world_size must be a whole number ≥ 1 (got {world!r})"
     per_node = m.get("ranks_per_node")
-    if per_node is not None and not (_whole(per_node) and (world or 1) % per_node == 0):
+    if per_node is not None and not (whole_number(per_node) and (world or 1) % per_node == 0):
         return (f"measured_on.ranks_per_node must be a whole number ≥ 1 that divides "
                 f"world_size {world or 1} (got {per_node!r})")
     step = doc.get("step_time_s")
@@ -887,13 +887,13 @@ def _calibration_problem(doc: dict) -> str | None:
     restarts = doc.get("restarts")
     if restarts is not None and not (
             isinstance(restarts, dict) and _positive(restarts.get("seconds"))
-            and _whole(restarts.get("count")) and isinstance(restarts.get("how"), str)):
+            and whole_number(restarts.get("count")) and isinstance(restarts.get("how"), str)):
         return ("restarts must be null or give seconds (a number > 0), count (a whole number "
                 "≥ 1) and how")
     failures = doc.get("failures")
     if failures is not None and not (
             isinstance(failures, dict) and _positive(failures.get("device_hours"))
-            and _whole(failures.get("interruptions"), 0) and _whole(failures.get("lost_steps"), 0)
+            and whole_number(failures.get("interruptions"), 0) and whole_number(failures.get("lost_steps"), 0)
             and isinstance(failures.get("how"), str)):
         return ("failures must be null or give device_hours (a number > 0), interruptions and "
                 "lost_steps (whole numbers ≥ 0) and how")
@@ -901,7 +901,7 @@ def _calibration_problem(doc: dict) -> str | None:
     if saves is not None and not (
             isinstance(saves, dict) and isinstance(saves.get("how"), str)
             and all(_positive(saves.get(k)) for k in ("GBps_per_device", "seconds", "bytes"))
-            and _whole(saves.get("saves")) and _whole(saves.get("world_size"))):
+            and whole_number(saves.get("saves")) and whole_number(saves.get("world_size"))):
         return ("checkpoint must be null or give GBps_per_device, seconds and bytes (numbers > 0), "
                 "saves and world_size (whole numbers ≥ 1) and how")
     curve = doc.get("curve", {})
@@ -921,12 +921,6 @@ def _curve_point(point) -> bool:
     return 0 <= step < 2**31 and float(step).is_integer() and value >= 0
 
 
-def _whole(value, least: int = 1) -> bool:
-    """A whole number ≥ least that fits an int32, as every count and model dimension here does
-    (numpy's arithmetic on larger ones overflows)."""
-    return isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**31
-
-
 PARALLELISMS = ("none", "ddp", "fsdp", "hsdp")  # train.py's, and "none" for one process
 
 
@@ -934,7 +928,7 @@ def _run_problem(shape, layout) -> str | None:
     """What makes the run's shape or layout record unusable to the step-time model (each may be
     absent: a file from a run whose config was not found)."""
     if shape is not None and not (isinstance(shape, dict) and all(
-            _whole(shape.get(k)) for k in SHAPE_KEYS if k != "tie_embeddings")
+            whole_number(shape.get(k)) for k in SHAPE_KEYS if k != "tie_embeddings")
             and isinstance(shape.get("tie_embeddings"), bool)):
         return ("measured_on.shape must give " + ", ".join(k for k in SHAPE_KEYS
                                                           if k != "tie_embeddings")
@@ -948,7 +942,7 @@ def _run_problem(shape, layout) -> str | None:
     for key, least in (("micro_batch_size", 1), ("grad_accum", 1), ("tensor_parallel", 1),
                        ("checkpointed_layers", 0)):
         value = layout.get(key)
-        if (value is not None or key == "micro_batch_size") and not _whole(value, least):
+        if (value is not None or key == "micro_batch_size") and not whole_number(value, least):
             return f"measured_on.layout.{key} must be a whole number ≥ {least} (got {value!r})"
     return None
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .jsonfile import write_own_file
+from .jsonfile import whole_number, write_own_file
 from .laws import EXPONENT_RANGE, LAW_FORMAT, LAW_KEYS, ScalingLaw
 
 HUBER_DELTA = 1e-3
@@ -206,8 +206,7 @@ def _config_problem(config: dict) -> str | None:
     """What makes a sweep run's settings unusable (N, D and C come from them), or None."""
     for key in COUNT_KEYS:
         value = config.get(key)
-        # an int32, as every model dimension and step count is (numpy overflows past int64)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**31):
+        if not whole_number(value):
             return f"gives {key} {value!r}, not a whole number from 1 to 2**31 - 1"
     if not isinstance(config.get("tie_embeddings"), bool):
         return f"gives tie_embeddings {config.get('tie_embeddings')!r}, not True or False"

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 
 CPU_PSEUDO_DEVICE = "cpu"
+# The least MFU a spec's hardware.mfu or a calibration run may give: below 1% a run is broken, and
+# near zero predicted training times became infinite.
+MIN_MFU = 0.01
 MIB = 1 << 20
 
 

@@ -11,6 +11,12 @@ from pathlib import Path
 from .errors import UserError
 
 
+def whole_number(value, least: int = 1) -> bool:
+    """A record's whole number, from `least` up to an int32, as every count and model dimension
+    in one is (numpy's arithmetic on far larger ones overflows)."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**31
+
+
 def read_json(path, what: str, writer: str):
     """The parsed document; ValueError (one line) naming `what` file, and `writer`, the command
     that makes one, when it is missing or not JSON."""

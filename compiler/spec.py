@@ -38,8 +38,7 @@ MAX_LAYERS = 1024
 MAX_D_MODEL = 131_072
 MAX_BYTES = 1 << 20  # specs are hand-written; a megabyte of YAML is not a spec
 
-# MFU below 1% is a mistake, and near zero it made predicted training times infinite.
-MFU = Annotated[float, Field(ge=0.01, le=1, allow_inf_nan=False)]
+MFU = Annotated[float, Field(ge=hardware.MIN_MFU, le=1, allow_inf_nan=False)]
 
 
 def _invalid(kind: str, message: str, fix: str) -> PydanticCustomError:
