@@ -7,14 +7,16 @@ hours. Every checkpoint stops training for its
 write time δ; every failure costs a restart R and the work since the last checkpoint. Checkpointing
 every τ seconds of training minimises the sum at τ ≈ √(2·δ·M) (Young 1974; Daly 2006).
 
-Per failure the work lost is, on average, half a segment (τ of training + δ of writing): failures
-are uniform in time. The failures themselves happen during the whole wall clock, lost work and
-restarts included, so
+The work W a checkpoint protects is training and evaluation: W = T + E, with T the pure training
+time (timing.days) and E the evaluations train.py runs between steps (timing.eval_days), spread
+evenly over the steps; τ is W's share between two checkpoints. Per failure the work lost is, on
+average, half a segment (τ of work + δ of writing): failures are uniform in time. The failures
+themselves happen during the whole wall clock, lost work and restarts included, so
 
-    wall = (T + saves·δ) / (1 − (R + (τ + δ)/2) / M),    goodput = T / wall,
+    wall = (W + saves·δ) / (1 − (R + (τ + δ)/2) / M),    goodput = T / wall,
 
-with T the pure training time (timing.days) and saves the checkpoints train.py writes
-(every ckpt_interval steps and at the end).
+with saves the checkpoints train.py writes (every ckpt_interval steps and at the end). With
+failures not modelled, wall = W.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class Goodput:
     young_daly_seconds: float | None  # √(2·δ·M)
     young_daly_steps: int | None  # that many steps, within [1, max_iters]
     interval_steps: int  # the plan's ckpt_interval (the spec's training.ckpt_interval wins)
-    interval_seconds: float  # τ = interval_steps × step time
+    interval_seconds: float  # τ = interval_steps × work per step
+    eval_seconds: float  # E, the run's evaluations
     saves: int  # checkpoints in the whole run, the final one included
     expected_failures: float
     goodput: float
@@ -72,6 +75,7 @@ class Goodput:
             checkpoint_write_s=self.write_seconds, young_daly_interval_s=self.young_daly_seconds,
             young_daly_interval_steps=self.young_daly_steps,
             checkpoint_interval_s=self.interval_seconds, checkpoint_saves=self.saves,
+            eval_days=self.eval_seconds / 86400,
             restart_s=self.restart_seconds, expected_failures=self.expected_failures,
             goodput=self.goodput, wall_clock_days=self.wall_clock_seconds / 86400)
 
@@ -132,8 +136,8 @@ def restart_time(spec_seconds: float | None,
 
 
 def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds: float,
-                 max_iters: int, write_GBps: float, failures_per_gpu_hour: float,
-                 restart_seconds: float, ckpt_interval: int | None,
+                 max_iters: int, eval_seconds: float, write_GBps: float,
+                 failures_per_gpu_hour: float, restart_seconds: float, ckpt_interval: int | None,
                  default_interval: int) -> Goodput:
     """The checkpoint interval and goodput of one pick (schedule() for one candidate).
 
@@ -141,7 +145,8 @@ def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds
     1/world share at once, but they share that bandwidth: the write takes the whole checkpoint's
     bytes over it either way (unsharded, rank 0 writes everything, assumed to reach it too).
     ckpt_interval: the spec's, which wins; default_interval: the rule when failures are off."""
-    s = schedule(n_params, train_seconds, max_iters, world_size=world_size, write_GBps=write_GBps,
+    s = schedule(n_params, train_seconds, max_iters, eval_seconds=eval_seconds,
+                 world_size=world_size, write_GBps=write_GBps,
                  failures_per_gpu_hour=failures_per_gpu_hour, restart_seconds=restart_seconds,
                  ckpt_interval=ckpt_interval, default_interval=default_interval)
     write_s, wall = float(s.write_seconds), float(s.wall_seconds)
@@ -157,7 +162,7 @@ def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds
         young_daly_seconds=None if mtbf_s is None else float(s.young_daly_seconds),
         young_daly_steps=None if mtbf_s is None else int(s.young_daly_steps),
         interval_steps=int(s.interval_steps), interval_seconds=float(s.interval_seconds),
-        saves=int(s.saves), expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
+        eval_seconds=float(eval_seconds), saves=int(s.saves), expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
         goodput=train_seconds / wall if wall > 0 else 1.0, wall_clock_seconds=wall)
 
 
@@ -175,15 +180,17 @@ class Schedule:
     wall_seconds: np.ndarray  # expected wall clock; inf where the job would never finish
 
 
-def schedule(n_params, train_seconds, max_iters, *, world_size: int, write_GBps: float,
-             failures_per_gpu_hour: float, restart_seconds: float, ckpt_interval: int | None,
-             default_interval) -> Schedule:
+def schedule(n_params, train_seconds, max_iters, *, eval_seconds=0.0, world_size: int,
+             write_GBps: float, failures_per_gpu_hour: float, restart_seconds: float,
+             ckpt_interval: int | None, default_interval) -> Schedule:
     """The checkpoint interval, saves and expected wall clock (module docstring) of every
-    candidate: n_params, train_seconds, max_iters and default_interval may be arrays."""
-    n_params, train_s = np.asarray(n_params, np.float64), np.asarray(train_seconds, np.float64)
+    candidate: n_params, train_seconds, max_iters, eval_seconds and default_interval may be
+    arrays."""
+    n_params = np.asarray(n_params, np.float64)
+    work_s = np.asarray(train_seconds, np.float64) + np.asarray(eval_seconds, np.float64)
     max_iters = np.asarray(max_iters, np.int64)
     write_s = float(CHECKPOINT_BYTES_PER_PARAM) * n_params / (write_GBps * 1e9)
-    step_s = train_s / max_iters
+    step_s = work_s / max_iters  # work per step: evaluations spread over the steps
     mtbf_s = yd_s = yd_steps = None
     if failures_per_gpu_hour > 0:
         mtbf_s = 3600 / (failures_per_gpu_hour * world_size)
@@ -199,10 +206,10 @@ def schedule(n_params, train_seconds, max_iters, *, world_size: int, write_GBps:
     interval_s = interval * step_s
     saves = -(-max_iters // interval)  # train.py also saves at the last step
     if mtbf_s is None:
-        wall = train_s
+        wall = work_s
     else:
         left = 1 - (restart_seconds + (interval_s + write_s) / 2) / mtbf_s
-        wall = np.where(left > 0, (train_s + saves * write_s) / np.where(left > 0, left, 1),
+        wall = np.where(left > 0, (work_s + saves * write_s) / np.where(left > 0, left, 1),
                         np.inf)
     return Schedule(write_s, mtbf_s, yd_s, yd_steps, interval, interval_s, saves, wall)
 

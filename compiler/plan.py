@@ -145,10 +145,12 @@ class Timing(PlanModel):
     compute_seconds: float
     exposed_comm_seconds: float  # communication on the critical path, per step
     hardware_flops: float  # FLOPs the GPUs execute, recomputation included
-    days: float
+    days: float  # training: tokens trained / tokens_per_second
+    eval_days: float  # train.py's evaluations, forward only, between steps
     gpu_hours: float
     cost_usd: float | None
-    # Goodput (compiler/goodput.py): days above are pure training; these add failures and saves.
+    # Goodput (compiler/goodput.py): days above are pure training; these add evaluations,
+    # failures and saves.
     failures_per_gpu_hour: float  # per device; 0: failures not modelled
     job_mtbf_s: float | None  # the job's mean time between failures; None when the rate is 0
     checkpoint_bytes: float  # fp32 weights + AdamW's two moments
@@ -161,7 +163,7 @@ class Timing(PlanModel):
     restart_s: float  # per failure
     expected_failures: float
     goodput: float  # pure training time / wall clock
-    wall_clock_days: float  # days + checkpoint writes + lost work and restarts
+    wall_clock_days: float  # days + eval_days + checkpoint writes + lost work and restarts
 
 
 class DataLimitedPick(PlanModel):
@@ -362,7 +364,7 @@ class Sweep(PlanModel):
     val_tokens: int
     flops: float  # Σ over runs of FLOPs trained (budget convention)
     fraction_of_target: float
-    days: float  # Σ predicted training days, one run after another on the spec's hardware
+    days: float  # Σ predicted training and evaluation days, one run after another on the spec's hardware
     max_parallel: int  # array tasks at once (sbatch --array %K, submitit array parallelism)
     provenance: dict[str, str]
     runs: list[SweepRun]

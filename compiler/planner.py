@@ -12,7 +12,7 @@ from . import plan as P
 from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale, fits_somehow
 from .spec import Spec
-from .trainplan import candidate_batches, plan_training, wall_clock_seconds
+from .trainplan import candidate_batches, forward_share, plan_training, wall_clock_seconds
 
 
 def _shape(spec: Spec, c: solver.Candidates, i: int) -> P.Shape:
@@ -277,20 +277,15 @@ def _sweep_budget_runs(spec: Spec, hardware: HardwareView, budget: solver.Budget
     for i in picks:
         choice = _choice(spec, cands, int(i))
         lay = _layout(spec, hardware, cands, evaluation, int(i))
-        training, _, timing, _, provenance = plan_training(spec, choice, lay, hardware)
-        batch_tokens = training.global_batch_tokens
-        training = training.model_copy(update={
-            "lr_schedule": "cosine", "eval_interval": training.max_iters,
-            "eval_iters": S.eval_iters(val_tokens, batch_tokens)})
+        training, _, timing, _, provenance = plan_training(spec, choice, lay, hardware,
+                                                           val_tokens=val_tokens)
+        training = training.model_copy(update={"lr_schedule": "cosine"})
         fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
         provenance.update({
             "tokens": f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}",
             "loss": f"prior law {spec.search.law().name}",
             "lr_schedule": "cosine to the run's own max_iters (Hoffmann et al. 2022: a schedule "
                            "longer than the run biases its loss)",
-            "eval_interval": "max_iters: the fit reads the final validation loss only",
-            "eval_iters": f"ceil(val_tokens {val_tokens:,} / {batch_tokens:,} tokens per batch) "
-                          "(compiler/sweep.py VAL_TOKENS says why)",
             "shape": f"targets N*/{S.SPREAD:g}..{S.SPREAD:g}·N*, N* = {n_opt:.4g} (prior law at "
                      f"C; {S.BUDGET_CITATION}); {rule}",
         })
@@ -390,7 +385,7 @@ def plan_sweep(spec: Spec, hardware: HardwareView, budget: solver.BudgetFlops) -
         budgets=[float(c) for c in budgets], shapes=sw.shapes, aspect=family[0],
         max_fraction=sw.max_fraction,
         val_tokens=val_tokens, flops=flops, fraction_of_target=flops / budget.flops,
-        days=sum(r.timing.days for r in runs),
+        days=sum(r.timing.days + r.timing.eval_days for r in runs),
         max_parallel=sw.max_parallel or len(runs),
         provenance={
             "budgets": source,
@@ -450,7 +445,8 @@ def _search(spec: Spec) -> _Search:
     batch_tokens = candidate_batches(spec, cands) * spec.model.seq_len
     cands = solver.with_batches(cands, batch_tokens)
     cands = dataclasses.replace(cands, wall_seconds=wall_clock_seconds(
-        spec, cands.n_params, cands.seconds, np.rint(cands.tokens_trained / batch_tokens)))
+        spec, cands.n_params, cands.seconds, np.rint(cands.tokens_trained / batch_tokens),
+        forward_share(cands.fpt_exact, evaluation.hardware_flops_per_token)))
     if not evaluation.fits.any():
         raise _nothing_fits(spec, hardware, cands, evaluation)
     beyond = int((~evaluation.fits & ~fits_at_any_scale(shapes, hardware)).sum())
@@ -479,7 +475,7 @@ def _variant(spec: Spec, v, search: _Search, law_info: P.Law, result: solver.Var
     lay = _layout(spec, hardware, search.cands, search.evaluation, result.pick)
     training, memory, timing, reasons, provenance = plan_training(spec, choice, lay, hardware)
     if budget.job_seconds is not None:
-        timebudget.check_pick(spec, budget, timing)
+        timebudget.check_pick(spec, budget, timing, training.max_iters)
     provenance.update({
         "tokens": _tokens_source(budget, choice, timing),
         "loss": law_info.formula if limited is None else

@@ -15,7 +15,9 @@ def goodput_lines(v: Variant) -> list[str]:
             f"{tm.checkpoint_write_GBps:.3g} GB/s; every {t.ckpt_interval:,} steps "
             f"({duration(tm.checkpoint_interval_s / 86400)}; {v.provenance.get('ckpt_interval', '')})")
     if tm.job_mtbf_s is None:
-        return [save, "  goodput            1 (cluster.failures_per_gpu_hour 0: failures not modelled)"]
+        return [save, f"  goodput            {tm.goodput:.2%} → wall clock {duration(tm.wall_clock_days)} "
+                      "(evaluations included; cluster.failures_per_gpu_hour 0: failures not "
+                      "modelled)"]
     return [
         save,
         f"  failures           {tm.failures_per_gpu_hour:.3g} per device-hour → job MTBF "
@@ -26,7 +28,7 @@ def goodput_lines(v: Variant) -> list[str]:
            else f"> the whole run ({duration(tm.days)}): {tm.young_daly_interval_steps:,} steps, "
                 "one checkpoint at the end"),
         f"  goodput            {tm.goodput:.2%} → wall clock {duration(tm.wall_clock_days)} "
-        f"(checkpoint writes, lost work and restarts included)",
+        f"(evaluations, checkpoint writes, lost work and restarts included)",
     ]
 
 
@@ -130,7 +132,8 @@ def _training_lines(v: Variant) -> list[str]:
         f"({tm.mfu_source})",
         f"  step               {tm.step_seconds:.3g} s = compute {tm.compute_seconds:.3g} s + "
         f"exposed communication {tm.exposed_comm_seconds:.3g} s",
-        f"  time               {duration(tm.days)} of training",
+        f"  time               {duration(tm.days)} of training + {duration(tm.eval_days)} of "
+        f"evaluation ({v.provenance.get('eval_days', '')})",
         *goodput_lines(v),
         f"  GPU-hours          {tm.gpu_hours:,.1f}"
         + (f", ${tm.cost_usd:,.0f}" if tm.cost_usd is not None else "")

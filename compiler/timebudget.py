@@ -5,9 +5,9 @@ Three things depend on one another. A candidate's tokens are its training time �
 batch is DeepSeek's B_opt at C = M·D (trainplan.batch_sequences), so it follows the tokens; and
 its speed follows the batch, because micro-batches must divide each rank's share (11 sequences
 per rank allow micro-batches of 1 or 11 only). The training time is what the wall clock leaves
-after checkpoint writes, lost work and restarts (compiler/goodput.py): T ← T · budget / wall(T)
-from T = budget settles within a few rounds, because goodput hardly depends on T (the Young–Daly
-interval does not); with failures off, T is the budget.
+after evaluations, checkpoint writes, lost work and restarts (compiler/goodput.py):
+T ← T · budget / wall(T) from T = budget settles within a few rounds, because goodput hardly
+depends on T (the Young–Daly interval does not, and evaluations are nearly a fixed share of T).
 
 A plan is consistent when the batch its tokens give is the batch its speed was evaluated at, and
 within budget when its expected wall clock is at most the budget. `spend` evaluates every
@@ -31,7 +31,7 @@ from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate
 from .memory import ModelShape
 from .spec import Spec
-from .trainplan import candidate_batches, wall_clock_seconds
+from .trainplan import candidate_batches, forward_share, wall_clock_seconds
 
 ROUNDS = 4  # evaluations at new batches; two suffice where a candidate alternates
 # T ← T · budget / wall(T) shrinks its error by (checkpoint and restart time) / budget a round:
@@ -50,7 +50,8 @@ def spend(spec: Spec, budget: solver.BudgetFlops, cands: solver.Candidates, shap
     for _ in range(ROUNDS):
         evaluation = evaluate(shapes, hardware, batches)
         tps = evaluation.tokens_per_second
-        full = _full_tokens(spec, budget, cands, tps)
+        full = _full_tokens(spec, budget, cands, tps,
+                            forward_share(cands.fpt_exact, evaluation.hardware_flops_per_token))
         full_batches = _batches(spec, cands, full)
         tokens = np.where(full_batches == batches, full,
                           np.where(full_batches > batches,
@@ -81,7 +82,9 @@ def _refuse_if_too_short(spec: Spec, budget: solver.BudgetFlops, cands: solver.C
     if not fits.any():
         return  # the memory error says why
     step_s = batches[fits] * spec.model.seq_len / evaluation.tokens_per_second[fits]
-    shortest = wall_clock_seconds(spec, cands.n_params[fits], step_s, np.ones(len(step_s))).min()
+    share = forward_share(cands.fpt_exact[fits], evaluation.hardware_flops_per_token[fits])
+    shortest = wall_clock_seconds(spec, cands.n_params[fits], step_s, np.ones(len(step_s)),
+                                  share).min()
     if shortest > budget.job_seconds:
         raise _too_short(spec, budget, shortest)
 
@@ -93,7 +96,8 @@ def _field(spec: Spec) -> str:
 def _too_short(spec: Spec, budget: solver.BudgetFlops, shortest_s: float) -> UserError:
     return UserError(
         f"{budget.job_seconds:.4g} s of wall clock is less than the shortest plan takes: one step "
-        f"and the checkpoint at its end, {shortest_s:.4g} s at the least", field=_field(spec),
+        f"and the evaluation and checkpoint at its end, {shortest_s:.4g} s at the least",
+        field=_field(spec),
         fix=f"give a budget of at least {shortest_s:.4g} s of wall clock, or faster storage "
         "(cluster.checkpoint_write_GBps)")
 
@@ -103,14 +107,14 @@ def _batches(spec: Spec, cands: solver.Candidates, tokens: np.ndarray) -> np.nda
 
 
 def _full_tokens(spec: Spec, budget: solver.BudgetFlops, cands: solver.Candidates,
-                 tokens_per_second: np.ndarray) -> np.ndarray:
-    """Tokens whose training at tokens_per_second, checkpoints and failures included, takes the
-    budget's wall clock (module docstring)."""
+                 tokens_per_second: np.ndarray, forward_share: np.ndarray) -> np.ndarray:
+    """Tokens whose training at tokens_per_second, evaluations, checkpoints and failures
+    included, takes the budget's wall clock (module docstring)."""
     train = np.full(len(cands), budget.job_seconds)
     for _ in range(WALL_CLOCK_ROUNDS):
         tokens = train * tokens_per_second
         steps = np.maximum(1, np.ceil(tokens / (_batches(spec, cands, tokens) * spec.model.seq_len)))
-        wall = wall_clock_seconds(spec, cands.n_params, train, steps)
+        wall = wall_clock_seconds(spec, cands.n_params, train, steps, forward_share)
         finishes = np.isfinite(wall) & (wall > 0)  # else the pick's goodput says why it cannot
         ratio = np.where(finishes, budget.job_seconds / np.where(finishes, wall, 1), 1.0)
         train = train * ratio
@@ -131,11 +135,18 @@ def _most_tokens_keeping(spec: Spec, cands: solver.Candidates, batches: np.ndarr
     return np.exp(lo)
 
 
-def check_pick(spec: Spec, budget: solver.BudgetFlops, timing) -> None:
+def one_step_of_wall_clock(timing, max_iters: int) -> float:
+    """The expected wall clock's share of one step: what one more whole step adds at most (its
+    training, its share of the evaluations, at the goodput's rate of lost work)."""
+    return timing.wall_clock_days * 86400 / max_iters
+
+
+def check_pick(spec: Spec, budget: solver.BudgetFlops, timing, max_iters: int) -> None:
     """The pick's expected wall clock is the budget's, or at most one step more (whole steps).
     spend() refused the budgets no plan can keep to; what is left to catch is a batch and speed
     that did not settle in ROUNDS (never seen: no fitting one among 273,280 candidates of 128 specs)."""
-    if timing.wall_clock_days * 86400 <= budget.job_seconds * (1 + 1e-6) + timing.step_seconds:
+    wall_s = timing.wall_clock_days * 86400
+    if wall_s <= budget.job_seconds * (1 + 1e-6) + one_step_of_wall_clock(timing, max_iters):
         return
     raise UserError(
         f"the pick's plan takes {timing.wall_clock_days * 86400:.4g} s of wall clock, more than the "

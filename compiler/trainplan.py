@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import goodput as G
+from . import sweep as S
 from . import calibrate, laws
 from . import plan as P
 from .errors import UserError
@@ -106,9 +107,29 @@ def _check_host_memory(spec: Spec, lay: Layout) -> None:
             fix=f"set cluster.mem_per_node_gb to at least {math.ceil(need / GIB)}, or leave it out")
 
 
-def default_ckpt_interval(max_iters):
-    """The interval rule when failures are not modelled: a tenth of the run, 1 to 1000 steps."""
+def default_interval(max_iters):
+    """A tenth of the run, 1 to 1000 steps: the evaluation interval the spec does not set, and
+    the checkpoint interval when failures are not modelled."""
     return np.clip(np.asarray(max_iters) // 10, 1, 1000)
+
+
+def eval_interval(spec: Spec, max_iters):
+    """Steps between train.py's evaluations: the spec's, else default_interval."""
+    return spec.training.eval_interval or default_interval(max_iters)
+
+
+def forward_share(flops_per_token_exact, hardware_flops_per_token):
+    """An evaluated token's time over a trained token's: one forward, a third of the exact FLOPs,
+    against the FLOPs a training step executes per token (recomputation included), at the same
+    achieved rate (assumption: the forward's communication and efficiency are the step's)."""
+    return np.asarray(flops_per_token_exact) / 3 / np.asarray(hardware_flops_per_token)
+
+
+def evaluation_seconds(train_seconds, max_iters, eval_interval, eval_iters, forward_share):
+    """Seconds train.py evaluates in a run of max_iters steps taking train_seconds: at every
+    eval_interval-th step and the last, eval_iters global batches, forward only (vectorised)."""
+    evaluations = -(-np.asarray(max_iters) // eval_interval)
+    return evaluations * eval_iters * forward_share * np.asarray(train_seconds) / max_iters
 
 
 def goodput_settings(spec: Spec) -> dict:
@@ -147,16 +168,20 @@ def _restart_seconds(spec: Spec) -> tuple[float, str]:
                           else None)
 
 
-def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters) -> np.ndarray:
-    """Every candidate's expected wall clock, checkpoints and failures included: the pick's
-    goodput (below) for each of them. What a variant's max_days bounds."""
+def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters, forward_share
+                       ) -> np.ndarray:
+    """Every candidate's expected wall clock, evaluations, checkpoints and failures included: the
+    pick's goodput (below) for each of them. What a variant's max_days bounds."""
     max_iters = np.minimum(max_iters, MAX_ITERS)  # beyond it a pick is refused (_steps)
-    return G.schedule(n_params, train_seconds, max_iters, **goodput_settings(spec),
-                      default_interval=default_ckpt_interval(max_iters)).wall_seconds
+    evals = evaluation_seconds(train_seconds, max_iters, eval_interval(spec, max_iters),
+                               spec.training.eval_iters, forward_share)
+    return G.schedule(n_params, train_seconds, max_iters, eval_seconds=evals,
+                      **goodput_settings(spec),
+                      default_interval=default_interval(max_iters)).wall_seconds
 
 
-def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_seconds: float
-             ) -> tuple[G.Goodput, dict[str, str]]:
+def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_seconds: float,
+             eval_seconds: float) -> tuple[G.Goodput, dict[str, str]]:
     """The checkpoint interval (Young–Daly) and the goodput of the pick, with provenance."""
     tr, world = spec.training, spec.hardware.world_size
     settings = goodput_settings(spec)
@@ -166,8 +191,8 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
     GBps_why = _write_bandwidth(spec)[1]
     sharded = world > 1 and lay.parallelism in ("fsdp", "hsdp")  # as train.py decides
     g = G.plan_goodput(n_params=choice.n_params, sharded=sharded, train_seconds=train_seconds,
-                       max_iters=max_iters, **settings,
-                       default_interval=int(default_ckpt_interval(max_iters)))
+                       max_iters=max_iters, eval_seconds=eval_seconds, **settings,
+                       default_interval=int(default_interval(max_iters)))
     how = (f"DCP: each of {world} ranks writes its {g.checkpoint_bytes_per_rank:.3g} bytes at "
            "once, sharing the bandwidth" if sharded else "rank 0 writes it all")
     why = {
@@ -178,13 +203,13 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
             f"({GBps_why}); {how}"),
         "restart_s": _restart_seconds(spec)[1],
     }
-    step = train_seconds / max_iters
+    step = (train_seconds + eval_seconds) / max_iters
     if g.mtbf_seconds is not None:
         why["job_mtbf_s"] = f"3600 / ({world} devices × {rate:.4g} failures per device-hour)"
         why["young_daly_interval"] = (
             f"√(2 · write {g.write_seconds:.3g} s · MTBF {g.mtbf_seconds:.4g} s) = "
-            f"{g.young_daly_seconds:.4g} s = {g.young_daly_steps} steps of {step:.3g} s, within "
-            f"[1, max_iters] (Young 1974; Daly 2006)")
+            f"{g.young_daly_seconds:.4g} s = {g.young_daly_steps} steps of {step:.3g} s of work "
+            f"(evaluations spread over the steps), within [1, max_iters] (Young 1974; Daly 2006)")
     if tr.ckpt_interval is not None:
         why["ckpt_interval"] = "spec: training.ckpt_interval"
     elif g.mtbf_seconds is not None:
@@ -192,18 +217,21 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
     else:
         why["ckpt_interval"] = "max_iters // 10, at most 1000 (no failures modelled)"
     why["goodput"] = (
-        "no failures modelled: wall clock = training time" if g.mtbf_seconds is None else
-        f"training {train_seconds:.4g} s / wall {g.wall_clock_seconds:.4g} s; wall = (training + "
-        f"{g.saves} saves × {g.write_seconds:.3g} s) / (1 − (restart {restart:.4g} s + half of "
+        f"training {train_seconds:.4g} s / wall {g.wall_clock_seconds:.4g} s; " + (
+            "no failures modelled: wall = training + evaluation" if g.mtbf_seconds is None else
+            f"wall = (training + evaluation {eval_seconds:.4g} s + {g.saves} saves × "
+            f"{g.write_seconds:.3g} s) / (1 − (restart {restart:.4g} s + half of "
         f"interval {g.interval_seconds:.4g} s + write) / MTBF {g.mtbf_seconds:.4g} s); "
-        f"{g.expected_failures:.3g} expected failures (compiler/goodput.py)")
+        f"{g.expected_failures:.3g} expected failures (compiler/goodput.py)"))
     return g, why
 
 
-def plan_training(spec: Spec, choice: P.Choice, lay: Layout, hardware: HardwareView
+def plan_training(spec: Spec, choice: P.Choice, lay: Layout, hardware: HardwareView,
+                  val_tokens: int | None = None
                   ) -> tuple[P.Training, P.Memory, P.Timing, list[str], dict[str, str]]:
     """The plan of a pick whose layout (evaluate.py's, for the batch global_batch() gives) is
-    `lay`, on `hardware` (its capacity per device, its kernel efficiency or measured MFU)."""
+    `lay`, on `hardware` (its capacity per device, its kernel efficiency or measured MFU).
+    val_tokens: a sweep run's, which it evaluates once, at its end."""
     tr, world = spec.training, spec.hardware.world_size
     steps, provenance = _steps(spec, choice)
     assert (lay.micro_batch_size * lay.grad_accum * (world // lay.tensor_parallel)
@@ -216,7 +244,8 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, hardware: HardwareV
 
     tokens_trained = steps.max_iters * steps.batch_tokens
     seconds = tokens_trained / lay.tokens_per_second
-    good, why = _goodput(spec, choice, lay, steps.max_iters, seconds)
+    evals = _evaluations(spec, choice, lay, steps, seconds, val_tokens, provenance)
+    good, why = _goodput(spec, choice, lay, steps.max_iters, seconds, evals.seconds)
     provenance.update(why)
     is_cpu = spec.hardware.device().is_cpu
     training = P.Training(
@@ -230,14 +259,46 @@ def plan_training(spec: Spec, choice: P.Choice, lay: Layout, hardware: HardwareV
         activation_checkpointing=lay.activation_checkpointing,
         checkpointed_layers=lay.checkpointed_layers, compile=tr.compile,
         dtype="float32" if is_cpu else "bfloat16", device="cpu" if is_cpu else "cuda",
-        eval_interval=tr.eval_interval or max(1, min(1000, steps.max_iters // 10)),
-        eval_iters=tr.eval_iters, log_interval=min(LOG_INTERVAL, steps.max_iters),
+        eval_interval=evals.interval, eval_iters=evals.iters,
+        log_interval=min(LOG_INTERVAL, steps.max_iters),
         ckpt_interval=good.interval_steps, keep_last_ckpts=tr.keep_last_ckpts, seed=tr.seed,
         init_std=0.02)
     provenance["init_std"] = "0.02, as GPT-2, nanoGPT and torchtitan's LLaMA (assumption)"
     memory = _memory(spec, lay, hardware.capacity, provenance)
     timing = _timing(spec, choice.shape, lay, training, seconds, good, hardware, provenance)
     return training, memory, timing, list(lay.reasons), provenance
+
+
+@dataclass(frozen=True)
+class _Evaluations:
+    interval: int  # steps between evaluations (and one at the last)
+    iters: int  # global batches per evaluation
+    seconds: float  # all of them, over the run
+
+
+def _evaluations(spec: Spec, choice: P.Choice, lay: Layout, steps: "_Steps", train_seconds: float,
+                 val_tokens: int | None, provenance: dict[str, str]) -> _Evaluations:
+    """When train.py evaluates, on how many batches, and how long that takes over the run."""
+    tr, max_iters = spec.training, steps.max_iters
+    if val_tokens is None:
+        interval, iters = int(eval_interval(spec, max_iters)), tr.eval_iters
+        provenance["eval_interval"] = ("spec: training.eval_interval" if tr.eval_interval else
+                                       "max_iters // 10, 1 to 1000 steps")
+    else:
+        interval, iters = max_iters, S.eval_iters(val_tokens, steps.batch_tokens)
+        provenance["eval_interval"] = "max_iters: the fit reads the final validation loss only"
+        provenance["eval_iters"] = (
+            f"ceil(val_tokens {val_tokens:,} / {steps.batch_tokens:,} tokens per batch) "
+            "(compiler/sweep.py VAL_TOKENS says why)")
+    share = float(forward_share(choice.flops_per_token_exact, lay.hardware_flops_per_token))
+    seconds = float(evaluation_seconds(train_seconds, max_iters, interval, iters, share))
+    count = -(-max_iters // interval)
+    provenance["eval_days"] = (
+        f"{count} evaluation(s) (every {interval} steps and at the last) × {iters} global batches, "
+        f"forward only: each batch {share:.3g} of a training step's {train_seconds / max_iters:.3g} "
+        f"s, a forward's {choice.flops_per_token_exact / 3:,.0f} FLOPs per token against the "
+        f"step's {lay.hardware_flops_per_token:,.0f} at the same rate (assumption)")
+    return _Evaluations(interval, iters, seconds)
 
 
 @dataclass(frozen=True)

@@ -353,6 +353,11 @@ def grad_sync(model, enabled, cfg):
     return contextlib.nullcontext()
 
 
+def evaluates_at(step, cfg):
+    """Whether train.py evaluates after `step`: every eval_interval steps and at the last."""
+    return step % cfg.eval_interval == 0 or step == cfg.max_iters
+
+
 @torch.no_grad()
 def evaluate(model, val, cfg, rank, world, dev, autocast):
     """Mean loss over a fixed set of eval_iters × global_batch_size val sequences."""
@@ -597,11 +602,14 @@ def train(argv, on_exit):
             break
         if step % cfg.log_interval == 0 or step == last_step:
             progress.report(step, tokens_seen, loss_value, lr, grad_norm)
-        if not benchmark and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+        if not benchmark and evaluates_at(step, cfg):
+            t_eval = time.time()
             val_loss = evaluate(model, run.val_data, cfg, run.data_rank, run.data_world, run.dev,
-                                autocast)
-            log(f"step {step}: val loss {val_loss:.4f}")
-            metrics.write(step=step, val_loss=val_loss)
+                                autocast)  # its all-reduce waits for every rank's forwards
+            eval_s = time.time() - t_eval
+            progress.add_evaluation(eval_s)
+            log(f"step {step}: val loss {val_loss:.4f} ({eval_s:.3g} s)")
+            metrics.write(step=step, val_loss=val_loss, eval_time_s=eval_s)
         if not benchmark and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
             save()
             last_saved = step
@@ -770,6 +778,7 @@ class Progress:
         self.cfg, self.run, self.metrics = cfg, run, metrics
         self.last_step = last_step  # this process's: max_iters, or a benchmark's end
         self.steps_timed, self.time_in_steps = 0, 0.0  # since the start, for the estimate
+        self.evaluations, self.time_in_evaluations = 0, 0.0
         self.interval_time, self.interval_steps = 0.0, 0  # since the last report
         self.warned_mfu = False
 
@@ -781,6 +790,21 @@ class Progress:
         if self.steps_timed == 1:  # this process has trained: a restart ends here
             self.metrics.write(event="first_step", step=step, unix_time=time.time(),
                                slurm_job_id=slurm_job_id())
+
+    def add_evaluation(self, seconds):
+        self.evaluations += 1
+        self.time_in_evaluations += seconds
+
+    def eta_seconds(self, step):
+        """The steps left at this process's mean step time, and the evaluations left (the one
+        after this step's report included) at its mean evaluation time once it has timed one.
+        Checkpoint saves are not counted."""
+        steps = (self.last_step - step) * self.time_in_steps / self.steps_timed
+        if not self.evaluations or self.last_step != self.cfg.max_iters:  # a benchmark: none
+            return steps
+        last, every = self.last_step, self.cfg.eval_interval  # evaluates_at's steps in [step, last]
+        left = last // every - (step - 1) // every + (last % every != 0)
+        return steps + left * self.time_in_evaluations / self.evaluations
 
     def report(self, step, tokens_seen, loss_value, lr, grad_norm):
         cfg, run = self.cfg, self.run
@@ -803,7 +827,7 @@ class Progress:
             line += f" | MFU {record['mfu']:.1%}"
             if cfg.planned_mfu:
                 line += f" (plan {cfg.planned_mfu:.0%})"
-        record["eta_s"] = (self.last_step - step) * self.time_in_steps / self.steps_timed
+        record["eta_s"] = self.eta_seconds(step)
         line += f" | eta {format_duration(record['eta_s'])}"
         self.metrics.write(**record)  # first the durable record, then the console
         log(line)

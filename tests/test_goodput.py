@@ -45,8 +45,9 @@ def plan_of(text):
 def test_young_daly_and_goodput_by_hand():
     # 1e9 parameters on 8 ranks, 2 GB/s, 1e-4 failures per GPU-hour, 10,000 steps of 100 s.
     g = G.plan_goodput(n_params=10**9, sharded=True, world_size=8, train_seconds=1e6,
-                       max_iters=10_000, write_GBps=2.0, failures_per_gpu_hour=1e-4,
-                       restart_seconds=600, ckpt_interval=None, default_interval=1000)
+                       max_iters=10_000, eval_seconds=0.0, write_GBps=2.0,
+                       failures_per_gpu_hour=1e-4, restart_seconds=600, ckpt_interval=None,
+                       default_interval=1000)
     assert g.checkpoint_bytes == 12e9  # fp32 weights + AdamW's exp_avg and exp_avg_sq
     assert g.checkpoint_bytes_per_rank == 1.5e9
     assert g.write_seconds == pytest.approx(6.0, rel=EXACT)  # 12 GB / 2 GB/s
@@ -62,9 +63,29 @@ def test_young_daly_and_goodput_by_hand():
     assert g.expected_failures == pytest.approx(wall / 4.5e6, rel=EXACT)
 
 
+def test_evaluations_are_work_a_checkpoint_protects_by_hand():
+    # The job above, evaluating 5e4 s in all: 1.05e6 s of work, 105 s per step.
+    g = G.plan_goodput(n_params=10**9, sharded=True, world_size=8, train_seconds=1e6,
+                       max_iters=10_000, eval_seconds=5e4, write_GBps=2.0,
+                       failures_per_gpu_hour=1e-4, restart_seconds=600, ckpt_interval=None,
+                       default_interval=1000)
+    assert g.young_daly_steps == g.interval_steps == 70  # 7348.5 s / 105 s per step, rounded
+    assert g.interval_seconds == pytest.approx(7350, rel=EXACT)
+    assert g.saves == 143  # ceil(10,000 / 70)
+    wall = (1.05e6 + 143 * 6) / (1 - (600 + (7350 + 6) / 2) / 4.5e6)
+    assert g.wall_clock_seconds == pytest.approx(wall, rel=EXACT)
+    assert g.goodput == pytest.approx(1e6 / wall, rel=EXACT)  # evaluation is not training
+    assert g.eval_seconds == 5e4 and g.timing_fields()["eval_days"] == pytest.approx(5e4 / 86400)
+    off = G.plan_goodput(n_params=10**9, sharded=True, world_size=8, train_seconds=1e6,
+                         max_iters=10_000, eval_seconds=5e4, write_GBps=2.0,
+                         failures_per_gpu_hour=0.0, restart_seconds=600, ckpt_interval=None,
+                         default_interval=1000)
+    assert off.wall_clock_seconds == 1.05e6 and off.goodput == pytest.approx(1e6 / 1.05e6)
+
+
 def test_the_interval_stays_within_the_run():
     common = dict(n_params=10**9, sharded=False, world_size=1, write_GBps=2.0, restart_seconds=0,
-                  failures_per_gpu_hour=1e-4, default_interval=1000)
+                  failures_per_gpu_hour=1e-4, default_interval=1000, eval_seconds=0.0)
     short = G.plan_goodput(train_seconds=100.0, max_iters=10, ckpt_interval=None, **common)
     assert short.interval_steps == 10 and short.saves == 1  # √(2·6·3.6e7) s ≫ the 100 s run
     slow = G.plan_goodput(train_seconds=1e6, max_iters=10, ckpt_interval=None, **common)
@@ -107,13 +128,47 @@ def test_failure_rate_zero_keeps_the_old_interval():
         on = plan_of(text)
         t, tm = off.variants[0].training, off.variants[0].timing
         assert t.ckpt_interval == max(1, min(1000, t.max_iters // 10))
-        assert tm.goodput == 1 and tm.wall_clock_days == tm.days and tm.expected_failures == 0
+        # the wall clock is training and evaluation, nothing else
+        assert tm.wall_clock_days == pytest.approx(tm.days + tm.eval_days, rel=EXACT)
+        assert tm.goodput == pytest.approx(tm.days / (tm.days + tm.eval_days), rel=EXACT)
+        assert tm.expected_failures == 0
         assert tm.job_mtbf_s is None and tm.young_daly_interval_s is None
         # only the checkpoint interval and the goodput fields differ
         assert off.variants[0].training.model_copy(update={"ckpt_interval": 0}) == \
             on.variants[0].training.model_copy(update={"ckpt_interval": 0})
         assert tm.days == on.variants[0].timing.days
     assert max(1, min(1000, t.max_iters // 10)) == 1000  # the GPU spec reached the cap
+
+
+def evaluation_seconds_by_hand(v, evaluations, batches):
+    """evaluations × batches global batches, each one forward: a third of the exact FLOPs per
+    token, against the step's executed FLOPs per token (recomputation included)."""
+    t, tm = v.training, v.timing
+    executed_per_token = tm.hardware_flops / t.tokens_trained
+    share = v.choice.flops_per_token_exact / 3 / executed_per_token
+    return evaluations * batches * share * tm.step_seconds
+
+
+@pytest.mark.parametrize("text, recompute", [(TINY, False), (
+    gpu_spec(1.36e21, 1) + "training: {activation_checkpointing: true}\n", True)])
+def test_evaluation_time_by_hand(text, recompute):
+    """train.py evaluates every eval_interval steps and at the last, eval_iters global batches
+    each, forward only. Against the step: a third of its FLOPs, or less where the step also
+    recomputes the forward. (A dozen float operations in another order: EXACT.)"""
+    v = plan_of(text).variants[0]
+    t, tm = v.training, v.timing
+    assert t.activation_checkpointing is recompute
+    assert t.eval_interval == max(1, min(1000, t.max_iters // 10))
+    evaluations = math.ceil(t.max_iters / t.eval_interval)
+    expected = evaluation_seconds_by_hand(v, evaluations, t.eval_iters)
+    assert tm.eval_days * 86400 == pytest.approx(expected, rel=EXACT)
+    share = tm.eval_days * 86400 / (evaluations * t.eval_iters * tm.step_seconds)
+    if recompute:  # the step adds a forward of the blocks, not of lm_head: 1/4 < share < 1/3
+        assert 1 / 4 < share < 1 / 3
+    else:
+        assert share == pytest.approx(1 / 3, rel=EXACT)
+    assert f"{evaluations} evaluation(s)" in v.provenance["eval_days"]
+    assert tm.wall_clock_days > tm.days + tm.eval_days  # the failures' and saves' share on top
 
 
 def test_a_large_job_checkpoints_more_often_and_loses_more():
@@ -205,6 +260,12 @@ def test_max_days_on_a_job_that_never_finishes_says_so(tmp_path):
     assert "inf" not in r.stderr
 
 
+def within_a_step(timing, max_iters, budget_s):
+    """The expected wall clock is the budget's, to 1e-6, or at most one step of it more."""
+    wall_s = timing.wall_clock_days * 86400
+    return -1e-6 * budget_s <= wall_s - budget_s <= wall_s / max_iters + 1e-6 * budget_s
+
+
 def time_budget_spec(budget, failures):
     return (f"name: job\nbudget: {{{budget}}}\n"
             "hardware: {gpu: h100-sxm, gpus_per_node: 8, nodes: 64, usd_per_gpu_hour: 2.0}\n"
@@ -217,22 +278,26 @@ def test_a_time_budget_is_the_expected_wall_clock(budget):
     job fails every ~20 h, so the pick trains for less than the budget and its expected wall
     clock, saves and failures included, is the budget (172,032 GPU-hours = 14 days × 512). What
     the plan bills (GPU-hours, cost) is that wall clock. Bounds: the plan trains whole steps, so
-    it may run past the budget by one step; the fixed point (timebudget._full_tokens) settles
-    far below that (1e-6)."""
+    it may run past the budget by one step of its wall clock (the step, its share of the
+    evaluations, at the goodput's rate); the fixed point (timebudget._full_tokens) settles far
+    below that (1e-6)."""
     v = plan_of(time_budget_spec(budget, 1e-4)).variants[0]
     t, world, wall_s = v.timing, 512, 14 * 86400
     assert 0.9 < t.goodput < 0.99  # failures cost this job a few percent
     assert t.days * 86400 < wall_s * 0.99
-    assert -1e-6 * wall_s <= t.wall_clock_days * 86400 - wall_s <= t.step_seconds + 1e-6 * wall_s
+    assert within_a_step(t, v.training.max_iters, wall_s)
     assert t.gpu_hours == pytest.approx(t.wall_clock_days * 24 * world, rel=EXACT)
     assert t.cost_usd == pytest.approx(t.gpu_hours * 2.0, rel=EXACT)
 
 
-def test_a_time_budget_without_failures_trains_for_all_of_it():
-    """Failure rate 0 (failures not modelled) keeps the old behaviour: the whole budget trains."""
+def test_a_time_budget_without_failures_trains_and_evaluates_for_all_of_it():
+    """Failure rate 0 (failures not modelled): the whole budget trains and evaluates, nothing
+    else. Whole steps: at most one step over (its evaluation share is a few hundredths of it)."""
     v = plan_of(time_budget_spec("days: 14", 0)).variants[0]
-    assert v.timing.goodput == 1.0
-    assert 0 <= v.timing.days * 86400 - 14 * 86400 <= v.timing.step_seconds
+    t = v.timing
+    assert t.wall_clock_days == pytest.approx(t.days + t.eval_days, rel=EXACT)
+    assert t.goodput == pytest.approx(t.days / (t.days + t.eval_days), rel=EXACT)
+    assert 0 <= (t.days + t.eval_days) * 86400 - 14 * 86400 <= t.step_seconds
 
 
 def test_a_time_budget_is_never_overrun_where_the_batch_changes_the_speed():
@@ -267,10 +332,10 @@ def test_a_tiny_time_budget_that_a_checkpoint_nearly_fills_still_plans():
     1e-9 and plans within the budget (the bound as above: one step, 1e-6)."""
     text = ("name: t\nbudget: {gpu_hours: 0.001}\nhardware: {gpu: h100-sxm, nodes: 4}\n"
             "cluster: {failures_per_gpu_hour: 0.01}\nvariants: [{name: o}]\n")
-    t = plan_of(text).variants[0].timing
-    wall_s = 0.001 * 3600 / 32
+    v = plan_of(text).variants[0]
+    t, wall_s = v.timing, 0.001 * 3600 / 32
     assert t.checkpoint_write_s > 0.2 * wall_s
-    assert -1e-6 * wall_s <= t.wall_clock_days * 86400 - wall_s <= t.step_seconds + 1e-6 * wall_s
+    assert within_a_step(t, v.training.max_iters, wall_s)
 
 
 def test_the_generated_readme_states_a_time_budget_as_wall_clock():

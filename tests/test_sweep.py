@@ -115,12 +115,17 @@ def test_spec_sweep_budgets_and_cap():
         assert t.lr_schedule == "cosine" and t.eval_interval == t.max_iters
         assert t.eval_iters * t.global_batch_tokens >= sw.val_tokens
         assert t.max_iters * t.global_batch_tokens == t.tokens_trained >= c.tokens
+        # one evaluation, at the end, of eval_iters batches of a forward's third of the step
+        assert r.timing.eval_days * 86400 == pytest.approx(
+            t.eval_iters * r.timing.step_seconds / 3, rel=1e-12)  # no recompute; a few float ops
     assert all(3 <= len(rs) <= 4 for rs in per_budget.values())  # one family is coarse in N
     for c, rs in per_budget.items():  # each budget's shapes bracket the prior law's minimum
         losses = [r.choice.loss for r in sorted(rs, key=lambda r: r.choice.n_params)]
         assert S.brackets(losses), c
     assert sw.flops <= sw.max_fraction * plan.budget.flops
     assert sw.fraction_of_target == pytest.approx(sw.flops / plan.budget.flops, rel=1e-12)
+    assert sw.days == pytest.approx(sum(r.timing.days + r.timing.eval_days for r in sw.runs),
+                                    rel=1e-12)  # float sums of a dozen positive terms
 
 
 def test_where_the_family_misses_the_prior_minimum_the_nearest_shapes_are_taken():

@@ -85,6 +85,31 @@ def test_trains_below_unigram_entropy_and_resumes(repo):
     assert checkpoint.list_checkpoints(out)[0].name == "step_00000320"
 
 
+def test_evaluations_are_timed_and_in_the_finish_estimate(single_run):
+    """single_run trains 40 steps, logging each, and evaluates after steps 20 and 40. Each
+    evaluation logs its seconds; the finish estimate (eta_s) is the steps left at the mean step
+    time so far, plus the evaluations left (the one after this step's report included) at the
+    mean evaluation time so far, none counted before one was timed. Rebuilt here from the
+    logged records: the same float sums in the same order, so 1e-12 leaves room for rounding
+    only."""
+    records = read_metrics(single_run)
+    evaluations = {r["step"]: r["eval_time_s"] for r in records if "val_loss" in r}
+    assert sorted(evaluations) == [20, 40] and all(t > 0 for t in evaluations.values())
+    step_times, timed_evaluations = [], []
+    for r in records:
+        if "val_loss" in r:
+            timed_evaluations.append(r["eval_time_s"])
+        elif "tokens_per_s" in r:
+            step_times.append(r["step_time_s"])  # log_interval 1: one step each
+            left = 0 if not timed_evaluations else (2 if r["step"] <= 20 else 1)
+            expected = ((40 - r["step"]) * sum(step_times) / len(step_times)
+                        + left * sum(timed_evaluations) / max(1, len(timed_evaluations)))
+            assert r["eta_s"] == pytest.approx(expected, rel=1e-12, abs=1e-12), r
+    last_report = [r for r in records if "tokens_per_s" in r][-1]
+    assert len(step_times) == 40 and last_report["step"] == 40
+    assert last_report["eta_s"] == evaluations[20]  # no step left, the final evaluation ahead
+
+
 def run_two_nodes(repo, *overrides):
     """Two torchrun 'nodes' of one process each on this machine (for HSDP's 2 × 1 mesh)."""
     with socket.socket() as s:

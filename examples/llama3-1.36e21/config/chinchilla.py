@@ -41,10 +41,10 @@ beta2 = 0.95  # spec: training.beta2
 grad_clip = 1.0  # spec: training.grad_clip
 
 # --- evaluation, logging, checkpoints ---
-eval_interval = 1000
+eval_interval = 1000  # max_iters // 10, 1 to 1000 steps
 eval_iters = 20
 log_interval = 10
-ckpt_interval = 1143
+ckpt_interval = 1136
 keep_last_ckpts = 3
 
 # --- system: fsdp over 8 ranks (compiler/layout.py) ---
