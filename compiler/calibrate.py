@@ -15,7 +15,8 @@ whole measured step), the measured MFU replaces the model, as a spec's hardware.
 
 The run's checkpoint saves, its restarts and its unexpected interruptions (processes that died
 with no record of why and were resumed) set the next plan's write bandwidth, restart time and
-failure rate (compiler/goodput.py), where the spec sets none.
+failure rate (compiler/goodput.py), where the spec sets none; its timed evaluations, the share
+of a step an evaluated batch takes (trainplan.evaluation_share).
 
 Only the standard library and the compiler's own modules: no torch.
 """
@@ -319,6 +320,37 @@ def measured_failures(records: list[dict]) -> dict | None:
                     "process's first trained step to its last log, × its ranks")}
 
 
+# An evaluated batch costing under 1% or over 100× the share of a step its FLOPs say is a broken
+# or edited record, not a measurement to plan with.
+EVALUATION_RATIO = (0.01, 100.0)
+
+
+def measured_evaluations(records: list[dict], eval_iters, step_time_s, run) -> dict | None:
+    """The run's evaluations against its measured step: the median seconds of one (a process's
+    first left out where it evaluated again: compilation, warm-up) over eval_iters × the step
+    time, the share of a step one evaluated batch took; and that over the share the plan assumes
+    for the run's own shape and checkpointing (evaluate.forward_share). None where the run timed
+    no evaluation (a --benchmark_iters run evaluates none)."""
+    times, left_out = [], 0
+    for process in _starts(records):
+        timed = [r["eval_time_s"] for r in process
+                 if "val_loss" in r and _positive(r.get("eval_time_s"))]
+        left_out += len(timed) > 1
+        times += timed[1:] or timed
+    if not times or not _count(eval_iters) or not _positive(step_time_s) or run is None:
+        return None
+    from .evaluate import forward_share, hardware_flops_per_token
+    seconds = statistics.median(times)
+    share = seconds / (eval_iters * step_time_s)
+    assumed = float(forward_share(hardware_flops_per_token(run.shape, False),
+                                  hardware_flops_per_token(run.shape, run.checkpointing))[0])
+    return {"evaluations": len(times), "seconds": seconds, "eval_iters": eval_iters,
+            "share_of_a_step": share, "assumed_share": assumed,
+            "measured_over_predicted": share / assumed,
+            "how": (f"median of {len(times)} timed evaluation(s), {left_out} left out as a "
+                    f"process's first (warm-up); over {eval_iters} batches × the measured step")}
+
+
 def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
     """(seconds, where) of the calibration run's measured restarts, for goodput; None: none."""
     restarts = doc.get("restarts")
@@ -611,8 +643,20 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
     doc["checkpoint"] = checkpoint_saves(records)
     doc["restarts"] = measured_restarts(records)
     doc["failures"] = measured_failures(records)
+    doc["evaluation"] = measured_evaluations(records, measured["config"].get("eval_iters"),
+                                             doc["step_time_s"], calibration_run(doc))
+    _refuse_unusable_evaluation(doc["evaluation"], run_dir)
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
+
+
+def _refuse_unusable_evaluation(timed: dict | None, run_dir: Path) -> None:
+    low, high = EVALUATION_RATIO
+    if timed and not low <= timed["measured_over_predicted"] <= high:
+        raise _error(f"the run's evaluations took {timed['measured_over_predicted']:.3g}× the share "
+                     f"of a step a forward's FLOPs give, outside [{low:g}, {high:g}]: an edited "
+                     "or broken record", str(run_dir / METRICS),
+                     "check the eval_time_s and step_time_s records, or calibrate another run")
 
 
 def final_loss(records: list[dict], max_iters: int, predicted: float, law: str) -> dict:
@@ -702,6 +746,7 @@ def report(doc: dict) -> str:
     lines.append(_checkpoint_line(doc.get("checkpoint"), p))
     lines.append(_restart_line(doc.get("restarts")))
     lines.append(_failure_line(doc.get("failures")))
+    lines.append(_evaluation_line(doc.get("evaluation")))
     peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
                  f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")
@@ -746,6 +791,16 @@ def _failure_line(failures: dict | None) -> str:
             f"{failures['device_hours']:.4g} device-hours{lost}; a spec with this calibration "
             f"plans {rate:.3g} failures per device-hour (the default updated by them, "
             "compiler/goodput.py), unless it sets cluster.failures_per_gpu_hour")
+
+
+def _evaluation_line(timed: dict | None) -> str:
+    if not timed:
+        return ("evaluation: none timed (a --benchmark_iters run evaluates none); a spec with this "
+                "calibration plans an evaluated batch as a forward at the step's rate")
+    return (f"evaluation: {timed['seconds']:.4g} s each ({timed['how']}): a batch is "
+            f"{timed['share_of_a_step']:.3g} of a step, {timed['measured_over_predicted']:.3f}× "
+            f"the {timed['assumed_share']:.3g} a forward's FLOPs give; a spec with this "
+            "calibration plans evaluations at that ratio")
 
 
 def _loss_lines(loss: dict | None) -> list[str]:
@@ -823,6 +878,7 @@ def plan_record(doc: dict, file: str):
     m, planned, curve = doc["measured_on"], doc["planned"], doc.get("curve") or {}
     loss, saves = doc.get("loss") or {}, doc.get("checkpoint") or {}
     restarts, failures = doc.get("restarts") or {}, doc.get("failures") or {}
+    timed = doc.get("evaluation") or {}
 
     def numbers(d):
         return P.Measured(tokens_per_second=d["tokens_per_second"], mfu=d["mfu"],
@@ -841,7 +897,9 @@ def plan_record(doc: dict, file: str):
         checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")),
         ranks_per_node=m.get("ranks_per_node"), restart_seconds=_number(restarts.get("seconds")),
         restarts=restarts.get("count"), interruptions=failures.get("interruptions"),
-        device_hours=_number(failures.get("device_hours")), lost_steps=failures.get("lost_steps"))
+        device_hours=_number(failures.get("device_hours")), lost_steps=failures.get("lost_steps"),
+        evaluation_ratio=_number(timed.get("measured_over_predicted")),
+        evaluation_how=timed.get("how"))
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -897,6 +955,13 @@ def _calibration_problem(doc: dict) -> str | None:
             and isinstance(failures.get("how"), str)):
         return ("failures must be null or give device_hours (a number > 0), interruptions and "
                 "lost_steps (whole numbers ≥ 0) and how")
+    timed, (low, high) = doc.get("evaluation"), EVALUATION_RATIO
+    if timed is not None and not (
+            isinstance(timed, dict) and isinstance(timed.get("how"), str)
+            and _positive(timed.get("measured_over_predicted"))
+            and low <= timed["measured_over_predicted"] <= high):
+        return (f"evaluation must be null or give measured_over_predicted (a number in [{low:g}, "
+                f"{high:g}]) and how")
     saves = doc.get("checkpoint")
     if saves is not None and not (
             isinstance(saves, dict) and isinstance(saves.get("how"), str)

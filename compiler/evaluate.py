@@ -218,6 +218,13 @@ def hardware_flops_per_token(shapes: ModelShape, activation_checkpointing, forwa
     return exact + recomputed * forward_of_blocks
 
 
+def forward_share(flops_per_token_exact, hardware_flops_per_token):
+    """An evaluated token's time over a trained token's: one forward, a third of the exact FLOPs,
+    against the FLOPs a training step executes per token (recomputation included), at the same
+    achieved rate (assumption: the forward's communication and efficiency are the step's)."""
+    return np.asarray(flops_per_token_exact) / 3 / np.asarray(hardware_flops_per_token)
+
+
 def divisors(n: int) -> np.ndarray:
     small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
     return np.array(sorted(set(small + [n // i for i in small])), dtype=np.int64)

@@ -410,10 +410,13 @@ class Calibration(PlanModel):
     interruptions: int | None = None
     device_hours: float | None = None
     lost_steps: int | None = None
+    # its timed evaluations: measured over assumed share of a step per batch (None: none timed)
+    evaluation_ratio: float | None = None
+    evaluation_how: str | None = None
     omitted_when_none: ClassVar[tuple[str, ...]] = (
         "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
         "checkpoint_GBps_per_device", "ranks_per_node", "restart_seconds", "restarts",
-        "interruptions", "device_hours", "lost_steps")
+        "interruptions", "device_hours", "lost_steps", "evaluation_ratio", "evaluation_how")
 
     @property
     def nodes(self) -> int | None:

@@ -12,7 +12,7 @@ from . import plan as P
 from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate, fits_at_any_scale, fits_somehow
 from .spec import Spec
-from .trainplan import candidate_batches, forward_share, plan_training, wall_clock_seconds
+from .trainplan import candidate_batches, evaluation_share, plan_training, wall_clock_seconds
 
 
 def _shape(spec: Spec, c: solver.Candidates, i: int) -> P.Shape:
@@ -444,9 +444,9 @@ def _search(spec: Spec) -> _Search:
         cands, evaluation = timebudget.spend(spec, budget, cands, shapes, hardware)
     batch_tokens = candidate_batches(spec, cands) * spec.model.seq_len
     cands = solver.with_batches(cands, batch_tokens)
+    share = evaluation_share(spec, cands.fpt_exact, evaluation.hardware_flops_per_token)
     cands = dataclasses.replace(cands, wall_seconds=wall_clock_seconds(
-        spec, cands.n_params, cands.seconds, np.rint(cands.tokens_trained / batch_tokens),
-        forward_share(cands.fpt_exact, evaluation.hardware_flops_per_token)))
+        spec, cands.n_params, cands.seconds, np.rint(cands.tokens_trained / batch_tokens), share))
     if not evaluation.fits.any():
         raise _nothing_fits(spec, hardware, cands, evaluation)
     beyond = int((~evaluation.fits & ~fits_at_any_scale(shapes, hardware)).sum())

@@ -169,6 +169,13 @@ class Hardware(StrictModel):
         ratio = peak.get("measured_over_predicted")
         return float(ratio) if isinstance(ratio, (int, float)) and ratio > 0 else None
 
+    @property
+    def measured_evaluation_ratio(self) -> float | None:
+        """The calibration's measured / assumed share of a step an evaluated batch takes (None:
+        no evaluation timed, or no calibration)."""
+        timed = (self._calibration or {}).get("evaluation") or {}
+        return timed.get("measured_over_predicted")
+
     @field_validator("gpu")
     @classmethod
     def _known_gpu(cls, value):

@@ -31,7 +31,7 @@ from .errors import UserError
 from .evaluate import Evaluation, HardwareView, evaluate
 from .memory import ModelShape
 from .spec import Spec
-from .trainplan import candidate_batches, forward_share, wall_clock_seconds
+from .trainplan import candidate_batches, evaluation_share, wall_clock_seconds
 
 ROUNDS = 4  # evaluations at new batches; two suffice where a candidate alternates
 # T ← T · budget / wall(T) shrinks its error by (checkpoint and restart time) / budget a round:
@@ -50,8 +50,8 @@ def spend(spec: Spec, budget: solver.BudgetFlops, cands: solver.Candidates, shap
     for _ in range(ROUNDS):
         evaluation = evaluate(shapes, hardware, batches)
         tps = evaluation.tokens_per_second
-        full = _full_tokens(spec, budget, cands, tps,
-                            forward_share(cands.fpt_exact, evaluation.hardware_flops_per_token))
+        share = evaluation_share(spec, cands.fpt_exact, evaluation.hardware_flops_per_token)
+        full = _full_tokens(spec, budget, cands, tps, share)
         full_batches = _batches(spec, cands, full)
         tokens = np.where(full_batches == batches, full,
                           np.where(full_batches > batches,
@@ -82,7 +82,8 @@ def _refuse_if_too_short(spec: Spec, budget: solver.BudgetFlops, cands: solver.C
     if not fits.any():
         return  # the memory error says why
     step_s = batches[fits] * spec.model.seq_len / evaluation.tokens_per_second[fits]
-    share = forward_share(cands.fpt_exact[fits], evaluation.hardware_flops_per_token[fits])
+    share = evaluation_share(spec, cands.fpt_exact[fits],
+                             evaluation.hardware_flops_per_token[fits])
     shortest = wall_clock_seconds(spec, cands.n_params[fits], step_s, np.ones(len(step_s)),
                                   share).min()
     if shortest > budget.job_seconds:
@@ -107,14 +108,14 @@ def _batches(spec: Spec, cands: solver.Candidates, tokens: np.ndarray) -> np.nda
 
 
 def _full_tokens(spec: Spec, budget: solver.BudgetFlops, cands: solver.Candidates,
-                 tokens_per_second: np.ndarray, forward_share: np.ndarray) -> np.ndarray:
+                 tokens_per_second: np.ndarray, eval_share: np.ndarray) -> np.ndarray:
     """Tokens whose training at tokens_per_second, evaluations, checkpoints and failures
     included, takes the budget's wall clock (module docstring)."""
     train = np.full(len(cands), budget.job_seconds)
     for _ in range(WALL_CLOCK_ROUNDS):
         tokens = train * tokens_per_second
         steps = np.maximum(1, np.ceil(tokens / (_batches(spec, cands, tokens) * spec.model.seq_len)))
-        wall = wall_clock_seconds(spec, cands.n_params, train, steps, forward_share)
+        wall = wall_clock_seconds(spec, cands.n_params, train, steps, eval_share)
         finishes = np.isfinite(wall) & (wall > 0)  # else the pick's goodput says why it cannot
         ratio = np.where(finishes, budget.job_seconds / np.where(finishes, wall, 1), 1.0)
         train = train * ratio

@@ -15,7 +15,7 @@ from . import sweep as S
 from . import calibrate, laws
 from . import plan as P
 from .errors import UserError
-from .evaluate import HardwareView
+from .evaluate import HardwareView, forward_share
 from .layout import Layout
 from .memory import GIB
 from .spec import Spec
@@ -118,18 +118,20 @@ def eval_interval(spec: Spec, max_iters):
     return spec.training.eval_interval or default_interval(max_iters)
 
 
-def forward_share(flops_per_token_exact, hardware_flops_per_token):
-    """An evaluated token's time over a trained token's: one forward, a third of the exact FLOPs,
-    against the FLOPs a training step executes per token (recomputation included), at the same
-    achieved rate (assumption: the forward's communication and efficiency are the step's)."""
-    return np.asarray(flops_per_token_exact) / 3 / np.asarray(hardware_flops_per_token)
+def evaluation_share(spec: Spec, flops_per_token_exact, hardware_flops_per_token):
+    """An evaluated token's time over a trained token's (vectorised): evaluate.forward_share,
+    scaled by what the spec's calibration run measured over it for its own shape, if it timed
+    evaluations."""
+    share = forward_share(flops_per_token_exact, hardware_flops_per_token)
+    return share * (spec.hardware.measured_evaluation_ratio or 1.0)
 
 
-def evaluation_seconds(train_seconds, max_iters, eval_interval, eval_iters, forward_share):
+def evaluation_seconds(train_seconds, max_iters, eval_interval, eval_iters, eval_share):
     """Seconds train.py evaluates in a run of max_iters steps taking train_seconds: at every
-    eval_interval-th step and the last, eval_iters global batches, forward only (vectorised)."""
+    eval_interval-th step and the last, eval_iters global batches, each eval_share of a step
+    (vectorised)."""
     evaluations = -(-np.asarray(max_iters) // eval_interval)
-    return evaluations * eval_iters * forward_share * np.asarray(train_seconds) / max_iters
+    return evaluations * eval_iters * eval_share * np.asarray(train_seconds) / max_iters
 
 
 def goodput_settings(spec: Spec) -> dict:
@@ -168,13 +170,13 @@ def _restart_seconds(spec: Spec) -> tuple[float, str]:
                           else None)
 
 
-def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters, forward_share
+def wall_clock_seconds(spec: Spec, n_params, train_seconds, max_iters, eval_share
                        ) -> np.ndarray:
     """Every candidate's expected wall clock, evaluations, checkpoints and failures included: the
     pick's goodput (below) for each of them. What a variant's max_days bounds."""
     max_iters = np.minimum(max_iters, MAX_ITERS)  # beyond it a pick is refused (_steps)
     evals = evaluation_seconds(train_seconds, max_iters, eval_interval(spec, max_iters),
-                               spec.training.eval_iters, forward_share)
+                               spec.training.eval_iters, eval_share)
     return G.schedule(n_params, train_seconds, max_iters, eval_seconds=evals,
                       **goodput_settings(spec),
                       default_interval=default_interval(max_iters)).wall_seconds
@@ -290,15 +292,25 @@ def _evaluations(spec: Spec, choice: P.Choice, lay: Layout, steps: "_Steps", tra
         provenance["eval_iters"] = (
             f"ceil(val_tokens {val_tokens:,} / {steps.batch_tokens:,} tokens per batch) "
             "(compiler/sweep.py VAL_TOKENS says why)")
-    share = float(forward_share(choice.flops_per_token_exact, lay.hardware_flops_per_token))
+    share = float(evaluation_share(spec, choice.flops_per_token_exact, lay.hardware_flops_per_token))
     seconds = float(evaluation_seconds(train_seconds, max_iters, interval, iters, share))
-    count = -(-max_iters // interval)
     provenance["eval_days"] = (
-        f"{count} evaluation(s) (every {interval} steps and at the last) × {iters} global batches, "
-        f"forward only: each batch {share:.3g} of a training step's {train_seconds / max_iters:.3g} "
-        f"s, a forward's {choice.flops_per_token_exact / 3:,.0f} FLOPs per token against the "
-        f"step's {lay.hardware_flops_per_token:,.0f} at the same rate (assumption)")
+        f"{-(-max_iters // interval)} evaluation(s) (every {interval} steps and at the last) × "
+        f"{iters} global batches, forward only: each batch {share:.3g} of a training step's "
+        f"{train_seconds / max_iters:.3g} s, {_share_source(spec, choice, lay)}")
     return _Evaluations(interval, iters, seconds)
+
+
+def _share_source(spec: Spec, choice: P.Choice, lay: Layout) -> str:
+    """Where an evaluated batch's share of a step comes from (evaluation_share)."""
+    flops = (f"a forward's {choice.flops_per_token_exact / 3:,.0f} FLOPs per token against the "
+             f"step's {lay.hardware_flops_per_token:,.0f}")
+    ratio = spec.hardware.measured_evaluation_ratio
+    if ratio is None:
+        return flops + " at the same rate (assumption)"
+    run = spec.hardware.calibration_data["measured_on"].get("run")
+    return (f"{flops}, × {ratio:.4g}: what run {run} measured over that for its own shape and "
+            f"layout (calibration {spec.hardware.calibration})")
 
 
 @dataclass(frozen=True)

@@ -308,7 +308,8 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                                            "world_size": 1, "seconds": 2.0, "bytes": None}},
                   "restarts": {"restarts": {"seconds": -5, "count": 1, "how": "by hand"}},
                   "failures": {"failures": {"interruptions": -1, "device_hours": 2.0,
-                                            "lost_steps": 0, "how": "by hand"}}}
+                                            "lost_steps": 0, "how": "by hand"}},
+                  "evaluation": {"evaluation": {"measured_over_predicted": 1e6, "how": "by hand"}}}
     for name, edit in broken_run.items():
         directory = work / f"broken-run-{name}"
         directory.mkdir()
@@ -317,7 +318,8 @@ def test_calibration_files_that_cannot_be_used_are_refused(run):
                  "measured_on.layout.micro_batch_size", "layout": "measured_on.layout.parallelism",
                  "tp": "measured_on.layout.tensor_parallel",
                  "nodes": "measured_on.ranks_per_node", "saves": "checkpoint must be",
-                 "restarts": "restarts must be", "failures": "failures must be"}[name]
+                 "restarts": "restarts must be", "failures": "failures must be",
+                 "evaluation": "evaluation must be"}[name]
         assert_user_error(cli("solve", calibrated_spec(directory)), field, "llama3gen calibrate")
 
 
@@ -397,6 +399,47 @@ def test_a_process_resumed_a_moment_ago_does_not_replace_the_measurement(run):
         result = cli("calibrate", resumed_dir, "--json")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["tokens_per_second"] == expected
+
+
+def test_timed_evaluations_set_the_next_plans_evaluation_time(run):
+    """A run that evaluates logs each evaluation's seconds. calibrate takes their median (a
+    process's first left out: warm-up) over eval_iters × the measured step: the share of a step
+    an evaluated batch took, against the third of one a forward's FLOPs give (the tiny plan does
+    not recompute). The next plan evaluates at that ratio, and says so."""
+    repo, _, _, _, work = run
+    run_train(repo, "config/optimal.py", "--max_iters=6", "--eval_interval=2", "--eval_iters=2",
+              "--log_interval=1", "--ckpt_interval=6", "--out_dir=out/evaluated", timeout=300)
+    records = read_metrics(repo / "out" / "evaluated")
+    seconds = {r["step"]: r["eval_time_s"] for r in records if "val_loss" in r}
+    assert sorted(seconds) == [2, 4, 6] and all(t > 0 for t in seconds.values())
+
+    spec_dir = work / "evaluated-spec"
+    spec_dir.mkdir()
+    result = cli("calibrate", repo / "out" / "evaluated", "--json",
+                 "-o", spec_dir / "calibration.json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    timed = doc["evaluation"]
+    # float64 arithmetic on the logged numbers, a few operations: 1e-12
+    assert timed["evaluations"] == 2 and timed["eval_iters"] == 2
+    assert timed["seconds"] == pytest.approx((seconds[4] + seconds[6]) / 2, rel=1e-12)
+    share = timed["seconds"] / (2 * doc["step_time_s"])
+    assert timed["share_of_a_step"] == pytest.approx(share, rel=1e-12)
+    assert timed["assumed_share"] == pytest.approx(1 / 3, rel=1e-12)
+    assert timed["measured_over_predicted"] == pytest.approx(3 * share, rel=1e-12)
+    text = cli("calibrate", repo / "out" / "evaluated").stdout
+    assert f"{timed['measured_over_predicted']:.3f}× the 0.333 a forward's FLOPs give" in text
+
+    new = work / "evaluated-repo"
+    assert cli("compile", calibrated_spec(spec_dir), "-o", new).returncode == 0
+    planned = variant(lock_plan(new), "optimal")
+    t, tm = planned["training"], planned["timing"]
+    evaluations = -(-t["max_iters"] // t["eval_interval"])
+    assert tm["eval_days"] * 86400 == pytest.approx(
+        evaluations * t["eval_iters"] * share * tm["step_seconds"], rel=LOCK_ROUNDING)
+    assert "what run tiny-cpu:out/evaluated measured" in planned["provenance"]["eval_days"]
+    page = (new / "docs" / "calibration.md").read_text()
+    assert f"{timed['measured_over_predicted']:.3f}× the share of a step" in page
 
 
 def test_checkpoint_saves_set_the_next_plans_write_time(run):

@@ -376,8 +376,8 @@ def record_strategy(good_start: dict) -> st.SearchStrategy:
         {"step": v(st.integers(0, 2000))},
         optional={"loss": v(st.floats(0, 10)), "tokens_per_s": v(st.floats(5e3, 1e5)),
                   "step_time_s": v(st.floats(1e-3, 10)), "unix_time": v(times),
-                  "val_loss": v(st.floats(0, 10)), "max_rss": v(st.floats(1e6, 1e10)),
-                  "mfu": v(st.floats(0, 1))})
+                  "val_loss": v(st.floats(0, 10)), "eval_time_s": v(st.floats(1e-4, 100)),
+                  "max_rss": v(st.floats(1e6, 1e10)), "mfu": v(st.floats(0, 1))})
     other = st.fixed_dictionaries(
         {"event": v(st.sampled_from(["checkpoint", "benchmark", "stopped_nonfinite", "skipped"]))},
         optional={"step": v(st.integers(0, 50)), "seconds": v(st.floats(0, 100)),
