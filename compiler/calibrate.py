@@ -230,10 +230,11 @@ def checkpoint_saves(records: list[dict]) -> dict | None:
                     "rename, the time training waits")}
 
 
-# How a process can end with a record of why: saved after a signal and asked for a requeue, stopped
-# on non-finite losses, or finished its benchmark. A process that reached its config's max_iters
-# finished too (_ended_by_itself).
-SELF_ENDINGS = ("requeue", "stopped_nonfinite", "benchmark")
+# How a process can end with a record of why it is not a failure: saved after a signal and asked
+# for a requeue, stopped on non-finite losses, finished its benchmark, or stopped by hand (Ctrl-C).
+# A process that reached its config's max_iters finished too (_ended_by_itself). An "error"
+# record (an exception) says why, but it is a failure.
+SELF_ENDINGS = ("requeue", "stopped_nonfinite", "benchmark", "stopped_by_hand")
 
 
 def _ended_by_itself(process: list[dict]) -> bool:
@@ -299,7 +300,7 @@ def measured_failures(records: list[dict]) -> dict | None:
     steps after the last log are not recorded). None where no process trained for a timed
     interval."""
     processes = _starts(records)
-    count, hours, lost = 0, 0.0, 0
+    count, hours, lost, errors = 0, 0.0, 0, []
     for process, following in zip(processes, [*processes[1:], None]):
         timed = _timed(process)
         world = process[0].get("world_size") if process[0].get("event") == "start" else 1
@@ -307,6 +308,7 @@ def measured_failures(records: list[dict]) -> dict | None:
             hours += max(0.0, timed[-1]["unix_time"] - timed[0]["unix_time"]) * world / 3600
         if _interrupted(process, following):
             count += 1
+            errors += [_text(r.get("error")) or "?" for r in process if r.get("event") == "error"]
             logged = [r["step"] for r in process if whole_number(r.get("step"), 0)]
             resumed = following[0].get("step")
             if logged and whole_number(resumed, 0):
@@ -315,9 +317,19 @@ def measured_failures(records: list[dict]) -> dict | None:
         return None
     return {"interruptions": count, "device_hours": hours, "lost_steps": lost,
             "how": (f"{count} unexpected interruption(s) in {len(processes)} process(es): a "
-                    "process that trained, stopped with no record of why (crash, node or GPU "
-                    "failure, kill) and was resumed from a checkpoint; device-hours from each "
-                    "process's first trained step to its last log, × its ranks")}
+                    "process that trained, stopped with no record of why or with an error (crash, "
+                    "node or GPU failure, kill) and was resumed from a checkpoint"
+                    + _errors_text(errors) + "; device-hours from each process's first trained "
+                    "step to its last record, × its ranks")}
+
+
+def _errors_text(errors: list[str]) -> str:
+    """How many interruptions train.py recorded an exception for, and the first line of each kind."""
+    if not errors:
+        return ""
+    kinds = sorted({e.splitlines()[0][:120] if e else "?" for e in errors})
+    shown = "; ".join(kinds[:3]) + (f"; {len(kinds) - 3} more" if len(kinds) > 3 else "")
+    return f" ({len(errors)} with an error record: {shown})"
 
 
 # An evaluated batch costing under 1% or over 100× the share of a step its FLOPs say is a broken

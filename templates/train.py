@@ -901,4 +901,8 @@ if __name__ == "__main__":
     except checkpoint.CheckpointError as e:
         print(f"train.py: ERROR: {e}", file=sys.stderr, flush=True)
         exit_status = 1
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl says so; the last checkpoint stays valid
+        print("train.py: stopped by hand (Ctrl-C), without saving; the same command resumes "
+              "from the last checkpoint", file=sys.stderr, flush=True)
+        exit_status = 128 + signal.SIGINT
     finish(exit_status)

@@ -624,6 +624,69 @@ def test_interruptions_are_processes_that_died_without_a_record_and_were_resumed
     afresh = [started(0, resumed=False), first(t0, None, 1), logged(t0 + 50, 10),
               started(0, resumed=False), first(t0 + 60, None, 1), logged(t0 + 80, 10)]
     assert measured_failures(afresh)["interruptions"] == 0
+    # train.py's last words: Ctrl-C is a stop by hand, not a failure; an exception is one, named
+    by_hand = [started(0, resumed=False), first(t0, None, 1), logged(t0 + 50, 10),
+               {"event": "stopped_by_hand", "unix_time": t0 + 55}, started(10), first(t0 + 60, None, 11)]
+    assert measured_failures(by_hand)["interruptions"] == 0
+    error = {"event": "error", "error": "RuntimeError: NCCL timeout\nmore", "unix_time": t0 + 55}
+    crashed = [*by_hand[:3], error, *by_hand[4:]]
+    failures = measured_failures(crashed)
+    assert failures["interruptions"] == 1
+    assert "(1 with an error record: RuntimeError: NCCL timeout)" in failures["how"]
+    # its error record is its last sign of life: 55 s trained, then 60 s to 60 s
+    assert failures["device_hours"] == pytest.approx(55 / 3600, rel=1e-12)
+
+
+def test_train_py_records_why_it_ended(tmp_path):
+    """metrics.py writes the exception that ends a run as its last record: Ctrl-C (a
+    KeyboardInterrupt) as a stop by hand, anything else as an error with its message."""
+    from types import SimpleNamespace
+    from _repo_files import load_template_module
+    metrics = load_template_module("metrics")
+    cfg = SimpleNamespace(out_dir=str(tmp_path), wandb_project="", tensorboard=False)
+    for raised, expected in ((KeyboardInterrupt(), {"event": "stopped_by_hand"}),
+                             (OSError(28, "No space left on device"),
+                              {"event": "error",
+                               "error": "OSError: [Errno 28] No space left on device"})):
+        with pytest.raises(type(raised)):
+            with metrics.Metrics(cfg, True, None) as m:
+                m.write(step=1, loss=3.0)
+                raise raised
+        last = read_metrics(tmp_path)[-1]
+        assert {k: v for k, v in last.items() if k != "unix_time"} == expected
+        assert time.time() - 60 < last["unix_time"] <= time.time()
+
+
+def signalled_at_step(repo, out, env, step, sig):
+    """Train config/optimal.py (out: its overrides) until it logs `step`, then send it `sig`;
+    returns (exit status, its output after that)."""
+    proc = subprocess.Popen(train_command("config/optimal.py", "--max_iters=100000", *out),
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):
+            break
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=60)
+    return proc.returncode, rest
+
+
+def test_ctrl_c_is_a_stop_by_hand_not_a_failure(run):
+    """Ctrl-C (SIGINT) on a single-process run: exit 130 with one line saying so (no
+    traceback), a stopped_by_hand record; resumed, calibrate counts no interruption."""
+    import signal
+    repo, _, _, _, _ = run
+    out = ["--out_dir=out/by-hand", "--eval_interval=100000", "--ckpt_interval=5"]
+    status, output = signalled_at_step(repo, out, subprocess_env(), 10, signal.SIGINT)
+    assert status == 130 and "Traceback" not in output, output[-3000:]
+    assert "stopped by hand (Ctrl-C)" in output
+    assert read_metrics(repo / "out" / "by-hand")[-1]["event"] == "stopped_by_hand"
+    again = subprocess.run(train_command("config/optimal.py", "--max_iters=12", *out), cwd=repo,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    result = cli("calibrate", repo / "out" / "by-hand", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["failures"]["interruptions"] == 0
 
 
 def test_a_crash_updates_the_next_plans_failure_rate(run):
@@ -637,14 +700,7 @@ def test_a_crash_updates_the_next_plans_failure_rate(run):
     env = dict(subprocess_env(), SLURM_JOB_ID="4343")
     out = ["--out_dir=out/crashed", "--eval_interval=100000", "--ckpt_interval=5"]
     launched = time.time()
-    proc = subprocess.Popen(train_command("config/optimal.py", "--max_iters=100000", *out),
-                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    for line in proc.stdout:
-        if line.startswith("step 10/"):
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    signalled_at_step(repo, out, env, 10, signal.SIGKILL)
     time.sleep(QUEUE_WAIT_S)
     resumed_to = 12
     again = subprocess.run(train_command("config/optimal.py", f"--max_iters={resumed_to}", *out),

@@ -9,6 +9,7 @@ record says about memory.
 import importlib.util
 import json
 import os
+import time
 
 import torch
 
@@ -48,7 +49,21 @@ class Metrics:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.file:  # the file only: the trackers get the status
+            self.file.write(json.dumps(ending(exc_type, exc)) + "\n")
         self.close(1 if exc_type else 0)  # after close(status) this does nothing
+
+
+MAX_ERROR_CHARS = 1000  # of an exception's message: its first lines say what went wrong
+
+
+def ending(exc_type, exc):
+    """The record of an exception that ends the run: Ctrl-C is a stop by hand, which `llama3gen
+    calibrate` does not count as a failure; anything else is an error, with what it said."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        return {"event": "stopped_by_hand", "unix_time": time.time()}
+    return {"event": "error", "error": f"{exc_type.__name__}: {exc}"[:MAX_ERROR_CHARS],
+            "unix_time": time.time()}
 
 
 # Experiment trackers (nanoGPT's wandb_log, in its spirit): each gets every record's numbers under
