@@ -338,29 +338,31 @@ EVALUATION_RATIO = (0.01, 100.0)
 
 
 def measured_evaluations(records: list[dict], eval_iters, step_time_s, run) -> dict | None:
-    """The run's evaluations against its measured step: the median seconds of one (a process's
-    first left out where it evaluated again: compilation, warm-up) over eval_iters × the step
-    time, the share of a step one evaluated batch took; and that over the share the plan assumes
-    for the run's own shape and checkpointing (evaluate.forward_share). None where the run timed
-    no evaluation (a --benchmark_iters run evaluates none)."""
-    times, left_out = [], 0
+    """The run's evaluations against its measured step: the median seconds of one evaluated
+    batch (each evaluation over its process's eval_iters, else the measured config's; a process's
+    first left out where it evaluated again: compilation, warm-up) over the step time, the share
+    of a step one evaluated batch took; and that over the share the plan assumes for the run's
+    own shape and checkpointing (evaluate.forward_share). None where the run timed no evaluation
+    (a --benchmark_iters run evaluates none)."""
+    per_batch, left_out = [], 0
     for process in _starts(records):
+        batches = _count(_start_config(process[0]).get("eval_iters")) or _count(eval_iters)
         timed = [r["eval_time_s"] for r in process
                  if "val_loss" in r and _positive(r.get("eval_time_s"))]
-        left_out += len(timed) > 1
-        times += timed[1:] or timed
-    if not times or not _count(eval_iters) or not _positive(step_time_s) or run is None:
+        if batches and timed:
+            left_out += len(timed) > 1
+            per_batch += [t / batches for t in timed[1:] or timed]
+    if not per_batch or not _positive(step_time_s) or run is None:
         return None
     from .evaluate import forward_share, hardware_flops_per_token
-    seconds = statistics.median(times)
-    share = seconds / (eval_iters * step_time_s)
+    seconds = statistics.median(per_batch)
     assumed = float(forward_share(hardware_flops_per_token(run.shape, False),
                                   hardware_flops_per_token(run.shape, run.checkpointing))[0])
-    return {"evaluations": len(times), "seconds": seconds, "eval_iters": eval_iters,
-            "share_of_a_step": share, "assumed_share": assumed,
-            "measured_over_predicted": share / assumed,
-            "how": (f"median of {len(times)} timed evaluation(s), {left_out} left out as a "
-                    f"process's first (warm-up); over {eval_iters} batches × the measured step")}
+    return {"evaluations": len(per_batch), "seconds_per_batch": seconds,
+            "share_of_a_step": seconds / step_time_s, "assumed_share": assumed,
+            "measured_over_predicted": seconds / step_time_s / assumed,
+            "how": (f"median of {len(per_batch)} timed evaluation(s) per batch, {left_out} left "
+                    "out as a process's first (warm-up), over the measured step")}
 
 
 def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
@@ -809,7 +811,7 @@ def _evaluation_line(timed: dict | None) -> str:
     if not timed:
         return ("evaluation: none timed (a --benchmark_iters run evaluates none); a spec with this "
                 "calibration plans an evaluated batch as a forward at the step's rate")
-    return (f"evaluation: {timed['seconds']:.4g} s each ({timed['how']}): a batch is "
+    return (f"evaluation: {timed['seconds_per_batch']:.4g} s per batch ({timed['how']}): "
             f"{timed['share_of_a_step']:.3g} of a step, {timed['measured_over_predicted']:.3f}× "
             f"the {timed['assumed_share']:.3g} a forward's FLOPs give; a spec with this "
             "calibration plans evaluations at that ratio")

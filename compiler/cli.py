@@ -59,7 +59,8 @@ def cmd_compile(args) -> int:
         for v in plan.variants:
             c, t = v.choice, v.timing
             print(f"  {v.name}: {c.shape.n_layers}L × {c.shape.d_model}, N {si(c.n_params)}, "
-                  f"D {si(c.tokens)}, loss {c.loss:.4f}, {duration(t.days)} -> config/{v.name}.py")
+                  f"D {si(c.tokens)}, loss {c.loss:.4f}, {duration(t.wall_clock_days)} of wall "
+                  f"clock -> config/{v.name}.py")
     except KeyboardInterrupt:
         raise InterruptedAfterWrite(f"the compile was complete: {summary}") from None
     return 0

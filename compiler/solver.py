@@ -457,7 +457,9 @@ def _relax(name: str, idx: np.ndarray, c: Candidates, spec: Spec, memory_fix) ->
             return ("no shape would finish: the job fails more often than it restarts and redoes "
                     f"the work since its last checkpoint; {goodput.NEVER_FINISHES_FIX}")
         return (f"max_days: {_sig(fastest, True)} or more (the fastest shape needs {fastest:.3g} "
-                "days on this hardware, checkpoints and expected failures included), or add GPUs")
+                "days on this hardware, evaluations, checkpoints and expected failures "
+                "included), or add GPUs, or evaluate less (training.eval_iters, "
+                "training.eval_interval)")
     if name == "budget":
         return _batch_hint(spec, c.tokens[idx].max())
     if name == "memory" and memory_fix is not None:

@@ -99,8 +99,8 @@ def _too_short(spec: Spec, budget: solver.BudgetFlops, shortest_s: float) -> Use
         f"{budget.job_seconds:.4g} s of wall clock is less than the shortest plan takes: one step "
         f"and the evaluation and checkpoint at its end, {shortest_s:.4g} s at the least",
         field=_field(spec),
-        fix=f"give a budget of at least {shortest_s:.4g} s of wall clock, or faster storage "
-        "(cluster.checkpoint_write_GBps)")
+        fix=f"give a budget of at least {shortest_s:.4g} s of wall clock, faster storage "
+        "(cluster.checkpoint_write_GBps), or fewer evaluation batches (training.eval_iters)")
 
 
 def _batches(spec: Spec, cands: solver.Candidates, tokens: np.ndarray) -> np.ndarray:

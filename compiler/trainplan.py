@@ -218,14 +218,19 @@ def _goodput(spec: Spec, choice: P.Choice, lay: Layout, max_iters: int, train_se
         why["ckpt_interval"] = "the Young–Daly interval"
     else:
         why["ckpt_interval"] = "max_iters // 10, at most 1000 (no failures modelled)"
-    why["goodput"] = (
-        f"training {train_seconds:.4g} s / wall {g.wall_clock_seconds:.4g} s; " + (
-            "no failures modelled: wall = training + evaluation" if g.mtbf_seconds is None else
-            f"wall = (training + evaluation {eval_seconds:.4g} s + {g.saves} saves × "
-            f"{g.write_seconds:.3g} s) / (1 − (restart {restart:.4g} s + half of "
-        f"interval {g.interval_seconds:.4g} s + write) / MTBF {g.mtbf_seconds:.4g} s); "
-        f"{g.expected_failures:.3g} expected failures (compiler/goodput.py)"))
+    why["goodput"] = _goodput_why(g, train_seconds, eval_seconds, restart)
     return g, why
+
+
+def _goodput_why(g: G.Goodput, train_seconds: float, eval_seconds: float, restart: float) -> str:
+    """The goodput's arithmetic, in the plan's numbers."""
+    ratio = f"training {train_seconds:.4g} s / wall {g.wall_clock_seconds:.4g} s"
+    if g.mtbf_seconds is None:
+        return f"{ratio}; no failures modelled: wall = training + evaluation {eval_seconds:.4g} s"
+    return (f"{ratio}; wall = (training + evaluation {eval_seconds:.4g} s + {g.saves} saves × "
+            f"{g.write_seconds:.3g} s) / (1 − (restart {restart:.4g} s + half of interval "
+            f"{g.interval_seconds:.4g} s + write) / MTBF {g.mtbf_seconds:.4g} s); "
+            f"{g.expected_failures:.3g} expected failures (compiler/goodput.py)")
 
 
 def plan_training(spec: Spec, choice: P.Choice, lay: Layout, hardware: HardwareView,
