@@ -563,7 +563,8 @@ def train(argv, on_exit):
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def save():
-        save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metrics)
+        seconds = save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metrics)
+        progress.add_pause("ckpt_interval", seconds)
 
     # --- the training loop
     model.train()
@@ -607,7 +608,7 @@ def train(argv, on_exit):
             val_loss = evaluate(model, run.val_data, cfg, run.data_rank, run.data_world, run.dev,
                                 autocast)  # its all-reduce waits for every rank's forwards
             eval_s = time.time() - t_eval
-            progress.add_evaluation(eval_s)
+            progress.add_pause("eval_interval", eval_s)
             log(f"step {step}: val loss {val_loss:.4f} ({eval_s:.3g} s)")
             metrics.write(step=step, val_loss=val_loss, eval_time_s=eval_s)
         if not benchmark and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
@@ -778,7 +779,8 @@ class Progress:
         self.cfg, self.run, self.metrics = cfg, run, metrics
         self.last_step = last_step  # this process's: max_iters, or a benchmark's end
         self.steps_timed, self.time_in_steps = 0, 0.0  # since the start, for the estimate
-        self.evaluations, self.time_in_evaluations = 0, 0.0
+        # what stops training between steps, by the setting that schedules it: [count, seconds]
+        self.pauses = {"eval_interval": [0, 0.0], "ckpt_interval": [0, 0.0]}
         self.interval_time, self.interval_steps = 0.0, 0  # since the last report
         self.warned_mfu = False
 
@@ -791,20 +793,22 @@ class Progress:
             self.metrics.write(event="first_step", step=step, unix_time=time.time(),
                                slurm_job_id=slurm_job_id())
 
-    def add_evaluation(self, seconds):
-        self.evaluations += 1
-        self.time_in_evaluations += seconds
+    def add_pause(self, interval, seconds):
+        """An evaluation ("eval_interval") or a checkpoint save ("ckpt_interval") took seconds."""
+        self.pauses[interval][0] += 1
+        self.pauses[interval][1] += seconds
 
     def eta_seconds(self, step):
-        """The steps left at this process's mean step time, and the evaluations left (the one
-        after this step's report included) at its mean evaluation time once it has timed one.
-        Checkpoint saves are not counted."""
-        steps = (self.last_step - step) * self.time_in_steps / self.steps_timed
-        if not self.evaluations or self.last_step != self.cfg.max_iters:  # a benchmark: none
-            return steps
-        last, every = self.last_step, self.cfg.eval_interval  # evaluates_at's steps in [step, last]
-        left = last // every - (step - 1) // every + (last % every != 0)
-        return steps + left * self.time_in_evaluations / self.evaluations
+        """The steps left at this process's mean step time, and the evaluations and saves left
+        (those after this step's report included) at their mean times once one was timed."""
+        eta = (self.last_step - step) * self.time_in_steps / self.steps_timed
+        if self.last_step != self.cfg.max_iters:  # a benchmark: it evaluates and saves nothing
+            return eta
+        for interval, (count, seconds) in self.pauses.items():
+            if count:  # train.py's steps for it in [step, last]: every cfg[interval]-th, the last
+                last, every = self.last_step, self.cfg[interval]
+                eta += (last // every - (step - 1) // every + (last % every != 0)) * seconds / count
+        return eta
 
     def report(self, step, tokens_seen, loss_value, lr, grad_norm):
         cfg, run = self.cfg, self.run
@@ -850,8 +854,9 @@ class Progress:
 
 
 def save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metrics):
-    """A checkpoint of step `step`, with where the data stands (checkpoint.py writes it whole),
-    and how long training stopped for it (`llama3gen calibrate` plans checkpoint writes by it)."""
+    """A checkpoint of step `step`, with where the data stands (checkpoint.py writes it whole);
+    returns how long training stopped for it (`llama3gen calibrate` plans checkpoint writes by
+    it)."""
     data = run.train_data
     train_state = {"step": step, "tokens_seen": tokens_seen, "config": dict(cfg),
                    "data": {"sampler": "each sequence once per epoch, numpy "
@@ -868,7 +873,7 @@ def save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metr
     if run.master:
         metrics.write(event="checkpoint", step=step, seconds=seconds,
                       bytes=checkpoint.saved_bytes(path), world_size=run.world)
-    return path
+    return seconds
 
 
 def report_benchmark(cfg, run, metrics, warm_up_steps, seconds):

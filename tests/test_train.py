@@ -85,29 +85,35 @@ def test_trains_below_unigram_entropy_and_resumes(repo):
     assert checkpoint.list_checkpoints(out)[0].name == "step_00000320"
 
 
-def test_evaluations_are_timed_and_in_the_finish_estimate(single_run):
-    """single_run trains 40 steps, logging each, and evaluates after steps 20 and 40. Each
-    evaluation logs its seconds; the finish estimate (eta_s) is the steps left at the mean step
-    time so far, plus the evaluations left (the one after this step's report included) at the
-    mean evaluation time so far, none counted before one was timed. Rebuilt here from the
-    logged records: the same float sums in the same order, so 1e-12 leaves room for rounding
-    only."""
+def test_evaluations_and_saves_are_in_the_finish_estimate(single_run):
+    """single_run trains 40 steps, logging each, evaluates after steps 20 and 40 and saves after
+    every 10th. Each evaluation logs its seconds, as each save does; the finish estimate (eta_s)
+    is the steps left at the mean step time so far, plus the evaluations and saves left (those
+    after this step's report included) at their mean times so far, none counted before one was
+    timed. Rebuilt here from the logged records: the same float sums in the same order, so
+    1e-12 leaves room for rounding only."""
     records = read_metrics(single_run)
     evaluations = {r["step"]: r["eval_time_s"] for r in records if "val_loss" in r}
     assert sorted(evaluations) == [20, 40] and all(t > 0 for t in evaluations.values())
-    step_times, timed_evaluations = [], []
+    step_times, paused = [], {"val_loss": [], "checkpoint": []}
     for r in records:
         if "val_loss" in r:
-            timed_evaluations.append(r["eval_time_s"])
+            paused["val_loss"].append(r["eval_time_s"])
+        elif r.get("event") == "checkpoint":
+            paused["checkpoint"].append(r["seconds"])
         elif "tokens_per_s" in r:
+            step = r["step"]
             step_times.append(r["step_time_s"])  # log_interval 1: one step each
-            left = 0 if not timed_evaluations else (2 if r["step"] <= 20 else 1)
-            expected = ((40 - r["step"]) * sum(step_times) / len(step_times)
-                        + left * sum(timed_evaluations) / max(1, len(timed_evaluations)))
+            left = {"val_loss": 2 if step <= 20 else 1, "checkpoint": 4 - (step - 1) // 10}
+            expected = (40 - step) * sum(step_times) / len(step_times)
+            for kind, seconds in paused.items():
+                expected += left[kind] * sum(seconds) / len(seconds) if seconds else 0.0
             assert r["eta_s"] == pytest.approx(expected, rel=1e-12, abs=1e-12), r
+    assert len(step_times) == 40 and len(paused["checkpoint"]) == 4
     last_report = [r for r in records if "tokens_per_s" in r][-1]
-    assert len(step_times) == 40 and last_report["step"] == 40
-    assert last_report["eta_s"] == evaluations[20]  # no step left, the final evaluation ahead
+    # no step left: the final evaluation and save ahead, at the means before them
+    assert last_report["eta_s"] == pytest.approx(
+        evaluations[20] + sum(paused["checkpoint"][:3]) / 3, rel=1e-12)
 
 
 def run_two_nodes(repo, *overrides):
