@@ -16,6 +16,8 @@ bf16 peak and against a measured bf16 matmul), peak memory (allocated and reserv
 caching allocator). Beside them, the plan's predictions from llama3gen.lock.json: its MFU and what
 that MFU means in tokens/s on this device, and the peak memory compiler/memory.py predicts for
 this run (world size 1, this micro-batch), plus the plan's own per-device figure for its layout.
+Then --steps forwards in eval mode without gradients, as train.py evaluates: their time against
+a step's, beside the share the plan assumes (a forward's FLOPs at the step's rate).
 """
 
 from __future__ import annotations
@@ -164,6 +166,11 @@ def measure(opts) -> dict:
     last_loss = loss.item()
 
     tokens_per_s = opts.steps * micro * seq / elapsed
+    memory_peaks = ({"peak_allocated_gib": torch.cuda.max_memory_allocated(dev) / GIB,
+                     "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / GIB,
+                     "capacity_gib": torch.cuda.get_device_properties(dev).total_memory / GIB}
+                    if use_cuda else {})
+    forward_s = time_evaluation(torch, model, dev, gen, cfg, micro, opts.steps)
     device_name = torch.cuda.get_device_name(dev) if use_cuda else "cpu"
     mm_dtype = torch.bfloat16 if use_cuda else torch.float32
     measured_peak = matmul_peak(torch, dev, mm_dtype, opts.matmul)
@@ -183,6 +190,10 @@ def measure(opts) -> dict:
         "micro_batch": micro, "seq_len": seq, "steps": opts.steps, "warmup": opts.warmup,
         "build_s": build_s, "first_step_s": first_step_s, "step_s": elapsed / opts.steps,
         "first_loss": first_loss, "last_loss": last_loss,
+        # an evaluated micro-batch (train.py's evaluate: eval mode, no grad) against a step
+        "eval_forward_s": forward_s, "eval_share": forward_s / (elapsed / opts.steps),
+        "plan_eval_share": plan_variant["choice"]["flops_per_token_exact"] / 3
+        / (timing["hardware_flops"] / training["tokens_trained"]),
         "tokens_per_s": tokens_per_s, "flops_per_token": cfg.flops_per_token,
         "achieved_tflops": achieved / 1e12,
         "datasheet_tflops": sheet_peak / 1e12 if sheet_peak else None,
@@ -196,10 +207,7 @@ def measure(opts) -> dict:
         "plan_memory_gib": plan_variant["memory"]["total"] / GIB,
         "plan_memory_layout": f"{training['parallelism']} × {training['world_size']}",
     }
-    if use_cuda:
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / GIB
-        result["capacity_gib"] = torch.cuda.get_device_properties(dev).total_memory / GIB
+    result.update(memory_peaks)
     memory = load_memory_model()
     if memory is not None:
         shape = memory.ModelShape(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
@@ -212,6 +220,23 @@ def measure(opts) -> dict:
         result["predicted_tracked_gib"] = memory.tracked_bytes(m) / GIB
     dist.destroy_process_group()
     return result
+
+
+def time_evaluation(torch, model, dev, gen, cfg, micro, repeats) -> float:
+    """Seconds of one forward of a micro-batch as train.py's evaluate runs it (eval mode, no
+    gradient, the loss read back), after one untimed forward (compilation in eval mode)."""
+    model.eval()
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if i == 1:
+                sync(torch, dev)
+                t0 = time.perf_counter()
+            x = torch.randint(0, cfg.vocab_size, (micro, cfg.block_size), device=dev, generator=gen)
+            y = torch.randint(0, cfg.vocab_size, (micro, cfg.block_size), device=dev, generator=gen)
+            model(x, y)[1].item()
+    sync(torch, dev)
+    model.train()
+    return (time.perf_counter() - t0) / repeats
 
 
 def fmt(value, spec, missing="n/a"):
@@ -254,6 +279,11 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['variant']}: build {r['build_s']:.1f} s, first step (compile) {r['first_step_s']:.1f} s, "
               f"then {r['step_s'] * 1e3:.0f} ms/step over {r['steps']} steps; loss "
               f"{r['first_loss']:.3f} → {r['last_loss']:.3f}")
+    for r in rows:
+        if "eval_share" in r:  # results from before the evaluation timing have none
+            print(f"{r['variant']}: an evaluated micro-batch {r['eval_forward_s'] * 1e3:.0f} ms, "
+                  f"{r['eval_share']:.3f} of a step; the plan assumes {r['plan_eval_share']:.3f} "
+                  "(a forward's FLOPs at the step's rate)")
 
 
 def main(argv=None) -> int:

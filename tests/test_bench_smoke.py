@@ -13,6 +13,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from _repo_files import REPO_ROOT
 
 BENCH = REPO_ROOT / "bench"
@@ -86,10 +88,15 @@ def test_gpu_sh_dry_cpu(tmp_path):
         assert (r["n_layers"], r["d_model"]) == (v["choice"]["shape"]["n_layers"],
                                                  v["choice"]["shape"]["d_model"])
         assert r["plan_mfu"] == v["timing"]["mfu"]  # the plan's own (predicted) MFU
+        assert r["eval_forward_s"] > 0 and r["eval_share"] > 0
+        # no recompute: a third, of two numbers the lock keeps to 10 digits (5e-10 each)
+        assert r["plan_eval_share"] == pytest.approx(1 / 3, rel=1e-9)
     table = (tmp_path / "table.md").read_text()
     assert table in out
     for v in lock["variants"]:
         assert re.search(rf"^\| {v['name']} \| ", table, re.M), table
+        assert re.search(rf"^{v['name']}: an evaluated micro-batch \d+ ms, [\d.]+ of a step; "
+                         r"the plan assumes 0\.333", table, re.M), table
 
 
 def test_step_time_model_against_published_throughput():
