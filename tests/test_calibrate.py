@@ -440,6 +440,8 @@ def test_timed_evaluations_set_the_next_plans_evaluation_time(run):
     assert "what run tiny-cpu:out/evaluated measured" in planned["provenance"]["eval_days"]
     page = (new / "docs" / "calibration.md").read_text()
     assert f"{timed['measured_over_predicted']:.3f}× the share of a step" in page
+    assert (f"at the training step's rate × {timed['measured_over_predicted']:.3f}, what run "
+            "`tiny-cpu:out/evaluated` measured") in (new / "README.md").read_text()
 
 
 def test_checkpoint_saves_set_the_next_plans_write_time(run):
