@@ -500,7 +500,7 @@ def _tokens_source(budget: solver.BudgetFlops, choice: P.Choice, timing: P.Timin
         fpt = choice.flops_per_token_6n if budget.convention == "6N" else choice.flops_per_token_exact
         return f"D = C / FLOPs per token ({budget.convention}) = {budget.flops:.6g} / {fpt:,}"
     return (f"the tokens whose expected wall clock at {timing.tokens_per_second:,.0f} tokens/s, "
-            f"checkpoint writes, lost work and restarts included, is the budget's "
+            f"evaluations, checkpoint writes, lost work and restarts included, is the budget's "
             f"{budget.job_seconds / 86400:.4g} days (compiler/timebudget.py)")
 
 

@@ -386,7 +386,8 @@ class Variant(StrictModel):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     tokens_per_param: Bounds | None = None
     params: Bounds | None = None  # N, all parameters
-    # The expected wall clock, checkpoint writes, lost work and restarts included (goodput.py).
+    # The expected wall clock, evaluations, checkpoint writes, lost work and restarts included
+    # (goodput.py).
     max_days: Annotated[float, Field(gt=0, le=36500, allow_inf_nan=False)] | None = None
     description: Annotated[str, Field(max_length=500)] | None = None
 
