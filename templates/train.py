@@ -353,9 +353,10 @@ def grad_sync(model, enabled, cfg):
     return contextlib.nullcontext()
 
 
-def evaluates_at(step, cfg):
-    """Whether train.py evaluates after `step`: every eval_interval steps and at the last."""
-    return step % cfg.eval_interval == 0 or step == cfg.max_iters
+def due(step, cfg, interval):
+    """Whether train.py evaluates (interval "eval_interval") or saves ("ckpt_interval") after
+    `step`: every that many steps, and at the last."""
+    return step % cfg[interval] == 0 or step == cfg.max_iters
 
 
 @torch.no_grad()
@@ -603,7 +604,7 @@ def train(argv, on_exit):
             break
         if step % cfg.log_interval == 0 or step == last_step:
             progress.report(step, tokens_seen, loss_value, lr, grad_norm)
-        if not benchmark and evaluates_at(step, cfg):
+        if not benchmark and due(step, cfg, "eval_interval"):
             t_eval = time.time()
             val_loss = evaluate(model, run.val_data, cfg, run.data_rank, run.data_world, run.dev,
                                 autocast)  # its all-reduce waits for every rank's forwards
@@ -611,7 +612,7 @@ def train(argv, on_exit):
             progress.add_pause("eval_interval", eval_s)
             log(f"step {step}: val loss {val_loss:.4f} ({eval_s:.3g} s)")
             metrics.write(step=step, val_loss=val_loss, eval_time_s=eval_s)
-        if not benchmark and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
+        if not benchmark and due(step, cfg, "ckpt_interval"):
             save()
             last_saved = step
         if any_rank(stop.signal is not None, run.dev):  # every rank stops at the same step
@@ -805,7 +806,7 @@ class Progress:
         if self.last_step != self.cfg.max_iters:  # a benchmark: it evaluates and saves nothing
             return eta
         for interval, (count, seconds) in self.pauses.items():
-            if count:  # train.py's steps for it in [step, last]: every cfg[interval]-th, the last
+            if count:  # the steps in [step, last] it is due() at: every cfg[interval]-th, the last
                 last, every = self.last_step, self.cfg[interval]
                 eta += (last // every - (step - 1) // every + (last % every != 0)) * seconds / count
         return eta
