@@ -255,7 +255,35 @@ def _interrupted(process: list[dict], following: list[dict] | None) -> bool:
 
 
 def _timed(process: list[dict]) -> list[dict]:
-    return [r for r in process if _positive(r.get("unix_time"))]
+    """A process's records that time its training: a unix_time, and not its start (before it)."""
+    return [r for r in process if r.get("event") != "start" and _positive(r.get("unix_time"))]
+
+
+def measured_goodput(records: list[dict]) -> dict | None:
+    """The share of the run's wall clock that trained: Σ over logged records of step_time_s ×
+    the steps since the process's previous log (or its start), over the time from the first
+    start record (set up, before its first step) to the last record. What is not training:
+    compilation, evaluations, saves, restarts, waits in a queue. None where the records do not
+    time both (a file from an older train.py) or disagree (more training than wall clock)."""
+    processes = _starts(records)
+    begun = processes[0][0].get("unix_time") if processes[0][0].get("event") == "start" else None
+    training, ends = 0.0, []
+    for process in processes:
+        previous = process[0].get("step") if process[0].get("event") == "start" else None
+        for r in process:
+            if "event" in r or not whole_number(r.get("step"), 0):
+                continue
+            if whole_number(previous, 0) and r["step"] > previous and _positive(r.get("step_time_s")):
+                training += (r["step"] - previous) * r["step_time_s"]
+            previous = r["step"]
+        ends += [r["unix_time"] for r in _timed(process)]
+    if not (_positive(begun) and ends and 0 < training <= max(ends) - begun < math.inf):
+        return None
+    wall = max(ends) - begun
+    return {"training_seconds": training, "wall_seconds": wall, "goodput": training / wall,
+            "how": ("Σ logged step times / the time from the first process's start (set up) to "
+                    "the last record; the rest is compilation, evaluations, saves, restarts and "
+                    "waits")}
 
 
 def measured_restarts(records: list[dict]) -> dict | None:
@@ -361,8 +389,8 @@ def measured_evaluations(records: list[dict], eval_iters, step_time_s, run) -> d
     return {"evaluations": len(per_batch), "seconds_per_batch": seconds,
             "share_of_a_step": seconds / step_time_s, "assumed_share": assumed,
             "measured_over_predicted": seconds / step_time_s / assumed,
-            "how": (f"median of {len(per_batch)} timed evaluation(s) per batch, {left_out} left "
-                    "out as a process's first (warm-up), over the measured step")}
+            "how": (f"median over {len(per_batch)} timed evaluation(s), per batch, {left_out} "
+                    "left out as a process's first (warm-up)")}
 
 
 def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
@@ -643,7 +671,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                     "loss": variant.choice.loss,
                     "step_time_s": t.step_seconds, "peak_memory_bytes": variant.memory.total,
                     "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
-                    "checkpoint_write_GBps": t.checkpoint_write_GBps,
+                    "checkpoint_write_GBps": t.checkpoint_write_GBps, "goodput": t.goodput,
                     "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
     }
     doc["speed"] = implied_efficiency(doc, plan)
@@ -657,6 +685,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
     doc["checkpoint"] = checkpoint_saves(records)
     doc["restarts"] = measured_restarts(records)
     doc["failures"] = measured_failures(records)
+    doc["goodput"] = measured_goodput(records)
     doc["evaluation"] = measured_evaluations(records, measured["config"].get("eval_iters"),
                                              doc["step_time_s"], calibration_run(doc))
     _refuse_unusable_evaluation(doc["evaluation"], run_dir)
@@ -761,6 +790,7 @@ def report(doc: dict) -> str:
     lines.append(_restart_line(doc.get("restarts")))
     lines.append(_failure_line(doc.get("failures")))
     lines.append(_evaluation_line(doc.get("evaluation")))
+    lines.append(_goodput_line(doc.get("goodput"), p.get("goodput")))
     peak = doc.get("peak_memory") or {}
     lines.append("note: planned memory includes the allocator margin and the per-process context "
                  f"(compiler/memory.py); measured is {peak.get('how', 'not recorded')}")
@@ -805,6 +835,16 @@ def _failure_line(failures: dict | None) -> str:
             f"{failures['device_hours']:.4g} device-hours{lost}; a spec with this calibration "
             f"plans {rate:.3g} failures per device-hour (the default updated by them, "
             "compiler/goodput.py), unless it sets cluster.failures_per_gpu_hour")
+
+
+def _goodput_line(measured: dict | None, planned: float | None) -> str:
+    if not measured:
+        return "goodput: not measured (the records do not time the run's start)"
+    plan = f"; its plan expects {planned:.2%} over the whole run" if planned else ""
+    return (f"goodput: the run trained {measured['training_seconds']:.4g} s of its "
+            f"{measured['wall_seconds']:.4g} s of wall clock, {measured['goodput']:.2%} (the rest: "
+            f"compilation, evaluations, saves, restarts, waits){plan}; a short run spends more of "
+            "it starting up")
 
 
 def _evaluation_line(timed: dict | None) -> str:
@@ -913,7 +953,13 @@ def plan_record(doc: dict, file: str):
         restarts=restarts.get("count"), interruptions=failures.get("interruptions"),
         device_hours=_number(failures.get("device_hours")), lost_steps=failures.get("lost_steps"),
         evaluation_ratio=_number(timed.get("measured_over_predicted")),
-        evaluation_how=timed.get("how"))
+        evaluation_how=timed.get("how"), goodput=_share((doc.get("goodput") or {}).get("goodput")),
+        planned_goodput=_share(planned.get("goodput")))
+
+
+def _share(value) -> float | None:
+    """A share in (0, 1], else None (not recorded, or edited)."""
+    return float(value) if _positive(value) and value <= 1 else None
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -969,6 +1015,10 @@ def _calibration_problem(doc: dict) -> str | None:
             and isinstance(failures.get("how"), str)):
         return ("failures must be null or give device_hours (a number > 0), interruptions and "
                 "lost_steps (whole numbers ≥ 0) and how")
+    measured = doc.get("goodput")
+    if measured is not None and not (isinstance(measured, dict) and _share(measured.get("goodput"))
+                                     and isinstance(measured.get("how"), str)):
+        return "goodput must be null or give goodput (a number in (0, 1]) and how"
     timed, (low, high) = doc.get("evaluation"), EVALUATION_RATIO
     if timed is not None and not (
             isinstance(timed, dict) and isinstance(timed.get("how"), str)

@@ -413,10 +413,14 @@ class Calibration(PlanModel):
     # its timed evaluations: measured over assumed share of a step per batch (None: none timed)
     evaluation_ratio: float | None = None
     evaluation_how: str | None = None
+    # training time / wall clock: what the run achieved, what its plan expected (None: not known)
+    goodput: float | None = None
+    planned_goodput: float | None = None
     omitted_when_none: ClassVar[tuple[str, ...]] = (
         "final_val_loss", "law", "checkpoint_seconds", "checkpoint_bytes",
         "checkpoint_GBps_per_device", "ranks_per_node", "restart_seconds", "restarts",
-        "interruptions", "device_hours", "lost_steps", "evaluation_ratio", "evaluation_how")
+        "interruptions", "device_hours", "lost_steps", "evaluation_ratio", "evaluation_how",
+        "goodput", "planned_goodput")
 
     @property
     def nodes(self) -> int | None:

@@ -561,7 +561,7 @@ def train(argv, on_exit):
     metrics.write(event="start", step=step, world_size=run.world,
                   ranks_per_node=ranks_per_node(), resumed_from=str(latest or ""),
                   device=run.dev.type, grad_accum=run.accum, config=dict(cfg),
-                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), unix_time=time.time())
 
     def save():
         seconds = save_checkpoint(cfg, run, model, optimizer, sharded, step, tokens_seen, metrics)

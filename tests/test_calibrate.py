@@ -44,6 +44,11 @@ def lock_plan(repo):
     return json.loads((Path(repo) / "llama3gen.lock.json").read_text())["plan"]
 
 
+def planned_goodput(repo):
+    """The percentage goodput the repo's plan expects of its variant `optimal`."""
+    return 100 * variant(lock_plan(repo), "optimal")["timing"]["goodput"]
+
+
 def variant(plan, name):
     return next(v for v in plan["variants"] if v["name"] == name)
 
@@ -442,6 +447,16 @@ def test_timed_evaluations_set_the_next_plans_evaluation_time(run):
     assert f"{timed['measured_over_predicted']:.3f}× the share of a step" in page
     assert (f"at the training step's rate × {timed['measured_over_predicted']:.3f}, what run "
             "`tiny-cpu:out/evaluated` measured") in (new / "README.md").read_text()
+    # ... and its goodput: 6 logged steps' times (log_interval 1, from step 0) over the time from
+    # its start to its last record, evaluations and a save between (float64 sums: 1e-12)
+    start = next(r for r in records if r.get("event") == "start")
+    steps = sum(r["step_time_s"] for r in records if "event" not in r and "step_time_s" in r)
+    last = max(r["unix_time"] for r in records if "unix_time" in r)
+    assert doc["goodput"]["goodput"] == pytest.approx(
+        steps / (last - start["unix_time"]), rel=1e-12)
+    assert 0 < doc["goodput"]["goodput"] < 1
+    assert f"| goodput (training / wall clock) | {planned_goodput(repo):.2f}% | " \
+        f"{100 * doc['goodput']['goodput']:.2f}% |" in page
 
 
 def test_checkpoint_saves_set_the_next_plans_write_time(run):
@@ -637,6 +652,28 @@ def test_interruptions_are_processes_that_died_without_a_record_and_were_resumed
     assert "(1 with an error record: RuntimeError: NCCL timeout)" in failures["how"]
     # its error record is its last sign of life: 55 s trained, then 60 s to 60 s
     assert failures["device_hours"] == pytest.approx(55 / 3600, rel=1e-12)
+
+
+def test_goodput_is_the_logged_step_times_over_the_wall_clock():
+    """Hand-counted: process A starts (set up) at 0 s and logs steps 10 and 20 at 1 s and 2 s a
+    step; B resumes from step 15 at 40 s and logs step 25 at 1 s a step, its last record at
+    60 s. Training: 10·1 + 10·2 + 10·1 = 40 s of 60 s."""
+    from llama3gen.calibrate import measured_goodput
+    t0 = 1.765e9  # whole seconds: the differences below are exact
+
+    def log(step, step_time, t):
+        return {"step": step, "loss": 3.0, "step_time_s": step_time, "unix_time": t}
+    records = [{**started(0, resumed=False), "unix_time": t0}, first(t0 + 2, "7", 1),
+               log(10, 1.0, t0 + 12), log(20, 2.0, t0 + 35), stop(t0 + 36, "7", 20),
+               {**started(15), "unix_time": t0 + 40}, first(t0 + 42, "7", 16),
+               log(25, 1.0, t0 + 51), {"step": 25, "val_loss": 2.5}, stop(t0 + 60, "7", 25)]
+    measured = measured_goodput(records)
+    assert (measured["training_seconds"], measured["wall_seconds"]) == (40.0, 60.0)
+    assert measured["goodput"] == 40 / 60
+    assert measured_goodput([{k: v for k, v in r.items() if r.get("event") != "start"
+                              or k != "unix_time"} for r in records]) is None  # older train.py
+    faster = [{**r, "step_time_s": 10.0} if "step_time_s" in r else r for r in records]
+    assert measured_goodput(faster) is None  # 300 s of steps in 60 s: records that disagree
 
 
 def test_train_py_records_why_it_ended(tmp_path):

@@ -367,7 +367,7 @@ def record_strategy(good_start: dict) -> st.SearchStrategy:
         optional={"step": v(st.integers(0, 50)), "world_size": v(st.integers(1, 4)),
                   "ranks_per_node": v(st.integers(1, 4)),
                   "resumed_from": v(st.sampled_from(["", "x"])), "grad_accum": v(st.integers(1, 4)),
-                  "config": v(config), "time": v(st.text(max_size=5))})
+                  "config": v(config), "time": v(st.text(max_size=5)), "unix_time": v(times)})
     timed = st.fixed_dictionaries(
         {"event": st.sampled_from(["first_step", "requeue"])},
         optional={"step": v(st.integers(0, 50)), "unix_time": v(times),
