@@ -16,7 +16,8 @@ whole measured step), the measured MFU replaces the model, as a spec's hardware.
 The run's checkpoint saves, its restarts and its unexpected interruptions (processes that died
 with no record of why and were resumed) set the next plan's write bandwidth, restart time and
 failure rate (compiler/goodput.py), where the spec sets none; its timed evaluations, the share
-of a step an evaluated batch takes (trainplan.evaluation_share).
+of a step an evaluated batch takes (trainplan.evaluation_share). compiler/runlog.py reads those
+from the records.
 
 Only the standard library and the compiler's own modules: no torch.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +34,9 @@ from . import __version__, arch, memory
 from .hardware import MIN_MFU
 from .errors import UserError
 from .jsonfile import read_json, whole_number, write_own_file
+from .runlog import (EVALUATION_RATIO, checkpoint_saves, finite_number, is_positive,
+                     measured_evaluations, measured_failures, measured_goodput, measured_restarts,
+                     split_processes, start_config, text_or_none, whole_or_none)
 
 COMMAND = "llama3gen calibrate"  # in the refusals of write_own_file
 
@@ -91,11 +94,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
-def _number(value) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
 def _train_state_config(run_dir: Path) -> dict:
     """The config saved in the run's newest checkpoint (train_state.json), or {}."""
     for state in sorted((run_dir / "checkpoints").glob("step_*/train_state.json"), reverse=True):
@@ -112,15 +110,15 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
     """What the run measured: the last benchmark record, else the median of one process's logged
     steps after its first WARMUP_RECORDS: the last process that logged more than those (a
     process resumed a moment ago logs little but its own warm-up), else the one that logged most."""
-    segments = _starts(records)
+    segments = split_processes(records)
     benchmarks = [r for r in records if r.get("event") == "benchmark"
-                  and _positive(r.get("tokens_per_s")) and _positive(r.get("step_time_s"))]
+                  and is_positive(r.get("tokens_per_s")) and is_positive(r.get("step_time_s"))]
     if benchmarks:
         bench = benchmarks[-1]
         start = next((seg[0] for seg in segments
                       if bench in seg and seg[0].get("event") == "start"), {})
         return _benchmarked(run_dir, bench, start)
-    logged = [([r for r in seg if "event" not in r and _positive(r.get("tokens_per_s"))],
+    logged = [([r for r in seg if "event" not in r and is_positive(r.get("tokens_per_s"))],
                seg[0] if seg[0].get("event") == "start" else {}) for seg in segments]
     settled = [(steps, start) for steps, start in logged if len(steps) > WARMUP_RECORDS]
     steps, start = (settled[-1] if settled
@@ -132,43 +130,32 @@ def measure(run_dir: Path, records: list[dict]) -> dict:
                  "train.py with --benchmark_iters=N")
 
 
-def _starts(records: list[dict]) -> list[list[dict]]:
-    """The records cut at each "start" event (train.py writes one per process start); records
-    before the first start, if any, make a segment of their own."""
-    segments = []
-    for r in records:
-        if r.get("event") == "start" or not segments:
-            segments.append([])
-        segments[-1].append(r)
-    return segments
-
-
 def _benchmarked(run_dir: Path, bench: dict, start: dict) -> dict:
     """measure() of a --benchmark_iters record (and the start record of its process)."""
-    config = _start_config(start) or _train_state_config(run_dir)
+    config = start_config(start) or _train_state_config(run_dir)
     return {"tokens_per_second": bench["tokens_per_s"], "step_time_s": bench["step_time_s"],
             "mfu": _measured(bench.get("mfu")),
             "peak_memory_bytes": _peak([bench]),
             "peak_memory_allocated_bytes": _measured(bench.get("max_memory_allocated")),
-            "how": f"benchmark record: {_count(bench.get('steps'))} timed steps",
-            "world_size": _count(bench.get("world_size")),
+            "how": f"benchmark record: {whole_or_none(bench.get('steps'))} timed steps",
+            "world_size": whole_or_none(bench.get("world_size")),
             "ranks_per_node": _ranks_per_node(bench), "device": _device(bench),
-            "gpu": _text(bench.get("gpu")),
+            "gpu": text_or_none(bench.get("gpu")),
             "shape": _usable_shape(bench.get("shape")) or _shape(config),
             "layout": _usable_layout(bench.get("layout")) or _layout(config, start),
-            "date": _text(bench.get("time")) or _text(start.get("time")), "config": config}
+            "date": text_or_none(bench.get("time")) or text_or_none(start.get("time")), "config": config}
 
 
 def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
     """measure() of one process's logged steps: the median after the warm-up records."""
     kept = logged[min(WARMUP_RECORDS, len(logged) - 1):]
-    config = _start_config(start) or _train_state_config(run_dir)
-    tokens_per_step = (_count(config.get("global_batch_size")) or 0) * (
-        _count(config.get("block_size")) or 0)
+    config = start_config(start) or _train_state_config(run_dir)
+    tokens_per_step = (whole_or_none(config.get("global_batch_size")) or 0) * (
+        whole_or_none(config.get("block_size")) or 0)
 
     def median(key):  # of the records' values, where every one is a number > 0
         values = [r.get(key) for r in kept]
-        return statistics.median(values) if values and all(map(_positive, values)) else None
+        return statistics.median(values) if values and all(map(is_positive, values)) else None
     tokens_per_second = median("tokens_per_s")
     step_time = median("step_time_s") or _measured(tokens_per_step / tokens_per_second
                                                     if tokens_per_step else None)
@@ -181,28 +168,14 @@ def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
                                                default=None),
             "how": (f"median of {len(kept)} logged records (steps {steps[0]}-{steps[-1]}; the "
                     f"first {len(logged) - len(kept)} left out as warm-up)"),
-            "world_size": _count(start.get("world_size")),
+            "world_size": whole_or_none(start.get("world_size")),
             "ranks_per_node": _ranks_per_node(start), "device": _device(start),
-            "gpu": _text(start.get("gpu")), "shape": _shape(config),
-            "layout": _layout(config, start), "date": _text(start.get("time")), "config": config}
-
-
-def _count(value) -> int | None:
-    return value if whole_number(value) else None
-
-
-def _text(value) -> str | None:
-    return value if isinstance(value, str) else None
+            "gpu": text_or_none(start.get("gpu")), "shape": _shape(config),
+            "layout": _layout(config, start), "date": text_or_none(start.get("time")), "config": config}
 
 
 def _device(record: dict) -> str | None:
     return record.get("device") if record.get("device") in ("cuda", "cpu") else None
-
-
-def _start_config(record: dict) -> dict:
-    """A start record's config (every setting of the process), or {} (not a start, or edited)."""
-    config = record.get("config") if record.get("event") == "start" else None
-    return config if isinstance(config, dict) else {}
 
 
 def _ranks_per_node(record: dict) -> int | None:
@@ -210,187 +183,6 @@ def _ranks_per_node(record: dict) -> int | None:
     versions record none)."""
     world, per_node = record.get("world_size"), record.get("ranks_per_node")
     return per_node if whole_number(world) and whole_number(per_node) and world % per_node == 0 else None
-
-
-def checkpoint_saves(records: list[dict]) -> dict | None:
-    """The run's checkpoint saves (train.py's "checkpoint" records): the median time training
-    stopped for one and the bandwidth per device that makes of its bytes; None: no save."""
-    def per_device(r):  # GB/s
-        return r["bytes"] / r["seconds"] / 1e9 / r["world_size"]
-    saves = [r for r in records if r.get("event") == "checkpoint" and _positive(r.get("seconds"))
-             and _positive(r.get("bytes")) and whole_number(r.get("world_size"))
-             and _positive(per_device(r))]  # not 0 or inf: edited numbers
-    if not saves:
-        return None
-    return {"saves": len(saves), "bytes": saves[-1]["bytes"],
-            "seconds": statistics.median(r["seconds"] for r in saves),
-            "world_size": saves[-1]["world_size"],
-            "GBps_per_device": statistics.median(map(per_device, saves)),
-            "how": (f"median of {len(saves)} save(s) by train.py: gather, write, fsync, hash and "
-                    "rename, the time training waits")}
-
-
-# How a process can end with a record of why it is not a failure: saved after a signal and asked
-# for a requeue, stopped on non-finite losses, finished its benchmark, or stopped by hand (Ctrl-C).
-# A process that reached its config's max_iters finished too (_ended_by_itself). An "error"
-# record (an exception) says why, but it is a failure.
-SELF_ENDINGS = ("requeue", "stopped_nonfinite", "benchmark", "stopped_by_hand")
-
-
-def _ended_by_itself(process: list[dict]) -> bool:
-    """Whether a process's records (one of _starts' segments) say why it stopped."""
-    max_iters = _start_config(process[0]).get("max_iters")
-    return any(r.get("event") in SELF_ENDINGS
-               or (whole_number(max_iters) and whole_number(r.get("step")) and r["step"] >= max_iters)
-               for r in process)
-
-
-def _interrupted(process: list[dict], following: list[dict] | None) -> bool:
-    """An unexpected interruption: a process that trained, stopped with no record of why (a
-    crash, a node or GPU failure, a kill) and was resumed from a checkpoint by the next one."""
-    return (following is not None and following[0].get("event") == "start"
-            and bool(following[0].get("resumed_from"))
-            and any(r.get("event") == "first_step" for r in process)
-            and not _ended_by_itself(process))
-
-
-def _timed(process: list[dict]) -> list[dict]:
-    """A process's records that time its training: a unix_time, and not its start (before it)."""
-    return [r for r in process if r.get("event") != "start" and _positive(r.get("unix_time"))]
-
-
-def measured_goodput(records: list[dict]) -> dict | None:
-    """The share of the run's wall clock that trained: Σ over logged records of step_time_s ×
-    the steps since the process's previous log (or its start), over the time from the first
-    start record (set up, before its first step) to the last record. What is not training:
-    compilation, evaluations, saves, restarts, waits in a queue. None where the records do not
-    time both (a file from an older train.py) or disagree (more training than wall clock)."""
-    processes = _starts(records)
-    begun = processes[0][0].get("unix_time") if processes[0][0].get("event") == "start" else None
-    training, ends = 0.0, []
-    for process in processes:
-        previous = process[0].get("step") if process[0].get("event") == "start" else None
-        for r in process:
-            if "event" in r or not whole_number(r.get("step"), 0):
-                continue
-            if whole_number(previous, 0) and r["step"] > previous and _positive(r.get("step_time_s")):
-                training += (r["step"] - previous) * r["step_time_s"]
-            previous = r["step"]
-        ends += [r["unix_time"] for r in _timed(process)]
-    if not (_positive(begun) and ends and 0 < training <= max(ends) - begun < math.inf):
-        return None
-    wall = max(ends) - begun
-    return {"training_seconds": training, "wall_seconds": wall, "goodput": training / wall,
-            "how": ("Σ logged step times / the time from the first process's start (set up) to "
-                    "the last record; the rest is compilation, evaluations, saves, restarts and "
-                    "waits")}
-
-
-def measured_restarts(records: list[dict]) -> dict | None:
-    """The restarts the run went through under one SLURM job id: from a process's stop to the next
-    process's first trained step (the queue's wait, the new process's start, process group,
-    checkpoint load, compilation and one step). The stop is a "requeue" record's time (the
-    process saved and exited), or an interrupted process's last timed record (up to a
-    log_interval before it died). Stops outside SLURM, or resumed under another job id (a new
-    submission, perhaps days later), are left out. The median, or None where there was none."""
-    gaps, kinds = [], {"requeue": 0, "interruption": 0}
-    processes = _starts(records)
-    for process, following in zip(processes, processes[1:]):
-        requeue = next((r for r in process if r.get("event") == "requeue"), None)
-        if requeue is not None:
-            stop, kind = requeue, "requeue"
-        elif _interrupted(process, following) and _timed(process):
-            stop, kind = _timed(process)[-1], "interruption"
-        else:
-            continue
-        job = stop.get("slurm_job_id") or next(
-            (r.get("slurm_job_id") for r in process if r.get("event") == "first_step"), None)
-        first = next((r for r in following if r.get("event") == "first_step"), None)
-        if (job and _positive(stop.get("unix_time")) and first is not None
-                and first.get("slurm_job_id") == job and _number(first.get("unix_time"))
-                and first["unix_time"] > stop["unix_time"]):
-            gaps.append(first["unix_time"] - stop["unix_time"])
-            kinds[kind] += 1
-    if not gaps:
-        return None
-    return {"count": len(gaps), "seconds": statistics.median(gaps),
-            "how": (f"median of {len(gaps)} restart(s) under the same SLURM job "
-                    f"({kinds['requeue']} after a requeue, {kinds['interruption']} after an "
-                    "interruption): from the stop to the next process's first trained step "
-                    "(queue, start, process group, checkpoint load, compilation)")}
-
-
-def measured_failures(records: list[dict]) -> dict | None:
-    """The run's unexpected interruptions (_interrupted) and the device-hours over which they
-    happened: each process's time from its first to its last timed record (its first trained
-    step to its last log) × its world size. The steps lost to each: from the interrupted
-    process's last logged step back to the checkpoint the next resumed from (a lower bound: the
-    steps after the last log are not recorded). None where no process trained for a timed
-    interval."""
-    processes = _starts(records)
-    count, hours, lost, errors = 0, 0.0, 0, []
-    for process, following in zip(processes, [*processes[1:], None]):
-        timed = _timed(process)
-        world = process[0].get("world_size") if process[0].get("event") == "start" else 1
-        if len(timed) >= 2 and whole_number(world):
-            hours += max(0.0, timed[-1]["unix_time"] - timed[0]["unix_time"]) * world / 3600
-        if _interrupted(process, following):
-            count += 1
-            errors += [_text(r.get("error")) or "?" for r in process if r.get("event") == "error"]
-            logged = [r["step"] for r in process if whole_number(r.get("step"), 0)]
-            resumed = following[0].get("step")
-            if logged and whole_number(resumed, 0):
-                lost += max(0, max(logged) - resumed)
-    if not 0 < hours < math.inf:  # inf: a hand-edited time
-        return None
-    return {"interruptions": count, "device_hours": hours, "lost_steps": lost,
-            "how": (f"{count} unexpected interruption(s) in {len(processes)} process(es): a "
-                    "process that trained, stopped with no record of why or with an error (crash, "
-                    "node or GPU failure, kill) and was resumed from a checkpoint"
-                    + _errors_text(errors) + "; device-hours from each process's first trained "
-                    "step to its last record, × its ranks")}
-
-
-def _errors_text(errors: list[str]) -> str:
-    """How many interruptions train.py recorded an exception for, and the first line of each kind."""
-    if not errors:
-        return ""
-    kinds = sorted({e.splitlines()[0][:120] if e else "?" for e in errors})
-    shown = "; ".join(kinds[:3]) + (f"; {len(kinds) - 3} more" if len(kinds) > 3 else "")
-    return f" ({len(errors)} with an error record: {shown})"
-
-
-# An evaluated batch costing under 1% or over 100× the share of a step its FLOPs say is a broken
-# or edited record, not a measurement to plan with.
-EVALUATION_RATIO = (0.01, 100.0)
-
-
-def measured_evaluations(records: list[dict], eval_iters, step_time_s, run) -> dict | None:
-    """The run's evaluations against its measured step: the median seconds of one evaluated
-    batch (each evaluation over its process's eval_iters, else the measured config's; a process's
-    first left out where it evaluated again: compilation, warm-up) over the step time, the share
-    of a step one evaluated batch took; and that over the share the plan assumes for the run's
-    own shape and checkpointing (evaluate.forward_share). None where the run timed no evaluation
-    (a --benchmark_iters run evaluates none)."""
-    per_batch, left_out = [], 0
-    for process in _starts(records):
-        batches = _count(_start_config(process[0]).get("eval_iters")) or _count(eval_iters)
-        timed = [r["eval_time_s"] for r in process
-                 if "val_loss" in r and _positive(r.get("eval_time_s"))]
-        if batches and timed:
-            left_out += len(timed) > 1
-            per_batch += [t / batches for t in timed[1:] or timed]
-    if not per_batch or not _positive(step_time_s) or run is None:
-        return None
-    from .evaluate import forward_share, hardware_flops_per_token
-    seconds = statistics.median(per_batch)
-    assumed = float(forward_share(hardware_flops_per_token(run.shape, False),
-                                  hardware_flops_per_token(run.shape, run.checkpointing))[0])
-    return {"evaluations": len(per_batch), "seconds_per_batch": seconds,
-            "share_of_a_step": seconds / step_time_s, "assumed_share": assumed,
-            "measured_over_predicted": seconds / step_time_s / assumed,
-            "how": (f"median over {len(per_batch)} timed evaluation(s), per batch, {left_out} "
-                    "left out as a process's first (warm-up)")}
 
 
 def restart_seconds(doc: dict, file: str) -> tuple[float, str] | None:
@@ -422,13 +214,9 @@ def save_bandwidth(doc: dict, file: str) -> tuple[float, str] | None:
                                       f"checkpoint saves ({saves['how']})")
 
 
-def _positive(value) -> bool:
-    return _number(value) is not None and value > 0
-
-
 def _measured(value) -> float | None:
     """A measured size, speed or time: a number > 0, else None (not recorded, or edited)."""
-    return float(value) if _positive(value) else None
+    return float(value) if is_positive(value) else None
 
 
 def _peak(records: list[dict]) -> float | None:
@@ -493,7 +281,7 @@ def calibration_run(doc: dict) -> SimpleNamespace | None:
     recorded)."""
     import numpy as np  # here: `calibrate` itself stays free of numpy
     m = doc["measured_on"]
-    shape, layout, step = m.get("shape"), m.get("layout"), _number(doc.get("step_time_s"))
+    shape, layout, step = m.get("shape"), m.get("layout"), finite_number(doc.get("step_time_s"))
     if not shape or not layout or not step or not layout.get("micro_batch_size"):
         return None
     n_layer = shape["n_layer"]
@@ -508,7 +296,7 @@ def calibration_run(doc: dict) -> SimpleNamespace | None:
         per_rank=micro * (layout.get("grad_accum") or 1),
         checkpointing=blocks == n_layer if blocks in (0, n_layer) else blocks,
         compiled=bool(layout.get("compile")), step_seconds=step,
-        peak_flops=_number(m.get("peak_flops")))
+        peak_flops=finite_number(m.get("peak_flops")))
 
 
 def _usable_shape(shape) -> dict | None:
@@ -528,7 +316,7 @@ def _shape(config: dict) -> dict | None:
 def _layout(config: dict, start: dict) -> dict | None:
     if not config:
         return None
-    world = _count(start.get("world_size")) or 1
+    world = whole_or_none(start.get("world_size")) or 1
     return _usable_layout({
         "parallelism": config.get("parallelism") if world > 1 else "none",
         "global_batch_size": config.get("global_batch_size"),
@@ -645,7 +433,7 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
                                          s["head_dim"], s["ffn_hidden"], s["vocab_size"],
                                          s["block_size"])
         measured["mfu"] = float(fpt) * measured["tokens_per_second"] / (world * peak)
-    if not _positive(measured["mfu"]):  # 0: a speed so small its MFU underflows (edited)
+    if not is_positive(measured["mfu"]):  # 0: a speed so small its MFU underflows (edited)
         raise _error("the run's records give no MFU and no model shape to compute it from",
                      str(run_dir / METRICS), "run train.py with the repo's config/<variant>.py")
     if not MIN_MFU <= measured["mfu"] <= 1:
@@ -912,7 +700,7 @@ def run_curve(records: list[dict]) -> dict:
 
     def series(key):
         points = [[float(s), float(last[s][key])] for s in steps
-                  if _number(last[s].get(key)) is not None and last[s][key] >= 0]
+                  if finite_number(last[s].get(key)) is not None and last[s][key] >= 0]
         if len(points) <= CURVE_POINTS:
             return points
         keep = sorted({round(i * (len(points) - 1) / (CURVE_POINTS - 1))
@@ -945,21 +733,21 @@ def plan_record(doc: dict, file: str):
         memory_ratio=(doc.get("peak_memory") or {}).get("measured_over_predicted"),
         curve_loss=curve.get("loss") or [],
         curve_tokens_per_second=curve.get("tokens_per_second") or [],
-        final_val_loss=_number(loss.get("final_val_loss")), law=loss.get("law"),
-        checkpoint_seconds=_number(saves.get("seconds")),
-        checkpoint_bytes=_number(saves.get("bytes")),
-        checkpoint_GBps_per_device=_number(saves.get("GBps_per_device")),
-        ranks_per_node=m.get("ranks_per_node"), restart_seconds=_number(restarts.get("seconds")),
+        final_val_loss=finite_number(loss.get("final_val_loss")), law=loss.get("law"),
+        checkpoint_seconds=finite_number(saves.get("seconds")),
+        checkpoint_bytes=finite_number(saves.get("bytes")),
+        checkpoint_GBps_per_device=finite_number(saves.get("GBps_per_device")),
+        ranks_per_node=m.get("ranks_per_node"), restart_seconds=finite_number(restarts.get("seconds")),
         restarts=restarts.get("count"), interruptions=failures.get("interruptions"),
-        device_hours=_number(failures.get("device_hours")), lost_steps=failures.get("lost_steps"),
-        evaluation_ratio=_number(timed.get("measured_over_predicted")),
+        device_hours=finite_number(failures.get("device_hours")), lost_steps=failures.get("lost_steps"),
+        evaluation_ratio=finite_number(timed.get("measured_over_predicted")),
         evaluation_how=timed.get("how"), goodput=_share((doc.get("goodput") or {}).get("goodput")),
         planned_goodput=_share(planned.get("goodput")))
 
 
 def _share(value) -> float | None:
     """A share in (0, 1], else None (not recorded, or edited)."""
-    return float(value) if _positive(value) and value <= 1 else None
+    return float(value) if is_positive(value) and value <= 1 else None
 
 
 # --- a spec's hardware.calibration -------------------------------------------------------------
@@ -980,14 +768,14 @@ def load_calibration(path: Path) -> dict:
 
 def _calibration_problem(doc: dict) -> str | None:
     """What makes a calibration document unusable, or None. The curves are optional."""
-    if not (_positive(doc.get("mfu")) and MIN_MFU <= doc["mfu"] <= 1
-            and _positive(doc.get("tokens_per_second"))):
+    if not (is_positive(doc.get("mfu")) and MIN_MFU <= doc["mfu"] <= 1
+            and is_positive(doc.get("tokens_per_second"))):
         return (f"mfu must be a number in [{MIN_MFU}, 1] and tokens_per_second one > 0 (got "
                 f"{doc.get('mfu')!r}, {doc.get('tokens_per_second')!r})")
     m, planned = doc.get("measured_on"), doc.get("planned")
     if not isinstance(m, dict) or not isinstance(planned, dict):
         return "measured_on and planned must be objects"
-    if not _positive(planned.get("mfu")) or not _positive(planned.get("tokens_per_second")):
+    if not is_positive(planned.get("mfu")) or not is_positive(planned.get("tokens_per_second")):
         return "planned.mfu and planned.tokens_per_second must be numbers > 0"
     world = m.get("world_size")
     if world is not None and not whole_number(world):
@@ -997,20 +785,20 @@ def _calibration_problem(doc: dict) -> str | None:
         return (f"measured_on.ranks_per_node must be a whole number ≥ 1 that divides "
                 f"world_size {world or 1} (got {per_node!r})")
     step = doc.get("step_time_s")
-    if step is not None and not _positive(step):
+    if step is not None and not is_positive(step):
         return f"step_time_s must be a number > 0 (got {step!r})"
     problem = _run_problem(m.get("shape"), m.get("layout"))
     if problem:
         return problem
     restarts = doc.get("restarts")
     if restarts is not None and not (
-            isinstance(restarts, dict) and _positive(restarts.get("seconds"))
+            isinstance(restarts, dict) and is_positive(restarts.get("seconds"))
             and whole_number(restarts.get("count")) and isinstance(restarts.get("how"), str)):
         return ("restarts must be null or give seconds (a number > 0), count (a whole number "
                 "≥ 1) and how")
     failures = doc.get("failures")
     if failures is not None and not (
-            isinstance(failures, dict) and _positive(failures.get("device_hours"))
+            isinstance(failures, dict) and is_positive(failures.get("device_hours"))
             and whole_number(failures.get("interruptions"), 0) and whole_number(failures.get("lost_steps"), 0)
             and isinstance(failures.get("how"), str)):
         return ("failures must be null or give device_hours (a number > 0), interruptions and "
@@ -1022,14 +810,14 @@ def _calibration_problem(doc: dict) -> str | None:
     timed, (low, high) = doc.get("evaluation"), EVALUATION_RATIO
     if timed is not None and not (
             isinstance(timed, dict) and isinstance(timed.get("how"), str)
-            and _positive(timed.get("measured_over_predicted"))
+            and is_positive(timed.get("measured_over_predicted"))
             and low <= timed["measured_over_predicted"] <= high):
         return (f"evaluation must be null or give measured_over_predicted (a number in [{low:g}, "
                 f"{high:g}]) and how")
     saves = doc.get("checkpoint")
     if saves is not None and not (
             isinstance(saves, dict) and isinstance(saves.get("how"), str)
-            and all(_positive(saves.get(k)) for k in ("GBps_per_device", "seconds", "bytes"))
+            and all(is_positive(saves.get(k)) for k in ("GBps_per_device", "seconds", "bytes"))
             and whole_number(saves.get("saves")) and whole_number(saves.get("world_size"))):
         return ("checkpoint must be null or give GBps_per_device, seconds and bytes (numbers > 0), "
                 "saves and world_size (whole numbers ≥ 1) and how")
@@ -1044,7 +832,7 @@ def _calibration_problem(doc: dict) -> str | None:
 
 def _curve_point(point) -> bool:
     """[step, value] as run_curve writes it: a training step and a loss or a speed."""
-    if not isinstance(point, list) or len(point) != 2 or None in map(_number, point):
+    if not isinstance(point, list) or len(point) != 2 or None in map(finite_number, point):
         return False
     step, value = point
     return 0 <= step < 2**31 and float(step).is_integer() and value >= 0

@@ -593,7 +593,7 @@ def test_only_a_stop_resumed_under_the_same_slurm_job_is_a_restart():
     """A stop resumed outside SLURM, or under another job id (a new submission), says nothing of
     what a restart costs; the median of the rest is. An interrupted process's stop is its last
     timed record."""
-    from llama3gen.calibrate import measured_restarts
+    from llama3gen.runlog import measured_restarts
     start = {"event": "start"}
     assert measured_restarts([first(0.0, None), stop(10.0, None), start, first(20.0, None)]) is None
     assert measured_restarts([stop(10.0, "7"), start, first(9000.0, "8")]) is None
@@ -618,7 +618,7 @@ def test_interruptions_are_processes_that_died_without_a_record_and_were_resumed
     C resumes, diverges (a non-finite stop: the run's fault, not the cluster's); D resumes, and
     finishes at max_iters. Only A's end is an interruption, with 20 − 10 = 10 steps redone; the
     device-hours are every process's first-to-last timed record × 4 ranks."""
-    from llama3gen.calibrate import measured_failures
+    from llama3gen.runlog import measured_failures
     t0 = 1.765e9  # a unix time: whole seconds, so the differences below are exact
     records = [
         started(0, world=4, resumed=False), first(t0, "7", 1), logged(t0 + 100, 20),
@@ -658,7 +658,7 @@ def test_goodput_is_the_logged_step_times_over_the_wall_clock():
     """Hand-counted: process A starts (set up) at 0 s and logs steps 10 and 20 at 1 s and 2 s a
     step; B resumes from step 15 at 40 s and logs step 25 at 1 s a step, its last record at
     60 s. Training: 10·1 + 10·2 + 10·1 = 40 s of 60 s."""
-    from llama3gen.calibrate import measured_goodput
+    from llama3gen.runlog import measured_goodput
     t0 = 1.765e9  # whole seconds: the differences below are exact
 
     def log(step, step_time, t):

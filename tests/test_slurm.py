@@ -241,7 +241,7 @@ def assert_resumed_like(run, reference, info):
         f"{[r['resumed_from'] for r in resumed]}")
     # SLURM requeued the same job id: the restart `llama3gen calibrate` times, stop to first step
     # and a requeue is not a failure
-    from llama3gen.calibrate import measured_failures, measured_restarts
+    from llama3gen.runlog import measured_failures, measured_restarts
     restarts = measured_restarts(records)
     assert restarts and restarts["count"] >= 1 and restarts["seconds"] > 0, records
     assert "0 after an interruption" in restarts["how"], restarts
