@@ -425,43 +425,9 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
     plan = _read_plan(repo)
     measured = measure(run_dir, records)
     variant = pick_variant(plan, measured, repo, run_dir, variant_name)
-    world = measured["world_size"] or 1
-    peak = plan.hardware.peak_tflops * 1e12
-    if measured["mfu"] is None and measured["shape"]:  # train.py logs MFU only with peak_flops set
-        s = measured["shape"]
-        fpt = arch.flops_per_token_exact(s["n_layer"], s["n_embd"], s["n_head"], s["n_kv_head"],
-                                         s["head_dim"], s["ffn_hidden"], s["vocab_size"],
-                                         s["block_size"])
-        measured["mfu"] = float(fpt) * measured["tokens_per_second"] / (world * peak)
-    if not is_positive(measured["mfu"]):  # 0: a speed so small its MFU underflows (edited)
-        raise _error("the run's records give no MFU and no model shape to compute it from",
-                     str(run_dir / METRICS), "run train.py with the repo's config/<variant>.py")
-    if not MIN_MFU <= measured["mfu"] <= 1:
-        raise _error(f"the run's MFU is {measured['mfu']:.3g}, outside [{MIN_MFU}, 1] (as "
-                     "hardware.mfu): below 1% the run is broken, above 1 the plan's peak "
-                     f"({plan.hardware.peak_tflops:g} TFLOPS per device) is below what it did",
-                     str(run_dir / METRICS), "check the run's records and the spec's hardware.gpu")
-    t = variant.timing
-    run = f"{plan.name}:{run_dir.relative_to(repo).as_posix()}"
-    doc = {
-        "kind": KIND, "format": FORMAT, "llama3gen_version": __version__,
-        "tokens_per_second": measured["tokens_per_second"], "mfu": measured["mfu"],
-        "step_time_s": measured["step_time_s"], "peak_memory_bytes": measured["peak_memory_bytes"],
-        "peak_memory_allocated_bytes": measured["peak_memory_allocated_bytes"],
-        "measured_on": {
-            "run": run, "run_dir": str(run_dir), "how": measured["how"],
-            "date": measured["date"], "device": measured["device"],
-            "gpu": measured["gpu"] or (plan.hardware.gpu if measured["device"] != "cpu" else "cpu"),
-            "world_size": world, "ranks_per_node": measured["ranks_per_node"],
-            "peak_flops": peak, "variant": variant.name,
-            "shape": measured["shape"], "layout": measured["layout"]},
-        "planned": {"tokens_per_second": t.tokens_per_second, "mfu": t.mfu,
-                    "loss": variant.choice.loss,
-                    "step_time_s": t.step_seconds, "peak_memory_bytes": variant.memory.total,
-                    "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
-                    "checkpoint_write_GBps": t.checkpoint_write_GBps, "goodput": t.goodput,
-                    "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
-    }
+    measured["mfu"] = _run_mfu(measured, plan, run_dir)
+    doc = _document(measured, plan, variant, f"{plan.name}:{run_dir.relative_to(repo).as_posix()}",
+                    run_dir)
     doc["speed"] = implied_efficiency(doc, plan)
     doc["loss"] = final_loss(records, variant.training.max_iters, variant.choice.loss,
                              plan.law.name)
@@ -479,6 +445,52 @@ def calibrate(run_dir: Path, variant_name: str | None = None) -> tuple[dict, obj
     _refuse_unusable_evaluation(doc["evaluation"], run_dir)
     doc["curve"] = run_curve(records)  # read once, above
     return doc, plan, variant
+
+
+def _run_mfu(measured: dict, plan, run_dir: Path) -> float:
+    """The run's MFU against its plan's peak: logged, else from its shape and speed (train.py
+    logs MFU only with peak_flops set); refused outside [MIN_MFU, 1]."""
+    mfu, world = measured["mfu"], measured["world_size"] or 1
+    if mfu is None and measured["shape"]:
+        s = measured["shape"]
+        fpt = arch.flops_per_token_exact(s["n_layer"], s["n_embd"], s["n_head"], s["n_kv_head"],
+                                         s["head_dim"], s["ffn_hidden"], s["vocab_size"],
+                                         s["block_size"])
+        mfu = float(fpt) * measured["tokens_per_second"] / (world * plan.hardware.peak_tflops * 1e12)
+    if not is_positive(mfu):  # 0: a speed so small its MFU underflows (edited)
+        raise _error("the run's records give no MFU and no model shape to compute it from",
+                     str(run_dir / METRICS), "run train.py with the repo's config/<variant>.py")
+    if not MIN_MFU <= mfu <= 1:
+        raise _error(f"the run's MFU is {mfu:.3g}, outside [{MIN_MFU}, 1] (as "
+                     "hardware.mfu): below 1% the run is broken, above 1 the plan's peak "
+                     f"({plan.hardware.peak_tflops:g} TFLOPS per device) is below what it did",
+                     str(run_dir / METRICS), "check the run's records and the spec's hardware.gpu")
+    return mfu
+
+
+def _document(measured: dict, plan, variant, run: str, run_dir: Path) -> dict:
+    """The calibration file's measurement, what it ran on, and what its plan predicted."""
+    t = variant.timing
+    return {
+        "kind": KIND, "format": FORMAT, "llama3gen_version": __version__,
+        "tokens_per_second": measured["tokens_per_second"], "mfu": measured["mfu"],
+        "step_time_s": measured["step_time_s"], "peak_memory_bytes": measured["peak_memory_bytes"],
+        "peak_memory_allocated_bytes": measured["peak_memory_allocated_bytes"],
+        "measured_on": {
+            "run": run, "run_dir": str(run_dir), "how": measured["how"],
+            "date": measured["date"], "device": measured["device"],
+            "gpu": measured["gpu"] or (plan.hardware.gpu if measured["device"] != "cpu" else "cpu"),
+            "world_size": measured["world_size"] or 1,
+            "ranks_per_node": measured["ranks_per_node"],
+            "peak_flops": plan.hardware.peak_tflops * 1e12, "variant": variant.name,
+            "shape": measured["shape"], "layout": measured["layout"]},
+        "planned": {"tokens_per_second": t.tokens_per_second, "mfu": t.mfu,
+                    "loss": variant.choice.loss,
+                    "step_time_s": t.step_seconds, "peak_memory_bytes": variant.memory.total,
+                    "world_size": variant.training.world_size, "mfu_source": t.mfu_source,
+                    "checkpoint_write_GBps": t.checkpoint_write_GBps, "goodput": t.goodput,
+                    "shape": _plan_shape(variant), "layout": _plan_layout(variant)},
+    }
 
 
 def _refuse_unusable_evaluation(timed: dict | None, run_dir: Path) -> None:
@@ -768,6 +780,12 @@ def load_calibration(path: Path) -> dict:
 
 def _calibration_problem(doc: dict) -> str | None:
     """What makes a calibration document unusable, or None. The curves are optional."""
+    return (_measurement_problem(doc) or _run_log_problem(doc)
+            or _curve_problem(doc.get("curve", {})))
+
+
+def _measurement_problem(doc: dict) -> str | None:
+    """The speed, what the run ran on and its plan: what every use of the file reads."""
     if not (is_positive(doc.get("mfu")) and MIN_MFU <= doc["mfu"] <= 1
             and is_positive(doc.get("tokens_per_second"))):
         return (f"mfu must be a number in [{MIN_MFU}, 1] and tokens_per_second one > 0 (got "
@@ -787,9 +805,11 @@ def _calibration_problem(doc: dict) -> str | None:
     step = doc.get("step_time_s")
     if step is not None and not is_positive(step):
         return f"step_time_s must be a number > 0 (got {step!r})"
-    problem = _run_problem(m.get("shape"), m.get("layout"))
-    if problem:
-        return problem
+    return _run_problem(m.get("shape"), m.get("layout"))
+
+
+def _run_log_problem(doc: dict) -> str | None:
+    """The parts compiler/runlog.py measured, each null or whole."""
     restarts = doc.get("restarts")
     if restarts is not None and not (
             isinstance(restarts, dict) and is_positive(restarts.get("seconds"))
@@ -821,7 +841,10 @@ def _calibration_problem(doc: dict) -> str | None:
             and whole_number(saves.get("saves")) and whole_number(saves.get("world_size"))):
         return ("checkpoint must be null or give GBps_per_device, seconds and bytes (numbers > 0), "
                 "saves and world_size (whole numbers ≥ 1) and how")
-    curve = doc.get("curve", {})
+    return None
+
+
+def _curve_problem(curve) -> str | None:
     if not isinstance(curve, dict) or any(
             not isinstance(curve.get(k, []), list) or not all(map(_curve_point, curve.get(k, [])))
             for k in ("loss", "tokens_per_second")):
