@@ -36,7 +36,8 @@ from .errors import UserError
 from .jsonfile import read_json, whole_number, write_own_file
 from .runlog import (EVALUATION_RATIO, checkpoint_saves, finite_number, is_positive,
                      measured_evaluations, measured_failures, measured_goodput, measured_restarts,
-                     split_processes, start_config, text_or_none, whole_or_none)
+                     split_processes, start_config, text_or_none, usable_evaluation_ratio,
+                     whole_or_none)
 
 COMMAND = "llama3gen calibrate"  # in the refusals of write_own_file
 
@@ -143,7 +144,8 @@ def _benchmarked(run_dir: Path, bench: dict, start: dict) -> dict:
             "gpu": text_or_none(bench.get("gpu")),
             "shape": _usable_shape(bench.get("shape")) or _shape(config),
             "layout": _usable_layout(bench.get("layout")) or _layout(config, start),
-            "date": text_or_none(bench.get("time")) or text_or_none(start.get("time")), "config": config}
+            "date": text_or_none(bench.get("time")) or text_or_none(start.get("time")),
+            "config": config}
 
 
 def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
@@ -171,7 +173,8 @@ def _logged(run_dir: Path, logged: list[dict], start: dict) -> dict:
             "world_size": whole_or_none(start.get("world_size")),
             "ranks_per_node": _ranks_per_node(start), "device": _device(start),
             "gpu": text_or_none(start.get("gpu")), "shape": _shape(config),
-            "layout": _layout(config, start), "date": text_or_none(start.get("time")), "config": config}
+            "layout": _layout(config, start), "date": text_or_none(start.get("time")),
+            "config": config}
 
 
 def _device(record: dict) -> str | None:
@@ -495,10 +498,11 @@ def _document(measured: dict, plan, variant, run: str, run_dir: Path) -> dict:
 
 def _refuse_unusable_evaluation(timed: dict | None, run_dir: Path) -> None:
     low, high = EVALUATION_RATIO
-    if timed and not low <= timed["measured_over_predicted"] <= high:
-        raise _error(f"the run's evaluations took {timed['measured_over_predicted']:.3g}× the share "
-                     f"of a step a forward's FLOPs give, outside [{low:g}, {high:g}]: an edited "
-                     "or broken record", str(run_dir / METRICS),
+    if timed and not usable_evaluation_ratio(timed["measured_over_predicted"]):
+        ratio = timed["measured_over_predicted"]
+        raise _error(f"the run's evaluations took {ratio:.3g}× the share of a step a forward's "
+                     f"FLOPs give, outside [{low:g}, {high:g}]: an edited or broken record",
+                     str(run_dir / METRICS),
                      "check the eval_time_s and step_time_s records, or calibrate another run")
 
 
@@ -830,8 +834,7 @@ def _run_log_problem(doc: dict) -> str | None:
     timed, (low, high) = doc.get("evaluation"), EVALUATION_RATIO
     if timed is not None and not (
             isinstance(timed, dict) and isinstance(timed.get("how"), str)
-            and is_positive(timed.get("measured_over_predicted"))
-            and low <= timed["measured_over_predicted"] <= high):
+            and usable_evaluation_ratio(timed.get("measured_over_predicted"))):
         return (f"evaluation must be null or give measured_over_predicted (a number in [{low:g}, "
                 f"{high:g}]) and how")
     saves = doc.get("checkpoint")

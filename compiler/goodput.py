@@ -162,7 +162,8 @@ def plan_goodput(*, n_params: int, sharded: bool, world_size: int, train_seconds
         young_daly_seconds=None if mtbf_s is None else float(s.young_daly_seconds),
         young_daly_steps=None if mtbf_s is None else int(s.young_daly_steps),
         interval_steps=int(s.interval_steps), interval_seconds=float(s.interval_seconds),
-        eval_seconds=float(eval_seconds), saves=int(s.saves), expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
+        eval_seconds=float(eval_seconds), saves=int(s.saves),
+        expected_failures=0.0 if mtbf_s is None else wall / mtbf_s,
         goodput=train_seconds / wall if wall > 0 else 1.0, wall_clock_seconds=wall)
 
 

@@ -364,7 +364,8 @@ class Sweep(PlanModel):
     val_tokens: int
     flops: float  # Σ over runs of FLOPs trained (budget convention)
     fraction_of_target: float
-    days: float  # Σ predicted training and evaluation days, one run after another on the spec's hardware
+    days: float  # Σ predicted training and evaluation days, one run after another, on the spec's
+    # hardware
     max_parallel: int  # array tasks at once (sbatch --array %K, submitit array parallelism)
     provenance: dict[str, str]
     runs: list[SweepRun]

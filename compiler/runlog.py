@@ -202,6 +202,12 @@ def _errors_text(errors: list[str]) -> str:
 EVALUATION_RATIO = (0.01, 100.0)
 
 
+def usable_evaluation_ratio(ratio) -> bool:
+    """A measured over assumed evaluation share within EVALUATION_RATIO."""
+    low, high = EVALUATION_RATIO
+    return is_positive(ratio) and low <= ratio <= high
+
+
 def measured_evaluations(records: list[dict], eval_iters, step_time_s, run) -> dict | None:
     """The run's evaluations against its measured step: the median seconds of one evaluated
     batch (each evaluation over its process's eval_iters, else the measured config's; a process's
@@ -211,7 +217,8 @@ def measured_evaluations(records: list[dict], eval_iters, step_time_s, run) -> d
     (a --benchmark_iters run evaluates none)."""
     per_batch, left_out = [], 0
     for process in split_processes(records):
-        batches = whole_or_none(start_config(process[0]).get("eval_iters")) or whole_or_none(eval_iters)
+        batches = (whole_or_none(start_config(process[0]).get("eval_iters"))
+                   or whole_or_none(eval_iters))
         timed = [r["eval_time_s"] for r in process
                  if "val_loss" in r and is_positive(r.get("eval_time_s"))]
         if batches and timed:

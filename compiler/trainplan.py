@@ -126,12 +126,16 @@ def evaluation_share(spec: Spec, flops_per_token_exact, hardware_flops_per_token
     return share * (spec.hardware.measured_evaluation_ratio or 1.0)
 
 
+def evaluation_count(max_iters, eval_interval):
+    """How often train.py evaluates: at every eval_interval-th step and the last (vectorised)."""
+    return -(-np.asarray(max_iters) // eval_interval)
+
+
 def evaluation_seconds(train_seconds, max_iters, eval_interval, eval_iters, eval_share):
-    """Seconds train.py evaluates in a run of max_iters steps taking train_seconds: at every
-    eval_interval-th step and the last, eval_iters global batches, each eval_share of a step
-    (vectorised)."""
-    evaluations = -(-np.asarray(max_iters) // eval_interval)
-    return evaluations * eval_iters * eval_share * np.asarray(train_seconds) / max_iters
+    """Seconds train.py evaluates in a run of max_iters steps taking train_seconds:
+    evaluation_count times eval_iters global batches, each eval_share of a step (vectorised)."""
+    return (evaluation_count(max_iters, eval_interval) * eval_iters * eval_share
+            * np.asarray(train_seconds) / max_iters)
 
 
 def goodput_settings(spec: Spec) -> dict:
@@ -297,12 +301,13 @@ def _evaluations(spec: Spec, choice: P.Choice, lay: Layout, steps: "_Steps", tra
         provenance["eval_iters"] = (
             f"ceil(val_tokens {val_tokens:,} / {steps.batch_tokens:,} tokens per batch) "
             "(compiler/sweep.py VAL_TOKENS says why)")
-    share = float(evaluation_share(spec, choice.flops_per_token_exact, lay.hardware_flops_per_token))
+    share = float(evaluation_share(spec, choice.flops_per_token_exact,
+                                   lay.hardware_flops_per_token))
     seconds = float(evaluation_seconds(train_seconds, max_iters, interval, iters, share))
     provenance["eval_days"] = (
-        f"{-(-max_iters // interval)} evaluation(s) (every {interval} steps and at the last) × "
-        f"{iters} global batches, forward only: each batch {share:.3g} of a training step's "
-        f"{train_seconds / max_iters:.3g} s, {_share_source(spec, choice, lay)}")
+        f"{evaluation_count(max_iters, interval)} evaluation(s) (every {interval} steps and at "
+        f"the last) × {iters} global batches, forward only: each batch {share:.3g} of a training "
+        f"step's {train_seconds / max_iters:.3g} s, {_share_source(spec, choice, lay)}")
     return _Evaluations(interval, iters, seconds)
 
 
